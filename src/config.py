@@ -1,0 +1,300 @@
+"""Every flag of train.py, as data: one dataclass field per flag, argparse built from the fields.
+
+The flag names and defaults are those of the RWKV-LM-LoRA "ChatGal" fork's train.py (and the
+Lightning flags it took through `Trainer.add_argparse_args`), so existing train.sh scripts keep
+working. Derived values are computed once, here, in `TrainConfig.finalize`.
+
+This module imports no torch, so command-line tests and `--help` stay fast.
+"""
+import argparse
+import dataclasses
+import datetime
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+class UserInputError(Exception):
+    """Bad input from the user. Entry points print it as one message (no traceback) and exit 2."""
+
+
+PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
+DATA_TYPES = ("utf-8", "utf-16le", "numpy", "binidx", "dummy", "uint16", "jsonl", "wds_img")
+STRATEGIES = (
+    "auto", "single_device", "ddp", "ddp_find_unused_parameters_false", "ddp_find_unused_parameters_true",
+    "deepspeed", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload",
+    "deepspeed_stage_3", "deepspeed_stage_3_offload",
+)
+WKV_BACKENDS = ("auto", "cuda", "torch")
+
+GROUP_TITLES = {
+    "data": "data",
+    "model": "model shape",
+    "optim": "optimisation and schedule",
+    "run": "run length, saving and logging",
+    "long": "long context",
+    "lora": "LoRA",
+    "lightning": "Lightning trainer (same names as Lightning's Trainer arguments)",
+    "internal": "BlinkDL-internal experiments of the original (accepted, refused when set)",
+}
+
+
+def flag(default, group: str, help: str, **argparse_kwargs):
+    """A dataclass field that is also a command-line flag `--<field name>`."""
+    return field(default=default, metadata={"group": group, "help": help, **argparse_kwargs})
+
+
+@dataclass
+class TrainConfig:
+    # ---- data
+    data_file: str = flag("", "data", "Data path: binidx prefix (no .bin/.idx; a folder ending in / lists the "
+                          "prefixes in it), .npy file, text file or .jsonl file.")
+    data_type: str = flag("utf-8", "data", "Format of --data_file.", choices=DATA_TYPES)
+    vocab_size: int = flag(0, "data", "Vocabulary size; 0 = computed from the text (utf-8, utf-16le, dummy only). "
+                           "50277 for the GPT-NeoX 20B tokenizer, 65536 for World.")
+    ctx_len: int = flag(1024, "data", "Training sample length in tokens (the final length when --initial_ctx_len "
+                        "warms it up).")
+    my_sample_len: int = flag(0, "data", "Row length of uint16 data.")
+    random_seed: int = flag(-1, "data", "Seed (>=0) for weights and sampling. Each GPU still draws its own "
+                            "samples. -1 = a fresh seed every run.")
+    train_split_ratio: Optional[float] = flag(None, "data", "jsonl: train on the first fraction of documents.")
+    train_data_sort: Optional[str] = flag(None, "data", "jsonl: order of training documents.",
+                                          choices=("shuffle", "short_first", "long_first"))
+    select_name: Optional[str] = flag(None, "data", "jsonl: only lines of this speaker ('NAME:') are targets.")
+    my_script_mask: Optional[str] = flag(None, "data", "'<cut>_<n>', e.g. 1_4: cut=1 masks targets past the end "
+                                         "of the current document; the first n targets are masked.")
+    my_pile_stage: int = flag(0, "data", ">0: deterministic magic-prime sampling (BlinkDL's Pile mode).")
+    my_pile_shift: int = flag(-1, "data", "Token offset added to magic-prime positions (-1 = auto).")
+    my_pile_edecay: int = flag(0, "data", "Mini-epochs excluded from the LR decay window.")
+    magic_prime: int = flag(0, "data", "Prime for magic-prime sampling (p %% 3 == 2, p ~ tokens/ctx_len).")
+    instruct_data_file: str = flag("", "data", "jsonl of chat samples mixed into binidx sampling.")
+    instruct_data_ratio: float = flag(0.0, "data", "Probability of drawing an instruct sample.")
+    names_data_file: Optional[str] = flag(None, "data", "JSON of speaker names for instruct samples.")
+
+    # ---- model
+    load_model: str = flag("", "model", "The .pth to start from. Empty = a fresh initialisation, saved as "
+                           "rwkv-init.pth in --proj_dir.")
+    load_partial: int = flag(0, "model", "1 = keys missing from --load_model keep fresh initial values.")
+    n_layer: int = flag(6, "model", "Number of blocks.")
+    n_embd: int = flag(512, "model", "Model width C.")
+    dim_att: int = flag(0, "model", "Width of the time-mix key/value/receptance (0 = n_embd).")
+    dim_ffn: int = flag(0, "model", "Hidden width of channel-mix (0 = 4*n_embd).")
+    pre_ffn: int = flag(0, "model", ">0: block 0 uses a channel-mix (ffnPre) instead of time-mix.")
+    head_qk: int = flag(0, "model", ">0: the headQK copy mechanism with this inner size.")
+    tiny_att_dim: int = flag(0, "model", ">0: tiny attention with this q/k size at --tiny_att_layer.")
+    tiny_att_layer: int = flag(-999, "model", "Block that hosts the tiny attention.")
+    my_pos_emb: int = flag(0, "model", ">0: factorised learned positional embedding of P*P positions.")
+    grad_cp: int = flag(0, "model", "1 = activation checkpointing per block (less memory, ~30%% slower).",
+                        choices=(0, 1))
+    wkv_backend: str = flag("auto", "model", "WKV operator: cuda kernel, torch reference, or auto (kernel for "
+                            "CUDA tensors).", choices=WKV_BACKENDS)
+
+    # ---- optimisation and schedule
+    lr_init: float = flag(6e-4, "optim", "Initial learning rate (6e-4 for L12-D768, 4e-4 L24-D1024, "
+                          "3e-4 L24-D2048; ~1e-5 to 1e-4 to fine-tune).")
+    lr_final: float = flag(1e-5, "optim", "Final learning rate, reached at the end of --epoch_count.")
+    warmup_steps: int = flag(0, "optim", "LR warm-up length in optimizer steps (try 50 when loading a model).")
+    beta1: float = flag(0.9, "optim", "Adam beta1.")
+    beta2: float = flag(0.99, "optim", "Adam beta2 (0.999 when close to convergence).")
+    adam_eps: float = flag(1e-8, "optim", "Adam epsilon.")
+    weight_decay: float = flag(0.0, "optim", "Decoupled (AdamW) weight decay of the 2-D weight matrices.")
+    layerwise_lr: int = flag(1, "optim", "1 = time_decay trains at 2x and time_first at 3x the LR.",
+                             choices=(0, 1))
+    ds_bucket_mb: int = flag(200, "optim", "DeepSpeed allgather/reduce bucket size in MB.")
+
+    # ---- run length, saving, logging
+    proj_dir: str = flag("out", "run", "Output folder: checkpoints, train_log.txt, vocab.json.")
+    epoch_steps: int = flag(1000, "run", "Micro-batches per GPU in one mini-epoch.")
+    epoch_count: int = flag(500, "run", "Total mini-epochs: the LR schedule spans them and the run ends after the "
+                            "last one (which is always saved).")
+    epoch_begin: int = flag(0, "run", "First mini-epoch number (to continue a run from rwkv-<N>.pth, pass N+1).")
+    epoch_save: int = flag(5, "run", "Save rwkv-<epoch>.pth every N mini-epochs (0 = only the last).")
+    previous_step: Optional[int] = flag(None, "run", "Optimizer steps already done before this run, for the LR "
+                                        "schedule (default: epoch_begin * optimizer steps per epoch).")
+    micro_bsz: int = flag(12, "run", "Micro-batch size per GPU.")
+    wandb: str = flag("", "run", "Weights & Biases project name; empty = off.")
+    log_add_step: int = flag(0, "run", "Constant added to the W&B step axis.")
+    accumulate_grad_batches_dict: Optional[str] = flag(None, "run", "Accumulation schedule as a Python dict "
+                                                       "literal {epoch: k}.")
+    debug: bool = flag(False, "run", "Anomaly detection and a print of the first batch.", action="store_true")
+
+    # ---- long context
+    ctx_parts: Optional[int] = flag(None, "long", "Run the WKV operator in pieces of ceil(ctx_len/ctx_parts) "
+                                    "tokens, carrying the state (less kernel memory, same results).")
+    state_cp: int = flag(0, "long", "1 = state checkpointing across segments of ceil(ctx_len/ctx_parts) tokens.",
+                         choices=(0, 1))
+    initial_ctx_len: Optional[int] = flag(None, "long", "Start length of the context warm-up.")
+    ctx_warmup_steps: int = flag(1, "long", "Optimizer steps over which the length grows from --initial_ctx_len "
+                                 "to --ctx_len.")
+
+    # ---- LoRA
+    lora: bool = flag(False, "lora", "Train LoRA adapters instead of the full model.", action="store_true")
+    lora_load: str = flag("", "lora", "LoRA checkpoint to continue from.")
+    lora_r: int = flag(8, "lora", "LoRA rank.")
+    lora_alpha: float = flag(32.0, "lora", "LoRA alpha; the update is scaled by alpha/r.")
+    lora_dropout: float = flag(0.01, "lora", "Dropout on the LoRA branch input.")
+    lora_parts: str = flag("att,ln,time", "lora", "Comma list of att, ffn, time, ln.")
+    lora_layers: Optional[str] = flag(None, "lora", "Layers that get LoRA, e.g. '0-3 25-31' (default: all).")
+
+    # ---- Lightning
+    accelerator: str = flag("auto", "lightning", "cpu, gpu or auto.")
+    devices: str = flag("auto", "lightning", "Number of devices per node (or 'auto').")
+    num_nodes: int = flag(1, "lightning", "Number of nodes.")
+    precision: str = flag("fp32", "lightning", "fp32, tf32 (fp32 with TF32 matmuls), fp16 or bf16 (mixed, fp32 "
+                          "master weights).", choices=PRECISIONS)
+    strategy: str = flag("auto", "lightning", "Distribution strategy.", choices=STRATEGIES)
+    accumulate_grad_batches: int = flag(1, "lightning", "Micro-batches per optimizer step.")
+    max_epochs: Optional[int] = flag(None, "lightning", "Cap on mini-epochs in this run (default: until "
+                                     "--epoch_count).")
+    max_steps: int = flag(-1, "lightning", "Cap on optimizer steps in this run (-1 = none).")
+    gradient_clip_val: float = flag(1.0, "lightning", "Gradient norm clip.")
+    enable_progress_bar: int = flag(1, "lightning", "1 = show the progress bar.", choices=(0, 1))
+
+    # ---- BlinkDL-internal experiments
+    my_img_version: str = flag("0", "internal", "Image auto-encoder experiment.")
+    my_img_size: int = flag(0, "internal", "Image auto-encoder experiment.")
+    my_img_bit: int = flag(0, "internal", "Image auto-encoder experiment.")
+    my_img_clip: str = flag("x", "internal", "Image auto-encoder experiment.")
+    my_img_clip_scale: float = flag(1.0, "internal", "Image auto-encoder experiment.")
+    my_img_l1_scale: float = flag(0.0, "internal", "Image auto-encoder experiment.")
+    my_img_encoder: str = flag("x", "internal", "Image auto-encoder experiment.")
+    my_ffn_shift: int = flag(1, "internal", "Declared but unused by the original.")
+    my_att_shift: int = flag(1, "internal", "Declared but unused by the original.")
+    my_qa_mask: int = flag(0, "internal", "Pile QA-mask experiment.")
+    my_testing: str = flag("", "internal", "Architecture variants of the original ('a', 'g').")
+    my_script_align: int = flag(0, "internal", "Align samples to blank lines (raises NotImplementedError in the "
+                                "original).")
+
+    # ---- derived in finalize(), not flags
+    timestamp: str = field(default="", metadata={"derived": True})
+
+    @property
+    def betas(self) -> tuple:
+        return (self.beta1, self.beta2)
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.proj_dir} ctx{self.ctx_len} L{self.n_layer} D{self.n_embd}"
+
+    @property
+    def chunk_len(self) -> Optional[int]:
+        """Tokens per WKV call (and per state_cp segment) when --ctx_parts splits the context."""
+        return math.ceil(self.ctx_len / self.ctx_parts) if self.ctx_parts else None
+
+    def finalize(self) -> "TrainConfig":
+        """Fill derived values and refuse invalid combinations with one clear message."""
+        validate(self)
+        if self.dim_att <= 0:
+            self.dim_att = self.n_embd
+        if self.dim_ffn <= 0:
+            self.dim_ffn = 4 * self.n_embd
+        if not self.timestamp:
+            self.timestamp = datetime.datetime.today().strftime("%Y-%m-%d-%H-%M-%S")
+        return self
+
+
+def _flag_fields():
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if not f.metadata.get("derived"):
+            yield f, hints[f.name]
+
+
+def _scalar_type(hint):
+    """int for Optional[int], etc."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train or fine-tune an RWKV-4 language model (flags of the RWKV-LM-LoRA ChatGal fork).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    groups = {key: parser.add_argument_group(title) for key, title in GROUP_TITLES.items()}
+    for f, hint in _flag_fields():
+        meta = dict(f.metadata)
+        group = groups[meta.pop("group")]
+        if meta.get("action") == "store_true":
+            group.add_argument(f"--{f.name}", default=f.default, **meta)
+        else:
+            group.add_argument(f"--{f.name}", type=_scalar_type(hint), default=f.default, **meta)
+    return parser
+
+
+def flag_names() -> list:
+    return [f.name for f, _ in _flag_fields()]
+
+
+def parse_args(argv=None) -> TrainConfig:
+    """Parse train.py's command line (None = sys.argv[1:]) into a finalized TrainConfig."""
+    namespace = build_parser().parse_args(argv)
+    return TrainConfig(**vars(namespace)).finalize()
+
+
+# Flags whose value selects an experiment of the original that this toolkit does not carry.
+_INTERNAL_DEFAULTS = {f.name: f.default for f, _ in _flag_fields() if f.metadata["group"] == "internal"}
+
+
+# Features of the original that are not built yet: flag -> test "is it in use". Each entry leaves this table
+# when its feature lands.
+_NOT_YET_BUILT = {
+    "lora": lambda c: c.lora,
+    "state_cp": lambda c: c.state_cp,
+    "data_type jsonl": lambda c: c.data_type == "jsonl",
+    "select_name": lambda c: c.select_name is not None,
+    "train_split_ratio": lambda c: c.train_split_ratio is not None,
+    "train_data_sort": lambda c: c.train_data_sort is not None,
+    "my_script_mask": lambda c: c.my_script_mask is not None,
+    "my_pile_stage": lambda c: c.my_pile_stage != 0,
+    "magic_prime": lambda c: c.magic_prime != 0,
+    "instruct_data_file": lambda c: bool(c.instruct_data_file),
+    "names_data_file": lambda c: c.names_data_file is not None,
+    "wandb": lambda c: bool(c.wandb),
+    "accumulate_grad_batches_dict": lambda c: c.accumulate_grad_batches_dict is not None,
+}
+
+
+def validate(cfg: TrainConfig) -> None:
+    for name, in_use in _NOT_YET_BUILT.items():
+        if in_use(cfg):
+            raise UserInputError(f"--{name} is not available in this version of the toolkit yet; remove it.")
+    for name, default in _INTERNAL_DEFAULTS.items():
+        if getattr(cfg, name) != default:
+            raise UserInputError(
+                f"--{name} belongs to a BlinkDL-internal experiment of the original toolkit that is not supported "
+                f"here; remove --{name} {getattr(cfg, name)} from your command.")
+    if cfg.data_type == "wds_img":
+        raise UserInputError("--data_type wds_img is the image auto-encoder experiment of the original toolkit and "
+                             "is not supported; use binidx, numpy, uint16, utf-8, utf-16le, jsonl or dummy.")
+    for name in ("n_layer", "n_embd", "ctx_len", "micro_bsz", "epoch_steps", "accumulate_grad_batches", "num_nodes"):
+        if getattr(cfg, name) < 1:
+            raise UserInputError(f"--{name} must be at least 1 (got {getattr(cfg, name)}).")
+    for name in ("epoch_count", "epoch_begin", "epoch_save", "warmup_steps", "vocab_size", "pre_ffn", "head_qk",
+                 "tiny_att_dim", "my_pos_emb", "my_sample_len", "ds_bucket_mb", "log_add_step", "my_pile_edecay"):
+        if getattr(cfg, name) < 0:
+            raise UserInputError(f"--{name} must not be negative (got {getattr(cfg, name)}).")
+    if cfg.epoch_begin >= cfg.epoch_count > 0:
+        raise UserInputError(f"--epoch_begin {cfg.epoch_begin} is not below --epoch_count {cfg.epoch_count}: there is "
+                             f"nothing left to train. Raise --epoch_count to the total number of mini-epochs.")
+    if cfg.lr_init <= 0 or cfg.lr_final < 0:
+        raise UserInputError(f"--lr_init must be > 0 and --lr_final >= 0 (got {cfg.lr_init}, {cfg.lr_final}).")
+    if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1) or cfg.adam_eps <= 0:
+        raise UserInputError("--beta1 and --beta2 must lie in [0, 1) and --adam_eps must be > 0.")
+    if cfg.ctx_parts is not None and cfg.ctx_parts < 1:
+        raise UserInputError(f"--ctx_parts must be at least 1 (got {cfg.ctx_parts}).")
+    if cfg.initial_ctx_len is not None and not 1 <= cfg.initial_ctx_len <= cfg.ctx_len:
+        raise UserInputError(f"--initial_ctx_len {cfg.initial_ctx_len} must lie between 1 and --ctx_len "
+                             f"{cfg.ctx_len}.")
+    if cfg.ctx_warmup_steps < 1:
+        raise UserInputError(f"--ctx_warmup_steps must be at least 1 (got {cfg.ctx_warmup_steps}).")
+    if cfg.devices != "auto" and not cfg.devices.isdigit():
+        raise UserInputError(f"--devices must be a number of devices or 'auto' (got {cfg.devices!r}).")
+    if cfg.accelerator not in ("auto", "cpu", "gpu", "cuda"):
+        raise UserInputError(f"--accelerator must be cpu, gpu or auto (got {cfg.accelerator!r}).")
+    if cfg.data_type != "dummy" and not cfg.data_file:
+        raise UserInputError(f"--data_file is required for --data_type {cfg.data_type}.")
+    if cfg.data_type == "uint16" and cfg.my_sample_len < 2:
+        raise UserInputError("--data_type uint16 needs --my_sample_len (the row length, at least 2).")

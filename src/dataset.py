@@ -1,0 +1,197 @@
+"""Training samples for every --data_type, drawn by pure functions of (seed, rank, epoch, index).
+
+Nothing about sampling lives in mutable dataset attributes: a sample is a function of its global
+index, so DataLoader workers, ranks and resumed runs all draw the same windows for the same step.
+
+A "mini-epoch" is `epoch_steps` micro-batches per GPU (`__len__ = epoch_steps * micro_bsz`).
+Each sample is a window of L+1 tokens: x = window[:-1], y = window[1:], L = ctx_len (or the current
+length of the context warm-up). Targets that must not be trained are -100.
+"""
+import json
+import signal
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from src.binidx import MMapIndexedDataset
+from src.config import TrainConfig, UserInputError
+
+IGNORE_INDEX = -100  # target id that cross_entropy skips
+
+# How many tokens np.max reads at once when checking ids against the vocabulary.
+_SCAN_CHUNK = 1 << 26
+
+
+@dataclass
+class TokenData:
+    """A flat token stream (or rows, for uint16) plus where it came from."""
+    tokens: np.ndarray  # 1-D ints (np.memmap for files); for uint16 data: 2-D (rows, my_sample_len)
+    source: str  # file name for messages
+    vocab_size: int
+    binidx: Optional[MMapIndexedDataset] = None
+
+
+def dummy_text() -> str:
+    """The original's built-in data: 100000 sums '.{a}+{b}={a+b}.' with a = i mod 1e4, b = i^2 mod 1e4."""
+    return "".join(f".{i % 10000}+{i * i % 10000}={i % 10000 + i * i % 10000}." for i in range(100000))
+
+
+def char_tokens(text: str, proj_dir: str) -> tuple:
+    """Char-level tokens of `text`; writes proj_dir/vocab.json as the original ({id: char}, UTF-16LE)."""
+    chars = sorted(set(text))
+    stoi = {c: i for i, c in enumerate(chars)}
+    Path(proj_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(proj_dir) / "vocab.json", "w", encoding="utf-16le") as f:
+        f.write(json.dumps({i: c for i, c in enumerate(chars)}, ensure_ascii=False))
+    dtype = np.uint16 if len(chars) <= 65536 else np.int32
+    return np.fromiter((stoi[c] for c in text), dtype=dtype, count=len(text)), len(chars)
+
+
+def load_token_data(cfg: TrainConfig) -> TokenData:
+    """Open --data_file per --data_type; char-level types compute the vocabulary."""
+    kind, path = cfg.data_type, cfg.data_file
+    if kind == "dummy":
+        tokens, vocab = char_tokens(dummy_text(), cfg.proj_dir)
+        return TokenData(tokens, "built-in dummy data", vocab)
+    if kind == "binidx" and path.endswith("/"):
+        prefixes = sorted(str(p)[:-4] for p in Path(path).glob("*.idx"))
+        raise UserInputError(f"--data_file {path} is a folder; binidx prefixes in it: "
+                             f"{', '.join(prefixes) or '(none)'}. Pass one of them.")
+    if kind != "binidx" and not Path(path).is_file():
+        raise UserInputError(f"--data_file {path}: file not found")
+    if kind in ("utf-8", "utf-16le"):
+        try:
+            text = Path(path).read_text(encoding=kind)
+        except UnicodeDecodeError as e:
+            raise UserInputError(f"--data_file {path} is not valid {kind} text ({e}); pass the right --data_type")
+        tokens, vocab = char_tokens(text, cfg.proj_dir)
+        return TokenData(tokens, path, vocab)
+    if cfg.vocab_size <= 0:
+        raise UserInputError(f"--data_type {kind} needs --vocab_size (50277 for the GPT-NeoX 20B tokenizer, "
+                             f"65536 for World)")
+    if kind == "binidx":
+        data = MMapIndexedDataset(path)
+        _require_integer(data.tokens.dtype, str(data.bin_path))
+        return TokenData(data.tokens, str(data.bin_path), cfg.vocab_size, binidx=data)
+    if kind == "numpy":
+        try:
+            tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError as e:
+            raise UserInputError(f"--data_file {path} is not a .npy array ({e})")
+        _require_integer(tokens.dtype, path)
+        return TokenData(tokens.reshape(-1), path, cfg.vocab_size)
+    if kind == "uint16":
+        flat = np.memmap(path, mode="r", dtype=np.uint16)
+        rows = len(flat) // cfg.my_sample_len
+        if rows < 1:
+            raise UserInputError(f"--data_file {path} holds {len(flat)} tokens, less than one row of "
+                                 f"--my_sample_len {cfg.my_sample_len}")
+        return TokenData(flat[:rows * cfg.my_sample_len].reshape(rows, cfg.my_sample_len), path, cfg.vocab_size)
+    raise UserInputError(f"--data_type {kind} is not supported yet")
+
+
+def _require_integer(dtype, source: str) -> None:
+    if not np.issubdtype(dtype, np.integer):
+        raise UserInputError(f"{source} holds {dtype} values; token data must be integers")
+
+
+def check_against_model(data: TokenData, cfg: TrainConfig, vocab_size: int) -> None:
+    """Refuse data the model cannot train on: too short for ctx_len, or ids outside the vocabulary."""
+    if data.tokens.ndim == 2:
+        if data.tokens.shape[1] - 1 > cfg.ctx_len:
+            raise UserInputError(f"--my_sample_len {data.tokens.shape[1]} gives samples of "
+                                 f"{data.tokens.shape[1] - 1} tokens, more than --ctx_len {cfg.ctx_len}")
+    elif len(data.tokens) < cfg.ctx_len + 1:
+        raise UserInputError(f"{data.source} has {len(data.tokens)} tokens, but --ctx_len {cfg.ctx_len} needs at "
+                             f"least ctx_len + 1 = {cfg.ctx_len + 1}; lower --ctx_len or use more data")
+    flat = data.tokens.reshape(-1)
+    largest = max((int(flat[i:i + _SCAN_CHUNK].max()) for i in range(0, len(flat), _SCAN_CHUNK)), default=0)
+    if largest >= vocab_size:
+        raise UserInputError(f"{data.source} contains token id {largest}, but the model's vocabulary has "
+                             f"{vocab_size} entries (ids 0..{vocab_size - 1}); pass the --vocab_size of the "
+                             f"tokenizer that made the data")
+    smallest = min((int(flat[i:i + _SCAN_CHUNK].min()) for i in range(0, len(flat), _SCAN_CHUNK)), default=0)
+    if smallest < 0:
+        raise UserInputError(f"{data.source} contains the negative token id {smallest}")
+
+
+def context_length(step: int, cfg: TrainConfig) -> int:
+    """Sample length at optimizer step `step` of this run: the linear context warm-up of the fork.
+
+    Grows from --initial_ctx_len to --ctx_len over --ctx_warmup_steps optimizer steps, constant within a step.
+    """
+    if cfg.initial_ctx_len is None or step >= cfg.ctx_warmup_steps:
+        return cfg.ctx_len
+    return int(step / cfg.ctx_warmup_steps * (cfg.ctx_len - cfg.initial_ctx_len) + cfg.initial_ctx_len)
+
+
+def optimizer_steps_per_epoch(cfg: TrainConfig) -> int:
+    """Lightning steps the optimizer after every K micro-batches and at the end of each epoch."""
+    return math.ceil(cfg.epoch_steps / cfg.accumulate_grad_batches)
+
+
+class TrainingSamples(Dataset):
+    """Random windows of the token stream. Index = epoch * len(self) + position within the epoch."""
+
+    def __init__(self, data: TokenData, cfg: TrainConfig, seed: int, rank: int):
+        self.data = data
+        self.cfg = cfg
+        self.seed = seed
+        self.rank = rank
+        self.epoch_len = cfg.epoch_steps * cfg.micro_bsz
+
+    def __len__(self) -> int:
+        return self.epoch_len
+
+    def step_of(self, index: int) -> int:
+        """Optimizer step (of this run) that consumes sample `index`."""
+        epoch, position = divmod(index, self.epoch_len)
+        micro_batch = position // self.cfg.micro_bsz
+        return epoch * optimizer_steps_per_epoch(self.cfg) + micro_batch // self.cfg.accumulate_grad_batches
+
+    def __getitem__(self, index: int) -> tuple:
+        epoch, position = divmod(index, self.epoch_len)
+        real_epoch = self.cfg.epoch_begin + epoch
+        rng = np.random.default_rng([self.seed, self.rank, real_epoch, position])
+        if self.data.tokens.ndim == 2:  # uint16 rows: any row, the last one included
+            row = np.asarray(self.data.tokens[rng.integers(0, len(self.data.tokens))], dtype=np.int64)
+            return torch.from_numpy(row[:-1].copy()), torch.from_numpy(row[1:].copy())
+        length = context_length(self.step_of(index), self.cfg)
+        start = int(rng.integers(0, len(self.data.tokens) - length))  # window of length + 1 tokens
+        window = torch.from_numpy(np.asarray(self.data.tokens[start:start + length + 1], dtype=np.int64))
+        return window[:-1], window[1:]
+
+
+class EpochSampler(Sampler):
+    """Yields the global indices epoch * n + i of the current epoch; Lightning calls set_epoch."""
+
+    def __init__(self, epoch_len: int):
+        self.epoch_len = epoch_len
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.epoch_len
+
+    def __iter__(self):
+        base = self.epoch * self.epoch_len
+        return iter(range(base, base + self.epoch_len))
+
+
+def ignore_interrupts(worker_id: int) -> None:
+    """DataLoader worker init: Ctrl+C reaches the whole process group, but only the main process handles it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def build_loader(samples: Dataset, cfg: TrainConfig) -> DataLoader:
+    """One worker process draws samples; Lightning sets the sampler's epoch."""
+    return DataLoader(samples, batch_size=cfg.micro_bsz, sampler=EpochSampler(len(samples)), num_workers=1,
+                      persistent_workers=True, pin_memory=torch.cuda.is_available(), drop_last=True,
+                      worker_init_fn=ignore_interrupts)

@@ -1,0 +1,281 @@
+"""RWKV-4 ("v4neo") as a plain nn.Module whose forward takes and returns the recurrent state.
+
+State-dict keys and shapes are those of RWKV-LM v4neo, so released RWKV-4 .pth files load strictly.
+With C = n_embd, A = dim_att, F = dim_ffn, V = vocab_size:
+
+    emb.weight [V,C]; blocks.0.ln0.{weight,bias} [C]; blocks.i.ln1/ln2.{weight,bias} [C]
+    blocks.i.att.time_decay [A], time_first [A], time_mix_k/v/r [1,1,C]
+    blocks.i.att.key/value/receptance.weight [A,C], att.output.weight [C,A]
+    blocks.i.ffn.time_mix_k/r [1,1,C], ffn.key.weight [F,C], ffn.receptance.weight [C,C], ffn.value.weight [C,F]
+    ln_out.{weight,bias} [C]; head.weight [V,C]
+    optional: blocks.0.ffnPre.* (pre_ffn), head_q/head_k.weight [H,C] (head_qk),
+              blocks.L.tiny_ln/tiny_q/tiny_k/tiny_v (tiny attention), blocks.0.pos_emb_x/y (my_pos_emb)
+
+The recurrent state of all layers is two tensors (`RWKVState`), so it can be detached, stored or
+passed through checkpointing as a unit:
+    shift (n_layer, 2, B, C)  last input of each layer's time-mix [.., 0] and channel-mix [.., 1]
+    wkv   (n_layer, B, A, 3)  fp32 WKV state (aa, bb, pp), see src/wkv.py
+Running a sequence in one call, or in pieces with the state passed on, gives the same logits.
+"""
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from src.wkv import empty_state, wkv
+
+
+@dataclass
+class RWKVConfig:
+    vocab_size: int
+    n_layer: int
+    n_embd: int
+    dim_att: int = 0  # 0 -> n_embd
+    dim_ffn: int = 0  # 0 -> 4 * n_embd
+    pre_ffn: int = 0
+    head_qk: int = 0
+    tiny_att_dim: int = 0
+    tiny_att_layer: int = -999
+    my_pos_emb: int = 0
+    grad_cp: bool = False  # activation checkpointing per block while training
+    wkv_backend: str = "auto"
+    wkv_chunk_len: Optional[int] = None  # --ctx_parts: tokens per WKV call
+
+    def __post_init__(self):
+        self.dim_att = self.dim_att or self.n_embd
+        self.dim_ffn = self.dim_ffn or 4 * self.n_embd
+
+    @property
+    def has_tiny_att(self) -> bool:
+        return self.tiny_att_dim > 0 and 0 <= self.tiny_att_layer < self.n_layer
+
+    @property
+    def windowed_features(self) -> list:
+        """Features that look at the whole input window at once, so they cannot continue from a state."""
+        names = [("head_qk", self.head_qk > 0), ("tiny_att_dim", self.has_tiny_att), ("my_pos_emb", self.my_pos_emb > 0)]
+        return [name for name, on in names if on]
+
+
+class RWKVState(NamedTuple):
+    shift: torch.Tensor  # (n_layer, 2, B, C)
+    wkv: torch.Tensor  # (n_layer, B, A, 3) fp32
+
+    def detach(self) -> "RWKVState":
+        return RWKVState(self.shift.detach(), self.wkv.detach())
+
+
+def initial_state(cfg: RWKVConfig, batch: int, device=None, dtype=torch.float32) -> RWKVState:
+    """The state before the first token: zero shifts, empty WKV sums."""
+    shift = torch.zeros(cfg.n_layer, 2, batch, cfg.n_embd, dtype=dtype, device=device)
+    wkv_state = empty_state(batch, cfg.dim_att, device).unsqueeze(0).repeat(cfg.n_layer, 1, 1, 1)
+    return RWKVState(shift, wkv_state)
+
+
+def token_shift(x: torch.Tensor, last: Optional[torch.Tensor]) -> torch.Tensor:
+    """x delayed by one step: (B, T, C) -> (B, T, C), with `last` (B, C) (or zeros) at t = 0."""
+    first = torch.zeros_like(x[:, :1]) if last is None else last.unsqueeze(1).to(x.dtype)
+    return torch.cat([first, x[:, :-1]], dim=1)
+
+
+def _layer_ratios(layer_id: int, n_layer: int) -> tuple:
+    ratio_0_to_1 = layer_id / (n_layer - 1) if n_layer > 1 else 0.0  # the original divides by zero at n_layer 1
+    ratio_1_to_almost0 = 1.0 - layer_id / n_layer
+    return ratio_0_to_1, ratio_1_to_almost0
+
+
+def _channel_ramp(n_embd: int) -> torch.Tensor:
+    """ddd[0, 0, i] = i / C, the base of the time_mix initialisation."""
+    return (torch.arange(n_embd, dtype=torch.float32) / n_embd).reshape(1, 1, n_embd)
+
+
+class TimeMix(nn.Module):
+    """RWKV-4 attention replacement: token shift, K/V/R projections, WKV, sigmoid(R) gate."""
+
+    def __init__(self, cfg: RWKVConfig, layer_id: int):
+        super().__init__()
+        self.cfg = cfg
+        C, A = cfg.n_embd, cfg.dim_att
+        ratio_0_to_1, ratio_1_to_almost0 = _layer_ratios(layer_id, cfg.n_layer)
+        ddd = _channel_ramp(C)
+        h = torch.arange(A, dtype=torch.float32)
+        # decay speeds from -5 to 3 across channels, steeper curve in deeper layers
+        self.time_decay = nn.Parameter(-5 + 8 * (h / max(A - 1, 1)) ** (0.7 + 1.3 * ratio_0_to_1))
+        zigzag = ((h + 1) % 3 - 1) * 0.5
+        self.time_first = nn.Parameter(torch.full((A,), math.log(0.3)) + zigzag)
+        self.time_mix_k = nn.Parameter(ddd ** ratio_1_to_almost0)
+        self.time_mix_v = nn.Parameter(ddd ** ratio_1_to_almost0 + 0.3 * ratio_0_to_1)
+        self.time_mix_r = nn.Parameter(ddd ** (0.5 * ratio_1_to_almost0))
+        self.key = nn.Linear(C, A, bias=False)
+        self.value = nn.Linear(C, A, bias=False)
+        self.receptance = nn.Linear(C, A, bias=False)
+        self.output = nn.Linear(A, C, bias=False)
+
+    def forward(self, x, shift, wkv_state):
+        """x (B, T, C); shift (B, C) or None; wkv_state (B, A, 3) or None -> (out, new shift, new wkv state)."""
+        xx = token_shift(x, shift)
+        xk = x * self.time_mix_k + xx * (1 - self.time_mix_k)
+        xv = x * self.time_mix_v + xx * (1 - self.time_mix_v)
+        xr = x * self.time_mix_r + xx * (1 - self.time_mix_r)
+        k, v, r = self.key(xk), self.value(xv), self.receptance(xr)  # (B, T, A)
+        y, wkv_state = wkv(self.time_decay, self.time_first, k, v, wkv_state,
+                           backend=self.cfg.wkv_backend, chunk_len=self.cfg.wkv_chunk_len)
+        return self.output(torch.sigmoid(r) * y), x[:, -1], wkv_state
+
+
+class ChannelMix(nn.Module):
+    """RWKV-4 feed-forward: token shift, squared-ReLU key, sigmoid receptance gate."""
+
+    def __init__(self, cfg: RWKVConfig, layer_id: int):
+        super().__init__()
+        C = cfg.n_embd
+        _, ratio_1_to_almost0 = _layer_ratios(layer_id, cfg.n_layer)
+        ddd = _channel_ramp(C)
+        self.time_mix_k = nn.Parameter(ddd ** ratio_1_to_almost0)
+        self.time_mix_r = nn.Parameter(ddd ** ratio_1_to_almost0)
+        self.key = nn.Linear(C, cfg.dim_ffn, bias=False)
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(cfg.dim_ffn, C, bias=False)
+
+    def forward(self, x, shift):
+        """x (B, T, C); shift (B, C) or None -> (out, new shift)."""
+        xx = token_shift(x, shift)
+        xk = x * self.time_mix_k + xx * (1 - self.time_mix_k)
+        xr = x * self.time_mix_r + xx * (1 - self.time_mix_r)
+        k = torch.square(torch.relu(self.key(xk)))  # (B, T, F)
+        return torch.sigmoid(self.receptance(xr)) * self.value(k), x[:, -1]
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: RWKVConfig, layer_id: int):
+        super().__init__()
+        self.cfg = cfg
+        self.layer_id = layer_id
+        C = cfg.n_embd
+        self.ln1 = nn.LayerNorm(C)
+        self.ln2 = nn.LayerNorm(C)
+        if layer_id == 0:
+            self.ln0 = nn.LayerNorm(C)
+            if cfg.my_pos_emb > 0:
+                self.pos_emb_x = nn.Parameter(torch.zeros(1, cfg.my_pos_emb, C))
+                self.pos_emb_y = nn.Parameter(torch.zeros(cfg.my_pos_emb, 1, C))
+        if layer_id == 0 and cfg.pre_ffn > 0:
+            self.ffnPre = ChannelMix(cfg, 0)
+        else:
+            self.att = TimeMix(cfg, layer_id)
+        self.ffn = ChannelMix(cfg, layer_id)
+        if cfg.has_tiny_att and layer_id == cfg.tiny_att_layer:
+            self.tiny_ln = nn.LayerNorm(C)
+            self.tiny_q = nn.Linear(C, cfg.tiny_att_dim, bias=False)
+            self.tiny_k = nn.Linear(C, cfg.tiny_att_dim, bias=False)
+            self.tiny_v = nn.Linear(C, C, bias=False)
+
+    def forward(self, x, x_emb, att_shift, wkv_state, ffn_shift):
+        """x, x_emb (B, T, C) -> (x, att_shift (B, C), wkv_state (B, A, 3), ffn_shift (B, C))."""
+        B, T, C = x.shape
+        if self.layer_id == 0:
+            x = self.ln0(x)
+            if self.cfg.my_pos_emb > 0:
+                grid = self.cfg.my_pos_emb ** 2
+                if T > grid:
+                    raise ValueError(f"--my_pos_emb {self.cfg.my_pos_emb} covers {grid} positions, fewer than {T}")
+                x = x + (self.pos_emb_x + self.pos_emb_y).reshape(grid, C)[:T]
+        if hasattr(self, "ffnPre"):
+            dx, att_shift = self.ffnPre(self.ln1(x), att_shift)
+            if wkv_state is None:
+                wkv_state = empty_state(B, self.cfg.dim_att, x.device)
+        else:
+            dx, att_shift, wkv_state = self.att(self.ln1(x), att_shift, wkv_state)
+        x = x + dx
+        dx, ffn_shift = self.ffn(self.ln2(x), ffn_shift)
+        x = x + dx
+        if hasattr(self, "tiny_ln"):
+            xx = self.tiny_ln(x)
+            q, k = self.tiny_q(xx), self.tiny_k(xx)  # (B, T, D)
+            c = (q @ k.transpose(-2, -1)) * (self.cfg.tiny_att_dim ** -0.5)  # (B, T, T), no softmax
+            c = c.masked_fill(_future_mask(T, x.device), 0)
+            x = x + c @ self.tiny_v(x_emb)
+        return x, att_shift, wkv_state, ffn_shift
+
+
+def _future_mask(T: int, device) -> torch.Tensor:
+    """True above the diagonal: positions a token must not see."""
+    return torch.ones(T, T, dtype=torch.bool, device=device).triu(1)
+
+
+class RWKV(nn.Module):
+    def __init__(self, cfg: RWKVConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.ln_out = nn.LayerNorm(cfg.n_embd)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.head_qk > 0:
+            self.head_q = nn.Linear(cfg.n_embd, cfg.head_qk, bias=False)
+            self.head_k = nn.Linear(cfg.n_embd, cfg.head_qk, bias=False)
+
+    def forward(self, idx: torch.Tensor, state: Optional[RWKVState] = None) -> tuple:
+        """idx (B, T) token ids -> (logits (B, T, V), state after the last token)."""
+        if state is not None and self.cfg.windowed_features:
+            raise ValueError(f"{', '.join(self.cfg.windowed_features)} attend over the whole window and cannot "
+                             f"continue from a state")
+        B, T = idx.shape
+        x = x_emb = self.emb(idx)
+        shifts, wkv_states = [], []
+        for i, block in enumerate(self.blocks):
+            layer_state = (None, None, None) if state is None else (state.shift[i, 0], state.wkv[i], state.shift[i, 1])
+            if self.cfg.grad_cp and torch.is_grad_enabled():
+                x, att_shift, wkv_state, ffn_shift = checkpoint(block, x, x_emb, *layer_state, use_reentrant=False)
+            else:
+                x, att_shift, wkv_state, ffn_shift = block(x, x_emb, *layer_state)
+            shifts.append(torch.stack([att_shift, ffn_shift.to(att_shift.dtype)]))
+            wkv_states.append(wkv_state)
+        x = self.ln_out(x)
+        logits = self.head(x)
+        if self.cfg.head_qk > 0:
+            q, k = self.head_q(x), self.head_k(x)  # (B, T, H)
+            c = (q @ k.transpose(-2, -1)) * (1.0 / self.cfg.head_qk)  # (B, T, T), no softmax
+            c = c.masked_fill(_future_mask(T, x.device), 0)
+            logits = logits + c @ F.one_hot(idx, self.cfg.vocab_size).to(c.dtype)
+        return logits, RWKVState(torch.stack(shifts), torch.stack(wkv_states))
+
+
+# Parameters that keep the values built in the constructor (the v4neo "fancy init").
+_KEEP_CONSTRUCTED = ("ln_", ".ln", "time_", "pos_emb")
+# Matrices that start at zero, so every block starts close to the identity.
+_ZERO_INIT = (".att.key.", ".att.receptance.", ".att.output.", ".ffn.value.", ".ffn.receptance.",
+              ".ffnPre.value.", ".ffnPre.receptance.", "head_q.")
+
+
+@torch.no_grad()
+def generate_init_weights(model: RWKV, lr_init: float) -> dict:
+    """A fresh state dict by the v4neo rules (what the original writes to rwkv-init.pth).
+
+    Norms, time_* and pos_emb keep their constructed values; emb ~ U(-lr_init, lr_init); the listed
+    projections are zero; head is orthogonal with gain 0.5*sqrt(V/C), head_k with 0.1, every other
+    matrix orthogonal with gain sqrt(rows/cols) when taller than wide, else 1.
+    """
+    weights = {}
+    for name, p in model.state_dict().items():
+        if any(tag in name for tag in _KEEP_CONSTRUCTED) or p.dim() < 2:
+            weights[name] = p.detach().clone()
+            continue
+        m = torch.empty(p.shape, dtype=torch.float32)
+        if name == "emb.weight":
+            nn.init.uniform_(m, a=-lr_init, b=lr_init)
+        elif any(tag in name for tag in _ZERO_INIT):
+            nn.init.zeros_(m)
+        else:
+            gain = math.sqrt(p.shape[0] / p.shape[1]) if p.shape[0] > p.shape[1] else 1.0
+            scale = 0.5 if name == "head.weight" else 0.1 if "head_k." in name else 1.0
+            nn.init.orthogonal_(m, gain=gain * scale)
+        weights[name] = m
+    return weights
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

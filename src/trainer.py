@@ -1,0 +1,160 @@
+"""Lightning glue: the training step (loss + L2Wrap), optimizer and parameter groups, precision and
+strategy mapping, and the Trainer itself. The model (src/model.py) knows nothing of this module.
+"""
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+
+from src.config import TrainConfig
+from src.dataset import IGNORE_INDEX
+
+# --precision of the original -> Lightning precision. bf16/fp16 are mixed: weights and Adam stay fp32.
+LIGHTNING_PRECISION = {"fp32": "32-true", "tf32": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed"}
+# dtype of the .pth files we write, as the original (bf16 runs write bf16 weights).
+SAVE_DTYPE = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+L2WRAP_COEF = 1e-4
+
+
+class L2Wrap(torch.autograd.Function):
+    """Identity on the loss; in backward, adds the gradient of 1e-4 * mean(max_logit^2) / 2 to the logits.
+
+    This keeps logits from drifting upward (BlinkDL's L2Wrap). Unlike the original, the extra gradient is
+    multiplied by the incoming gradient, so it scales with gradient accumulation and fp16 loss scaling.
+    `positions` is the number of (batch, time) positions the mean runs over.
+    """
+
+    @staticmethod
+    def forward(ctx, loss, logits, positions: int):
+        ctx.save_for_backward(logits)
+        ctx.positions = positions
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (logits,) = ctx.saved_tensors
+        top, ids = torch.max(logits, dim=-1, keepdim=True)  # (B, T, 1)
+        glogits = torch.zeros_like(logits).scatter_(-1, ids, top * (L2WRAP_COEF / ctx.positions))
+        return grad_output, glogits * grad_output.to(glogits.dtype), None
+
+
+def language_model_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over targets != -100, with L2Wrap. logits (B, T, V), targets (B, T)."""
+    flat_targets = targets.reshape(-1)
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), flat_targets, ignore_index=IGNORE_INDEX,
+                            reduction="sum")
+    # a batch whose targets are all masked gives 0 (not 0/0), still attached to the graph
+    loss = total / (flat_targets != IGNORE_INDEX).sum().clamp(min=1)
+    return L2Wrap.apply(loss, logits, targets.numel())
+
+
+def build_param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list:
+    """Adam parameter groups with an `lr_scale` each (the original's layer-wise LR).
+
+    layerwise_lr 1: time_decay at 2x, time_first at 3x the LR (Pile stage 2: time_mix 5x, time_decay 5x).
+    weight_decay > 0: 2-D weight matrices go to groups with decoupled weight decay; vectors never decay.
+    Frozen parameters are left out; empty groups are dropped.
+    """
+    stage2 = cfg.my_pile_stage == 2
+    scales = (1.0, 5.0, 5.0) if stage2 else (1.0, 2.0, 3.0)
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        tier = 0
+        if cfg.layerwise_lr:
+            if "time_mix" in name:
+                tier = 1 if stage2 else 0
+            elif "time_decay" in name:
+                tier = 2 if stage2 else 1
+            elif "time_first" in name:
+                tier = 2
+        decay = cfg.weight_decay if (cfg.weight_decay > 0 and p.dim() >= 2) else 0.0
+        group = groups.setdefault((tier, decay), {"params": [], "names": [], "lr_scale": scales[tier],
+                                                  "weight_decay": decay})
+        group["params"].append(p)
+        group["names"].append(name)
+    return [groups[key] for key in sorted(groups)]
+
+
+class RWKVModule(pl.LightningModule):
+    """Wraps an RWKV nn.Module for Lightning: one training step per micro-batch."""
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig):
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch  # (B, T) token ids, (B, T) targets
+        logits, _ = self.model(x)
+        loss = language_model_loss(logits, y)
+        # Lightning divides "loss" by accumulate_grad_batches; "token_loss" is the plain value for logs.
+        return {"loss": loss, "token_loss": loss.detach(), "tokens": y.numel()}
+
+    def configure_optimizers(self):
+        groups = build_param_groups(self.model, self.cfg)
+        for group in groups:
+            group.pop("names")
+        use_adamw = self.cfg.weight_decay > 0
+        fused = all(p.is_cuda for g in groups for p in g["params"])
+        optimizer_class = torch.optim.AdamW if use_adamw else torch.optim.Adam
+        return optimizer_class(groups, lr=self.cfg.lr_init, betas=self.cfg.betas, eps=self.cfg.adam_eps,
+                               fused=fused or None)
+
+
+def set_float_precision(cfg: TrainConfig) -> None:
+    """fp32 means true fp32 matmuls; every other mode allows TF32 (as the original)."""
+    allow_tf32 = cfg.precision != "fp32"
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    torch.backends.cudnn.allow_tf32 = allow_tf32
+    torch.backends.cudnn.benchmark = True
+
+
+def build_trainer(cfg: TrainConfig, callbacks: list, max_epochs: int) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="gpu" if cfg.accelerator == "cuda" else cfg.accelerator,
+        devices=int(cfg.devices) if cfg.devices.isdigit() else cfg.devices,
+        num_nodes=cfg.num_nodes,
+        strategy=build_strategy(cfg),
+        precision=LIGHTNING_PRECISION[cfg.precision],
+        max_epochs=max_epochs,
+        max_steps=cfg.max_steps,
+        accumulate_grad_batches=cfg.accumulate_grad_batches,
+        gradient_clip_val=cfg.gradient_clip_val,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # every rank draws its own windows (seeded by rank)
+        enable_progress_bar=bool(cfg.enable_progress_bar),
+        enable_model_summary=False,
+        detect_anomaly=cfg.debug,
+    )
+
+
+def build_strategy(cfg: TrainConfig):
+    """The strategy object (or Lightning name) for --strategy."""
+    if cfg.strategy == "single_device":
+        from lightning.pytorch.strategies import SingleDeviceStrategy
+        device = "cuda:0" if torch.cuda.is_available() and cfg.accelerator != "cpu" else "cpu"
+        return SingleDeviceStrategy(device=torch.device(device))
+    if cfg.strategy.startswith("deepspeed"):
+        return build_deepspeed_strategy(cfg)
+    return cfg.strategy
+
+
+def build_deepspeed_strategy(cfg: TrainConfig):
+    """Lightning's DeepSpeedStrategy built explicitly: stage, offload and bucket sizes from the flags."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+    name = cfg.strategy
+    stage = 2 if name == "deepspeed" else int(name.split("_")[2])
+    offload = name.endswith("_offload")
+    bucket = cfg.ds_bucket_mb * 1000 * 1000
+    return DeepSpeedStrategy(
+        stage=stage,
+        offload_optimizer=offload,
+        offload_parameters=offload and stage == 3,
+        allgather_bucket_size=bucket,
+        reduce_bucket_size=bucket,
+    )

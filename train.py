@@ -1,0 +1,85 @@
+"""Train or fine-tune an RWKV-4 model. Same flags as the RWKV-LM-LoRA ChatGal fork's train.py.
+
+    python train.py --help
+"""
+import secrets
+import sys
+from pathlib import Path
+
+from src.config import TrainConfig, UserInputError, parse_args
+
+
+def main(argv=None) -> int:
+    try:
+        cfg = parse_args(argv)
+        train(cfg)
+    except UserInputError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def train(cfg: TrainConfig) -> None:
+    # torch and Lightning load here, after the command line is known to be valid
+    import lightning.pytorch as pl
+
+    from src import callbacks, checkpoint, dataset, trainer
+    from src.model import RWKV, RWKVConfig, count_parameters, generate_init_weights
+
+    Path(cfg.proj_dir).mkdir(parents=True, exist_ok=True)
+    seed = cfg.random_seed if cfg.random_seed >= 0 else secrets.randbits(31)
+    pl.seed_everything(seed, verbose=False)
+    trainer.set_float_precision(cfg)
+
+    data = dataset.load_token_data(cfg)
+    model_cfg = RWKVConfig(
+        vocab_size=data.vocab_size, n_layer=cfg.n_layer, n_embd=cfg.n_embd, dim_att=cfg.dim_att,
+        dim_ffn=cfg.dim_ffn, pre_ffn=cfg.pre_ffn, head_qk=cfg.head_qk, tiny_att_dim=cfg.tiny_att_dim,
+        tiny_att_layer=cfg.tiny_att_layer, my_pos_emb=cfg.my_pos_emb, grad_cp=bool(cfg.grad_cp),
+        wkv_backend=cfg.wkv_backend, wkv_chunk_len=cfg.chunk_len)
+    dataset.check_against_model(data, cfg, model_cfg.vocab_size)
+    model = RWKV(model_cfg)
+
+    schedule = callbacks.LearningRateSchedule(cfg)
+    save_dtype = trainer.SAVE_DTYPE[cfg.precision]
+    run_epochs = cfg.epoch_count - cfg.epoch_begin
+    if cfg.max_epochs is not None:
+        run_epochs = min(run_epochs, cfg.max_epochs)
+    lightning_trainer = trainer.build_trainer(cfg, [
+        schedule,
+        callbacks.TrainingLog(cfg, schedule),
+        callbacks.WeightSaver(cfg, save_dtype, lambda module: module.model.state_dict()),
+    ], max_epochs=run_epochs)
+
+    if cfg.load_model:
+        weights = checkpoint.load_weights(cfg.load_model)
+        checkpoint.check_compatible(model.state_dict(), weights, cfg.load_model, allow_missing=bool(cfg.load_partial))
+    else:
+        # a fresh model is written to rwkv-init.pth (in the run's dtype) and trained from that file's values
+        weights = {k: v.to(save_dtype) for k, v in generate_init_weights(model, cfg.lr_init).items()}
+        if lightning_trainer.is_global_zero:
+            checkpoint.save_weights(weights, Path(cfg.proj_dir) / "rwkv-init.pth")
+    model.load_state_dict(weights, strict=not cfg.load_partial)
+    del weights
+
+    samples = dataset.TrainingSamples(data, cfg, seed=seed, rank=lightning_trainer.global_rank)
+    loader = dataset.build_loader(samples, cfg)
+    if lightning_trainer.is_global_zero:
+        print_banner(cfg, model_cfg, count_parameters(model), seed, lightning_trainer.world_size)
+    lightning_trainer.fit(trainer.RWKVModule(model, cfg), loader)
+
+
+def print_banner(cfg: TrainConfig, model_cfg, n_params: int, seed: int, world_size: int) -> None:
+    batch = cfg.micro_bsz * world_size
+    print(f"\nRWKV-4 L{cfg.n_layer} D{cfg.n_embd} vocab {model_cfg.vocab_size}: {n_params / 1e6:.2f}M parameters, "
+          f"precision {cfg.precision}, strategy {cfg.strategy}, seed {seed}\n"
+          f"data {cfg.data_type} {cfg.data_file or ''}; ctx_len {cfg.ctx_len}; {world_size} device(s) x micro_bsz "
+          f"{cfg.micro_bsz} x accumulate {cfg.accumulate_grad_batches}\n"
+          f"mini-epoch = {cfg.epoch_steps} micro-batches = {cfg.epoch_steps * batch} samples = "
+          f"{cfg.epoch_steps * batch * cfg.ctx_len} tokens; epochs {cfg.epoch_begin}..{cfg.epoch_count - 1}; "
+          f"lr {cfg.lr_init} -> {cfg.lr_final}, warmup {cfg.warmup_steps} steps; output {cfg.proj_dir}/\n",
+          flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
