@@ -1,0 +1,28 @@
+"""Shared test utilities: tiny models and the `rwkv` pip package as the inference oracle."""
+import os
+
+import torch
+
+from src.model import RWKV, RWKVConfig, generate_init_weights
+
+
+def tiny_model(vocab_size=37, n_layer=2, n_embd=16, seed=0, perturb=0.1, **overrides) -> RWKV:
+    """A small RWKV with v4neo init plus noise, so no parameter sits at a special value (zero, identity)."""
+    torch.manual_seed(seed)
+    model = RWKV(RWKVConfig(vocab_size=vocab_size, n_layer=n_layer, n_embd=n_embd, wkv_backend="torch", **overrides))
+    model.load_state_dict(generate_init_weights(model, 1e-3))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(perturb * torch.randn_like(p))
+    return model
+
+
+def rwkv_pip_logits(path, tokens) -> torch.Tensor:
+    """Logits (T, V) of the real `rwkv` pip package (strategy 'cpu fp32') for `tokens`, one call in GPT mode."""
+    os.environ.setdefault("RWKV_JIT_ON", "0")  # the package reads these at import; no CUDA kernel on CPU
+    os.environ.setdefault("RWKV_CUDA_ON", "0")
+    from rwkv.model import RWKV as PipRWKV
+
+    model = PipRWKV(str(path), "cpu fp32", verbose=False)
+    logits, _ = model.forward(list(tokens), None, full_output=True)
+    return logits.float()
