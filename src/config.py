@@ -207,8 +207,15 @@ def _scalar_type(hint):
     return args[0] if args else hint
 
 
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad command line in one line instead of the 40-line usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="train.py",
         description="Train or fine-tune an RWKV-4 language model (flags of the RWKV-LM-LoRA ChatGal fork).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -1,0 +1,93 @@
+"""train.py's command line: the golden flag set with the fork's defaults, help, validation."""
+import pytest
+
+import train
+from src.config import UserInputError, build_parser, flag_names, parse_args
+
+# Every flag of the fork's RWKV-v4neo-lora/train.py with its default (ORIGINAL_TOOLKIT.md §1.2).
+FORK_FLAGS = {
+    "load_model": "", "wandb": "", "proj_dir": "out", "random_seed": -1, "data_file": "",
+    "train_split_ratio": None, "train_data_sort": None, "data_type": "utf-8", "select_name": None,
+    "vocab_size": 0, "ctx_len": 1024, "initial_ctx_len": None, "ctx_warmup_steps": 1, "ctx_parts": None,
+    "epoch_steps": 1000, "epoch_count": 500, "epoch_begin": 0, "epoch_save": 5, "previous_step": None,
+    "log_add_step": 0, "micro_bsz": 12, "n_layer": 6, "n_embd": 512, "dim_att": 0, "dim_ffn": 0, "pre_ffn": 0,
+    "head_qk": 0, "tiny_att_dim": 0, "tiny_att_layer": -999, "lr_init": 6e-4, "lr_final": 1e-5,
+    "warmup_steps": 0, "beta1": 0.9, "beta2": 0.99, "adam_eps": 1e-8, "grad_cp": 0, "state_cp": 0,
+    "my_pile_stage": 0, "my_pile_shift": -1, "my_pile_edecay": 0, "layerwise_lr": 1, "ds_bucket_mb": 200,
+    "weight_decay": 0, "my_img_version": "0", "my_img_size": 0, "my_img_bit": 0, "my_img_clip": "x",
+    "my_img_clip_scale": 1, "my_img_l1_scale": 0, "my_img_encoder": "x", "my_sample_len": 0, "my_ffn_shift": 1,
+    "my_att_shift": 1, "my_pos_emb": 0, "load_partial": 0, "magic_prime": 0, "my_qa_mask": 0, "my_testing": "",
+    "lora": False, "lora_load": "", "lora_r": 8, "lora_alpha": 32, "lora_dropout": 0.01,
+    "lora_parts": "att,ln,time", "lora_layers": None, "my_script_align": 0, "my_script_mask": None,
+    "accumulate_grad_batches_dict": None, "instruct_data_file": "", "instruct_data_ratio": 0.0,
+    "names_data_file": None, "debug": False,
+}
+# Lightning Trainer arguments users pass (the original took them through add_argparse_args).
+LIGHTNING_FLAGS = {
+    "accelerator": "auto", "devices": "auto", "num_nodes": 1, "precision": "fp32", "strategy": "auto",
+    "accumulate_grad_batches": 1, "max_epochs": None, "max_steps": -1, "gradient_clip_val": 1.0,
+    "enable_progress_bar": 1,
+}
+# Ours: not in the original.
+OWN_FLAGS = {"wkv_backend": "auto"}
+
+
+def test_golden_flag_set_and_defaults():
+    expected = {**FORK_FLAGS, **LIGHTNING_FLAGS, **OWN_FLAGS}
+    assert sorted(flag_names()) == sorted(expected)
+    defaults = vars(build_parser().parse_args([]))
+    for name, default in expected.items():
+        assert defaults[name] == default, name
+
+
+def test_help_groups_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for title in ("data:", "model shape:", "optimisation and schedule:", "LoRA:", "long context:",
+                  "Lightning trainer", "BlinkDL-internal experiments"):
+        assert title in text
+    for name in flag_names():
+        assert f"--{name}" in text
+
+
+def test_derived_values():
+    cfg = parse_args(["--data_type", "dummy", "--n_embd", "64", "--ctx_len", "100", "--ctx_parts", "3"])
+    assert (cfg.dim_att, cfg.dim_ffn, cfg.chunk_len) == (64, 256, 34)
+    assert cfg.betas == (0.9, 0.99) and cfg.timestamp
+
+
+@pytest.mark.parametrize("flag, value", [("--my_testing", "a"), ("--my_qa_mask", "1"), ("--my_img_size", "64"),
+                                         ("--my_script_align", "1"), ("--my_att_shift", "0")])
+def test_internal_experiments_are_refused_by_name(flag, value, capsys):
+    assert train.main(["--data_type", "dummy", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert flag in err and "not supported" in err and err.count("\n") == 1
+
+
+def test_image_data_type_is_refused():
+    with pytest.raises(UserInputError, match="wds_img"):
+        parse_args(["--data_type", "wds_img", "--data_file", "x"])
+
+
+def test_unknown_precision_names_the_flag_and_choices(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--data_type", "dummy", "--precision", "bf17"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--precision" in err and "bf17" in err and "'fp32', 'tf32', 'fp16', 'bf16'" in err
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data_type", "binidx"], "--data_file is required"),
+    (["--data_type", "dummy", "--micro_bsz", "0"], "--micro_bsz must be at least 1"),
+    (["--data_type", "dummy", "--initial_ctx_len", "4096", "--ctx_len", "1024"], "--initial_ctx_len 4096"),
+    (["--data_type", "dummy", "--epoch_begin", "5", "--epoch_count", "5"], "nothing left to train"),
+    (["--data_type", "dummy", "--devices", "two"], "--devices"),
+    (["--data_type", "uint16", "--data_file", "x.bin"], "--my_sample_len"),
+])
+def test_invalid_values(argv, message):
+    with pytest.raises(UserInputError, match=message):
+        parse_args(argv)
