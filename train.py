@@ -39,9 +39,15 @@ def train(cfg: TrainConfig) -> None:
         wkv_backend=cfg.wkv_backend, wkv_chunk_len=cfg.chunk_len)
     dataset.check_against_model(data, cfg, model_cfg.vocab_size)
     model = RWKV(model_cfg)
+    save_dtype = trainer.SAVE_DTYPE[cfg.precision]
+    if cfg.load_model:
+        weights = checkpoint.load_weights(cfg.load_model)
+        checkpoint.check_compatible(model.state_dict(), weights, cfg.load_model, allow_missing=bool(cfg.load_partial))
+    else:
+        # a fresh model is written to rwkv-init.pth (in the run's dtype) and trained from that file's values
+        weights = {k: v.to(save_dtype) for k, v in generate_init_weights(model, cfg.lr_init).items()}
 
     schedule = callbacks.LearningRateSchedule(cfg)
-    save_dtype = trainer.SAVE_DTYPE[cfg.precision]
     run_epochs = cfg.epoch_count - cfg.epoch_begin
     if cfg.max_epochs is not None:
         run_epochs = min(run_epochs, cfg.max_epochs)
@@ -51,14 +57,8 @@ def train(cfg: TrainConfig) -> None:
         callbacks.WeightSaver(cfg, save_dtype, lambda module: module.model.state_dict()),
     ], max_epochs=run_epochs)
 
-    if cfg.load_model:
-        weights = checkpoint.load_weights(cfg.load_model)
-        checkpoint.check_compatible(model.state_dict(), weights, cfg.load_model, allow_missing=bool(cfg.load_partial))
-    else:
-        # a fresh model is written to rwkv-init.pth (in the run's dtype) and trained from that file's values
-        weights = {k: v.to(save_dtype) for k, v in generate_init_weights(model, cfg.lr_init).items()}
-        if lightning_trainer.is_global_zero:
-            checkpoint.save_weights(weights, Path(cfg.proj_dir) / "rwkv-init.pth")
+    if not cfg.load_model and lightning_trainer.is_global_zero:
+        checkpoint.save_weights(weights, Path(cfg.proj_dir) / "rwkv-init.pth")
     model.load_state_dict(weights, strict=not cfg.load_partial)
     del weights
 
