@@ -66,9 +66,14 @@ def load_weights(path, what: str = "--load_model") -> dict:
 
 
 def strip_wrapper_prefix(weights: dict) -> dict:
-    for prefix in _WRAPPER_PREFIXES:
-        if weights and all(k.startswith(prefix) for k in weights):
-            return {k[len(prefix):]: v for k, v in weights.items()}
+    """Drop prefixes such as `_forward_module.model.` that every key of a wrapped model carries."""
+    stripped = True
+    while stripped and weights:
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in weights):
+                weights = {k[len(prefix):]: v for k, v in weights.items()}
+                stripped = True
     return weights
 
 

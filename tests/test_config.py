@@ -1,4 +1,6 @@
 """train.py's command line: the golden flag set with the fork's defaults, help, validation."""
+from pathlib import Path
+
 import pytest
 
 import train
@@ -91,3 +93,9 @@ def test_unknown_precision_names_the_flag_and_choices(capsys):
 def test_invalid_values(argv, message):
     with pytest.raises(UserInputError, match=message):
         parse_args(argv)
+
+
+def test_readme_flag_table_lists_every_flag():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [name for name in flag_names() if f"| `--{name}` |" not in readme]
+    assert not missing, f"README.md flag table lacks {missing}"
