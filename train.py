@@ -23,7 +23,7 @@ def train(cfg: TrainConfig) -> None:
     # torch and Lightning load here, after the command line is known to be valid
     import lightning.pytorch as pl
 
-    from src import callbacks, checkpoint, dataset, trainer
+    from src import callbacks, checkpoint, dataset, lora, trainer
     from src.model import RWKV, RWKVConfig, count_parameters, generate_init_weights
 
     Path(cfg.proj_dir).mkdir(parents=True, exist_ok=True)
@@ -51,16 +51,22 @@ def train(cfg: TrainConfig) -> None:
     run_epochs = cfg.epoch_count - cfg.epoch_begin
     if cfg.max_epochs is not None:
         run_epochs = min(run_epochs, cfg.max_epochs)
+    # what the .pth files hold: the whole model, or in LoRA runs only the tensors LoRA trains (+ settings)
+    weights_of = lora.lora_weights_of(cfg) if cfg.lora else (lambda module: module.model.state_dict())
     lightning_trainer = trainer.build_trainer(cfg, [
         schedule,
         callbacks.TrainingLog(cfg, schedule),
-        callbacks.WeightSaver(cfg, save_dtype, lambda module: module.model.state_dict()),
+        callbacks.WeightSaver(cfg, save_dtype, weights_of),
     ], max_epochs=run_epochs)
 
     if not cfg.load_model and lightning_trainer.is_global_zero:
         checkpoint.save_weights(weights, Path(cfg.proj_dir) / "rwkv-init.pth")
     model.load_state_dict(weights, strict=not cfg.load_partial)
     del weights
+    if cfg.lora:  # LoRA wraps the loaded base weights, restores --lora_load and freezes the rest
+        lora_summary = lora.prepare_lora_training(model, cfg)
+        if lightning_trainer.is_global_zero:
+            print(lora_summary, flush=True)
 
     samples = dataset.TrainingSamples(data, cfg, seed=seed, rank=lightning_trainer.global_rank)
     loader = dataset.build_loader(samples, cfg)
