@@ -92,7 +92,11 @@ class MMapIndexedDataset:
 
 
 class MMapIndexedDatasetBuilder:
-    """Writes `{prefix}.bin` and `{prefix}.idx`. Both appear only when `finalize` succeeds."""
+    """Writes `{prefix}.bin` and `{prefix}.idx`. Both appear only when `finalize` succeeds.
+
+    gpt-neox's preprocessor adds one item per document (`add_item` then `end_document`); `add_documents`
+    does the same for many documents at once.
+    """
 
     def __init__(self, prefix, dtype):
         self.prefix = str(prefix)
@@ -100,41 +104,60 @@ class MMapIndexedDatasetBuilder:
         if self.dtype not in CODES:
             raise ValueError(f"binidx cannot store dtype {self.dtype}")
         self._bin_tmp = Path(self.prefix + ".bin.tmp")
+        self._idx_tmp = Path(self.prefix + ".idx.tmp")
         self._bin_tmp.parent.mkdir(parents=True, exist_ok=True)
         self._bin = open(self._bin_tmp, "wb")
-        self.sizes = []
-        self.doc_idx = [0]
+        self._sizes = []  # int32 arrays: tokens per item
+        self._doc_starts = [np.zeros(1, np.int64)]  # int64 arrays: doc_idx entries after the leading 0
+        self.items = 0
+        self.tokens = 0
 
     def add_item(self, tokens) -> None:
         array = np.asarray(tokens, dtype=self.dtype)
         self._bin.write(array.tobytes(order="C"))
-        self.sizes.append(len(array))
+        self._sizes.append(np.array([len(array)], np.int32))
+        self.items += 1
+        self.tokens += len(array)
 
     def end_document(self) -> None:
-        self.doc_idx.append(len(self.sizes))
+        self._doc_starts.append(np.array([self.items], np.int64))
+
+    def add_documents(self, tokens: np.ndarray, sizes: np.ndarray) -> None:
+        """Documents given as their concatenated tokens and their lengths: one item each."""
+        tokens = np.ascontiguousarray(tokens, dtype=self.dtype)
+        sizes = np.asarray(sizes, dtype=np.int32)
+        if int(sizes.sum(dtype=np.int64)) != len(tokens):
+            raise ValueError(f"sizes add up to {int(sizes.sum())} tokens, but {len(tokens)} were given")
+        self._bin.write(tokens.data)
+        self._sizes.append(sizes)
+        self._doc_starts.append(self.items + 1 + np.arange(len(sizes), dtype=np.int64))
+        self.items += len(sizes)
+        self.tokens += len(tokens)
 
     def finalize(self) -> None:
         self._bin.flush()
         os.fsync(self._bin.fileno())
         self._bin.close()
-        sizes = np.asarray(self.sizes, dtype=np.int32)
+        sizes = np.concatenate(self._sizes) if self._sizes else np.zeros(0, np.int32)
+        doc_idx = np.concatenate(self._doc_starts)
         pointers = np.zeros(len(sizes), dtype=np.int64)
         if len(sizes) > 1:
             np.cumsum(sizes[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
-        idx_tmp = Path(self.prefix + ".idx.tmp")
-        with open(idx_tmp, "wb") as f:
-            f.write(HEADER.pack(MAGIC, VERSION, CODES[self.dtype], len(sizes), len(self.doc_idx)))
+        with open(self._idx_tmp, "wb") as f:
+            f.write(HEADER.pack(MAGIC, VERSION, CODES[self.dtype], len(sizes), len(doc_idx)))
             f.write(sizes.tobytes(order="C"))
             f.write(pointers.tobytes(order="C"))
-            f.write(np.asarray(self.doc_idx, dtype=np.int64).tobytes(order="C"))
+            f.write(doc_idx.tobytes(order="C"))
             f.flush()
             os.fsync(f.fileno())
+        # the old index goes first: an interruption between the renames leaves no .idx, never a mismatched pair
+        Path(self.prefix + ".idx").unlink(missing_ok=True)
         os.replace(self._bin_tmp, self.prefix + ".bin")
-        os.replace(idx_tmp, self.prefix + ".idx")
+        os.replace(self._idx_tmp, self.prefix + ".idx")
 
     def abort(self) -> None:
-        """Drop the partial output (after an error or Ctrl+C)."""
+        """Drop the partial output (after an error or Ctrl+C); existing .bin/.idx files stay as they were."""
         if not self._bin.closed:
             self._bin.close()
-        for tmp in (self._bin_tmp, Path(self.prefix + ".idx.tmp")):
-            tmp.unlink(missing_ok=True)
+        self._bin_tmp.unlink(missing_ok=True)
+        self._idx_tmp.unlink(missing_ok=True)
