@@ -374,8 +374,8 @@ class LoraCheckpoint:
                 foreign.append(key)
         if foreign:
             raise UserInputError(f"{path} holds {', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}, which "
-                                 f"LoRA training never saves: is it a full model rather than a LoRA checkpoint? "
-                                 f"Usage: BASE_MODEL.pth LORA.pth OUTPUT.pth")
+                                 f"LoRA training never saves: is it a full model rather than a LoRA checkpoint? (The "
+                                 f"order is base model, LoRA checkpoint, output.)")
         if not halves and not replaced:
             raise UserInputError(f"{path} holds no LoRA tensors (no lora_A/lora_B, time_* or ln keys).")
         pairs = {}
@@ -549,7 +549,11 @@ def check_merge(base: dict, lora: LoraCheckpoint, alpha: float, layer_coef: Opti
         unmerged = model_from_weights(cfg, {**base, **replaced}, device, base_path)
         for prefix, (A, B) in lora.pairs.items():
             if _selected(prefix, layer_coef):
-                module = attach_lora(unmerged, prefix, A.shape[0], _pair_scale(prefix, A, alpha, layer_coef))
+                try:
+                    module = attach_lora(unmerged, prefix, A.shape[0], _pair_scale(prefix, A, alpha, layer_coef))
+                except ValueError:
+                    raise UserInputError(f"{lora.path} has {prefix}.lora_A, but {prefix} is not a Linear layer; "
+                                         f"LoRA on it cannot be merged.") from None
                 module.lora_A.copy_(A)
                 module.lora_B.copy_(B)
         expected = unmerged(tokens)[0].float().cpu()

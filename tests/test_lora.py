@@ -94,8 +94,8 @@ def test_selection_by_parts_and_layers():
         "blocks.0.att.value.lora_B", "blocks.0.att.receptance.lora_A", "blocks.0.att.receptance.lora_B",
         "blocks.0.ffn.time_mix_k", "blocks.0.ffn.time_mix_r"]
     assert not any(n.startswith("blocks.1.") for n in names)  # the original's "block." bug trained these
-    assert not any(n.startswith(("emb", "head", "ln_out")) or n.endswith(".weight") and ".ln" not in n
-                   for n in names)
+    assert all(n.startswith("blocks.") for n in names)  # never emb, head, ln_out
+    assert not any(n.endswith(("key.weight", "value.weight", "receptance.weight", "output.weight")) for n in names)
 
 
 def test_ffn_part_and_parts_without_lora_modules():

@@ -202,11 +202,28 @@ def test_original_lora_file_without_settings_needs_alpha(tmp_path, files, capsys
     out = tmp_path / "out.pth"
     assert merge(base, tmp_path / "original.pth", out) == 2
     assert "stores no LoRA settings" in capsys.readouterr().err and not out.exists()
-    assert merge("--use-gpu", 8, base, tmp_path / "original.pth", out) == (0 if torch.cuda.is_available() else 2)
     assert merge(8, base, tmp_path / "original.pth", out) == 0
     assert merge(base, lora, tmp_path / "ours.pth") == 0
     a, b = load_weights(out), load_weights(tmp_path / "ours.pth")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_use_gpu_without_a_gpu(tmp_path, files, capsys):
+    base, lora, _ = files
+    assert merge("--use-gpu", base, lora, tmp_path / "out.pth") == 2
+    assert "no CUDA device" in capsys.readouterr().err and not (tmp_path / "out.pth").exists()
+
+
+@pytest.mark.gpu
+def test_use_gpu_merges_like_the_cpu(tmp_path, files):
+    base, lora, _ = files
+    assert merge(base, lora, tmp_path / "cpu.pth") == 0
+    assert merge("--use-gpu", base, lora, tmp_path / "gpu.pth") == 0
+    on_cpu, on_gpu = load_weights(tmp_path / "cpu.pth"), load_weights(tmp_path / "gpu.pth")
+    assert on_cpu.keys() == on_gpu.keys()
+    for key in on_cpu:
+        torch.testing.assert_close(on_gpu[key], on_cpu[key], rtol=1e-5, atol=1e-6)
 
 
 def test_help_exits_cleanly(capsys):
@@ -234,6 +251,7 @@ def bad_lora_cases(tmp_path, base, lora):
     other_vocab, settings = make_lora(tiny_model(vocab_size=50, n_layer=N_LAYER))
     nan = dict(ours, **{"blocks.2.att.time_first": torch.full((16,), float("nan"))})
     full = load_weights(base)
+    on_emb = dict(original, **{"emb.lora_A": torch.ones(4, 16), "emb.lora_B": torch.ones(37, 4)})
     return {
         "shapes": ([8, base, save_variant(tmp_path, "wide.pth", wide)], ["lora_B @ lora_A is 16 x 32", "(16, 16)"]),
         "A without B": ([base, save_variant(tmp_path, "half.pth", half)],
@@ -247,6 +265,8 @@ def bad_lora_cases(tmp_path, base, lora):
         "alpha disagrees": ([16, base, lora], ["lora_alpha 16", "lora_alpha 8 stored"]),
         "other base": ([base, save_variant(tmp_path, "v50.pth", lora_state_dict(other_vocab, settings))],
                        ["another base model", "vocab_size 50 vs 37"]),
+        "LoRA on the embedding": ([8, base, save_variant(tmp_path, "emb.pth", on_emb)],
+                                  ["emb.lora_A, but emb is not a Linear layer"]),
         "nan": ([base, save_variant(tmp_path, "nan.pth", nan)], ["blocks.2.att.time_first", "NaN"]),
         "bad alpha": (["x", base, lora], ["lora_alpha must be a positive number"]),
         "not a model": ([save_variant(tmp_path, "junk.pth", {"x": torch.zeros(2)}), lora], ["no emb.weight"]),
@@ -257,7 +277,8 @@ def bad_lora_cases(tmp_path, base, lora):
 
 
 CASES = ["shapes", "A without B", "layer the base lacks", "base is a LoRA file", "full model as LoRA", "missing base",
-         "missing lora", "alpha disagrees", "other base", "nan", "bad alpha", "not a model", "full base missing a key"]
+         "missing lora", "alpha disagrees", "other base", "LoRA on the embedding", "nan", "bad alpha", "not a model",
+         "full base missing a key"]
 
 
 @pytest.mark.parametrize("case", CASES)
