@@ -23,10 +23,11 @@ def train(cfg: TrainConfig) -> None:
     # torch and Lightning load here, after the command line is known to be valid
     import lightning.pytorch as pl
 
-    from src import callbacks, checkpoint, dataset, lora, trainer
+    from src import callbacks, checkpoint, dataset, lora, sampling, trainer
     from src.model import RWKV, RWKVConfig, count_parameters, generate_init_weights
 
     Path(cfg.proj_dir).mkdir(parents=True, exist_ok=True)
+    pile_resume = sampling.continue_pile_run(cfg) if cfg.my_pile_stage >= 2 else ""
     seed = cfg.random_seed if cfg.random_seed >= 0 else secrets.randbits(31)
     pl.seed_everything(seed, verbose=False)
     trainer.set_float_precision(cfg)
@@ -68,9 +69,12 @@ def train(cfg: TrainConfig) -> None:
         if lightning_trainer.is_global_zero:
             print(lora_summary, flush=True)
 
-    samples = dataset.TrainingSamples(data, cfg, seed=seed, rank=lightning_trainer.global_rank)
+    samples = dataset.TrainingSamples(data, cfg, seed=seed, rank=lightning_trainer.global_rank,
+                                      world_size=lightning_trainer.world_size)
     loader = dataset.build_loader(samples, cfg)
     if lightning_trainer.is_global_zero:
+        if pile_resume:
+            print(pile_resume, flush=True)
         print_banner(cfg, model_cfg, count_parameters(model), seed, lightning_trainer.world_size)
     lightning_trainer.fit(trainer.RWKVModule(model, cfg), loader)
 

@@ -11,6 +11,7 @@
         i64[doc_count] doc_idx: item index where each document starts, then the item count
 .bin: the items' tokens concatenated, no header.
 """
+import functools
 import os
 import struct
 from pathlib import Path
@@ -83,9 +84,14 @@ class MMapIndexedDataset:
         length = int(self.sizes[i]) - offset if length is None else length
         return self.tokens[start:start + length]
 
+    @functools.cached_property
+    def item_starts(self) -> np.ndarray:
+        """Token position of each item in the flat stream."""
+        return self.pointers // self.dtype.itemsize
+
     def document_bounds(self, position: int) -> tuple:
         """(start, end) token positions of the item that holds token `position` of the flat stream."""
-        starts = self.pointers // self.dtype.itemsize
+        starts = self.item_starts
         item = int(np.searchsorted(starts, position, side="right")) - 1
         item = min(max(item, 0), len(starts) - 1)
         return int(starts[item]), int(starts[item]) + int(self.sizes[item])

@@ -53,21 +53,29 @@ class TrainConfig:
     data_type: str = flag("utf-8", "data", "Format of --data_file.", choices=DATA_TYPES)
     vocab_size: int = flag(0, "data", "Vocabulary size; 0 = computed from the text (utf-8, utf-16le, dummy only). "
                            "50277 for the GPT-NeoX 20B tokenizer, 65536 for World.")
+    vocab_file: str = flag("", "data", "jsonl: the tokenizer of the text, by file type: a Hugging Face tokenizer "
+                           ".json (20B_tokenizer.json for Pile/Raven/Novel models) or an RWKV World vocabulary .txt "
+                           "(rwkv_vocab_v20230424.txt).")
     ctx_len: int = flag(1024, "data", "Training sample length in tokens (the final length when --initial_ctx_len "
                         "warms it up).")
     my_sample_len: int = flag(0, "data", "Row length of uint16 data.")
     random_seed: int = flag(-1, "data", "Seed (>=0) for weights and sampling. Each GPU still draws its own "
                             "samples. -1 = a fresh seed every run.")
     train_split_ratio: Optional[float] = flag(None, "data", "jsonl: train on the first fraction of documents.")
-    train_data_sort: Optional[str] = flag(None, "data", "jsonl: order of training documents.",
+    train_data_sort: Optional[str] = flag(None, "data", "jsonl: order of training documents (default: the file's; "
+                                          "shuffle = a new order every pass).",
                                           choices=("shuffle", "short_first", "long_first"))
-    select_name: Optional[str] = flag(None, "data", "jsonl: only lines of this speaker ('NAME:') are targets.")
+    select_name: Optional[str] = flag(None, "data", "jsonl: only what this speaker says is trained: paragraphs "
+                                      "that start with 'NAME:', through their closing blank line.")
     my_script_mask: Optional[str] = flag(None, "data", "'<cut>_<n>', e.g. 1_4: cut=1 masks targets past the end "
-                                         "of the current document; the first n targets are masked.")
-    my_pile_stage: int = flag(0, "data", ">0: deterministic magic-prime sampling (BlinkDL's Pile mode).")
+                                         "of the current document (binidx); the first n targets are masked.")
+    my_pile_stage: int = flag(0, "data", ">0: deterministic magic-prime sampling (BlinkDL's Pile mode; 4: random "
+                              "windows): a mini-epoch is 40320 samples (needs --devices); 2 and up continue from "
+                              "the newest rwkv-<epoch>.pth in --proj_dir.")
     my_pile_shift: int = flag(-1, "data", "Token offset added to magic-prime positions (-1 = auto).")
     my_pile_edecay: int = flag(0, "data", "Mini-epochs excluded from the LR decay window.")
-    magic_prime: int = flag(0, "data", "Prime for magic-prime sampling (p %% 3 == 2, p ~ tokens/ctx_len).")
+    magic_prime: int = flag(0, "data", "Prime for magic-prime sampling: the largest p with p %% 3 == 2 and "
+                            "p <= tokens/ctx_len (0 = the Pile's, for ctx_len 1024, 2048, 4096).")
     instruct_data_file: str = flag("", "data", "jsonl of chat samples mixed into binidx sampling.")
     instruct_data_ratio: float = flag(0.0, "data", "Probability of drawing an instruct sample.")
     names_data_file: Optional[str] = flag(None, "data", "JSON of speaker names for instruct samples.")
@@ -191,6 +199,12 @@ class TrainConfig:
             self.dim_ffn = 4 * self.n_embd
         if not self.timestamp:
             self.timestamp = datetime.datetime.today().strftime("%Y-%m-%d-%H-%M-%S")
+        if self.my_pile_stage > 0:  # the original's Pile defaults; a mini-epoch is 40320 samples on any hardware
+            default_prime, default_shift = PILE_DEFAULTS.get(self.ctx_len, (0, 0))
+            self.magic_prime = self.magic_prime or default_prime
+            if self.my_pile_shift < 0:
+                self.my_pile_shift = default_shift
+            self.epoch_steps = PILE_SAMPLES_PER_EPOCH // (int(self.devices) * self.num_nodes * self.micro_bsz)
         return self
 
 
@@ -249,13 +263,6 @@ _INTERNAL_DEFAULTS = {f.name: f.default for f, _ in _flag_fields() if f.metadata
 # when its feature lands.
 _NOT_YET_BUILT = {
     "state_cp": lambda c: c.state_cp,
-    "data_type jsonl": lambda c: c.data_type == "jsonl",
-    "select_name": lambda c: c.select_name is not None,
-    "train_split_ratio": lambda c: c.train_split_ratio is not None,
-    "train_data_sort": lambda c: c.train_data_sort is not None,
-    "my_script_mask": lambda c: c.my_script_mask is not None,
-    "my_pile_stage": lambda c: c.my_pile_stage != 0,
-    "magic_prime": lambda c: c.magic_prime != 0,
     "instruct_data_file": lambda c: bool(c.instruct_data_file),
     "names_data_file": lambda c: c.names_data_file is not None,
     "wandb": lambda c: bool(c.wandb),
@@ -304,6 +311,75 @@ def validate(cfg: TrainConfig) -> None:
         raise UserInputError(f"--data_file is required for --data_type {cfg.data_type}.")
     if cfg.data_type == "uint16" and cfg.my_sample_len < 2:
         raise UserInputError("--data_type uint16 needs --my_sample_len (the row length, at least 2).")
+    _validate_sampling_features(cfg)
     if cfg.lora:
         from src.lora import LoraSettings  # the --lora_* rules live with LoRA (this imports torch, LoRA runs only)
         LoraSettings.from_flags(cfg)
+
+
+# BlinkDL's Pile mode: (magic_prime, my_pile_shift) defaults per ctx_len, and the samples of one mini-epoch.
+PILE_DEFAULTS = {1024: (324331313, 0), 2048: (162165671, 512), 4096: (81082817, 768)}
+PILE_SAMPLES_PER_EPOCH = 40320
+# data types sampled as windows of one token stream (masks and magic-prime positions apply to these)
+WINDOW_DATA_TYPES = ("binidx", "numpy", "utf-8", "utf-16le", "dummy")
+
+
+def parse_script_mask(value: str) -> tuple:
+    """--my_script_mask '<cut>_<n>' -> (cut the next document: bool, masked first targets: int)."""
+    cut, separator, prefix = value.partition("_")
+    if not separator or cut not in ("0", "1") or not prefix.isdigit():
+        raise UserInputError(f"--my_script_mask {value!r} must be '<cut>_<n>' with cut 0 or 1 and n the number of "
+                             f"first targets to mask, e.g. 1_4.")
+    return cut == "1", int(prefix)
+
+
+def _validate_sampling_features(cfg: TrainConfig) -> None:
+    """jsonl documents, script masks and magic-prime sampling: which data types and flags go together."""
+    jsonl_only = {"vocab_file": cfg.vocab_file or None, "select_name": cfg.select_name,
+                  "train_split_ratio": cfg.train_split_ratio, "train_data_sort": cfg.train_data_sort}
+    if cfg.data_type == "jsonl" and not cfg.vocab_file:
+        raise UserInputError("--data_type jsonl needs --vocab_file, the tokenizer of the text: 20B_tokenizer.json "
+                             "(Pile/Raven/Novel models) or rwkv_vocab_v20230424.txt (World models).")
+    for name, value in jsonl_only.items():
+        if value is not None and cfg.data_type != "jsonl":
+            raise UserInputError(f"--{name} applies to --data_type jsonl only (this run reads {cfg.data_type}).")
+    if cfg.train_split_ratio is not None and not 0 < cfg.train_split_ratio <= 1:
+        raise UserInputError(f"--train_split_ratio must lie in (0, 1] (got {cfg.train_split_ratio}).")
+    if cfg.select_name == "":
+        raise UserInputError("--select_name needs the speaker's name, as written before the colon.")
+    if cfg.my_script_mask is not None:
+        cut, _ = parse_script_mask(cfg.my_script_mask)
+        if cfg.data_type not in WINDOW_DATA_TYPES:
+            raise UserInputError(f"--my_script_mask masks windows of {', '.join(WINDOW_DATA_TYPES)} data, not "
+                                 f"--data_type {cfg.data_type}.")
+        if cut and cfg.data_type != "binidx":
+            raise UserInputError(f"--my_script_mask {cfg.my_script_mask}: cut=1 needs the document boundaries of "
+                                 f"--data_type binidx; use 0_<n> for {cfg.data_type}.")
+    if cfg.my_pile_stage < 0 or cfg.magic_prime < 0 or cfg.my_pile_shift < -1:
+        raise UserInputError("--my_pile_stage and --magic_prime must not be negative; --my_pile_shift is -1 (auto) "
+                             "or a number of tokens.")
+    if cfg.my_pile_stage == 0:
+        if cfg.magic_prime or cfg.my_pile_shift != -1:
+            raise UserInputError("--magic_prime and --my_pile_shift apply to --my_pile_stage sampling only; add "
+                                 "--my_pile_stage or remove them.")
+        return
+    if cfg.data_type not in WINDOW_DATA_TYPES:
+        raise UserInputError(f"--my_pile_stage samples windows of {', '.join(WINDOW_DATA_TYPES)} data, not "
+                             f"--data_type {cfg.data_type}.")
+    if not cfg.devices.isdigit():
+        raise UserInputError(f"--my_pile_stage splits {PILE_SAMPLES_PER_EPOCH} samples per mini-epoch over devices x "
+                             f"nodes x micro_bsz; pass the number of devices with --devices.")
+    real_bsz = int(cfg.devices) * cfg.num_nodes * cfg.micro_bsz
+    if PILE_SAMPLES_PER_EPOCH % real_bsz:
+        raise UserInputError(f"--my_pile_stage: {PILE_SAMPLES_PER_EPOCH} samples per mini-epoch do not divide into "
+                             f"batches of {real_bsz} (devices x nodes x micro_bsz); choose a divisor of "
+                             f"{PILE_SAMPLES_PER_EPOCH}.")
+    if cfg.my_pile_stage != 4 and not cfg.magic_prime and cfg.ctx_len not in PILE_DEFAULTS:
+        raise UserInputError(f"--my_pile_stage {cfg.my_pile_stage} needs --magic_prime for --ctx_len {cfg.ctx_len}: "
+                             f"the largest prime p with p % 3 == 2 below tokens / ctx_len.")
+    if cfg.my_pile_stage == 1 and cfg.load_model:
+        raise UserInputError("--my_pile_stage 1 starts from fresh weights (rwkv-init.pth); remove --load_model, or "
+                             "continue with --my_pile_stage 2 or 3.")
+    if cfg.my_pile_stage == 2 and cfg.lr_final != cfg.lr_init:
+        raise UserInputError(f"--my_pile_stage 2 trains at a constant LR: set --lr_final to --lr_init "
+                             f"({cfg.lr_init}).")

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from src import jsonl_data, sampling
 from src.binidx import MMapIndexedDataset
-from src.config import TrainConfig, UserInputError
+from src.config import TrainConfig, UserInputError, parse_script_mask
 
 IGNORE_INDEX = -100  # target id that cross_entropy skips
 
@@ -34,6 +35,7 @@ class TokenData:
     source: str  # file name for messages
     vocab_size: int
     binidx: Optional[MMapIndexedDataset] = None
+    documents: Optional[jsonl_data.Documents] = None  # jsonl: tokens holds the documents' ids back to back
 
 
 def dummy_text() -> str:
@@ -74,6 +76,9 @@ def load_token_data(cfg: TrainConfig) -> TokenData:
     if cfg.vocab_size <= 0:
         raise UserInputError(f"--data_type {kind} needs --vocab_size (50277 for the GPT-NeoX 20B tokenizer, "
                              f"65536 for World)")
+    if kind == "jsonl":
+        documents = jsonl_data.load_documents(cfg)
+        return TokenData(documents.tokens, path, cfg.vocab_size, documents=documents)
     if kind == "binidx":
         data = MMapIndexedDataset(path)
         _require_integer(data.tokens.dtype, str(data.bin_path))
@@ -106,9 +111,11 @@ def check_against_model(data: TokenData, cfg: TrainConfig, vocab_size: int) -> N
         if data.tokens.shape[1] - 1 > cfg.ctx_len:
             raise UserInputError(f"--my_sample_len {data.tokens.shape[1]} gives samples of "
                                  f"{data.tokens.shape[1] - 1} tokens, more than --ctx_len {cfg.ctx_len}")
-    elif len(data.tokens) < cfg.ctx_len + 1:
+    elif data.documents is None and len(data.tokens) < cfg.ctx_len + 1:  # jsonl samples are whole documents
         raise UserInputError(f"{data.source} has {len(data.tokens)} tokens, but --ctx_len {cfg.ctx_len} needs at "
                              f"least ctx_len + 1 = {cfg.ctx_len + 1}; lower --ctx_len or use more data")
+    if cfg.my_pile_stage > 0 and cfg.my_pile_stage != 4:
+        sampling.check_magic_prime(cfg.magic_prime, len(data.tokens), cfg.ctx_len, cfg.my_pile_shift, data.source)
     flat = data.tokens.reshape(-1)
     largest = max((int(flat[i:i + _SCAN_CHUNK].max()) for i in range(0, len(flat), _SCAN_CHUNK)), default=0)
     if largest >= vocab_size:
@@ -138,12 +145,14 @@ def optimizer_steps_per_epoch(cfg: TrainConfig) -> int:
 class TrainingSamples(Dataset):
     """Random windows of the token stream. Index = epoch * len(self) + position within the epoch."""
 
-    def __init__(self, data: TokenData, cfg: TrainConfig, seed: int, rank: int):
+    def __init__(self, data: TokenData, cfg: TrainConfig, seed: int, rank: int, world_size: int = 1):
         self.data = data
         self.cfg = cfg
         self.seed = seed
         self.rank = rank
+        self.world_size = world_size
         self.epoch_len = cfg.epoch_steps * cfg.micro_bsz
+        self.script_mask = parse_script_mask(cfg.my_script_mask) if cfg.my_script_mask else None
 
     def __len__(self) -> int:
         return self.epoch_len
@@ -162,9 +171,34 @@ class TrainingSamples(Dataset):
             row = np.asarray(self.data.tokens[rng.integers(0, len(self.data.tokens))], dtype=np.int64)
             return torch.from_numpy(row[:-1].copy()), torch.from_numpy(row[1:].copy())
         length = context_length(self.step_of(index), self.cfg)
-        start = int(rng.integers(0, len(self.data.tokens) - length))  # window of length + 1 tokens
-        window = torch.from_numpy(np.asarray(self.data.tokens[start:start + length + 1], dtype=np.int64))
-        return window[:-1], window[1:]
+        # this sample's place in the run's sample stream over all ranks (the original's idx * world_size + rank)
+        sample_number = (real_epoch * self.epoch_len + position) * self.world_size + self.rank
+        if self.data.documents is not None:  # jsonl: the start of one document, up to length + 1 tokens
+            ids, trained = self.data.documents.window(sample_number, self.seed, length + 1)
+            return inputs_and_targets(ids, trained[1:])
+        if self.cfg.my_pile_stage > 0 and self.cfg.my_pile_stage != 4:
+            start = sampling.magic_prime_start(sample_number, self.cfg.magic_prime, self.cfg.ctx_len,
+                                               self.cfg.my_pile_shift)
+        else:
+            start = int(rng.integers(0, len(self.data.tokens) - length))  # window of length + 1 tokens
+        trained = sampling.script_mask(start, length, *self.script_mask, self.data.binidx) if self.script_mask else None
+        return inputs_and_targets(self.data.tokens[start:start + length + 1], trained)
+
+
+def inputs_and_targets(window, trained: Optional[np.ndarray] = None) -> tuple:
+    """x = window[:-1], y = window[1:] (int64); targets whose `trained` flag is False become IGNORE_INDEX."""
+    window = torch.from_numpy(np.array(window, dtype=np.int64))
+    x, y = window[:-1], window[1:].clone()
+    if trained is not None:
+        y[~torch.from_numpy(np.asarray(trained, dtype=bool))] = IGNORE_INDEX
+    return x, y
+
+
+def pad_batch(samples) -> tuple:
+    """Batches samples of different lengths (jsonl): x padded with token 0, y with IGNORE_INDEX (no loss)."""
+    x = torch.nn.utils.rnn.pad_sequence([x for x, _ in samples], batch_first=True, padding_value=0)
+    y = torch.nn.utils.rnn.pad_sequence([y for _, y in samples], batch_first=True, padding_value=IGNORE_INDEX)
+    return x, y
 
 
 class EpochSampler(Sampler):
@@ -194,4 +228,4 @@ def build_loader(samples: Dataset, cfg: TrainConfig) -> DataLoader:
     """One worker process draws samples; Lightning sets the sampler's epoch."""
     return DataLoader(samples, batch_size=cfg.micro_bsz, sampler=EpochSampler(len(samples)), num_workers=1,
                       persistent_workers=True, pin_memory=torch.cuda.is_available(), drop_last=True,
-                      worker_init_fn=ignore_interrupts)
+                      worker_init_fn=ignore_interrupts, collate_fn=pad_batch if cfg.data_type == "jsonl" else None)

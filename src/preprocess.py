@@ -28,6 +28,7 @@ from src.tokenizer import TokenizerSpec
 BLOCK_BYTES = 1 << 20
 COMPRESSED_SUFFIXES = (".zst", ".gz")
 EXAMPLES_KEPT = 3  # messages of skipped lines kept for the summary
+UTF8_BOM = b"\xef\xbb\xbf"  # some editors start a file with it
 
 
 @dataclass(frozen=True)
@@ -119,9 +120,44 @@ def read_blocks(paths, block_bytes: int = BLOCK_BYTES) -> Iterator[Block]:
 
 
 class BadLine(Exception):
+    """A line that holds no usable document; `reason` groups such lines in the --skip-bad summary."""
+
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason = reason
+
+
+def parse_record(raw: bytes, where: str, keys) -> dict:
+    """key -> text of one JSON line (a list of strings is joined with blank lines, as lm_dataformat does)."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadLine("invalid UTF-8", f"{where}: invalid UTF-8 (byte {e.start + 1} of the line)")
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise BadLine("malformed JSON", f"{where}: malformed JSON ({e.msg} at column {e.colno})")
+    if not isinstance(record, dict):
+        raise BadLine("not a JSON object", f"{where}: expected a JSON object such as {{\"text\": ...}}, got "
+                                           f"{type(record).__name__}")
+    texts = {}
+    for key in keys:
+        if key not in record:
+            raise BadLine("missing key", f"{where}: no key {key!r} (keys: {', '.join(map(repr, record)) or 'none'}); "
+                                         f"choose the text field with --jsonl-keys")
+        text = record[key]
+        if isinstance(text, list) and all(isinstance(part, str) for part in text):
+            text = "\n\n".join(text)
+        if not isinstance(text, str):
+            raise BadLine("not text", f"{where}: {key!r} holds {type(text).__name__}, not a string")
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise BadLine("invalid UTF-8", f"{where}: {key!r} contains the unpaired surrogate "
+                                               f"{text[e.start]!r}, which is not text")
+        texts[key] = text
+    return texts
 
 
 class BlockEncoder:
@@ -138,41 +174,6 @@ class BlockEncoder:
         else:
             self.fix_text = None
 
-    def texts(self, block: Block, index: int, raw: bytes) -> dict:
-        """key -> document text of one line, or BadLine."""
-        where = f"{block.source}:{block.first_line + index}"
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise BadLine("invalid UTF-8", f"{where}: invalid UTF-8 (byte {e.start + 1} of the line)")
-        if block.first_line + index == 1:
-            line = line.removeprefix("\ufeff")  # a byte order mark some editors write
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise BadLine("malformed JSON", f"{where}: malformed JSON ({e.msg} at column {e.colno})")
-        if not isinstance(record, dict):
-            raise BadLine("not a JSON object", f"{where}: expected a JSON object such as {{\"text\": ...}}, got "
-                                               f"{type(record).__name__}")
-        texts = {}
-        for key in self.options.keys:
-            if key not in record:
-                raise BadLine("missing key", f"{where}: no key {key!r} (keys: {', '.join(map(repr, record)) or 'none'}"
-                                             f"); choose the text field with --jsonl-keys")
-            text = record[key]
-            if isinstance(text, list) and all(isinstance(part, str) for part in text):
-                text = "\n\n".join(text)  # lm_dataformat joins a list of paragraphs this way
-            if not isinstance(text, str):
-                raise BadLine("not text", f"{where}: {key!r} holds {type(text).__name__}, not a string")
-            if not text.isascii():
-                try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError as e:
-                    raise BadLine("invalid UTF-8", f"{where}: {key!r} contains the unpaired surrogate "
-                                                   f"{text[e.start]!r}, which is not text")
-            texts[key] = self.fix_text(text) if self.fix_text else text
-        return texts
-
     def __call__(self, block: Block) -> EncodedBlock:
         keys, eod = self.options.keys, self.tokenizer.eod_id
         pieces = {key: [] for key in keys}
@@ -181,8 +182,10 @@ class BlockEncoder:
         for index, raw in enumerate(lines):
             if not raw.strip():
                 continue  # blank lines (and the end of the block) hold no document
+            if block.first_line + index == 1:
+                raw = raw.removeprefix(UTF8_BOM)
             try:
-                texts = self.texts(block, index, raw)
+                texts = parse_record(raw, f"{block.source}:{block.first_line + index}", keys)
             except BadLine as bad:
                 if not self.options.skip_bad:
                     raise UserInputError(f"{bad} (or pass --skip-bad to skip such lines)")
@@ -191,7 +194,7 @@ class BlockEncoder:
                     examples.append(str(bad))
                 continue
             for key, text in texts.items():
-                ids = self.tokenizer.encode(text)
+                ids = self.tokenizer.encode(self.fix_text(text) if self.fix_text else text)
                 if not ids:
                     empty[key] += 1
                     continue

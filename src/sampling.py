@@ -1,0 +1,108 @@
+"""Where samples come from in BlinkDL's Pile mode, and which targets the fork's script mask trains.
+
+Magic-prime sampling (--my_pile_stage > 0, not 4): the token stream is cut into slots of ctx_len tokens;
+sample number s of the run (counted over all ranks) starts at slot (f * (s+1)^3) mod p, with p the magic
+prime and f = int(p * (sqrt(5) - 1) / 2). For a prime p = 2 (mod 3), cubing permutes the residues mod p,
+so p consecutive samples visit p distinct slots: one pass over the data without repeats.
+"""
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+
+from src.binidx import MMapIndexedDataset
+from src.config import TrainConfig, UserInputError
+
+GOLDEN_RATIO_FRACTION = (math.sqrt(5) - 1) / 2  # the original's float, so positions match it exactly
+_MILLER_RABIN_BASES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)  # exact for n < 3.3e24
+
+
+def is_prime(n: int) -> bool:
+    """Deterministic Miller-Rabin (exact below 3.3e24, far above any token count)."""
+    if n < 2:
+        return False
+    for p in _MILLER_RABIN_BASES:
+        if n % p == 0:
+            return n == p
+    d, r = n - 1, 0
+    while d % 2 == 0:
+        d, r = d // 2, r + 1
+    for a in _MILLER_RABIN_BASES:
+        x = pow(a, d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(r - 1):
+            x = x * x % n
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def check_magic_prime(prime: int, n_tokens: int, ctx_len: int, shift: int, source: str) -> None:
+    """The original's asserts as messages, plus: the last slot (with the shift) must fit in the data."""
+    slots = n_tokens // ctx_len
+    hint = (f"use the largest prime p with p % 3 == 2 and (p - 1) * ctx_len + my_pile_shift + ctx_len + 1 <= "
+            f"{n_tokens} tokens (p near {slots} for {source} at --ctx_len {ctx_len})")
+    if not is_prime(prime) or prime % 3 != 2:
+        raise UserInputError(f"--magic_prime {prime} is not a prime with p % 3 == 2; {hint}")
+    if not 0.99 < prime / max(slots, 1) <= 1:
+        raise UserInputError(f"--magic_prime {prime} does not match the data: it must lie within 1% below the "
+                             f"{slots} slots of {ctx_len} tokens, or samples miss data; {hint}")
+    if (prime - 1) * ctx_len + shift + ctx_len + 1 > n_tokens:
+        raise UserInputError(f"--magic_prime {prime} with --my_pile_shift {shift} reads past the end of {source} "
+                             f"({n_tokens} tokens); {hint}")
+
+
+def magic_prime_start(sample_number: int, prime: int, ctx_len: int, shift: int) -> int:
+    """First token of sample `sample_number` (0-based over the run and all ranks)."""
+    factor = int(prime * GOLDEN_RATIO_FRACTION)
+    return (factor * (sample_number + 1) ** 3) % prime * ctx_len + shift
+
+
+def script_mask(start: int, n_targets: int, cut: bool, prefix: int, data: MMapIndexedDataset) -> np.ndarray:
+    """Which of the targets (tokens start+1 .. start+n_targets) train under --my_script_mask '<cut>_<prefix>'.
+
+    cut: targets past the end of the document that holds token `start` are not trained (the window ran into
+    the next document); prefix: the first `prefix` targets are not trained.
+    """
+    trained = np.ones(n_targets, dtype=bool)
+    if cut:
+        _, document_end = data.document_bounds(start)
+        trained[max(document_end - (start + 1), 0):] = False
+    trained[:prefix] = False
+    return trained
+
+
+_EPOCH_CHECKPOINT = re.compile(r"rwkv-(\d+)\.pth")
+
+
+def latest_epoch_checkpoint(proj_dir) -> tuple:
+    """(epoch, path) of the newest rwkv-<epoch>.pth in proj_dir, (-1, rwkv-init.pth) when only that exists,
+    or (None, None). Other names (rwkv-final.pth, rwkv-last.pth, ...) are not epochs and are ignored."""
+    folder = Path(proj_dir)
+    epochs = [int(m.group(1)) for p in folder.glob("rwkv-*.pth") if (m := _EPOCH_CHECKPOINT.fullmatch(p.name))]
+    if epochs:
+        return max(epochs), folder / f"rwkv-{max(epochs)}.pth"
+    if (folder / "rwkv-init.pth").is_file():
+        return -1, folder / "rwkv-init.pth"
+    return None, None
+
+
+def continue_pile_run(cfg: TrainConfig) -> str:
+    """--my_pile_stage >= 2 continues from the newest rwkv-<epoch>.pth in --proj_dir, as the original does: that
+    file is loaded, training starts at the next mini-epoch with 10 (stage 2) or 30 LR warm-up steps. Returns a
+    line saying so ("" when --proj_dir holds no such file: the run starts from --load_model or fresh weights)."""
+    epoch, path = latest_epoch_checkpoint(cfg.proj_dir)
+    if path is None:
+        return ""
+    cfg.load_model, cfg.epoch_begin = str(path), epoch + 1
+    if epoch >= 0:
+        cfg.warmup_steps = 10 if cfg.my_pile_stage == 2 else 30
+    if cfg.epoch_begin >= cfg.epoch_count:
+        raise UserInputError(f"--my_pile_stage {cfg.my_pile_stage} continues after {path}, but that is mini-epoch "
+                             f"{epoch} and --epoch_count is {cfg.epoch_count}: nothing left to train")
+    return (f"--my_pile_stage {cfg.my_pile_stage}: continuing from {path} at mini-epoch {cfg.epoch_begin}, "
+            f"LR warm-up {cfg.warmup_steps} steps")
