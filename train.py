@@ -10,22 +10,35 @@ from src.config import TrainConfig, UserInputError, parse_args
 
 
 def main(argv=None) -> int:
+    """Exit code: 0 when done, 2 for bad input, 130 / 143 after a Ctrl+C / SIGTERM stop (state saved)."""
     try:
         cfg = parse_args(argv)
-        train(cfg)
+        return train(cfg)
     except UserInputError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
-def train(cfg: TrainConfig) -> None:
+def train(cfg: TrainConfig) -> int:
     # torch and Lightning load here, after the command line is known to be valid
+    from src import stopping
+
+    stop = stopping.StopSignal()
+    stop.install()  # from here on, Ctrl+C / SIGTERM finish the current step and save
+    try:
+        return run_training(cfg, stop)
+    finally:
+        stop.restore()
+
+
+def run_training(cfg: TrainConfig, stop) -> int:
     import lightning.pytorch as pl
 
-    from src import callbacks, checkpoint, dataset, lora, sampling, trainer
+    from src import callbacks, checkpoint, dataset, lora, sampling, stopping, trainer
     from src.model import RWKV, RWKVConfig, count_parameters, generate_init_weights
 
+    if cfg.resume:
+        stopping.check_bundle(cfg.resume)
     Path(cfg.proj_dir).mkdir(parents=True, exist_ok=True)
     pile_resume = sampling.continue_pile_run(cfg) if cfg.my_pile_stage >= 2 else ""
     seed = cfg.random_seed if cfg.random_seed >= 0 else secrets.randbits(31)
@@ -41,7 +54,9 @@ def train(cfg: TrainConfig) -> None:
     dataset.check_against_model(data, cfg, model_cfg.vocab_size)
     model = RWKV(model_cfg)
     save_dtype = trainer.SAVE_DTYPE[cfg.precision]
-    if cfg.load_model:
+    if cfg.resume:
+        weights = None  # everything comes from the bundle
+    elif cfg.load_model:
         weights = checkpoint.load_weights(cfg.load_model)
         checkpoint.check_compatible(model.state_dict(), weights, cfg.load_model, allow_missing=bool(cfg.load_partial))
     else:
@@ -53,17 +68,18 @@ def train(cfg: TrainConfig) -> None:
     if cfg.max_epochs is not None:
         run_epochs = min(run_epochs, cfg.max_epochs)
     # what the .pth files hold: the whole model, or in LoRA runs only the tensors LoRA trains (+ settings)
-    weights_of = lora.lora_weights_of(cfg) if cfg.lora else (lambda module: module.model.state_dict())
-    lightning_trainer = trainer.build_trainer(cfg, [
-        schedule,
-        callbacks.TrainingLog(cfg, schedule),
-        callbacks.WeightSaver(cfg, save_dtype, weights_of),
-    ], max_epochs=run_epochs)
+    weights_of = lora.lora_weights_of(cfg, trainer.full_state_dict) if cfg.lora else trainer.full_state_dict
+    saver = callbacks.WeightSaver(cfg, save_dtype, weights_of)
+    stopper = stopping.StopOnSignal(stop, lambda t, m: saver.save(t, m, "rwkv-last.pth"),
+                                    Path(cfg.proj_dir) / stopping.BUNDLE_NAME)
+    lightning_trainer = trainer.build_trainer(cfg, [schedule, callbacks.TrainingLog(cfg, schedule), saver, stopper],
+                                              max_epochs=run_epochs)
 
-    if not cfg.load_model and lightning_trainer.is_global_zero:
-        checkpoint.save_weights(weights, Path(cfg.proj_dir) / "rwkv-init.pth")
-    model.load_state_dict(weights, strict=not cfg.load_partial)
-    del weights
+    if weights is not None:
+        if not cfg.load_model and lightning_trainer.is_global_zero:
+            checkpoint.save_weights(weights, Path(cfg.proj_dir) / "rwkv-init.pth")
+        model.load_state_dict(weights, strict=not cfg.load_partial)
+        del weights
     if cfg.lora:  # LoRA wraps the loaded base weights, restores --lora_load and freezes the rest
         lora_summary = lora.prepare_lora_training(model, cfg)
         if lightning_trainer.is_global_zero:
@@ -72,11 +88,13 @@ def train(cfg: TrainConfig) -> None:
     samples = dataset.TrainingSamples(data, cfg, seed=seed, rank=lightning_trainer.global_rank,
                                       world_size=lightning_trainer.world_size)
     loader = dataset.build_loader(samples, cfg)
+    lightning_trainer.callbacks.append(stopping.ResumeGuard(cfg, samples))
     if lightning_trainer.is_global_zero:
         if pile_resume:
             print(pile_resume, flush=True)
         print_banner(cfg, model_cfg, count_parameters(model), seed, lightning_trainer.world_size)
-    lightning_trainer.fit(trainer.RWKVModule(model, cfg), loader)
+    lightning_trainer.fit(trainer.RWKVModule(model, cfg), loader, ckpt_path=cfg.resume or None)
+    return stopper.exit_code
 
 
 def print_banner(cfg: TrainConfig, model_cfg, n_params: int, seed: int, world_size: int) -> None:

@@ -10,7 +10,18 @@ import torch
 
 from src.checkpoint import save_weights
 from src.config import TrainConfig
-from src.dataset import optimizer_steps_per_epoch
+from src.dataset import context_length, optimizer_steps_per_epoch
+from src.stopping import completes_optimizer_step
+
+STEP_LOG_NAME = "train_steps.tsv"
+STEP_LOG_COLUMNS = ("step", "epoch", "loss", "lr", "ctx_len", "Gtokens", "kt/s")
+_FLUSH_EVERY = 20  # optimizer steps between writes of the step log (each write waits for the GPU once)
+
+
+def real_step(step: int, cfg: TrainConfig) -> int:
+    """Optimizer steps counted from the start of the whole training (this run's step + earlier runs')."""
+    previous = cfg.previous_step if cfg.previous_step is not None else cfg.epoch_begin * optimizer_steps_per_epoch(cfg)
+    return step + previous
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -23,12 +34,10 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     - Warm-up over the first warmup_steps steps of this run multiplies by 0.2 + 0.8 * step / warmup_steps.
     """
     per_epoch = optimizer_steps_per_epoch(cfg)
-    previous = cfg.previous_step if cfg.previous_step is not None else cfg.epoch_begin * per_epoch
-    real_step = step + previous
     if cfg.lr_final == cfg.lr_init or cfg.epoch_count == 0:
         lr = cfg.lr_init
     else:
-        decay_step = real_step - cfg.my_pile_edecay * per_epoch
+        decay_step = real_step(step, cfg) - cfg.my_pile_edecay * per_epoch
         decay_total = (cfg.epoch_count - cfg.my_pile_edecay) * per_epoch
         span = decay_total - cfg.warmup_steps
         progress = 1.0 if span <= 0 else min(max((decay_step - cfg.warmup_steps + 1) / span, 0.0), 1.0)
@@ -39,6 +48,12 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup_steps:
         lr *= 0.2 + 0.8 * step / cfg.warmup_steps
     return lr
+
+
+def interrupted(trainer: pl.Trainer) -> bool:
+    """True in on_train_epoch_end when a Ctrl+C / SIGTERM stop cut the epoch short (only StopOnSignal sets
+    should_stop): its line and checkpoint belong to the resumed run."""
+    return trainer.should_stop
 
 
 class LearningRateSchedule(pl.Callback):
@@ -56,70 +71,148 @@ class LearningRateSchedule(pl.Callback):
 
 
 class TrainingLog(pl.Callback):
-    """train_log.txt as the original (a NEW RUN header, one line per mini-epoch) and progress-bar figures.
+    """What a run reports, on rank 0:
 
-    Progress bar: loss (mean of this mini-epoch so far), lr, kt/s (thousand tokens per second, all GPUs).
+    - train_log.txt as the original: a NEW RUN header, then per mini-epoch
+      `epoch mean_loss exp(mean_loss) lr time epoch_in_this_run` (the loss averaged over all GPUs);
+    - train_steps.tsv: one row per optimizer step (rank 0's loss), for loss curves without W&B;
+    - W&B (--wandb PROJECT) per optimizer step: loss, lr, Gtokens, kt/s, at step real_step + log_add_step;
+    - the progress bar: loss (mean of this mini-epoch so far), lr, kt/s (all GPUs), ctx_len.
+    The running sums travel in the resume bundle, so a resumed run continues its mini-epoch's mean.
     """
 
     def __init__(self, cfg: TrainConfig, schedule: LearningRateSchedule, extra_header: str = ""):
         self.cfg = cfg
         self.schedule = schedule
         self.extra_header = extra_header
-        self.path = Path(cfg.proj_dir) / "train_log.txt"
+        self.proj_dir = Path(cfg.proj_dir)
+        self.epoch_loss = None  # tensor on the model's device: sum of micro-batch losses this mini-epoch
+        self.epoch_batches = 0
+        self.tokens = 0  # tokens trained on so far, all GPUs, earlier runs included
+        self.step_loss = None
+        self.step_batches = 0
+        self.pending_rows = []
+        self.wandb = None
 
+    # ---- run start and end
     def on_train_start(self, trainer, pl_module):
-        if trainer.is_global_zero:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(f"NEW RUN {self.cfg.timestamp}\n{asdict(self.cfg)}\n{self.extra_header}")
         self.started = time.perf_counter()
-        self.tokens = 0
+        self.tokens_at_start = self.tokens
+        if self.epoch_loss is None:
+            self.epoch_loss = torch.zeros((), device=pl_module.device)
+        else:  # restored from a resume bundle
+            self.epoch_loss = self.epoch_loss.to(pl_module.device)
+        if not trainer.is_global_zero:
+            return
+        with open(self.proj_dir / "train_log.txt", "a", encoding="utf-8") as f:
+            f.write(f"NEW RUN {self.cfg.timestamp}\n{asdict(self.cfg)}\n{self.extra_header}")
+        steps = self.proj_dir / STEP_LOG_NAME
+        if not steps.exists():
+            steps.write_text("\t".join(STEP_LOG_COLUMNS) + "\n", encoding="utf-8")
+        if self.cfg.wandb:
+            import wandb  # only W&B users need it installed and configured (WANDB_MODE is respected)
+            self.wandb = wandb.init(project=self.cfg.wandb, name=f"{self.cfg.run_name} {self.cfg.timestamp}",
+                                    config=asdict(self.cfg), dir=str(self.proj_dir), save_code=False)
 
+    def on_train_end(self, trainer, pl_module):
+        self.flush_rows(trainer)
+        if self.wandb is not None:
+            self.wandb.finish()
+
+    def on_exception(self, trainer, pl_module, exception):
+        self.flush_rows(trainer)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        self.flush_rows(trainer)  # rows up to the saved step are on disk before the bundle is
+
+    # ---- per micro-batch and per optimizer step
     def on_train_epoch_start(self, trainer, pl_module):
-        self.loss_sum = torch.zeros((), device=pl_module.device)
-        self.batches = 0
+        self.epoch_loss = torch.zeros((), device=pl_module.device)
+        self.epoch_batches = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.loss_sum += outputs["token_loss"].float()
-        self.batches += 1
+        loss = outputs["token_loss"].float()
+        self.epoch_loss = self.epoch_loss + loss
+        self.epoch_batches += 1
+        self.step_loss = loss if self.step_loss is None else self.step_loss + loss
+        self.step_batches += 1
         self.tokens += outputs["tokens"] * trainer.world_size
         elapsed = time.perf_counter() - self.started
-        pl_module.log("loss", self.loss_sum / self.batches, prog_bar=True, on_step=True, on_epoch=False)
-        pl_module.log("lr", self.schedule.lr, prog_bar=True, on_step=True, on_epoch=False)
-        if elapsed > 0:
-            pl_module.log("kt/s", self.tokens / elapsed / 1000, prog_bar=True, on_step=True, on_epoch=False)
+        speed = (self.tokens - self.tokens_at_start) / max(elapsed, 1e-9) / 1000
+        ctx_len = context_length(trainer.global_step, self.cfg)
+        pl_module.log_dict({"loss": self.epoch_loss / self.epoch_batches, "lr": self.schedule.lr, "kt/s": speed,
+                            "ctx_len": float(ctx_len)}, prog_bar=True, on_step=True, on_epoch=False)
+        if completes_optimizer_step(trainer, batch_idx):
+            self.pending_rows.append((trainer.global_step, trainer.current_epoch, self.step_loss / self.step_batches,
+                                      self.schedule.lr, ctx_len, self.tokens / 1e9, speed))
+            self.step_loss, self.step_batches = None, 0
+            if len(self.pending_rows) >= _FLUSH_EVERY:
+                self.flush_rows(trainer)
 
+    def flush_rows(self, trainer) -> None:
+        """Write pending step rows (one device-to-host copy for all of them) to the step log and W&B."""
+        rows, self.pending_rows = self.pending_rows, []
+        if not rows or not trainer.is_global_zero:
+            return
+        losses = torch.stack([row[2] for row in rows]).tolist()
+        with open(self.proj_dir / STEP_LOG_NAME, "a", encoding="utf-8") as f:
+            for (step, epoch, _, lr, ctx_len, gtokens, speed), loss in zip(rows, losses):
+                f.write(f"{step}\t{self.cfg.epoch_begin + epoch}\t{loss:.6f}\t{lr:.8g}\t{ctx_len}\t{gtokens:.9f}\t"
+                        f"{speed:.3f}\n")
+                if self.wandb is not None:
+                    self.wandb.log({"loss": loss, "lr": lr, "Gtokens": gtokens, "kt/s": speed},
+                                   step=real_step(step, self.cfg) + self.cfg.log_add_step)
+
+    # ---- per mini-epoch
     def on_train_epoch_end(self, trainer, pl_module):
-        totals = torch.stack([self.loss_sum, torch.tensor(float(self.batches), device=self.loss_sum.device)])
+        if interrupted(trainer):
+            return
+        totals = torch.stack([self.epoch_loss, torch.tensor(float(self.epoch_batches), device=self.epoch_loss.device)])
         totals = trainer.strategy.reduce(totals, reduce_op="sum")  # every rank's micro-batches
         mean_loss = (totals[0] / totals[1].clamp(min=1)).item()
+        self.flush_rows(trainer)
         if trainer.is_global_zero:
             epoch = trainer.current_epoch
-            with open(self.path, "a", encoding="utf-8") as f:
+            with open(self.proj_dir / "train_log.txt", "a", encoding="utf-8") as f:
                 f.write(f"{self.cfg.epoch_begin + epoch} {mean_loss:.6f} {math.exp(min(mean_loss, 700)):.4f} "
                         f"{self.schedule.lr:.8f} {datetime.datetime.now()} {epoch}\n")
 
+    # ---- resume bundle
+    def state_dict(self) -> dict:
+        return {"epoch_loss": self.epoch_loss.item() if self.epoch_loss is not None else 0.0,
+                "epoch_batches": self.epoch_batches, "tokens": self.tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch_loss = torch.tensor(state["epoch_loss"])
+        self.epoch_batches = state["epoch_batches"]
+        self.tokens = state["tokens"]
+
 
 class WeightSaver(pl.Callback):
-    """Writes rwkv-<epoch>.pth every --epoch_save mini-epochs and for the last one, and rwkv-final.pth at
-    the end of --epoch_count. `weights_of(pl_module)` gives the dict to save (full model, or LoRA keys)."""
+    """Writes rwkv-<epoch>.pth every --epoch_save mini-epochs and for the last one, and rwkv-final.pth when
+    --epoch_count is reached. `weights_of(trainer, pl_module)` gives the dict to save (all ranks call it:
+    under ZeRO-3 it gathers); only rank 0 writes."""
 
     def __init__(self, cfg: TrainConfig, dtype: torch.dtype, weights_of):
         self.cfg = cfg
         self.dtype = dtype
         self.weights_of = weights_of
+        self.finished = False
 
     def save(self, trainer, pl_module, name: str) -> None:
-        weights = self.weights_of(pl_module)
+        weights = self.weights_of(trainer, pl_module)
         if trainer.is_global_zero:
             save_weights(weights, Path(self.cfg.proj_dir) / name, self.dtype)
 
     def on_train_epoch_end(self, trainer, pl_module):
+        if interrupted(trainer):
+            return
         epoch = trainer.current_epoch
         real_epoch = self.cfg.epoch_begin + epoch
-        periodic = self.cfg.epoch_save > 0 and epoch % self.cfg.epoch_save == 0
-        if periodic or real_epoch == self.cfg.epoch_count - 1:
+        self.finished = real_epoch == self.cfg.epoch_count - 1
+        if (self.cfg.epoch_save > 0 and epoch % self.cfg.epoch_save == 0) or self.finished:
             self.save(trainer, pl_module, f"rwkv-{real_epoch}.pth")
 
     def on_train_end(self, trainer, pl_module):
-        if self.cfg.epoch_begin + trainer.current_epoch >= self.cfg.epoch_count:
+        if self.finished:
             self.save(trainer, pl_module, "rwkv-final.pth")

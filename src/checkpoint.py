@@ -3,8 +3,9 @@
 Every file we write can be loaded by ChatRWKV / the `rwkv` pip package: tensors only, v4neo keys,
 no buffers, no wrapper prefixes.
 """
+import contextlib
 import os
-import tempfile
+import shutil
 from pathlib import Path
 
 import torch
@@ -15,23 +16,65 @@ from src.config import UserInputError
 _WRAPPER_PREFIXES = ("_forward_module.", "module.", "model.")
 
 
-def atomic_save(obj, path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
+# Temporary files and folders being written right now; a hard exit (second Ctrl+C) removes them.
+_IN_FLIGHT: set = set()
 
-    A crash or Ctrl+C during the write leaves either the old file or the new one, never half a file.
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path` for the caller to write and then `publish(tmp, path)`.
+
+    Works for files and folders (a DeepSpeed resume bundle is a folder written by every rank, so the
+    temporary name is the same on all ranks). If the block raises, or a hard exit calls
+    `remove_partial_files`, the temporary path is deleted and the old `path` is untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.partial")
+    _IN_FLIGHT.add(tmp)
     try:
-        with os.fdopen(fd, "wb") as f:
+        yield tmp
+    except BaseException:
+        remove_path(tmp)
+        raise
+    finally:
+        _IN_FLIGHT.discard(tmp)
+
+
+def publish(tmp: Path, path) -> None:
+    """Move a finished temporary file or folder over `path` (an old folder is swapped out, then removed)."""
+    path = Path(path)
+    if tmp.is_dir() and path.exists():
+        old = path.with_name(f".{path.name}.old")
+        remove_path(old)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        remove_path(old)
+    else:
+        os.replace(tmp, path)
+
+
+def remove_path(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_partial_files() -> None:
+    """Delete whatever atomic writes are in progress (called just before a hard exit)."""
+    for tmp in list(_IN_FLIGHT):
+        remove_path(tmp)
+
+
+def atomic_save(obj, path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        publish(tmp, path)
 
 
 def save_weights(state_dict: dict, path, dtype: torch.dtype = None) -> None:

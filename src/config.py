@@ -126,6 +126,8 @@ class TrainConfig:
     accumulate_grad_batches_dict: Optional[str] = flag(None, "run", "Accumulation schedule as a Python dict "
                                                        "literal {epoch: k}.")
     debug: bool = flag(False, "run", "Anomaly detection and a print of the first batch.", action="store_true")
+    resume: str = flag("", "run", "Resume bundle written when a run was stopped (Ctrl+C / SIGTERM), e.g. "
+                       "out/rwkv-resume.ckpt: continues exactly where it stopped. Pass the same other flags.")
 
     # ---- long context
     ctx_parts: Optional[int] = flag(None, "long", "Run the WKV operator in pieces of ceil(ctx_len/ctx_parts) "
@@ -265,7 +267,6 @@ _NOT_YET_BUILT = {
     "state_cp": lambda c: c.state_cp,
     "instruct_data_file": lambda c: bool(c.instruct_data_file),
     "names_data_file": lambda c: c.names_data_file is not None,
-    "wandb": lambda c: bool(c.wandb),
     "accumulate_grad_batches_dict": lambda c: c.accumulate_grad_batches_dict is not None,
 }
 

@@ -202,11 +202,15 @@ def pad_batch(samples) -> tuple:
 
 
 class EpochSampler(Sampler):
-    """Yields the global indices epoch * n + i of the current epoch; Lightning calls set_epoch."""
+    """Yields the global indices epoch * n + i of the current epoch; Lightning calls set_epoch.
+
+    After a resume the first epoch starts at the sample where the stopped run left off.
+    """
 
     def __init__(self, epoch_len: int):
         self.epoch_len = epoch_len
         self.epoch = 0
+        self.resume_at = None  # (epoch, first position) for the epoch a resumed run continues
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -215,17 +219,40 @@ class EpochSampler(Sampler):
         return self.epoch_len
 
     def __iter__(self):
+        start = 0
+        if self.resume_at is not None and self.resume_at[0] == self.epoch:
+            start = self.resume_at[1]
+        self.resume_at = None
         base = self.epoch * self.epoch_len
-        return iter(range(base, base + self.epoch_len))
+        return iter(range(base + start, base + self.epoch_len))
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose position goes into Lightning checkpoints (Lightning calls state_dict/load_state_dict).
+
+    `position` (samples of the current epoch already trained on) is set by whoever saves the checkpoint:
+    the loader itself cannot know it, since its workers read ahead of training.
+    """
+
+    position = 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.sampler.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.epoch = state["epoch"]
+        self.sampler.resume_at = (state["epoch"], state["position"])
 
 
 def ignore_interrupts(worker_id: int) -> None:
-    """DataLoader worker init: Ctrl+C reaches the whole process group, but only the main process handles it."""
+    """DataLoader worker init: Ctrl+C and a process-group SIGTERM reach the workers too, but only the main
+    process handles them (it ends the workers itself)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_loader(samples: Dataset, cfg: TrainConfig) -> DataLoader:
     """One worker process draws samples; Lightning sets the sampler's epoch."""
-    return DataLoader(samples, batch_size=cfg.micro_bsz, sampler=EpochSampler(len(samples)), num_workers=1,
-                      persistent_workers=True, pin_memory=torch.cuda.is_available(), drop_last=True,
-                      worker_init_fn=ignore_interrupts, collate_fn=pad_batch if cfg.data_type == "jsonl" else None)
+    return ResumableLoader(samples, batch_size=cfg.micro_bsz, sampler=EpochSampler(len(samples)), num_workers=1,
+                           persistent_workers=True, pin_memory=torch.cuda.is_available(), drop_last=True,
+                           worker_init_fn=ignore_interrupts, collate_fn=pad_batch if cfg.data_type == "jsonl" else None)

@@ -337,10 +337,21 @@ def load_lora_checkpoint(model: RWKV, settings: LoraSettings, names: list, path)
     return f"restored {len(weights)} tensors from {path}" + (f", {fresh} start fresh" if fresh else "")
 
 
-def lora_weights_of(cfg: TrainConfig):
-    """For the WeightSaver: pl_module -> the slim LoRA checkpoint of its (inner) model."""
+def lora_weights_of(cfg: TrainConfig, full_state_dict):
+    """For the WeightSaver: (trainer, pl_module) -> the slim LoRA checkpoint of its (inner) model.
+
+    `full_state_dict(trainer, pl_module)` gathers the whole state dict (collective under ZeRO-3; {} off rank 0).
+    """
     settings = LoraSettings.from_flags(cfg)
-    return lambda pl_module: lora_state_dict(pl_module.model, settings)
+
+    def weights_of(trainer, pl_module) -> dict:
+        full = full_state_dict(trainer, pl_module)
+        if not full:
+            return {}
+        keep = trainable_names(pl_module.model, settings)
+        return {**{k: full[k] for k in keep}, SETTINGS_KEY: encode_settings(settings, pl_module.model.cfg)}
+
+    return weights_of
 
 
 # ---------------------------------------------------------------- merging

@@ -93,14 +93,44 @@ class RWKVModule(pl.LightningModule):
         return {"loss": loss, "token_loss": loss.detach(), "tokens": y.numel()}
 
     def configure_optimizers(self):
+        """Adam on fp32 master weights: torch's (fused on CUDA), DeepSpeed's FusedAdam, or DeepSpeedCPUAdam when
+        ZeRO offloads the optimizer. weight_decay is decoupled (AdamW) and per group."""
         groups = build_param_groups(self.model, self.cfg)
         for group in groups:
             group.pop("names")
-        use_adamw = self.cfg.weight_decay > 0
+        adamw = self.cfg.weight_decay > 0
+        settings = dict(lr=self.cfg.lr_init, betas=self.cfg.betas, eps=self.cfg.adam_eps)
+        strategy = self.trainer.strategy
+        if is_deepspeed(strategy):
+            from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+            if "offload_optimizer" in strategy.config["zero_optimization"]:
+                return DeepSpeedCPUAdam(groups, **settings, bias_correction=True, adamw_mode=adamw, amsgrad=False)
+            return FusedAdam(groups, **settings, bias_correction=True, adam_w_mode=adamw, amsgrad=False)
         fused = all(p.is_cuda for g in groups for p in g["params"])
-        optimizer_class = torch.optim.AdamW if use_adamw else torch.optim.Adam
-        return optimizer_class(groups, lr=self.cfg.lr_init, betas=self.cfg.betas, eps=self.cfg.adam_eps,
-                               fused=fused or None)
+        optimizer_class = torch.optim.AdamW if adamw else torch.optim.Adam
+        return optimizer_class(groups, **settings, fused=fused or None)
+
+
+def is_deepspeed(strategy) -> bool:
+    return type(strategy).__name__ == "DeepSpeedStrategy"
+
+
+def full_state_dict(trainer: pl.Trainer, pl_module: RWKVModule) -> dict:
+    """The model's whole state dict on CPU, on rank 0 ({} elsewhere). Collective: every rank must call it.
+
+    Under ZeRO-3 every rank holds a slice of each parameter; they are gathered one at a time, so the
+    GPU never holds more than one full parameter extra.
+    """
+    model = pl_module.model
+    if not (is_deepspeed(trainer.strategy) and trainer.strategy.zero_stage_3):
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()} if trainer.is_global_zero else {}
+    import deepspeed
+    weights = {}
+    for name, param in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            if trainer.is_global_zero:
+                weights[name] = param.detach().cpu().clone()
+    return weights
 
 
 def set_float_precision(cfg: TrainConfig) -> None:

@@ -32,7 +32,11 @@ def test_dummy_data_loss_falls_and_files_are_written(tmp_path):
     # epoch_save 2 -> epochs 0 and 2, plus the last epoch (3), plus rwkv-final; nothing half-written
     names = sorted(p.name for p in out.iterdir())
     assert names == ["rwkv-0.pth", "rwkv-2.pth", "rwkv-3.pth", "rwkv-final.pth", "rwkv-init.pth", "train_log.txt",
-                     "vocab.json"]
+                     "train_steps.tsv", "vocab.json"]
+    steps = (out / "train_steps.tsv").read_text().splitlines()
+    assert steps[0].split("\t") == ["step", "epoch", "loss", "lr", "ctx_len", "Gtokens", "kt/s"]
+    assert [int(row.split("\t")[0]) for row in steps[1:]] == list(range(1, 49))  # a row per optimizer step
+    assert float(steps[-1].split("\t")[5]) == 48 * 4 * 32 / 1e9
     assert torch.equal(load_weights(out / "rwkv-3.pth")["head.weight"], load_weights(out / "rwkv-final.pth")["head.weight"])
     assert (out / "train_log.txt").read_text().startswith("NEW RUN ")
 

@@ -1,0 +1,151 @@
+"""Ctrl+C and SIGTERM: finish the optimizer step, save rwkv-last.pth and a resume bundle, exit 130 / 143.
+
+The first signal only sets a flag. At the next optimizer-step boundary every rank agrees (any rank that
+got a signal stops them all), rank 0 writes rwkv-last.pth, all ranks write the resume bundle (a
+Lightning checkpoint: weights in fp32, optimizer, step and epoch counters, data position, RNG, the
+TrainingLog sums; a folder under DeepSpeed), and training ends. A second Ctrl+C quits at once: writes
+in progress are deleted, files already written stay whole (every write is temp file + rename).
+
+`--resume <bundle>` continues exactly where the run stopped; the flags that shape the run must match.
+"""
+import dataclasses
+import os
+import random
+import signal
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+
+from src.checkpoint import atomic_path, publish, remove_partial_files
+from src.config import TrainConfig, UserInputError
+
+BUNDLE_NAME = "rwkv-resume.ckpt"
+
+# Flags that may change between a run and its resumption (they do not change the training maths).
+RESUME_FREE_FLAGS = {"resume", "load_model", "lora_load", "proj_dir", "wandb", "enable_progress_bar", "max_epochs",
+                     "max_steps", "random_seed", "debug", "timestamp", "wkv_backend", "log_add_step"}
+
+
+class StopSignal:
+    """Signal handler: the first SIGINT/SIGTERM asks the run to stop; a second one exits immediately."""
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {}
+
+    def install(self) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.signal(signum, self._handle)
+            if handler is not self._handle:
+                self.previous.setdefault(signum, handler)
+
+    def restore(self) -> None:
+        """Put back the handlers that were there before (train.main may run inside a larger program)."""
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+            print(f"\n{signal.Signals(signum).name}: finishing this optimizer step, then saving rwkv-last.pth and "
+                  f"the resume bundle. Press Ctrl+C again to quit at once.", file=sys.stderr, flush=True)
+            return
+        print("\nQuitting now; files already written are intact.", file=sys.stderr, flush=True)
+        remove_partial_files()
+        os._exit(128 + signum)
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+
+def completes_optimizer_step(trainer: pl.Trainer, batch_idx: int) -> bool:
+    """Lightning steps the optimizer after every K-th micro-batch and after the last one of an epoch."""
+    return (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or batch_idx + 1 == trainer.num_training_batches
+
+
+def agreed_signal(trainer: pl.Trainer, local_signum) -> int:
+    """The largest signal number any rank received (0 for none): every rank takes the same decision."""
+    flag = torch.tensor([local_signum or 0], dtype=torch.int32, device=trainer.strategy.root_device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and trainer.world_size > 1:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return int(flag.item())
+
+
+class StopOnSignal(pl.Callback):
+    """Checks for a stop request at each optimizer-step boundary; saves and stops when there is one."""
+
+    def __init__(self, stop: StopSignal, save_last, bundle_path: Path):
+        self.stop = stop
+        self.save_last = save_last  # (trainer, pl_module) -> writes rwkv-last.pth (collective under ZeRO-3)
+        self.bundle_path = Path(bundle_path)
+        self.exit_code = 0
+
+    def on_train_start(self, trainer, pl_module):
+        self.stop.install()  # again: Lightning installs its own SIGTERM handler when fit starts
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not completes_optimizer_step(trainer, batch_idx) or batch_idx + 1 == trainer.num_training_batches:
+            return  # mid-accumulation, or the epoch's end (whose saves run next): stop at the next step
+        signum = agreed_signal(trainer, self.stop.signum)
+        if not signum:
+            return
+        self.save_last(trainer, pl_module)
+        trainer.train_dataloader.position = (batch_idx + 1) * trainer.train_dataloader.batch_size
+        save_resume_bundle(trainer, self.bundle_path)
+        trainer.should_stop = True
+        self.exit_code = 128 + signum
+        if trainer.is_global_zero:
+            print(f"\nStopped after optimizer step {trainer.global_step}. Saved {self.bundle_path.parent}/rwkv-last.pth "
+                  f"and {self.bundle_path}; continue with the same command plus --resume {self.bundle_path}",
+                  file=sys.stderr, flush=True)
+
+
+def save_resume_bundle(trainer: pl.Trainer, path: Path) -> None:
+    """trainer.save_checkpoint into a temporary file/folder on every rank, then rank 0 renames it into place."""
+    with atomic_path(path) as tmp:
+        trainer.save_checkpoint(tmp)
+        trainer.strategy.barrier("resume bundle written")
+        if trainer.is_global_zero:
+            publish(tmp, path)
+    trainer.strategy.barrier("resume bundle published")
+
+
+class ResumeGuard(pl.Callback):
+    """Stores what a resumed run must share with the original: the flags, the data seed and the RNG states."""
+
+    def __init__(self, cfg: TrainConfig, samples):
+        self.cfg = cfg
+        self.samples = samples  # the dataset; its seed is replaced by the bundle's
+
+    def state_dict(self) -> dict:
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {"flags": shaping_flags(self.cfg), "seed": self.samples.seed, "rng": rng}
+
+    def load_state_dict(self, state: dict) -> None:
+        differences = [f"--{name} {state['flags'].get(name)!r} (bundle) vs {value!r} (now)"
+                       for name, value in shaping_flags(self.cfg).items() if state["flags"].get(name) != value]
+        if differences:
+            raise UserInputError(f"--resume {self.cfg.resume}: the bundle was made with other flags: "
+                                 f"{'; '.join(differences)}. Resume with the original command plus --resume.")
+        self.samples.seed = state["seed"]
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+
+def shaping_flags(cfg: TrainConfig) -> dict:
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_FREE_FLAGS}
+
+
+def check_bundle(path: str) -> None:
+    if not Path(path).exists():
+        raise UserInputError(f"--resume {path}: no such resume bundle (a stopped run writes "
+                             f"<proj_dir>/{BUNDLE_NAME})")
