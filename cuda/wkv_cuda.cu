@@ -38,9 +38,13 @@ namespace wkv {
 namespace {
 
 constexpr int kChunk = 16;                            // tokens per thread
-constexpr int kRows = 16;                             // chunks per tile
+constexpr int kRows = 8;                              // chunks per tile
 constexpr int kLanes = 32;                            // channels per tile
 constexpr int kThreads = kRows * kLanes;              // threads per tile block
+// Tile blocks resident per SM: the register budget (64 or 128 per thread) that lets several blocks overlap
+// each other's load latency and single-warp phases.
+constexpr int kLightBlocks = 4;                       // tile_summary, output
+constexpr int kHeavyBlocks = 2;                       // chunk_adjoint, chunk_backward
 constexpr int64_t kTileTokens = int64_t(kChunk) * kRows;
 constexpr int kScanThreads = 128;
 constexpr int kScanBatch = 8;                         // tiles whose summaries one scan thread loads at once
@@ -197,7 +201,7 @@ __device__ __forceinline__ void states_entering_chunks(State (&part)[kRows][kLan
 
 // Forward (1) and backward (1): the summary of each tile's tokens from the empty state.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) tile_summary_kernel(Grid g, const float* __restrict__ w,
+__global__ void __launch_bounds__(kThreads, kLightBlocks) tile_summary_kernel(Grid g, const float* __restrict__ w,
                                                                 const T* __restrict__ k, const T* __restrict__ v,
                                                                 float* __restrict__ tile_state) {
   __shared__ State part[kRows][kLanes];
@@ -246,7 +250,7 @@ __global__ void __launch_bounds__(kScanThreads) state_scan_kernel(Grid g, const 
 
 // Forward (3): the state entering each chunk, then y for its tokens.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) output_kernel(Grid g, const float* __restrict__ w,
+__global__ void __launch_bounds__(kThreads, kLightBlocks) output_kernel(Grid g, const float* __restrict__ w,
                                                           const float* __restrict__ u, const T* __restrict__ k,
                                                           const T* __restrict__ v,
                                                           const float* __restrict__ tile_state, T* __restrict__ y) {
@@ -275,7 +279,7 @@ __global__ void __launch_bounds__(kThreads) output_kernel(Grid g, const float* _
 // contribution in tile_adj. G = sum_t R_t q_t e1_t, H = -sum_t R_t q_t e1_t y_t, where
 // R_t = e^{(t-s)w + pp_in - pp_{t-1}} <= 1 carries token t's term back to the chunk's entry.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) chunk_adjoint_kernel(
+__global__ void __launch_bounds__(kThreads, kHeavyBlocks) chunk_adjoint_kernel(
     Grid g, const float* __restrict__ w, const float* __restrict__ u, const T* __restrict__ k,
     const T* __restrict__ v, const T* __restrict__ gy, const float* __restrict__ tile_state,
     const float* __restrict__ state_out, float* __restrict__ chunk_state, float* __restrict__ chunk_adj,
@@ -376,7 +380,7 @@ __global__ void __launch_bounds__(kScanThreads) adjoint_scan_kernel(
 // Backward (5): the adjoint leaving each chunk, then each chunk replays its states and walks back through
 // its tokens: gk, gv, and the tile's partial sums of gw, gu.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) chunk_backward_kernel(
+__global__ void __launch_bounds__(kThreads, kHeavyBlocks) chunk_backward_kernel(
     Grid g, const float* __restrict__ w, const float* __restrict__ u, const T* __restrict__ k,
     const T* __restrict__ v, const T* __restrict__ gy, const float* __restrict__ chunk_state,
     const float* __restrict__ chunk_adj, const float* __restrict__ tile_adj, T* __restrict__ gk,

@@ -34,11 +34,12 @@ wkv::Dims check_inputs(const torch::Tensor& w, const torch::Tensor& u, const tor
   io_type(k);
   const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
   TORCH_CHECK(B > 0 && C > 0, "wkv_cuda: B and C must be positive, got k of shape ", k.sizes());
-  check_tensor(k, "k", k, k.scalar_type(), {B, T, C});
-  check_tensor(v, "v", k, k.scalar_type(), {B, T, C});
-  check_tensor(w, "w", k, torch::kFloat32, {C});
-  check_tensor(u, "u", k, torch::kFloat32, {C});
-  check_tensor(state, "state", k, torch::kFloat32, {B, C, 3});
+  const std::vector<int64_t> btc{B, T, C}, channels{C}, states{B, C, 3};
+  check_tensor(k, "k", k, k.scalar_type(), btc);
+  check_tensor(v, "v", k, k.scalar_type(), btc);
+  check_tensor(w, "w", k, torch::kFloat32, channels);
+  check_tensor(u, "u", k, torch::kFloat32, channels);
+  check_tensor(state, "state", k, torch::kFloat32, states);
   return {B, T, C};
 }
 
@@ -62,8 +63,8 @@ std::vector<torch::Tensor> forward(torch::Tensor w, torch::Tensor u, torch::Tens
 std::vector<torch::Tensor> backward(torch::Tensor w, torch::Tensor u, torch::Tensor k, torch::Tensor v,
                                     torch::Tensor state, torch::Tensor gy, torch::Tensor gstate_out) {
   const wkv::Dims d = check_inputs(w, u, k, v, state);
-  check_tensor(gy, "gy", k, k.scalar_type(), {d.B, d.T, d.C});
-  check_tensor(gstate_out, "gstate_out", k, torch::kFloat32, {d.B, d.C, 3});
+  check_tensor(gy, "gy", k, k.scalar_type(), k.sizes());
+  check_tensor(gstate_out, "gstate_out", k, torch::kFloat32, state.sizes());
   const c10::cuda::CUDAGuard guard(k.device());
   auto gk = torch::empty_like(k);
   auto gv = torch::empty_like(v);
