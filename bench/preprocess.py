@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -94,23 +95,32 @@ print(json.dumps({"seconds": time.perf_counter() - start}))
 """
 
 
+def child_cpu_seconds() -> float:
+    """CPU time of all finished child processes and their children (worker processes included)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_raw(vocab_file: str, corpus: Path, threads: int) -> dict:
     # the tokenizers library reads its thread count from the environment of the process
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="true")
+    cpu = child_cpu_seconds()
     out = subprocess.run([sys.executable, "-c", RAW, vocab_file, str(corpus)], env=env, check=True,
                          capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return {**json.loads(out.strip().splitlines()[-1]), "cpu": child_cpu_seconds() - cpu}
 
 
 def run_ours(vocab_file: str, corpus: Path, workers: int, prefix: Path) -> dict:
     argv = ["--input", str(corpus), "--output-prefix", str(prefix), "--vocab-file", vocab_file,
             "--tokenizer-type", "HFTokenizer", "--append-eod", "--workers", str(workers),
             "--log-interval", "1000000000"]
+    cpu = child_cpu_seconds()
     out = subprocess.run([sys.executable, "-c", OURS, str(ROOT), *argv], check=True, capture_output=True,
                          text=True).stdout
+    cpu = child_cpu_seconds() - cpu
     written = MMapIndexedDataset(f"{prefix}_text_document")
     # without the appended EOD ids, as in the raw count
-    return {**json.loads(out.strip().splitlines()[-1]), "tokens": int(written.sizes.sum()) - len(written)}
+    return {**json.loads(out.strip().splitlines()[-1]), "tokens": int(written.sizes.sum()) - len(written), "cpu": cpu}
 
 
 def main() -> None:
@@ -138,20 +148,21 @@ def main() -> None:
                                   (f"ours {n}", lambda: run_ours(vocab_file, corpus, n, Path(tmp) / "out"))):
                     result = run()
                     rate = result["tokens"] / result["seconds"]
-                    print(f"round {round_number + 1} {name}: {rate:,.0f} tokens/s ({result['seconds']:.1f} s)",
-                          file=sys.stderr)
+                    print(f"round {round_number + 1} {name}: {rate:,.0f} tokens/s ({result['seconds']:.1f} s, "
+                          f"{result['cpu']:.1f} CPU s, load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
                     if name not in best or rate > best[name]["rate"]:
                         best[name] = {**result, "rate": rate}
 
     print(f"\n{datetime.date.today()}, {platform.node() or 'this machine'}: {os.cpu_count()} CPU cores, "
           f"{platform.processor() or platform.machine()}; {megabytes:.0f} MB JSONL, "
           f"{best[f'raw {args.workers[0]}']['tokens']:,} tokens; best of {args.rounds} rounds\n")
-    print("| cores | raw `tokenizers` encode_batch (tokens/s) | preprocess_data.py (tokens/s) | MB/s | ours / raw |")
+    print("| cores | raw `tokenizers` encode_batch: tokens/s (CPU s) | preprocess_data.py: tokens/s (CPU s) | "
+          "MB/s | ours / raw |")
     print("|---|---|---|---|---|")
     for n in args.workers:
         raw, ours = best[f"raw {n}"], best[f"ours {n}"]
-        print(f"| {n} | {raw['rate']:,.0f} | {ours['rate']:,.0f} | {megabytes / ours['seconds']:.1f} | "
-              f"{ours['rate'] / raw['rate']:.0%} |")
+        print(f"| {n} | {raw['rate']:,.0f} ({raw['cpu']:.0f}) | {ours['rate']:,.0f} ({ours['cpu']:.0f}) | "
+              f"{megabytes / ours['seconds']:.1f} | {ours['rate'] / raw['rate']:.0%} |")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import numpy as np
 
 from src.binidx import MMapIndexedDatasetBuilder, token_dtype
 from src.config import UserInputError
-from src.tokenizer import TokenizerSpec
+from src.tokenizer import Tokenizer, TokenizerSpec
 
 BLOCK_BYTES = 1 << 20
 COMPRESSED_SUFFIXES = (".zst", ".gz")
@@ -163,9 +163,9 @@ def parse_record(raw: bytes, where: str, keys) -> dict:
 class BlockEncoder:
     """Parses and tokenizes blocks; one per process."""
 
-    def __init__(self, options: EncodeOptions):
+    def __init__(self, options: EncodeOptions, tokenizer: Optional[Tokenizer] = None):
         self.options = options
-        self.tokenizer = options.tokenizer.build()
+        self.tokenizer = tokenizer or options.tokenizer.build()
         self.dtype = token_dtype(self.tokenizer.vocab_size)
         if options.ftfy:
             import ftfy
@@ -225,10 +225,11 @@ def _encode_in_worker(block: Block) -> EncodedBlock:
     return _worker_encoder(block)
 
 
-def encoded_blocks(blocks: Iterator[Block], options: EncodeOptions, workers: int) -> Iterator[EncodedBlock]:
+def encoded_blocks(blocks: Iterator[Block], options: EncodeOptions, workers: int,
+                   tokenizer: Tokenizer) -> Iterator[EncodedBlock]:
     """Encoded blocks in input order; with workers > 1, up to 2 * workers blocks are in flight."""
     if workers == 1:
-        encoder = BlockEncoder(options)
+        encoder = BlockEncoder(options, tokenizer)
         yield from map(encoder, blocks)
         return
     # spawn: workers start clean (no copied threads or locks) on every platform
@@ -314,7 +315,7 @@ def preprocess(options: EncodeOptions, inputs, output_prefix: str, workers: int 
     builders = {key: MMapIndexedDatasetBuilder(output_prefix_for(output_prefix, key), dtype) for key in options.keys}
     totals = Totals(options.keys, tokenizer.name, tokenizer.vocab_size, np.dtype(dtype))
     try:
-        for block in encoded_blocks(read_blocks(paths, block_bytes), options, workers):
+        for block in encoded_blocks(read_blocks(paths, block_bytes), options, workers, tokenizer):
             for key, builder in builders.items():
                 builder.add_documents(block.tokens[key], block.sizes[key])
             totals.add(block)

@@ -64,15 +64,14 @@ class HFTokenizer(Tokenizer):
     """A Hugging Face `tokenizers` model; vocab_size counts the added tokens, as gpt-neox does."""
     name = "HFTokenizer"
 
-    def __init__(self, backend, source: str):
+    def __init__(self, backend):
         self.backend = backend
-        self.source = source
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
         self.eod_id = backend.token_to_id(END_OF_TEXT)
 
     @classmethod
     def from_file(cls, path) -> "HFTokenizer":
-        return cls(_load_tokenizers_json(path), str(path))
+        return cls(_load_tokenizers_json(path))
 
     def encode(self, text: str) -> list:
         return self.backend.encode(text).ids
@@ -121,7 +120,7 @@ def gpt2_bpe(vocab_file, merge_file) -> HFTokenizer:
     """GPT2BPETokenizer: vocab_size = entries of vocab.json; <|endoftext|> in text is ordinary text."""
     if not vocab_file or not merge_file:
         raise UserInputError("GPT2BPETokenizer needs --vocab-file vocab.json and --merge-file merges.txt")
-    tokenizer = HFTokenizer(_byte_level_bpe(vocab_file, merge_file), str(vocab_file))
+    tokenizer = HFTokenizer(_byte_level_bpe(vocab_file, merge_file))
     tokenizer.name = "GPT2BPETokenizer"
     return tokenizer
 
@@ -145,7 +144,7 @@ def hf_gpt2(vocab_file, merge_file=None) -> HFTokenizer:
     else:
         backend = _load_tokenizers_json(path)
     backend.add_special_tokens([AddedToken(END_OF_TEXT, special=True), AddedToken(PADDING, special=True)])
-    tokenizer = HFTokenizer(backend, str(vocab_file))
+    tokenizer = HFTokenizer(backend)
     tokenizer.name = "HFGPT2Tokenizer"
     return tokenizer
 
@@ -178,7 +177,6 @@ class RWKVTokenizer(Tokenizer):
     eod_id = 0
 
     def __init__(self, vocab_file, special_tokens_file=None):
-        self.vocab_file = str(vocab_file)
         self.token_bytes = _read_world_vocab(vocab_file)
         self.trie = {}
         for token_id, token in self.token_bytes.items():
