@@ -66,13 +66,13 @@ def output_prefix_for(prefix: str, key: str) -> str:
 def open_input(path: Path):
     """A binary stream of the JSONL text of `path` (.jsonl, .jsonl.zst, .jsonl.gz)."""
     name = path.name.lower()
+    if name.endswith(".gz"):
+        return gzip.open(path, "rb")
     raw = open(path, "rb")
     if name.endswith(".zst"):
         import zstandard
 
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), BLOCK_BYTES)
-    if name.endswith(".gz"):
-        return gzip.GzipFile(fileobj=raw, mode="rb")
     return raw
 
 
