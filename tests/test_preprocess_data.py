@@ -227,3 +227,11 @@ def test_shell_script_runs_the_forks_command(tmp_path):
     assert result.returncode == 0, result.stderr
     data = MMapIndexedDataset(tmp_path / "sh_text_document")
     assert len(data) == len(TEXTS) and data[0][-1] == 0  # --append-eod
+
+
+def test_byte_order_mark_and_windows_line_ends(tmp_path):
+    (tmp_path / "in.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "one"}\r\n{"text": "two"}\r\n')
+    assert run(tmp_path, inputs=str(tmp_path / "in.jsonl")) == 0
+    data = MMapIndexedDataset(tmp_path / "out_text_document")
+    tokenizer = HFTokenizer.from_file(TOKENIZER_20B)
+    assert [list(data[i]) for i in range(2)] == [tokenizer.encode("one"), tokenizer.encode("two")]
