@@ -122,7 +122,10 @@ class ResumeGuard(pl.Callback):
         self.samples = samples  # the dataset; its seed is replaced by the bundle's
 
     def state_dict(self) -> dict:
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        name, keys, position, has_gauss, cached = np.random.get_state()
+        # tensors and plain Python values only: the bundle loads with torch.load(weights_only=True)
+        rng = {"torch": torch.get_rng_state(), "numpy": (name, torch.from_numpy(keys.copy()), position, has_gauss,
+                                                          cached), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {"flags": shaping_flags(self.cfg), "seed": self.samples.seed, "rng": rng}
@@ -135,7 +138,8 @@ class ResumeGuard(pl.Callback):
                                  f"{'; '.join(differences)}. Resume with the original command plus --resume.")
         self.samples.seed = state["seed"]
         torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
+        name, keys, position, has_gauss, cached = state["rng"]["numpy"]
+        np.random.set_state((name, keys.numpy(), position, has_gauss, cached))
         random.setstate(state["rng"]["python"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
