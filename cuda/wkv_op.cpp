@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <string>
 #include <vector>
 
 #include "wkv.h"
@@ -18,22 +19,32 @@ wkv::IoType io_type(const torch::Tensor& k) {
   return t == torch::kFloat32 ? wkv::IoType::kFloat : t == torch::kFloat16 ? wkv::IoType::kHalf : wkv::IoType::kBFloat16;
 }
 
+// Messages are assembled from strings: on the GPU machine (torch 2.11, CUDA 13) streaming an integer into
+// a std::ostream from inside an extension crashed the process, so no number goes through operator<<.
+std::string shape_text(torch::IntArrayRef shape) {
+  std::string text = "[";
+  for (size_t i = 0; i < shape.size(); ++i) text += (i ? ", " : "") + std::to_string(shape[i]);
+  return text + "]";
+}
+
 void check_tensor(const torch::Tensor& x, const char* name, const torch::Tensor& k, torch::ScalarType dtype,
                   torch::IntArrayRef shape) {
-  TORCH_CHECK(x.is_cuda(), "wkv_cuda: ", name, " must be a CUDA tensor, got one on ", x.device());
-  TORCH_CHECK(x.device() == k.device(), "wkv_cuda: ", name, " is on ", x.device(), " but k is on ", k.device());
+  TORCH_CHECK(x.is_cuda(), "wkv_cuda: ", name, " must be a CUDA tensor, got one on ", x.device().str());
+  TORCH_CHECK(x.device() == k.device(), "wkv_cuda: ", name, " is on ", x.device().str(), " but k is on ",
+              k.device().str());
   TORCH_CHECK(x.scalar_type() == dtype, "wkv_cuda: ", name, " must be ", dtype, ", got ", x.scalar_type());
-  TORCH_CHECK(x.sizes() == shape, "wkv_cuda: ", name, " must have shape ", shape, ", got ", x.sizes());
+  TORCH_CHECK(x.sizes() == shape, "wkv_cuda: ", name, " must have shape ", shape_text(shape), ", got ",
+              shape_text(x.sizes()));
   TORCH_CHECK(x.is_contiguous(), "wkv_cuda: ", name, " must be contiguous");
 }
 
 // Checks w, u, k, v, state (and gy, gstate in backward) and returns the sizes.
 wkv::Dims check_inputs(const torch::Tensor& w, const torch::Tensor& u, const torch::Tensor& k,
                        const torch::Tensor& v, const torch::Tensor& state) {
-  TORCH_CHECK(k.dim() == 3, "wkv_cuda: k must be (B, T, C), got shape ", k.sizes());
+  TORCH_CHECK(k.dim() == 3, "wkv_cuda: k must be (B, T, C), got shape ", shape_text(k.sizes()));
   io_type(k);
   const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
-  TORCH_CHECK(B > 0 && C > 0, "wkv_cuda: B and C must be positive, got k of shape ", k.sizes());
+  TORCH_CHECK(B > 0 && C > 0, "wkv_cuda: B and C must be positive, got k of shape ", shape_text(k.sizes()));
   const std::vector<int64_t> btc{B, T, C}, channels{C}, states{B, C, 3};
   check_tensor(k, "k", k, k.scalar_type(), btc);
   check_tensor(v, "v", k, k.scalar_type(), btc);
