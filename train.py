@@ -33,6 +33,7 @@ def train(cfg: TrainConfig) -> int:
 
 def run_training(cfg: TrainConfig, stop) -> int:
     import lightning.pytorch as pl
+    import torch
 
     from src import callbacks, checkpoint, dataset, lora, sampling, stopping, trainer
     from src.model import RWKV, RWKVConfig, count_parameters, generate_init_weights
@@ -61,7 +62,8 @@ def run_training(cfg: TrainConfig, stop) -> int:
         checkpoint.check_compatible(model.state_dict(), weights, cfg.load_model, allow_missing=bool(cfg.load_partial))
     else:
         # a fresh model is written to rwkv-init.pth (in the run's dtype) and trained from that file's values
-        weights = {k: v.to(save_dtype) for k, v in generate_init_weights(model, cfg.lr_init).items()}
+        device = "cuda" if torch.cuda.is_available() and cfg.accelerator != "cpu" else "cpu"
+        weights = generate_init_weights(model, cfg.lr_init, device=device, dtype=save_dtype)
 
     schedule = callbacks.LearningRateSchedule(cfg)
     run_epochs = cfg.epoch_count - cfg.epoch_begin
