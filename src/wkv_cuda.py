@@ -8,7 +8,7 @@ fails it returns `fallback` after one warning naming the cause, or raises when t
 Nothing is compiled at import.
 
 Algorithm (cuda/wkv_cuda.cu has the details and tests/test_wkv_chunked.py a PyTorch model of it):
-the sequence is cut into chunks of 16 tokens and tiles of 16 chunks; chunks summarise their tokens
+the sequence is cut into chunks of 16 tokens and tiles of 8 chunks; chunks summarise their tokens
 in parallel, a short scan over tiles carries the state, and every chunk then recomputes its outputs
 from the state entering it. The backward pass does the same for the adjoint, in reverse. Any T runs
 in one build; nothing is stored between forward and backward except the inputs.
