@@ -13,7 +13,7 @@ t = -1 they are exactly the state gradient of the contract.
 import pytest
 import torch
 
-from src.wkv import EMPTY_PP, empty_state, wkv_torch
+from src.wkv import empty_state, wkv_torch
 
 def _pair_exp(x1, x2):
     """(e^{x1-m}, e^{x2-m}) with m = max(x1, x2), using one exp: one of the two is exactly 1."""
