@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Index format; train.py reads mmap only.")
     group = parser.add_argument_group("runtime")
     group.add_argument("--workers", type=int, default=1,
-                       help="Worker processes (about one per CPU core); the output is the same for any number.")
+                       help="Tokenizing processes, one thread each (about one per CPU core); 1 = this process, "
+                            "where the tokenizers library may use several cores. The output is the same for any "
+                            "number.")
     group.add_argument("--log-interval", type=int, default=100, help="Documents between progress updates.")
     return parser
 

@@ -9,8 +9,9 @@ Every measurement runs in a fresh process (cold tokenizer caches, nothing shared
 take turns for --rounds rounds, and the table keeps each one's best round (the least disturbed by other
 load on the machine).
 
-raw N threads: `Tokenizer.encode_batch` over all texts already in memory, with N Rayon threads: tokenization
-alone. preprocess_data.py N workers: the whole command (read, JSON parse, tokenize, write .bin/.idx).
+raw, N cores: `Tokenizer.encode_batch` over all texts already in memory, with N Rayon threads: tokenization
+alone. preprocess_data.py, N cores: the whole command (read, JSON parse, tokenize, write .bin/.idx) with
+--workers N (for N = 1 the library's threads are held to one, as for raw).
 """
 import argparse
 import datetime
@@ -114,8 +115,10 @@ def run_ours(vocab_file: str, corpus: Path, workers: int, prefix: Path) -> dict:
     argv = ["--input", str(corpus), "--output-prefix", str(prefix), "--vocab-file", vocab_file,
             "--tokenizer-type", "HFTokenizer", "--append-eod", "--workers", str(workers),
             "--log-interval", "1000000000"]
+    # --workers 1 tokenizes in the main process, where the library would use every core: hold it to one
+    env = dict(os.environ, RAYON_NUM_THREADS=str(workers))
     cpu = child_cpu_seconds()
-    out = subprocess.run([sys.executable, "-c", OURS, str(ROOT), *argv], check=True, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", OURS, str(ROOT), *argv], env=env, check=True, capture_output=True,
                          text=True).stdout
     cpu = child_cpu_seconds() - cpu
     written = MMapIndexedDataset(f"{prefix}_text_document")

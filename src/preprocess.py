@@ -12,6 +12,7 @@ import gzip
 import io
 import json
 import multiprocessing
+import os
 import signal
 import time
 from collections import Counter, deque
@@ -175,17 +176,16 @@ class BlockEncoder:
             self.fix_text = None
 
     def __call__(self, block: Block) -> EncodedBlock:
-        keys, eod = self.options.keys, self.tokenizer.eod_id
-        pieces = {key: [] for key in keys}
-        empty, skipped, examples = Counter(), Counter(), []
-        lines = block.data.split(b"\n")
-        for index, raw in enumerate(lines):
+        keys = self.options.keys
+        texts = {key: [] for key in keys}  # key -> the block's documents, in order
+        skipped, examples = Counter(), []
+        for index, raw in enumerate(block.data.split(b"\n")):
             if not raw.strip():
                 continue  # blank lines (and the end of the block) hold no document
             if block.first_line + index == 1:
                 raw = raw.removeprefix(UTF8_BOM)
             try:
-                texts = parse_record(raw, f"{block.source}:{block.first_line + index}", keys)
+                record = parse_record(raw, f"{block.source}:{block.first_line + index}", keys)
             except BadLine as bad:
                 if not self.options.skip_bad:
                     raise UserInputError(f"{bad} (or pass --skip-bad to skip such lines)")
@@ -193,17 +193,19 @@ class BlockEncoder:
                 if len(examples) < EXAMPLES_KEPT:
                     examples.append(str(bad))
                 continue
-            for key, text in texts.items():
-                ids = self.tokenizer.encode(self.fix_text(text) if self.fix_text else text)
-                if not ids:
-                    empty[key] += 1
-                    continue
-                if self.options.append_eod:
-                    ids.append(eod)
-                pieces[key].append(np.array(ids, dtype=self.dtype))
-        tokens = {k: np.concatenate(v) if v else np.zeros(0, self.dtype) for k, v in pieces.items()}
-        sizes = {k: np.fromiter(map(len, v), np.int32, count=len(v)) for k, v in pieces.items()}
-        return EncodedBlock(tokens, sizes, empty, skipped, examples, len(block.data))
+            for key in keys:
+                texts[key].append(self.fix_text(record[key]) if self.fix_text else record[key])
+        tokens, sizes, empty = {}, {}, Counter()
+        for key in keys:
+            documents = [ids for ids in self.tokenizer.encode_batch(texts[key]) if ids]
+            empty[key] = len(texts[key]) - len(documents)
+            if self.options.append_eod:
+                for ids in documents:
+                    ids.append(self.tokenizer.eod_id)
+            sizes[key] = np.fromiter(map(len, documents), np.int32, count=len(documents))
+            tokens[key] = (np.concatenate([np.array(ids, dtype=self.dtype) for ids in documents]) if documents
+                           else np.zeros(0, self.dtype))
+        return EncodedBlock(tokens, sizes, +empty, skipped, examples, len(block.data))
 
 
 _worker_encoder = None
@@ -213,6 +215,9 @@ def _start_worker(options: EncodeOptions) -> None:
     """Worker initializer: Ctrl+C is the main process's to handle; a failure is reported with the first block."""
     global _worker_encoder
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # one tokenizing thread per worker, so that --workers N uses N cores: the `tokenizers` library takes this
+    # switch only from the environment of the process that tokenizes
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
         _worker_encoder = BlockEncoder(options)
     except Exception as e:  # raising here would make the pool restart the worker forever

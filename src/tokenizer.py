@@ -9,8 +9,8 @@
                         bytes (vocab 65536, EOD 0), optionally with special tokens {"<|B|>": 65531, ...}
 
 Every tokenizer has `vocab_size`, `eod_id` (None when the vocabulary has no end-of-document token),
-`encode(text) -> ids` and `encode_with_offsets(text) -> (ids, spans)`, where span k is the
-(start, end) character range of the text that token k came from.
+`encode(text) -> ids`, `encode_batch(texts) -> [ids]` and `encode_with_offsets(text) -> (ids, spans)`,
+where span k is the (start, end) character range of the text that token k came from.
 """
 import ast
 import json
@@ -56,6 +56,9 @@ class Tokenizer:
     def encode(self, text: str) -> list:
         raise NotImplementedError
 
+    def encode_batch(self, texts) -> list:
+        return [self.encode(text) for text in texts]
+
     def encode_with_offsets(self, text: str) -> tuple:
         raise NotImplementedError
 
@@ -75,6 +78,10 @@ class HFTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list:
         return self.backend.encode(text).ids
+
+    def encode_batch(self, texts) -> list:
+        # one call for many texts: faster than a call per text, even on one thread
+        return [encoding.ids for encoding in self.backend.encode_batch(texts)]
 
     def encode_with_offsets(self, text: str) -> tuple:
         encoding = self.backend.encode(text)

@@ -12,7 +12,7 @@ import train
 from src import sampling
 from src.binidx import MMapIndexedDataset, MMapIndexedDatasetBuilder
 from src.config import UserInputError, parse_args
-from src.dataset import IGNORE_INDEX, TokenData, TrainingSamples, load_token_data, pad_batch
+from src.dataset import IGNORE_INDEX, TrainingSamples, load_token_data, pad_batch
 from src.jsonl_data import Documents, speaker_mask, speaker_spans
 from src.tokenizer import HFTokenizer, RWKVTokenizer
 
@@ -47,9 +47,9 @@ def test_speaker_spans_are_paragraphs_that_start_with_the_name():
     assert speaker_spans(CHAT, "Carol") == [] and speaker_spans("a.b: x", "a.b") == [(4, 6)]
 
 
-@pytest.mark.parametrize("tokenizer", [HFTokenizer.from_file(TOKENIZER_20B), RWKVTokenizer(WORLD_VOCAB)],
-                         ids=["20B", "World"])
-def test_only_the_speakers_tokens_are_trained(tokenizer):
+@pytest.mark.parametrize("kind", ["20B", "World"])
+def test_only_the_speakers_tokens_are_trained(kind):
+    tokenizer = HFTokenizer.from_file(TOKENIZER_20B) if kind == "20B" else RWKVTokenizer(WORLD_VOCAB)
     ids, spans = tokenizer.encode_with_offsets(CHAT)
     trained = speaker_mask(CHAT, spans, "Alice")
     said = [i for i, keep in zip(ids, trained) if keep]
