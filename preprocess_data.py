@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Tokenizing processes, one thread each (about one per CPU core); 1 = this process, "
                             "where the tokenizers library may use several cores. The output is the same for any "
                             "number.")
-    group.add_argument("--log-interval", type=int, default=100, help="Documents between progress updates.")
+    group.add_argument("--log-interval", type=int, default=100,
+                       help="Documents between progress updates (at most one line per 10 s into a log file).")
     return parser
 
 

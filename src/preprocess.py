@@ -282,20 +282,25 @@ class Totals:
 
 
 class Progress:
-    """A one-line progress bar on a terminal (a line per update otherwise), every `interval` documents."""
+    """A one-line progress bar on a terminal (a line per update otherwise): every `interval` documents, and
+    at most once per `min_seconds` (default: 0.2 s on a terminal, 10 s in a log file)."""
 
-    def __init__(self, stream, interval: int, total_documents: Optional[int]):
+    def __init__(self, stream, interval: int, total_documents: Optional[int], min_seconds: Optional[float] = None):
         self.stream = stream
         self.interval = interval
         self.total = total_documents
         self.next_report = interval
         self.redraw = stream.isatty()
+        self.min_seconds = (0.2 if self.redraw else 10.0) if min_seconds is None else min_seconds
+        self.last_report = -float("inf")
 
     def update(self, totals: Totals) -> None:
         done = totals.documents[totals.keys[0]]
-        if done < self.next_report:
+        now = time.perf_counter()
+        if done < self.next_report or now - self.last_report < self.min_seconds:
             return
         self.next_report = (done // self.interval + 1) * self.interval
+        self.last_report = now
         count = f"{done:,}/{self.total:,} ({100 * done / self.total:.0f}%)" if self.total else f"{done:,}"
         line = f"{count} documents, {totals.tokens[totals.keys[0]]:,} tokens | {totals.rates()}"
         print(f"\r{line}\x1b[K" if self.redraw else line, end="" if self.redraw else "\n", file=self.stream,

@@ -210,7 +210,7 @@ def test_interrupt_leaves_old_outputs_and_no_partial_files(tmp_path, capsys, mon
 def test_progress_reports_every_interval(tmp_path, capsys):
     write_jsonl(tmp_path / "in.jsonl", [f"doc {i}" for i in range(30)])
     options = preprocess.EncodeOptions(TokenizerSpec("CharLevelTokenizer"), ("text",))
-    progress = preprocess.Progress(sys.stderr, interval=10, total_documents=30)
+    progress = preprocess.Progress(sys.stderr, interval=10, total_documents=30, min_seconds=0)
     preprocess.preprocess(options, [tmp_path / "in.jsonl"], str(tmp_path / "out"), progress=progress,
                           block_bytes=40)
     lines = capsys.readouterr().err.splitlines()
