@@ -23,7 +23,7 @@ from typing import Optional
 import numpy as np
 
 from src.config import TrainConfig, UserInputError
-from src.preprocess import UTF8_BOM, BadLine, open_input, parse_record
+from src.preprocess import UTF8_BOM, BadLine, open_input, parse_record, read_errors
 from src.tokenizer import Tokenizer, tokenizer_for_file
 
 
@@ -86,22 +86,25 @@ def speaker_mask(text: str, token_spans, name: str) -> np.ndarray:
 def read_texts(path: Path) -> list:
     """The "text" of every line of a .jsonl (.zst, .gz) file; a bad line stops with file:line."""
     texts = []
-    with open_input(path) as stream:
-        for number, raw in enumerate(stream, start=1):
-            if number == 1:
-                raw = raw.removeprefix(UTF8_BOM)
-            if not raw.strip():
-                continue
-            try:
-                texts.append(parse_record(raw.rstrip(b"\r\n"), f"{path}:{number}", ("text",))["text"])
-            except BadLine as bad:
-                raise UserInputError(f"--data_file {bad}")
+    try:
+        with open_input(path) as stream:
+            for number, raw in enumerate(stream, start=1):
+                if number == 1:
+                    raw = raw.removeprefix(UTF8_BOM)
+                if not raw.strip():
+                    continue
+                try:
+                    texts.append(parse_record(raw.rstrip(b"\r\n"), f"{path}:{number}", ("text",))["text"])
+                except BadLine as bad:
+                    raise UserInputError(f"--data_file {bad}")
+    except read_errors() as e:
+        raise UserInputError(f"--data_file {path} cannot be read ({type(e).__name__}: {e})")
     return texts
 
 
 def tokenize_documents(texts, tokenizer: Tokenizer, select_name: Optional[str]) -> tuple:
-    """(tokens, trained, starts) of the documents with at least two tokens, and how many were too short."""
-    pieces, flags, lengths, too_short = [], [], [], 0
+    """(tokens, trained, starts) of the documents with at least two tokens (one token holds no target)."""
+    pieces, flags, lengths = [], [], []
     for text in texts:
         if select_name:
             ids, spans = tokenizer.encode_with_offsets(text)
@@ -109,8 +112,7 @@ def tokenize_documents(texts, tokenizer: Tokenizer, select_name: Optional[str]) 
         else:
             ids = tokenizer.encode(text)
             trained = np.ones(len(ids), dtype=bool)
-        if len(ids) < 2:  # no (input, target) pair
-            too_short += 1
+        if len(ids) < 2:
             continue
         pieces.append(np.asarray(ids, dtype=np.int32))
         flags.append(trained)
@@ -119,7 +121,7 @@ def tokenize_documents(texts, tokenizer: Tokenizer, select_name: Optional[str]) 
     np.cumsum(lengths, out=starts[1:])
     tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
     trained = np.concatenate(flags) if flags else np.zeros(0, bool)
-    return tokens, trained, starts, too_short
+    return tokens, trained, starts
 
 
 def load_documents(cfg: TrainConfig) -> Documents:
@@ -128,7 +130,7 @@ def load_documents(cfg: TrainConfig) -> Documents:
     texts = read_texts(path)
     if cfg.train_split_ratio is not None:
         texts = texts[:int(len(texts) * cfg.train_split_ratio)]
-    tokens, trained, starts, too_short = tokenize_documents(texts, tokenizer, cfg.select_name)
+    tokens, trained, starts = tokenize_documents(texts, tokenizer, cfg.select_name)
     if len(starts) == 1:
         raise UserInputError(f"--data_file {path} has no document of two or more tokens"
                              f"{' in the first --train_split_ratio of it' if cfg.train_split_ratio else ''}")

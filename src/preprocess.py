@@ -95,7 +95,7 @@ def check_inputs(paths) -> list:
     return checked
 
 
-def _read_errors() -> tuple:
+def read_errors() -> tuple:
     """Exceptions that mean "this input file is damaged": I/O, gzip and zstd errors."""
     import zstandard
 
@@ -116,7 +116,7 @@ def read_blocks(paths, block_bytes: int = BLOCK_BYTES) -> Iterator[Block]:
                         data += stream.readline()  # finish the last line
                     yield Block(str(path), line, data)
                     line += data.count(b"\n")
-        except _read_errors() as e:
+        except read_errors() as e:
             raise UserInputError(f"--input {path} cannot be read ({type(e).__name__}: {e})")
 
 

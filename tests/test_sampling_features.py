@@ -135,6 +135,14 @@ def test_train_split_keeps_the_first_fraction(tmp_path):
     assert len(load_token_data(cfg).documents) == 3
 
 
+def test_damaged_compressed_jsonl(tmp_path):
+    (tmp_path / "c.jsonl.gz").write_bytes(b"not gzip")
+    cfg = parse_args(["--data_type", "jsonl", "--data_file", str(tmp_path / "c.jsonl.gz"), "--vocab_file",
+                      TOKENIZER_20B, "--vocab_size", "50277"])
+    with pytest.raises(UserInputError, match="c.jsonl.gz cannot be read"):
+        load_token_data(cfg)
+
+
 # ---- --my_script_mask on binidx windows
 
 def test_script_mask_cuts_at_the_document_end_and_masks_the_prefix(tmp_path):
@@ -290,3 +298,4 @@ def test_train_refuses_a_magic_prime_that_does_not_fit(tmp_path, capsys):
     assert run(tmp_path, "--data_type", "numpy", "--data_file", str(tmp_path / "t.npy"), "--vocab_size", "50",
                "--devices", "1", "--my_pile_stage", "1", "--magic_prime", "5") == 2
     assert "--magic_prime 5 does not match the data" in capsys.readouterr().err
+
