@@ -106,7 +106,9 @@ class RWKVModule(pl.LightningModule):
             if "offload_optimizer" in strategy.config["zero_optimization"]:
                 return DeepSpeedCPUAdam(groups, **settings, bias_correction=True, adamw_mode=adamw, amsgrad=False)
             return FusedAdam(groups, **settings, bias_correction=True, adam_w_mode=adamw, amsgrad=False)
-        fused = all(p.is_cuda for g in groups for p in g["params"])
+        # Lightning's mixed-precision plugin refuses gradient clipping with fused Adam (it assumes the fused step
+        # unscales fp16 gradients itself), so fused Adam only runs in fp32/tf32
+        fused = self.cfg.precision in ("fp32", "tf32") and all(p.is_cuda for g in groups for p in g["params"])
         optimizer_class = torch.optim.AdamW if adamw else torch.optim.Adam
         return optimizer_class(groups, **settings, fused=fused or None)
 
