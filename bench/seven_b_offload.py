@@ -1,9 +1,12 @@
 """The original's claim "full training of RWKV 7B on 24 GB", checked with our train.py.
 
 The 7B shape (L32 D4096, vocab 50277, fresh random weights), ctx 4096, bf16,
-`--strategy deepspeed_stage_2_offload --grad_cp 1 --ctx_parts 4`, with this process's GPU memory capped by
-torch.cuda.set_per_process_memory_fraction. Trains a few optimizer steps on random tokens and prints
-peak GPU memory, peak host memory and seconds per step. DeepSpeed's CPU Adam keeps ~115 GB of fp32
+`--strategy deepspeed_stage_2_offload --grad_cp 1 --ctx_parts 4`, on a bigger card made to look like a
+24 GiB one: a filler allocation leaves 24 GiB free (DeepSpeed sizes its buffers from the card's free
+memory, which torch.cuda.set_per_process_memory_fraction alone does not change: with only the fraction,
+ZeRO-2 flattens the 14 GiB of bf16 weights on the GPU and runs out of memory), and the fraction caps this
+process at filler + 24 GiB. Trains a few optimizer steps on random tokens and prints peak GPU memory
+(without the filler), peak host memory and seconds per step. DeepSpeed's CPU Adam keeps ~115 GB of fp32
 master weights and moments in host memory: run it on a machine with well over 128 GiB.
 
     python bench/seven_b_offload.py --gpu_gib 24 --steps 3
@@ -30,8 +33,11 @@ def main() -> int:
     parser.add_argument("--proj_dir", default="", help="output folder (default: a temporary one)")
     args = parser.parse_args()
 
-    total = torch.cuda.get_device_properties(0).total_memory
-    torch.cuda.set_per_process_memory_fraction(args.gpu_gib * 2**30 / total, 0)
+    cap = int(args.gpu_gib * 2**30)
+    free, total = torch.cuda.mem_get_info(0)
+    filler = torch.empty(max(free - cap, 0), dtype=torch.uint8, device="cuda:0")
+    torch.cuda.set_per_process_memory_fraction((filler.numel() + cap) / total, 0)
+    torch.cuda.reset_peak_memory_stats(0)
     proj_dir = Path(args.proj_dir or tempfile.mkdtemp(prefix="rwkv7b-"))
     proj_dir.mkdir(parents=True, exist_ok=True)
     tokens = proj_dir / "tokens.npy"
@@ -51,8 +57,8 @@ def main() -> int:
 
     rows = [line.split("\t") for line in (proj_dir / "train_steps.tsv").read_text().splitlines()[1:]]
     speed_kts = float(rows[-1][6])  # average over this run's steps
-    peak_gpu = torch.cuda.max_memory_allocated(0) / 2**30
-    peak_reserved = torch.cuda.max_memory_reserved(0) / 2**30
+    peak_gpu = (torch.cuda.max_memory_allocated(0) - filler.numel()) / 2**30
+    peak_reserved = (torch.cuda.max_memory_reserved(0) - filler.numel()) / 2**30
     peak_host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     print("\n| what | value |\n|---|---|")
     print(f"| card | {torch.cuda.get_device_name(0)}, capped at {args.gpu_gib:g} GiB |")
