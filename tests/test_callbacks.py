@@ -58,3 +58,19 @@ def test_resume_offsets_by_epoch_begin_or_previous_step():
 def test_no_division_by_zero_when_warmup_covers_the_decay():
     cfg = config("--epoch_count", "1", "--warmup_steps", "100")
     assert math.isfinite(learning_rate(100, cfg))
+
+
+def test_wandb_logs_loss_lr_gtokens_and_speed_per_step(tmp_path, monkeypatch, capfd):
+    """A real (offline) W&B run: its printed run history lists our four series."""
+    import train
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    argv = ["--data_type", "dummy", "--n_layer", "1", "--n_embd", "16", "--ctx_len", "16", "--micro_bsz", "2",
+            "--epoch_steps", "5", "--epoch_count", "1", "--wkv_backend", "torch", "--enable_progress_bar", "0",
+            "--proj_dir", str(tmp_path), "--wandb", "rwkv-test"]
+    assert train.main(argv) == 0
+    printed = capfd.readouterr()
+    history = (printed.out + printed.err).split("Run history:")[1].split("Run summary:")[0]
+    assert [line.split()[1] for line in history.splitlines() if line.startswith("wandb: ") and len(line.split()) > 2] \
+        == ["Gtokens", "kt/s", "loss", "lr"]
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
