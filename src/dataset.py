@@ -8,8 +8,8 @@ Each sample is a window of L+1 tokens: x = window[:-1], y = window[1:], L = ctx_
 length of the context warm-up). Targets that must not be trained are -100.
 """
 import json
-import signal
 import math
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
