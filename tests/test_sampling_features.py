@@ -157,7 +157,7 @@ def test_script_mask_cuts_at_the_document_end_and_masks_the_prefix(tmp_path):
 
 def test_script_masked_samples(tmp_path):
     sizes = [30, 5, 50, 12, 40]
-    data = write_binidx(tmp_path / "d", np.split(np.arange(sum(sizes)), np.cumsum(sizes)[:-1]))
+    write_binidx(tmp_path / "d", np.split(np.arange(sum(sizes)), np.cumsum(sizes)[:-1]))
     cfg = parse_args(["--data_type", "binidx", "--data_file", str(tmp_path / "d"), "--vocab_size", "200",
                       "--ctx_len", "16", "--my_script_mask", "1_3"])
     samples = TrainingSamples(load_token_data(cfg), cfg, seed=0, rank=0)

@@ -1,6 +1,5 @@
 """train.main end to end on CPU: every data type, saving rules, loading, bad input, rwkv pip parity."""
 import numpy as np
-import pytest
 import torch
 
 import train
