@@ -20,7 +20,6 @@ def main(argv=None) -> int:
 
 
 def train(cfg: TrainConfig) -> int:
-    # torch and Lightning load here, after the command line is known to be valid
     from src import stopping
 
     stop = stopping.StopSignal()
@@ -32,6 +31,7 @@ def train(cfg: TrainConfig) -> int:
 
 
 def run_training(cfg: TrainConfig, stop) -> int:
+    # torch and Lightning load here, after the command line is known to be valid
     import lightning.pytorch as pl
     import torch
 

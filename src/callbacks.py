@@ -12,6 +12,7 @@ from src.checkpoint import save_weights
 from src.config import TrainConfig
 from src.dataset import context_length, optimizer_steps_per_epoch
 from src.stopping import completes_optimizer_step
+from src.trainer import is_deepspeed
 
 STEP_LOG_NAME = "train_steps.tsv"
 STEP_LOG_COLUMNS = ("step", "epoch", "loss", "lr", "ctx_len", "Gtokens", "kt/s")
@@ -73,7 +74,7 @@ class LearningRateSchedule(pl.Callback):
 class TrainingLog(pl.Callback):
     """What a run reports, on rank 0:
 
-    - train_log.txt as the original: a NEW RUN header, then per mini-epoch
+    - train_log.txt as the original: a NEW RUN header (flags, and the DeepSpeed config), then per mini-epoch
       `epoch mean_loss exp(mean_loss) lr time epoch_in_this_run` (the loss averaged over all GPUs);
     - train_steps.tsv: one row per optimizer step (rank 0's loss), for loss curves without W&B;
     - W&B (--wandb PROJECT) per optimizer step: loss, lr, Gtokens, kt/s, at step real_step + log_add_step;
@@ -81,10 +82,9 @@ class TrainingLog(pl.Callback):
     The running sums travel in the resume bundle, so a resumed run continues its mini-epoch's mean.
     """
 
-    def __init__(self, cfg: TrainConfig, schedule: LearningRateSchedule, extra_header: str = ""):
+    def __init__(self, cfg: TrainConfig, schedule: LearningRateSchedule):
         self.cfg = cfg
         self.schedule = schedule
-        self.extra_header = extra_header
         self.proj_dir = Path(cfg.proj_dir)
         self.epoch_loss = None  # tensor on the model's device: sum of micro-batch losses this mini-epoch
         self.epoch_batches = 0
@@ -105,7 +105,9 @@ class TrainingLog(pl.Callback):
         if not trainer.is_global_zero:
             return
         with open(self.proj_dir / "train_log.txt", "a", encoding="utf-8") as f:
-            f.write(f"NEW RUN {self.cfg.timestamp}\n{asdict(self.cfg)}\n{self.extra_header}")
+            f.write(f"NEW RUN {self.cfg.timestamp}\n{asdict(self.cfg)}\n")
+            if is_deepspeed(trainer.strategy):
+                f.write(f"{trainer.strategy.config}\n")
         steps = self.proj_dir / STEP_LOG_NAME
         if not steps.exists():
             steps.write_text("\t".join(STEP_LOG_COLUMNS) + "\n", encoding="utf-8")

@@ -93,8 +93,8 @@ class RWKVModule(pl.LightningModule):
         return {"loss": loss, "token_loss": loss.detach(), "tokens": y.numel()}
 
     def configure_optimizers(self):
-        """Adam on fp32 master weights: torch's (fused on CUDA), DeepSpeed's FusedAdam, or DeepSpeedCPUAdam when
-        ZeRO offloads the optimizer. weight_decay is decoupled (AdamW) and per group."""
+        """Adam on fp32 master weights: torch's (fused on CUDA in fp32/tf32), DeepSpeed's FusedAdam, or
+        DeepSpeedCPUAdam when ZeRO offloads the optimizer. weight_decay is decoupled (AdamW) and per group."""
         groups = build_param_groups(self.model, self.cfg)
         for group in groups:
             group.pop("names")
@@ -114,7 +114,8 @@ class RWKVModule(pl.LightningModule):
 
 
 def is_deepspeed(strategy) -> bool:
-    return type(strategy).__name__ == "DeepSpeedStrategy"
+    from lightning.pytorch.strategies import DeepSpeedStrategy  # importable without deepspeed installed
+    return isinstance(strategy, DeepSpeedStrategy)
 
 
 def full_state_dict(trainer: pl.Trainer, pl_module: RWKVModule) -> dict:
