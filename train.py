@@ -103,12 +103,20 @@ def print_banner(cfg: TrainConfig, model_cfg, n_params: int, seed: int, world_si
     batch = cfg.micro_bsz * world_size
     print(f"\nRWKV-4 L{cfg.n_layer} D{cfg.n_embd} vocab {model_cfg.vocab_size}: {n_params / 1e6:.2f}M parameters, "
           f"precision {cfg.precision}, strategy {cfg.strategy}, seed {seed}\n"
-          f"data {cfg.data_type} {cfg.data_file or ''}; ctx_len {cfg.ctx_len}; {world_size} device(s) x micro_bsz "
+          f"data {cfg.data_type} {cfg.data_file or ''}; ctx_len {cfg.ctx_len}{state_cp_note(cfg)}; {world_size} "
+          f"device(s) x micro_bsz "
           f"{cfg.micro_bsz} x accumulate {cfg.accumulate_grad_batches}\n"
           f"mini-epoch = {cfg.epoch_steps} micro-batches = {cfg.epoch_steps * batch} samples = "
           f"{cfg.epoch_steps * batch * cfg.ctx_len} tokens; epochs {cfg.epoch_begin}..{cfg.epoch_count - 1}; "
           f"lr {cfg.lr_init} -> {cfg.lr_final}, warmup {cfg.warmup_steps} steps; output {cfg.proj_dir}/\n",
           flush=True)
+
+
+def state_cp_note(cfg: TrainConfig) -> str:
+    if not cfg.state_cp:
+        return ""
+    segments = -(-cfg.ctx_len // cfg.segment_len)
+    return f" in {segments} segment{'s' if segments > 1 else ''} of {cfg.segment_len} tokens (--state_cp)"
 
 
 if __name__ == "__main__":

@@ -132,8 +132,9 @@ class TrainConfig:
     # ---- long context
     ctx_parts: Optional[int] = flag(None, "long", "Run the WKV operator in pieces of ceil(ctx_len/ctx_parts) "
                                     "tokens, carrying the state (less kernel memory, same results).")
-    state_cp: int = flag(0, "long", "1 = state checkpointing across segments of ceil(ctx_len/ctx_parts) tokens.",
-                         choices=(0, 1))
+    state_cp: int = flag(0, "long", "1 = exact training on long samples in the memory of one segment of "
+                         "ceil(ctx_len/ctx_parts) tokens (ctx_len without --ctx_parts): backpropagation through time "
+                         "segment by segment, with the state carried between them.", choices=(0, 1))
     initial_ctx_len: Optional[int] = flag(None, "long", "Start length of the context warm-up.")
     ctx_warmup_steps: int = flag(1, "long", "Optimizer steps over which the length grows from --initial_ctx_len "
                                  "to --ctx_len.")
@@ -191,6 +192,11 @@ class TrainConfig:
     def chunk_len(self) -> Optional[int]:
         """Tokens per WKV call (and per state_cp segment) when --ctx_parts splits the context."""
         return math.ceil(self.ctx_len / self.ctx_parts) if self.ctx_parts else None
+
+    @property
+    def segment_len(self) -> Optional[int]:
+        """--state_cp: tokens per segment of backpropagation through time (None: one pass per sample)."""
+        return (self.chunk_len or self.ctx_len) if self.state_cp else None
 
     def finalize(self) -> "TrainConfig":
         """Fill derived values and refuse invalid combinations with one clear message."""
@@ -264,7 +270,6 @@ _INTERNAL_DEFAULTS = {f.name: f.default for f, _ in _flag_fields() if f.metadata
 # Features of the original that are not built yet: flag -> test "is it in use". Each entry leaves this table
 # when its feature lands.
 _NOT_YET_BUILT = {
-    "state_cp": lambda c: c.state_cp,
     "instruct_data_file": lambda c: bool(c.instruct_data_file),
     "names_data_file": lambda c: c.names_data_file is not None,
     "accumulate_grad_batches_dict": lambda c: c.accumulate_grad_batches_dict is not None,
@@ -313,9 +318,25 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.data_type == "uint16" and cfg.my_sample_len < 2:
         raise UserInputError("--data_type uint16 needs --my_sample_len (the row length, at least 2).")
     _validate_sampling_features(cfg)
+    if cfg.state_cp:
+        _validate_state_cp(cfg)
     if cfg.lora:
         from src.lora import LoraSettings  # the --lora_* rules live with LoRA (this imports torch, LoRA runs only)
         LoraSettings.from_flags(cfg)
+
+
+def _validate_state_cp(cfg: TrainConfig) -> None:
+    """--state_cp carries the state between segments: features that see the whole window at once cannot follow."""
+    windowed = {"head_qk": cfg.head_qk > 0, "my_pos_emb": cfg.my_pos_emb > 0,
+                "tiny_att_dim": cfg.tiny_att_dim > 0 and 0 <= cfg.tiny_att_layer < cfg.n_layer}
+    for name, on in windowed.items():
+        if on:
+            raise UserInputError(f"--state_cp 1 cannot train --{name}: it attends over the whole window at once, so "
+                                 f"it cannot continue from the state of an earlier segment; remove one of the two.")
+    if cfg.strategy.startswith("deepspeed_stage_3"):
+        raise UserInputError(f"--state_cp 1 cannot run under --strategy {cfg.strategy} (ZeRO-3 gathers each parameter "
+                             f"in module hooks, which the segment passes bypass); use deepspeed_stage_2 or "
+                             f"deepspeed_stage_2_offload.")
 
 
 # BlinkDL's Pile mode: (magic_prime, my_pile_shift) defaults per ctx_len, and the samples of one mini-epoch.

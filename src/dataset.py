@@ -21,8 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from src import jsonl_data, sampling
 from src.binidx import MMapIndexedDataset
 from src.config import TrainConfig, UserInputError, parse_script_mask
-
-IGNORE_INDEX = -100  # target id that cross_entropy skips
+from src.loss import IGNORE_INDEX
 
 # How many tokens np.max reads at once when checking ids against the vocabulary.
 _SCAN_CHUNK = 1 << 26

@@ -1,51 +1,16 @@
-"""Lightning glue: the training step (loss + L2Wrap), optimizer and parameter groups, precision and
-strategy mapping, and the Trainer itself. The model (src/model.py) knows nothing of this module.
+"""Lightning glue: the training step (src/loss.py through src/infctx.py), optimizer and parameter groups,
+precision and strategy mapping, and the Trainer itself. The model (src/model.py) knows nothing of this module.
 """
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 
+from src import infctx
 from src.config import TrainConfig
-from src.dataset import IGNORE_INDEX
 
 # --precision of the original -> Lightning precision. bf16/fp16 are mixed: weights and Adam stay fp32.
 LIGHTNING_PRECISION = {"fp32": "32-true", "tf32": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed"}
 # dtype of the .pth files we write, as the original (bf16 runs write bf16 weights).
 SAVE_DTYPE = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-L2WRAP_COEF = 1e-4
-
-
-class L2Wrap(torch.autograd.Function):
-    """Identity on the loss; in backward, adds the gradient of 1e-4 * mean(max_logit^2) / 2 to the logits.
-
-    This keeps logits from drifting upward (BlinkDL's L2Wrap). Unlike the original, the extra gradient is
-    multiplied by the incoming gradient, so it scales with gradient accumulation and fp16 loss scaling.
-    `positions` is the number of (batch, time) positions the mean runs over.
-    """
-
-    @staticmethod
-    def forward(ctx, loss, logits, positions: int):
-        ctx.save_for_backward(logits)
-        ctx.positions = positions
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (logits,) = ctx.saved_tensors
-        top, ids = torch.max(logits, dim=-1, keepdim=True)  # (B, T, 1)
-        glogits = torch.zeros_like(logits).scatter_(-1, ids, top * (L2WRAP_COEF / ctx.positions))
-        return grad_output, glogits * grad_output.to(glogits.dtype), None
-
-
-def language_model_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over targets != -100, with L2Wrap. logits (B, T, V), targets (B, T)."""
-    flat_targets = targets.reshape(-1)
-    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), flat_targets, ignore_index=IGNORE_INDEX,
-                            reduction="sum")
-    # a batch whose targets are all masked gives 0 (not 0/0), still attached to the graph
-    loss = total / (flat_targets != IGNORE_INDEX).sum().clamp(min=1)
-    return L2Wrap.apply(loss, logits, targets.numel())
 
 
 def build_param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list:
@@ -87,8 +52,7 @@ class RWKVModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch  # (B, T) token ids, (B, T) targets
-        logits, _ = self.model(x)
-        loss = language_model_loss(logits, y)
+        loss = infctx.sample_loss(self.model, x, y, self.cfg.segment_len)
         # Lightning divides "loss" by accumulate_grad_batches; "token_loss" is the plain value for logs.
         return {"loss": loss, "token_loss": loss.detach(), "tokens": y.numel()}
 

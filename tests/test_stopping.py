@@ -48,8 +48,8 @@ def no_temporary_files(proj_dir):
     return not [p.name for p in proj_dir.iterdir() if p.name.startswith(".")]
 
 
-def interrupt(proj_dir, signum):
-    proc = start(proj_dir)
+def interrupt(proj_dir, signum, *extra):
+    proc = start(proj_dir, *extra)
     wait_for_training(proc, proj_dir)
     time.sleep(0.3)
     os.killpg(proc.pid, signum)
@@ -85,6 +85,21 @@ def test_stop_save_and_resume_is_exact(straight_run, tmp_path, signum, code):
                    if line[:1].isdigit()]
     assert epoch_lines == [line.split()[:4] for line in (straight_run / "train_log.txt").read_text().splitlines()
                            if line[:1].isdigit()]
+
+
+def test_state_cp_run_stops_and_resumes_exactly(tmp_path):
+    """--state_cp 1 in segments of 8 tokens: the stopped and resumed run repeats the straight one bit for bit."""
+    state_cp = ["--state_cp", "1", "--ctx_parts", "4", "--epoch_count", "2"]
+    straight = tmp_path / "straight"
+    assert train.main([*RUN, "--proj_dir", str(straight), *state_cp]) == 0
+    proj_dir = tmp_path / "out"
+    returncode, output = interrupt(proj_dir, signal.SIGINT, *state_cp)
+    assert returncode == 130, output
+    assert 1 <= len(step_rows(proj_dir)) < 24, "the signal should land inside the run"
+    assert train.main([*RUN, "--proj_dir", str(proj_dir), *state_cp, "--resume", str(proj_dir / BUNDLE_NAME)]) == 0
+    assert losses(proj_dir) == losses(straight)
+    resumed, expected = load_weights(proj_dir / "rwkv-final.pth"), load_weights(straight / "rwkv-final.pth")
+    assert all(torch.equal(resumed[k], expected[k]) for k in expected)
 
 
 def test_second_ctrl_c_quits_at_once_leaving_files_whole(tmp_path):

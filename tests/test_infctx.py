@@ -1,0 +1,220 @@
+"""--state_cp: segment-by-segment backpropagation gives the gradients of full backpropagation.
+
+Tolerances (relative, max |a - b| / max |b| per tensor): fp64 1e-10, fp32 1e-5. The oracle is one
+autograd pass over the whole sample with the plain loss (src/loss.py), or, where dropout draws random
+masks, over the segments chained with their graphs kept (the same draws in the same order).
+"""
+import pytest
+import torch
+
+from helpers import tiny_model
+from src import infctx
+from src.loss import IGNORE_INDEX, language_model_loss
+from src.lora import LoraSettings, apply_lora, mark_trainable, trainable_names
+
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def gradients(model, loss_fn):
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_same_gradients(got, expected, tolerance):
+    (loss, grads), (expected_loss, expected_grads) = got, expected
+    assert torch.allclose(loss, expected_loss, rtol=tolerance, atol=0), (loss, expected_loss)
+    assert grads.keys() == expected_grads.keys()
+    for name, g in expected_grads.items():
+        scale = g.abs().max().clamp(min=1e-30)
+        error = ((grads[name] - g).abs().max() / scale).item()
+        assert error <= tolerance, f"{name}: relative error {error:.2e} > {tolerance:.0e}"
+
+
+def sample(batch, length, vocab=37, masked=()):
+    """Random ids and targets; positions in `masked` (t or (b, t)) are IGNORE_INDEX."""
+    x = torch.randint(0, vocab, (batch, length))
+    y = torch.randint(0, vocab, (batch, length))
+    for position in masked:
+        y[position] = IGNORE_INDEX
+    return x, y
+
+
+def full_backprop(model, x, y):
+    return lambda: language_model_loss(model(x)[0], y)
+
+
+def segmented(model, x, y, segment_len):
+    return lambda: infctx.sample_loss(model, x, y, segment_len)
+
+
+def test_segment_bounds_cover_the_sample_with_a_shorter_last_segment():
+    assert infctx.segment_bounds(14, 4) == [(0, 4), (4, 8), (8, 12), (12, 14)]
+    assert infctx.segment_bounds(14, 7) == [(0, 7), (7, 14)]
+    assert infctx.segment_bounds(14, 14) == infctx.segment_bounds(14, 100) == infctx.segment_bounds(14, None) == [(0, 14)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("segment_len", [14, 7, 2, 4], ids=["1 segment", "2 segments", "7 segments", "uneven last"])
+def test_gradients_equal_full_backpropagation(dtype, segment_len):
+    model = tiny_model().to(dtype)
+    x, y = sample(1, 14)
+    expected = gradients(model, full_backprop(model, x, y))
+    assert_same_gradients(gradients(model, segmented(model, x, y, segment_len)), expected, TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_micro_batch_of_two_with_masks_and_grad_cp(dtype):
+    """Masked targets (a jsonl speaker mask, padding, a whole masked segment) count in neither the mean nor the
+    gradient; L2Wrap is normalised over the whole sample; --grad_cp nests inside the segment passes."""
+    model = tiny_model(grad_cp=True).to(dtype)
+    x, y = sample(2, 15, masked=[(0, slice(0, 5)), (1, slice(9, 15)), (0, 12)])
+    expected = gradients(model, full_backprop(model, x, y))
+    assert_same_gradients(gradients(model, segmented(model, x, y, 5)), expected, TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_lora_every_part(dtype):
+    model = tiny_model(n_layer=3).to(dtype)
+    settings = LoraSettings(r=4, alpha=8.0, dropout=0.0, parts=("att", "ffn", "time", "ln"), layers=(0, 2))
+    apply_lora(model, settings)
+    mark_trainable(model, trainable_names(model, settings))
+    with torch.no_grad():  # B starts at 0; make the LoRA branch matter
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.1)
+    x, y = sample(2, 12, masked=[(1, slice(0, 3))])
+    expected = gradients(model, full_backprop(model, x, y))
+    got = gradients(model, segmented(model, x, y, 5))
+    assert any("lora_A" in n for n in got[1]) and not any(n == "emb.weight" for n in got[1])
+    assert_same_gradients(got, expected, TOLERANCE[dtype])
+
+
+def test_lora_dropout_masks_are_redrawn_the_same_when_a_segment_is_recomputed():
+    """With dropout the oracle is the chain of segments with their graphs kept: the same draws in the same order."""
+    model = tiny_model().double()
+    settings = LoraSettings(r=4, alpha=8.0, dropout=0.5, parts=("att", "ffn"), layers=(0, 1))
+    apply_lora(model, settings)
+    mark_trainable(model, trainable_names(model, settings))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.1)
+    x, y = sample(1, 12)
+
+    def chained_graph():
+        state, total = None, 0
+        for start in range(0, 12, 4):
+            logits, state = model(x[:, start:start + 4], state)
+            total = total + language_model_loss(logits, y[:, start:start + 4], torch.tensor(12), 12)
+        return total
+
+    torch.manual_seed(3)
+    expected = gradients(model, chained_graph)
+    torch.manual_seed(3)
+    got = gradients(model, segmented(model, x, y, 4))
+    assert_same_gradients(got, expected, TOLERANCE[torch.float64])
+    after_segmented = torch.rand(1)
+    torch.manual_seed(3)
+    chained_graph()
+    assert torch.equal(after_segmented, torch.rand(1))  # recomputes leave the global RNG where training left it
+
+
+def test_parameters_receive_one_gradient_per_backward():
+    """The property DeepSpeed ZeRO-2 needs: each parameter's gradient is accumulated once, however many segments."""
+    model = tiny_model()
+    arrivals = {}
+    for name, p in model.named_parameters():
+        p.register_post_accumulate_grad_hook(lambda p, name=name: arrivals.__setitem__(name, arrivals.get(name, 0) + 1))
+    x, y = sample(1, 21)
+    infctx.sample_loss(model, x, y, 3).backward()
+    assert arrivals == {name: 1 for name, _ in model.named_parameters()}
+
+
+def test_fp32_autocast_recompute_matches_the_forward():
+    """Under autocast (Lightning's mixed precision) the recomputed segments run under the same autocast."""
+    model = tiny_model()
+    x, y = sample(1, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = gradients(model, full_backprop(model, x, y))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = gradients(model, segmented(model, x, y, 4))
+    loss, grads = got
+    assert torch.allclose(loss, expected[0], rtol=2e-2)
+    for name, g in expected[1].items():  # bf16 matmuls: both sides round, differently split
+        assert torch.allclose(grads[name], g, rtol=5e-2, atol=5e-2 * g.abs().max().item()), name
+
+
+# ---------------------------------------------------------------- through train.main
+
+STEP = ["--data_type", "dummy", "--n_layer", "2", "--n_embd", "16", "--ctx_len", "24", "--micro_bsz", "2",
+        "--epoch_steps", "1", "--epoch_count", "1", "--lr_init", "1e-3", "--lr_final", "1e-3", "--random_seed", "3",
+        "--wkv_backend", "torch", "--enable_progress_bar", "0"]
+
+
+def test_one_optimizer_step_gives_the_weights_of_full_backpropagation(tmp_path):
+    import train
+    from src.checkpoint import load_weights
+
+    assert train.main([*STEP, "--proj_dir", str(tmp_path / "full")]) == 0
+    assert train.main([*STEP, "--proj_dir", str(tmp_path / "segments"), "--state_cp", "1", "--ctx_parts", "5"]) == 0
+    full, segments = load_weights(tmp_path / "full" / "rwkv-final.pth"), load_weights(tmp_path / "segments" / "rwkv-final.pth")
+    init = load_weights(tmp_path / "full" / "rwkv-init.pth")
+    assert not torch.equal(full["head.weight"], init["head.weight"])  # the step changed the weights
+    for name, weight in full.items():  # Adam's first step is ~lr * sign(grad): a wrong gradient moves it by ~lr
+        torch.testing.assert_close(segments[name], weight, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--head_qk", "8"], "--head_qk"),
+    (["--my_pos_emb", "5"], "--my_pos_emb"),
+    (["--tiny_att_dim", "8", "--tiny_att_layer", "1"], "--tiny_att_dim"),
+    (["--strategy", "deepspeed_stage_3"], "deepspeed_stage_3"),
+])
+def test_features_that_cannot_follow_a_state_are_refused_in_one_line(tmp_path, capsys, flags, named):
+    import train
+
+    assert train.main([*STEP, "--proj_dir", str(tmp_path), "--state_cp", "1", "--ctx_parts", "2", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--state_cp 1" in err and named in err, err
+    assert not any(tmp_path.iterdir())
+
+
+PEAK_RSS = """
+import resource, sys
+import train
+code = train.main(sys.argv[1:])
+print("PEAK_RSS_MIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "EXIT", code)
+"""
+
+
+def peak_rss_mib(tmp_path, ctx_len):
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from conftest import ROOT
+    tokens = tmp_path / "tokens.npy"
+    np.save(tokens, np.random.default_rng(0).integers(0, VOCAB, 3 * 4096, dtype=np.int32))
+    argv = ["--data_type", "numpy", "--data_file", str(tokens), "--vocab_size", str(VOCAB), "--n_layer", "1",
+            "--n_embd", "8", "--ctx_len", str(ctx_len), "--ctx_parts", str(ctx_len // 256), "--state_cp", "1",
+            "--micro_bsz", "1", "--epoch_steps", "1", "--epoch_count", "1", "--wkv_backend", "torch",
+            "--enable_progress_bar", "0", "--random_seed", "0", "--proj_dir", str(tmp_path / f"out{ctx_len}")]
+    result = subprocess.run([sys.executable, "-c", PEAK_RSS, *argv], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    line = [l for l in result.stdout.splitlines() if l.startswith("PEAK_RSS_MIB")]
+    assert line and line[0].endswith("EXIT 0"), result.stdout[-2000:] + result.stderr[-2000:]
+    return float(line[0].split()[1])
+
+
+VOCAB = 65536
+
+
+def test_peak_memory_does_not_grow_with_ctx_len(tmp_path):
+    """A vocabulary of 65536: the logits of one 4096-token sample would take 1 GiB in fp32 (and as much again
+    for their gradient); segments of 256 tokens take 64 MiB each whatever the sample's length."""
+    short, long = peak_rss_mib(tmp_path, 512), peak_rss_mib(tmp_path, 4096)
+    full_logits_mib = 4096 * VOCAB * 4 / 2**20
+    assert long - short < 0.05 * full_logits_mib, (short, long)
