@@ -19,18 +19,19 @@ def main(argv=None) -> int:
         return 2
 
 
-def train(cfg: TrainConfig) -> int:
+def train(cfg: TrainConfig, extra_callbacks=()) -> int:
+    """Run the training `cfg` describes. `extra_callbacks` (Lightning callbacks) watch it, e.g. in benchmarks."""
     from src import stopping
 
     stop = stopping.StopSignal()
     stop.install()  # from here on, Ctrl+C / SIGTERM finish the current step and save
     try:
-        return run_training(cfg, stop)
+        return run_training(cfg, stop, list(extra_callbacks))
     finally:
         stop.restore()
 
 
-def run_training(cfg: TrainConfig, stop) -> int:
+def run_training(cfg: TrainConfig, stop, extra_callbacks: list) -> int:
     # torch and Lightning load here, after the command line is known to be valid
     import lightning.pytorch as pl
     import torch
@@ -53,7 +54,10 @@ def run_training(cfg: TrainConfig, stop) -> int:
         tiny_att_layer=cfg.tiny_att_layer, my_pos_emb=cfg.my_pos_emb, grad_cp=bool(cfg.grad_cp),
         wkv_backend=cfg.wkv_backend, wkv_chunk_len=cfg.chunk_len)
     dataset.check_against_model(data, cfg, model_cfg.vocab_size)
-    model = RWKV(model_cfg)
+    # loaded weights replace every constructed value (unless --load_partial): build those on the meta device, for free
+    replaced_whole = bool(cfg.load_model) and not cfg.load_partial and not cfg.resume
+    with torch.device("meta" if replaced_whole else "cpu"):
+        model = RWKV(model_cfg)
     save_dtype = trainer.SAVE_DTYPE[cfg.precision]
     if cfg.resume:
         weights = None  # everything comes from the bundle
@@ -74,13 +78,16 @@ def run_training(cfg: TrainConfig, stop) -> int:
     saver = callbacks.WeightSaver(cfg, save_dtype, weights_of)
     stopper = stopping.StopOnSignal(stop, lambda t, m: saver.save(t, m, "rwkv-last.pth"),
                                     Path(cfg.proj_dir) / stopping.BUNDLE_NAME)
-    lightning_trainer = trainer.build_trainer(cfg, [schedule, callbacks.TrainingLog(cfg, schedule), saver, stopper],
-                                              max_epochs=run_epochs)
+    lightning_trainer = trainer.build_trainer(cfg, [schedule, callbacks.TrainingLog(cfg, schedule), saver, stopper,
+                                                    *extra_callbacks], max_epochs=run_epochs)
 
     if weights is not None:
         if not cfg.load_model and lightning_trainer.is_global_zero:
             checkpoint.save_weights(weights, Path(cfg.proj_dir) / "rwkv-init.pth")
-        model.load_state_dict(weights, strict=not cfg.load_partial)
+        if replaced_whole:  # fp32 parameters as constructed ones would be, never sharing the file's mapped memory
+            model.load_state_dict({k: v.to(torch.float32, copy=True) for k, v in weights.items()}, assign=True)
+        else:
+            model.load_state_dict(weights, strict=not cfg.load_partial)
         del weights
     if cfg.lora:  # LoRA wraps the loaded base weights, restores --lora_load and freezes the rest
         lora_summary = lora.prepare_lora_training(model, cfg)

@@ -1,0 +1,168 @@
+"""Long-context LoRA training of the 7B shape: peak GPU memory and tokens/s from 4K to 1M tokens, in 24 GiB.
+
+The fork's long-context recipe through our train.py (data loader, LoRA, DeepSpeed, the optimizer step
+included): L32 D4096 vocab 50277 with random weights, bf16, LoRA r16 alpha 32 on att,ffn,time,ln,
+--grad_cp 1 --state_cp 1, segments of 4096 tokens (--ctx_parts ctx_len / 4096), one sample per step,
+--strategy deepspeed_stage_1 (the fork's train_world.sh). Each length trains in a process of its own on a
+card made to look like a 24 GiB one: a filler allocation leaves 24 GiB free (DeepSpeed sizes buffers
+from free memory) and the allocator is capped at filler + 24 GiB. Peak memory is reported without the
+filler. tokens/s is the median over the steps after the first (with one step, that step).
+
+The table puts each figure beside the original toolkit's on the same card model (DESIGN.md, one H200,
+2026-12-01) and beside the hardware limit: the matmul work of a step (8 N FLOPs per token, N = 7.2e9
+non-embedding parameters: the forward without a graph, the recompute, the block recompute of --grad_cp,
+and the backward, which for frozen weights only propagates; the last segment saves one forward) at the
+bf16 matmul rate measured in this run.
+
+    python bench/long_context.py                          # 4096 32768 131072 1048576
+    python bench/long_context.py --lengths 4096 131072
+"""
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SEGMENT = 4096
+SHAPE = dict(n_layer=32, n_embd=4096, vocab_size=50277)
+NON_EMBEDDING_PARAMS = 32 * 13 * 4096 ** 2 + 4096 * 50277  # blocks + head
+# the original toolkit on one H200, 2026-12-01 (DESIGN.md): ctx -> (tokens/s, peak GiB)
+ORIGINAL = {4096: (7614, 17.33), 32768: (6008, 17.34), 131072: (5709, 17.39)}
+STEPS = {4096: 6, 32768: 3, 131072: 2, 1048576: 1}
+
+
+def lora_flags(weights: Path, tokens: Path, proj_dir: Path, ctx_len: int, steps: int) -> list:
+    return ["--load_model", str(weights), "--data_type", "numpy", "--data_file", str(tokens), "--vocab_size", "50277",
+            "--n_layer", "32", "--n_embd", "4096", "--ctx_len", str(ctx_len), "--ctx_parts", str(ctx_len // SEGMENT),
+            "--state_cp", "1", "--grad_cp", "1", "--micro_bsz", "1", "--epoch_steps", str(steps), "--epoch_count", "1",
+            "--epoch_save", "0", "--lr_init", "1e-4", "--lr_final", "1e-4", "--precision", "bf16",
+            "--strategy", "deepspeed_stage_1", "--accelerator", "gpu", "--devices", "1", "--lora", "--lora_r", "16",
+            "--lora_alpha", "32", "--lora_dropout", "0.01", "--lora_parts", "att,ffn,time,ln",
+            "--enable_progress_bar", "0", "--random_seed", "0", "--proj_dir", str(proj_dir)]
+
+
+def make_random_base(path: Path) -> None:
+    """The 7B shape with the v4neo init (made on the GPU), saved in bf16 as a released model would be."""
+    sys.path.insert(0, str(ROOT))
+    from src.checkpoint import save_weights
+    from src.model import RWKV, RWKVConfig, generate_init_weights
+
+    with torch.device("cuda"):
+        model = RWKV(RWKVConfig(**SHAPE))
+    save_weights(generate_init_weights(model, 1e-4, device="cuda", dtype=torch.bfloat16), path)
+    del model
+    torch.cuda.empty_cache()
+
+
+def matmul_tflops() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(10):
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return 2 * 8192 ** 3 / statistics.median(times) / 1e12
+
+
+def run_one_length(args) -> int:
+    """Child process: cap the card, train `STEPS` steps at one length, print a RESULT line."""
+    import lightning.pytorch as pl
+
+    sys.path.insert(0, str(ROOT))
+    import train
+    from src.config import parse_args
+
+    cap = int(args.gpu_gib * 2 ** 30)
+    free, total = torch.cuda.mem_get_info(0)
+    filler = torch.empty(max(free - cap, 0), dtype=torch.uint8, device="cuda:0")
+    torch.cuda.set_per_process_memory_fraction((filler.numel() + cap) / total, 0)
+    torch.cuda.reset_peak_memory_stats(0)
+
+    class StepTimes(pl.Callback):
+        def __init__(self):
+            self.ends = []
+
+        def on_train_start(self, trainer, pl_module):
+            torch.cuda.synchronize()
+            self.ends.append(time.perf_counter())
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            torch.cuda.synchronize()
+            self.ends.append(time.perf_counter())
+
+    proj_dir = Path(tempfile.mkdtemp(prefix=f"long{args.ctx_len}-"))
+    tokens = proj_dir / "tokens.npy"
+    np.save(tokens, np.random.default_rng(0).integers(0, 50277, 2 * args.ctx_len + 1, dtype=np.int32))
+    steps = STEPS.get(args.ctx_len, 2)
+    timer = StepTimes()
+    code = train.train(parse_args(lora_flags(Path(args.weights), tokens, proj_dir, args.ctx_len, steps)), [timer])
+    durations = np.diff(timer.ends)
+    measured = durations[1:] if len(durations) > 1 else durations
+    rows = [r.split("\t") for r in (proj_dir / "train_steps.tsv").read_text().splitlines()[1:]]
+    print("RESULT " + json.dumps({
+        "ctx_len": args.ctx_len, "exit": code, "steps": len(durations),
+        "tokens_per_s": args.ctx_len / statistics.median(measured),
+        "peak_allocated_gib": (torch.cuda.max_memory_allocated(0) - filler.numel()) / 2 ** 30,
+        "peak_reserved_gib": (torch.cuda.max_memory_reserved(0) - filler.numel()) / 2 ** 30,
+        "losses": [float(r[2]) for r in rows]}), flush=True)
+    return code
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 32768, 131072, 1048576])
+    parser.add_argument("--gpu_gib", type=float, default=24.0, help="GPU memory cap in GiB")
+    parser.add_argument("--weights", default="", help="7B .pth to train LoRA on (default: random, made once)")
+    parser.add_argument("--ctx_len", type=int, help=argparse.SUPPRESS)  # child process: one length
+    args = parser.parse_args()
+    if args.ctx_len:
+        return run_one_length(args)
+
+    weights = Path(args.weights or Path(tempfile.gettempdir()) / "rwkv-7b-random-bf16.pth")
+    if not weights.exists():
+        started = time.time()
+        make_random_base(weights)
+        print(f"random 7B base written to {weights} in {time.time() - started:.0f} s", flush=True)
+    tflops = matmul_tflops()
+    results = []
+    for ctx_len in args.lengths:
+        child = subprocess.run([sys.executable, __file__, "--ctx_len", str(ctx_len), "--weights", str(weights),
+                                "--gpu_gib", str(args.gpu_gib)], cwd=ROOT, capture_output=True, text=True)
+        found = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
+        if child.returncode != 0 or not found:
+            print(f"ctx {ctx_len}: exit {child.returncode}\n{(child.stdout + child.stderr)[-3000:]}", flush=True)
+            continue
+        results.append(json.loads(found[0][len("RESULT "):]))
+        print(found[0], flush=True)
+
+    limit = tflops * 1e12 / (8 * NON_EMBEDDING_PARAMS)
+    print(f"\n{torch.cuda.get_device_name(0)}, capped at {args.gpu_gib:g} GiB; bf16 matmul {tflops:.0f} TFLOP/s "
+          f"(8192^3), so the matmul limit of a --state_cp --grad_cp LoRA step is {limit:,.0f} tokens/s")
+    print("\n| ctx_len | steps | ours tokens/s | original tokens/s | ours / original | of the limit "
+          "| ours peak allocated / reserved GiB | original peak GiB | losses |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        original_speed, original_peak = ORIGINAL.get(r["ctx_len"], (None, None))
+        ratio = f"{r['tokens_per_s'] / original_speed:.2f}x" if original_speed else "-"
+        print(f"| {r['ctx_len']:,} | {r['steps']} | {r['tokens_per_s']:,.0f} | "
+              f"{f'{original_speed:,}' if original_speed else '-'} | {ratio} | {r['tokens_per_s'] / limit:.0%} | "
+              f"{r['peak_allocated_gib']:.2f} / {r['peak_reserved_gib']:.2f} | {original_peak or '-'} | "
+              f"{', '.join(f'{loss:.3f}' for loss in r['losses'])} |")
+    return 0 if len(results) == len(args.lengths) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
