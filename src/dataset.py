@@ -151,7 +151,8 @@ def context_length(step: int, cfg: TrainConfig) -> int:
 
 
 class TrainingSamples(Dataset):
-    """Random windows of the token stream. Index = epoch * len(self) + position within the epoch."""
+    """Random windows of the token stream (or rows, documents, chat samples). Index = epoch * len(self) +
+    position within the epoch."""
 
     def __init__(self, data: TokenData, cfg: TrainConfig, seed: int, rank: int, world_size: int = 1):
         self.data = data
