@@ -11,10 +11,10 @@ from helpers import TOKENIZER_20B_PARTS, WORLD_VOCAB_PARTS, package_file
 
 import train
 from src.config import parse_args
-from src.dataset import IGNORE_INDEX, TrainingSamples, load_token_data
+from src.dataset import TrainingSamples, load_token_data
 from src.instruct_data import DEFAULT_SYSTEM_LINES, fill_system_line, load_names, rename_speakers
 from src.jsonl_data import speaker_spans
-from src.tokenizer import HFTokenizer, RWKVTokenizer
+from src.tokenizer import RWKVTokenizer
 
 TOKENIZER_20B = package_file(*TOKENIZER_20B_PARTS)
 WORLD_VOCAB = package_file(*WORLD_VOCAB_PARTS)
