@@ -6,6 +6,7 @@ import secrets
 import sys
 from pathlib import Path
 
+from src import accumulation
 from src.config import TrainConfig, UserInputError, parse_args
 
 
@@ -80,6 +81,8 @@ def run_training(cfg: TrainConfig, stop, extra_callbacks: list) -> int:
                                     Path(cfg.proj_dir) / stopping.BUNDLE_NAME)
     lightning_trainer = trainer.build_trainer(cfg, [schedule, callbacks.TrainingLog(cfg, schedule), saver, stopper,
                                                     *extra_callbacks], max_epochs=run_epochs)
+    if cfg.accumulate_grad_batches_dict:
+        lightning_trainer.callbacks.append(callbacks.AccumulationSchedule(cfg))
 
     if weights is not None:
         if not cfg.load_model and lightning_trainer.is_global_zero:
@@ -111,8 +114,7 @@ def print_banner(cfg: TrainConfig, model_cfg, n_params: int, seed: int, world_si
     print(f"\nRWKV-4 L{cfg.n_layer} D{cfg.n_embd} vocab {model_cfg.vocab_size}: {n_params / 1e6:.2f}M parameters, "
           f"precision {cfg.precision}, strategy {cfg.strategy}, seed {seed}\n"
           f"data {cfg.data_type} {cfg.data_file or ''}; ctx_len {cfg.ctx_len}{state_cp_note(cfg)}; {world_size} "
-          f"device(s) x micro_bsz "
-          f"{cfg.micro_bsz} x accumulate {cfg.accumulate_grad_batches}\n"
+          f"device(s) x micro_bsz {cfg.micro_bsz} x accumulate {accumulation.describe(cfg)}\n"
           f"mini-epoch = {cfg.epoch_steps} micro-batches = {cfg.epoch_steps * batch} samples = "
           f"{cfg.epoch_steps * batch * cfg.ctx_len} tokens; epochs {cfg.epoch_begin}..{cfg.epoch_count - 1}; "
           f"lr {cfg.lr_init} -> {cfg.lr_final}, warmup {cfg.warmup_steps} steps; output {cfg.proj_dir}/\n",

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
 
+from src.accumulation import lightning_schedule, optimizer_steps_before
 from src.checkpoint import save_weights
 from src.config import TrainConfig
-from src.dataset import context_length, optimizer_steps_per_epoch
+from src.dataset import context_length
 from src.stopping import completes_optimizer_step
 from src.trainer import is_deepspeed
 
@@ -21,7 +23,7 @@ _FLUSH_EVERY = 20  # optimizer steps between writes of the step log (each write 
 
 def real_step(step: int, cfg: TrainConfig) -> int:
     """Optimizer steps counted from the start of the whole training (this run's step + earlier runs')."""
-    previous = cfg.previous_step if cfg.previous_step is not None else cfg.epoch_begin * optimizer_steps_per_epoch(cfg)
+    previous = cfg.previous_step if cfg.previous_step is not None else optimizer_steps_before(cfg, cfg.epoch_begin)
     return step + previous
 
 
@@ -29,17 +31,18 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     """LR at optimizer step `step` of this run (the original's schedule, in consistent units).
 
     All quantities count optimizer steps: the original mixed optimizer steps with micro-batches, so with
-    --accumulate_grad_batches K its decay ran K times too slowly (bug 15 of the reference).
+    --accumulate_grad_batches K its decay ran K times too slowly (bug 15 of the reference). Under an
+    accumulation schedule, mini-epochs have different numbers of optimizer steps (src/accumulation.py).
     - The decay spans epoch_count mini-epochs (minus my_pile_edecay): exponential from lr_init to lr_final,
       linear when lr_final is 0; flat when lr_final == lr_init or epoch_count == 0.
     - Warm-up over the first warmup_steps steps of this run multiplies by 0.2 + 0.8 * step / warmup_steps.
     """
-    per_epoch = optimizer_steps_per_epoch(cfg)
     if cfg.lr_final == cfg.lr_init or cfg.epoch_count == 0:
         lr = cfg.lr_init
     else:
-        decay_step = real_step(step, cfg) - cfg.my_pile_edecay * per_epoch
-        decay_total = (cfg.epoch_count - cfg.my_pile_edecay) * per_epoch
+        decay_start = optimizer_steps_before(cfg, cfg.my_pile_edecay)
+        decay_step = real_step(step, cfg) - decay_start
+        decay_total = optimizer_steps_before(cfg, cfg.epoch_count) - decay_start
         span = decay_total - cfg.warmup_steps
         progress = 1.0 if span <= 0 else min(max((decay_step - cfg.warmup_steps + 1) / span, 0.0), 1.0)
         if cfg.lr_final == 0:
@@ -69,6 +72,19 @@ class LearningRateSchedule(pl.Callback):
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = self.lr * group.get("lr_scale", 1.0)
+
+
+class AccumulationSchedule(GradientAccumulationScheduler):
+    """Lightning's accumulation schedule for --accumulate_grad_batches_dict, keyed by the mini-epochs of
+    src/accumulation.py, and also right in an epoch that a resumed run re-enters half-way: Lightning calls no
+    on_train_epoch_start there, so its scheduler would leave the Trainer's initial 1 in place."""
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__(lightning_schedule(cfg))
+
+    def on_train_start(self, trainer, pl_module):
+        super().on_train_start(trainer, pl_module)
+        self.on_train_epoch_start(trainer, pl_module)
 
 
 class TrainingLog(pl.Callback):

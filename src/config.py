@@ -7,6 +7,7 @@ working. Derived values are computed once, here, in `TrainConfig.finalize`.
 This module imports no torch, so command-line tests and `--help` stay fast.
 """
 import argparse
+import ast
 import dataclasses
 import datetime
 import math
@@ -53,9 +54,9 @@ class TrainConfig:
     data_type: str = flag("utf-8", "data", "Format of --data_file.", choices=DATA_TYPES)
     vocab_size: int = flag(0, "data", "Vocabulary size; 0 = computed from the text (utf-8, utf-16le, dummy only). "
                            "50277 for the GPT-NeoX 20B tokenizer, 65536 for World.")
-    vocab_file: str = flag("", "data", "jsonl: the tokenizer of the text, by file type: a Hugging Face tokenizer "
-                           ".json (20B_tokenizer.json for Pile/Raven/Novel models) or an RWKV World vocabulary .txt "
-                           "(rwkv_vocab_v20230424.txt).")
+    vocab_file: str = flag("", "data", "jsonl and --instruct_data_file: the tokenizer of the text, by file type: a "
+                           "Hugging Face tokenizer .json (20B_tokenizer.json for Pile/Raven/Novel models) or an RWKV "
+                           "World vocabulary .txt (rwkv_vocab_v20230424.txt).")
     ctx_len: int = flag(1024, "data", "Training sample length in tokens (the final length when --initial_ctx_len "
                         "warms it up).")
     my_sample_len: int = flag(0, "data", "Row length of uint16 data.")
@@ -76,9 +77,15 @@ class TrainConfig:
     my_pile_edecay: int = flag(0, "data", "Mini-epochs excluded from the LR decay window.")
     magic_prime: int = flag(0, "data", "Prime for magic-prime sampling: the largest p with p %% 3 == 2 and "
                             "p <= tokens/ctx_len (0 = the Pile's, for ctx_len 1024, 2048, 4096).")
-    instruct_data_file: str = flag("", "data", "jsonl of chat samples mixed into binidx sampling.")
-    instruct_data_ratio: float = flag(0.0, "data", "Probability of drawing an instruct sample.")
-    names_data_file: Optional[str] = flag(None, "data", "JSON of speaker names for instruct samples.")
+    instruct_data_file: str = flag("", "data", "jsonl of chats ({\"text\": \"Bob: ...\\n\\nAlice: ...\"} per line) "
+                                   "mixed into the training samples; only what Alice (the bot) says is trained. "
+                                   "Tokenized with --vocab_file.")
+    instruct_data_ratio: float = flag(0.0, "data", "Probability (0..1) that a training sample is built from random "
+                                      "chats of --instruct_data_file instead of the --data_file data.")
+    names_data_file: Optional[str] = flag(None, "data", "JSON {\"doc_names\": [{name: weight, ...}, ...], "
+                                          "\"doc_weights\": [...], \"system_lines\": [...]}: name pairs that "
+                                          "replace Bob (user) and Alice (bot) in the chats, and the opening lines "
+                                          "(default: the names as written, the original's lines).")
 
     # ---- model
     load_model: str = flag("", "model", "The .pth to start from. Empty = a fresh initialisation, saved as "
@@ -119,12 +126,17 @@ class TrainConfig:
     epoch_begin: int = flag(0, "run", "First mini-epoch number (to continue a run from rwkv-<N>.pth, pass N+1).")
     epoch_save: int = flag(5, "run", "Save rwkv-<epoch>.pth every N mini-epochs (0 = only the last).")
     previous_step: Optional[int] = flag(None, "run", "Optimizer steps already done before this run, for the LR "
-                                        "schedule (default: epoch_begin * optimizer steps per epoch).")
+                                        "schedule (default: the optimizer steps of the mini-epochs before "
+                                        "--epoch_begin).")
     micro_bsz: int = flag(12, "run", "Micro-batch size per GPU.")
     wandb: str = flag("", "run", "Weights & Biases project name; empty = off.")
     log_add_step: int = flag(0, "run", "Constant added to the W&B step axis.")
-    accumulate_grad_batches_dict: Optional[str] = flag(None, "run", "Accumulation schedule as a Python dict "
-                                                       "literal {epoch: k}.")
+    accumulate_grad_batches_dict: Optional[str] = flag(None, "run", "Accumulation schedule, a Python dict literal "
+                                                       "{mini-epoch: k}, e.g. '{0: 1, 4: 2}': k micro-batches per "
+                                                       "optimizer step from that mini-epoch on, "
+                                                       "--accumulate_grad_batches before the first key. Mini-epochs "
+                                                       "count from the start of the training, as in rwkv-<N>.pth "
+                                                       "(--epoch_begin N starts at key N's k). Not with DeepSpeed.")
     debug: bool = flag(False, "run", "Anomaly detection and a print of the first batch.", action="store_true")
     resume: str = flag("", "run", "Resume bundle written when a run was stopped (Ctrl+C / SIGTERM), e.g. "
                        "out/rwkv-resume.ckpt: continues exactly where it stopped. Pass the same other flags.")
@@ -267,19 +279,7 @@ def parse_args(argv=None) -> TrainConfig:
 _INTERNAL_DEFAULTS = {f.name: f.default for f, _ in _flag_fields() if f.metadata["group"] == "internal"}
 
 
-# Features of the original that are not built yet: flag -> test "is it in use". Each entry leaves this table
-# when its feature lands.
-_NOT_YET_BUILT = {
-    "instruct_data_file": lambda c: bool(c.instruct_data_file),
-    "names_data_file": lambda c: c.names_data_file is not None,
-    "accumulate_grad_batches_dict": lambda c: c.accumulate_grad_batches_dict is not None,
-}
-
-
 def validate(cfg: TrainConfig) -> None:
-    for name, in_use in _NOT_YET_BUILT.items():
-        if in_use(cfg):
-            raise UserInputError(f"--{name} is not available in this version of the toolkit yet; remove it.")
     for name, default in _INTERNAL_DEFAULTS.items():
         if getattr(cfg, name) != default:
             raise UserInputError(
@@ -320,6 +320,13 @@ def validate(cfg: TrainConfig) -> None:
     _validate_sampling_features(cfg)
     if cfg.state_cp:
         _validate_state_cp(cfg)
+    _validate_instruct_mixing(cfg)
+    if cfg.accumulate_grad_batches_dict is not None:
+        parse_accumulation_schedule(cfg.accumulate_grad_batches_dict)
+        if cfg.strategy.startswith("deepspeed"):
+            raise UserInputError(f"--accumulate_grad_batches_dict changes the accumulation between mini-epochs, which "
+                                 f"DeepSpeed cannot (its accumulation is fixed when training starts); use --strategy "
+                                 f"auto or ddp, or a constant --accumulate_grad_batches with --strategy {cfg.strategy}.")
     if cfg.lora:
         from src.lora import LoraSettings  # the --lora_* rules live with LoRA (this imports torch, LoRA runs only)
         LoraSettings.from_flags(cfg)
@@ -344,6 +351,8 @@ PILE_DEFAULTS = {1024: (324331313, 0), 2048: (162165671, 512), 4096: (81082817, 
 PILE_SAMPLES_PER_EPOCH = 40320
 # data types sampled as windows of one token stream (masks and magic-prime positions apply to these)
 WINDOW_DATA_TYPES = ("binidx", "numpy", "utf-8", "utf-16le", "dummy")
+# data types whose ids index the characters of the text itself, not the entries of a tokenizer
+CHARACTER_DATA_TYPES = ("utf-8", "utf-16le", "dummy")
 
 
 def parse_script_mask(value: str) -> tuple:
@@ -355,13 +364,35 @@ def parse_script_mask(value: str) -> tuple:
     return cut == "1", int(prefix)
 
 
+def parse_accumulation_schedule(text: str) -> dict:
+    """--accumulate_grad_batches_dict '{mini-epoch: k, ...}' -> {int >= 0: int >= 1}."""
+    try:
+        schedule = ast.literal_eval(text)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        schedule = None
+
+    def whole(value, least: int) -> bool:
+        return type(value) is int and value >= least  # type(): True and False are ints to isinstance
+
+    if not isinstance(schedule, dict) or not schedule or not all(whole(e, 0) and whole(k, 1)
+                                                                 for e, k in schedule.items()):
+        raise UserInputError(f"--accumulate_grad_batches_dict {text!r} must be a Python dict literal of mini-epoch "
+                             f"(>= 0) -> micro-batches per optimizer step (>= 1), e.g. \"{{0: 1, 4: 2}}\".")
+    return schedule
+
+
+_TOKENIZER_HINT = "20B_tokenizer.json (Pile/Raven/Novel models) or rwkv_vocab_v20230424.txt (World models)"
+
+
 def _validate_sampling_features(cfg: TrainConfig) -> None:
     """jsonl documents, script masks and magic-prime sampling: which data types and flags go together."""
-    jsonl_only = {"vocab_file": cfg.vocab_file or None, "select_name": cfg.select_name,
-                  "train_split_ratio": cfg.train_split_ratio, "train_data_sort": cfg.train_data_sort}
+    jsonl_only = {"select_name": cfg.select_name, "train_split_ratio": cfg.train_split_ratio,
+                  "train_data_sort": cfg.train_data_sort}
     if cfg.data_type == "jsonl" and not cfg.vocab_file:
-        raise UserInputError("--data_type jsonl needs --vocab_file, the tokenizer of the text: 20B_tokenizer.json "
-                             "(Pile/Raven/Novel models) or rwkv_vocab_v20230424.txt (World models).")
+        raise UserInputError(f"--data_type jsonl needs --vocab_file, the tokenizer of the text: {_TOKENIZER_HINT}.")
+    if cfg.vocab_file and cfg.data_type != "jsonl" and not cfg.instruct_data_file:
+        raise UserInputError(f"--vocab_file applies to --data_type jsonl and --instruct_data_file only (this run "
+                             f"reads {cfg.data_type}).")
     for name, value in jsonl_only.items():
         if value is not None and cfg.data_type != "jsonl":
             raise UserInputError(f"--{name} applies to --data_type jsonl only (this run reads {cfg.data_type}).")
@@ -405,3 +436,26 @@ def _validate_sampling_features(cfg: TrainConfig) -> None:
     if cfg.my_pile_stage == 2 and cfg.lr_final != cfg.lr_init:
         raise UserInputError(f"--my_pile_stage 2 trains at a constant LR: set --lr_final to --lr_init "
                              f"({cfg.lr_init}).")
+
+
+def _validate_instruct_mixing(cfg: TrainConfig) -> None:
+    """--instruct_data_file, --instruct_data_ratio and --names_data_file go together, on tokenized data."""
+    ratio = cfg.instruct_data_ratio
+    if not 0 <= ratio <= 1:
+        raise UserInputError(f"--instruct_data_ratio {ratio} is a probability: it must lie in [0, 1].")
+    if not cfg.instruct_data_file:
+        if ratio > 0:
+            raise UserInputError("--instruct_data_ratio needs --instruct_data_file, the chats to build samples from.")
+        if cfg.names_data_file is not None:
+            raise UserInputError("--names_data_file names the speakers of --instruct_data_file chats; add "
+                                 "--instruct_data_file or remove --names_data_file.")
+        return
+    if ratio == 0:
+        raise UserInputError("--instruct_data_file needs --instruct_data_ratio P (0 < P <= 1), the share of samples "
+                             "built from its chats.")
+    if cfg.data_type in CHARACTER_DATA_TYPES:
+        raise UserInputError(f"--instruct_data_file mixes tokenized chats into token data (binidx, numpy, uint16, "
+                             f"jsonl); --data_type {cfg.data_type} numbers the characters of its own text.")
+    if not cfg.vocab_file:
+        raise UserInputError(f"--instruct_data_file needs --vocab_file, the tokenizer of the chats: "
+                             f"{_TOKENIZER_HINT}.")

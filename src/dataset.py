@@ -5,10 +5,11 @@ index, so DataLoader workers, ranks and resumed runs all draw the same windows f
 
 A "mini-epoch" is `epoch_steps` micro-batches per GPU (`__len__ = epoch_steps * micro_bsz`).
 Each sample is a window of L+1 tokens: x = window[:-1], y = window[1:], L = ctx_len (or the current
-length of the context warm-up). Targets that must not be trained are -100.
+length of the context warm-up). Targets that must not be trained are -100. With --instruct_data_file, a
+sample is built from chats instead with probability --instruct_data_ratio (src/instruct_data.py), drawn
+from the sample's own generator like everything else.
 """
 import json
-import math
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from src import jsonl_data, sampling
+from src import instruct_data, jsonl_data, sampling
+from src.accumulation import accumulation_at, optimizer_steps_before
 from src.binidx import MMapIndexedDataset
 from src.config import TrainConfig, UserInputError, parse_script_mask
 from src.loss import IGNORE_INDEX
@@ -35,6 +37,7 @@ class TokenData:
     vocab_size: int
     binidx: Optional[MMapIndexedDataset] = None
     documents: Optional[jsonl_data.Documents] = None  # jsonl: tokens holds the documents' ids back to back
+    chats: Optional[instruct_data.Chats] = None  # --instruct_data_file
 
 
 def dummy_text() -> str:
@@ -54,7 +57,14 @@ def char_tokens(text: str, proj_dir: str) -> tuple:
 
 
 def load_token_data(cfg: TrainConfig) -> TokenData:
-    """Open --data_file per --data_type; char-level types compute the vocabulary."""
+    """Open --data_file per --data_type (char-level types compute the vocabulary), and the chats to mix in."""
+    data = _read_data_file(cfg)
+    if cfg.instruct_data_file:
+        data.chats = instruct_data.load_chats(cfg)
+    return data
+
+
+def _read_data_file(cfg: TrainConfig) -> TokenData:
     kind, path = cfg.data_type, cfg.data_file
     if kind == "dummy":
         tokens, vocab = char_tokens(dummy_text(), cfg.proj_dir)
@@ -124,6 +134,9 @@ def check_against_model(data: TokenData, cfg: TrainConfig, vocab_size: int) -> N
     smallest = min((int(flat[i:i + _SCAN_CHUNK].min()) for i in range(0, len(flat), _SCAN_CHUNK)), default=0)
     if smallest < 0:
         raise UserInputError(f"{data.source} contains the negative token id {smallest}")
+    if data.chats is not None and data.chats.tokenizer.vocab_size > vocab_size:
+        raise UserInputError(f"--vocab_file {cfg.vocab_file} has {data.chats.tokenizer.vocab_size} tokens, more than "
+                             f"the model's vocabulary of {vocab_size}; pass the tokenizer that made --data_file")
 
 
 def context_length(step: int, cfg: TrainConfig) -> int:
@@ -136,13 +149,9 @@ def context_length(step: int, cfg: TrainConfig) -> int:
     return int(step / cfg.ctx_warmup_steps * (cfg.ctx_len - cfg.initial_ctx_len) + cfg.initial_ctx_len)
 
 
-def optimizer_steps_per_epoch(cfg: TrainConfig) -> int:
-    """Lightning steps the optimizer after every K micro-batches and at the end of each epoch."""
-    return math.ceil(cfg.epoch_steps / cfg.accumulate_grad_batches)
-
-
 class TrainingSamples(Dataset):
-    """Random windows of the token stream. Index = epoch * len(self) + position within the epoch."""
+    """Random windows of the token stream (or rows, documents, chat samples). Index = epoch * len(self) +
+    position within the epoch."""
 
     def __init__(self, data: TokenData, cfg: TrainConfig, seed: int, rank: int, world_size: int = 1):
         self.data = data
@@ -159,13 +168,18 @@ class TrainingSamples(Dataset):
     def step_of(self, index: int) -> int:
         """Optimizer step (of this run) that consumes sample `index`."""
         epoch, position = divmod(index, self.epoch_len)
+        real_epoch = self.cfg.epoch_begin + epoch
         micro_batch = position // self.cfg.micro_bsz
-        return epoch * optimizer_steps_per_epoch(self.cfg) + micro_batch // self.cfg.accumulate_grad_batches
+        return (optimizer_steps_before(self.cfg, real_epoch) - optimizer_steps_before(self.cfg, self.cfg.epoch_begin)
+                + micro_batch // accumulation_at(self.cfg, real_epoch))
 
     def __getitem__(self, index: int) -> tuple:
         epoch, position = divmod(index, self.epoch_len)
         real_epoch = self.cfg.epoch_begin + epoch
         rng = np.random.default_rng([self.seed, self.rank, real_epoch, position])
+        if self.data.chats is not None and rng.random() < self.cfg.instruct_data_ratio:
+            ids, trained = self.data.chats.sample(rng, context_length(self.step_of(index), self.cfg) + 1)
+            return inputs_and_targets(ids, trained[1:])
         if self.data.tokens.ndim == 2:  # uint16 rows: any row, the last one included
             row = np.asarray(self.data.tokens[rng.integers(0, len(self.data.tokens))], dtype=np.int64)
             return torch.from_numpy(row[:-1].copy()), torch.from_numpy(row[1:].copy())
@@ -193,8 +207,13 @@ def inputs_and_targets(window, trained: Optional[np.ndarray] = None) -> tuple:
     return x, y
 
 
+def samples_vary_in_length(cfg: TrainConfig) -> bool:
+    """jsonl documents end where their text does; chat samples may be mixed with uint16 rows or jsonl documents."""
+    return cfg.data_type == "jsonl" or bool(cfg.instruct_data_file)
+
+
 def pad_batch(samples) -> tuple:
-    """Batches samples of different lengths (jsonl): x padded with token 0, y with IGNORE_INDEX (no loss)."""
+    """Batches samples of different lengths: x padded with token 0, y with IGNORE_INDEX (no loss)."""
     x = torch.nn.utils.rnn.pad_sequence([x for x, _ in samples], batch_first=True, padding_value=0)
     y = torch.nn.utils.rnn.pad_sequence([y for _, y in samples], batch_first=True, padding_value=IGNORE_INDEX)
     return x, y
@@ -254,4 +273,5 @@ def build_loader(samples: Dataset, cfg: TrainConfig) -> DataLoader:
     """One worker process draws samples; Lightning sets the sampler's epoch."""
     return ResumableLoader(samples, batch_size=cfg.micro_bsz, sampler=EpochSampler(len(samples)), num_workers=1,
                            persistent_workers=True, pin_memory=torch.cuda.is_available(), drop_last=True,
-                           worker_init_fn=ignore_interrupts, collate_fn=pad_batch if cfg.data_type == "jsonl" else None)
+                           worker_init_fn=ignore_interrupts,
+                           collate_fn=pad_batch if samples_vary_in_length(cfg) else None)

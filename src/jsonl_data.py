@@ -83,8 +83,8 @@ def speaker_mask(text: str, token_spans, name: str) -> np.ndarray:
     return np.where(ends > starts, said_before[ends] - said_before[starts] > 0, said[starts])
 
 
-def read_texts(path: Path) -> list:
-    """The "text" of every line of a .jsonl (.zst, .gz) file; a bad line stops with file:line."""
+def read_texts(path: Path, flag: str = "--data_file") -> list:
+    """The "text" of every line of a .jsonl (.zst, .gz) file given by `flag`; a bad line stops with file:line."""
     texts = []
     try:
         with open_input(path) as stream:
@@ -96,9 +96,9 @@ def read_texts(path: Path) -> list:
                 try:
                     texts.append(parse_record(raw.rstrip(b"\r\n"), f"{path}:{number}", ("text",))["text"])
                 except BadLine as bad:
-                    raise UserInputError(f"--data_file {bad}")
+                    raise UserInputError(f"{flag} {bad}")
     except read_errors() as e:
-        raise UserInputError(f"--data_file {path} cannot be read ({type(e).__name__}: {e})")
+        raise UserInputError(f"{flag} {path} cannot be read ({type(e).__name__}: {e})")
     return texts
 
 

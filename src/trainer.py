@@ -117,7 +117,8 @@ def build_trainer(cfg: TrainConfig, callbacks: list, max_epochs: int) -> pl.Trai
         precision=LIGHTNING_PRECISION[cfg.precision],
         max_epochs=max_epochs,
         max_steps=cfg.max_steps,
-        accumulate_grad_batches=cfg.accumulate_grad_batches,
+        # under a schedule, callbacks.AccumulationSchedule sets it per epoch (Lightning wants 1 here then)
+        accumulate_grad_batches=1 if cfg.accumulate_grad_batches_dict else cfg.accumulate_grad_batches,
         gradient_clip_val=cfg.gradient_clip_val,
         callbacks=callbacks,
         logger=False,

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from src.config import UserInputError, parse_args
+from src.accumulation import optimizer_steps_in_epoch
 from src.dataset import (EpochSampler, TokenData, TrainingSamples, char_tokens, context_length, dummy_text,
-                         load_token_data, optimizer_steps_per_epoch)
+                         load_token_data)
 
 
 def config(*extra):
@@ -66,7 +67,7 @@ def test_samples_of_one_optimizer_step_share_a_length():
     lengths = [len(samples[i][0]) for i in range(12)]
     # micro_bsz 2 x accumulate 2: samples 0-3 are step 0, 4-7 step 1, 8-11 step 2
     assert lengths == [8] * 4 + [26] * 4 + [45] * 4
-    assert optimizer_steps_per_epoch(cfg) == 3 and samples.step_of(len(samples)) == 3
+    assert optimizer_steps_in_epoch(cfg, 0) == 3 and samples.step_of(len(samples)) == 3
 
 
 def test_sampler_yields_the_epochs_global_indices():
