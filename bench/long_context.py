@@ -9,10 +9,10 @@ from free memory) and the allocator is capped at filler + 24 GiB. Peak memory is
 filler. tokens/s is the median over the steps after the first (with one step, that step).
 
 The table puts each figure beside the original toolkit's on the same card model (DESIGN.md, one H200,
-2026-12-01) and beside the hardware limit: the matmul work of a step (8 N FLOPs per token, N = 7.2e9
-non-embedding parameters: the forward without a graph, the recompute, the block recompute of --grad_cp,
-and the backward, which for frozen weights only propagates; the last segment saves one forward) at the
-bf16 matmul rate measured in this run.
+2026-12-01) and beside the hardware limit: the matmul work of a step at the bf16 matmul rate measured in
+this run. With frozen weights (LoRA) a token costs 6 N FLOPs, N = 7.2e9 non-embedding parameters: the
+forward that fills the stores, each block's recompute, and the backward, which only propagates through
+frozen weights (src/infctx.py); a segment whose block inputs did not fit in host memory adds a forward.
 
     python bench/long_context.py                          # 4096 32768 131072 1048576
     python bench/long_context.py --lengths 4096 131072
@@ -148,9 +148,9 @@ def main() -> int:
         results.append(json.loads(found[0][len("RESULT "):]))
         print(found[0], flush=True)
 
-    limit = tflops * 1e12 / (8 * NON_EMBEDDING_PARAMS)
+    limit = tflops * 1e12 / (6 * NON_EMBEDDING_PARAMS)
     print(f"\n{torch.cuda.get_device_name(0)}, capped at {args.gpu_gib:g} GiB; bf16 matmul {tflops:.0f} TFLOP/s "
-          f"(8192^3), so the matmul limit of a --state_cp --grad_cp LoRA step is {limit:,.0f} tokens/s")
+          f"(8192^3), so the matmul limit of a --state_cp LoRA step is {limit:,.0f} tokens/s")
     print("\n| ctx_len | steps | ours tokens/s | original tokens/s | ours / original | of the limit "
           "| ours peak allocated / reserved GiB | original peak GiB | losses |")
     print("|---|---|---|---|---|---|---|---|---|")

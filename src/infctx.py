@@ -1,8 +1,8 @@
 """Exact training on samples of any length (`--state_cp 1`): backpropagation through time, segment by
-segment, in the memory of one segment.
+segment and block by block, with one block's activations in memory at a time.
 
 The problem. RWKV is recurrent: segment i of a sample maps (tokens_i, state_i) -> (logits_i, state_i+1),
-with state_0 empty and a state per layer of (time-mix shift, WKV sums, channel-mix shift) (RWKVState).
+with state_0 empty and, per layer, a state of (time-mix shift, WKV sums, channel-mix shift) (RWKVState).
 Plain backpropagation over T tokens keeps the activations of all T tokens and their [B, T, V] logits,
 so memory grows with T. Detaching the state between segments (truncated BPTT, what most peers do)
 bounds the memory but drops every gradient that crosses a segment boundary. This module does neither.
@@ -12,51 +12,63 @@ The loss is that of one pass over the whole sample (src/loss.py):
 with L2Wrap's mean over all B*T positions. A sample of T tokens is cut into n = ceil(T / S) segments
 of S tokens (S = ctx_len, or ceil(ctx_len / ctx_parts)); the last may be shorter.
 
-Algorithm.
-1. Forward, without an autograd graph: run segments 0..n-2, keeping only the boundary states
-   state_1..state_n-1 and the RNG state each segment started with (LoRA dropout must draw the same masks
-   when the segment is recomputed). The last segment runs with autograd; its graph is kept.
-2. Backward, for i = n-1 down to 0: recompute segment i from state_i with autograd (the last one is
-   already there), then backpropagate into the parameters and into state_i, feeding its outputs the
-   gradients (dL/dloss_i = the incoming gradient, dL/dstate_i+1 = g_i+1 from the pass over segment i+1,
-   none for the last). That pass yields g_i = dL/dstate_i for the next one.
-Why it is exact: L depends on the parameters through every segment, and on state_i+1 only through
-segments i+1..n-1, so by the chain rule dL/dparams = sum_i VJP_i(dL/dloss_i, g_i+1), which is what the
-passes accumulate. Each recompute sees the same inputs, parameters and dropout masks as the forward, so
-it reproduces the same values; the gradients differ from full backpropagation by rounding only
-(tests/test_infctx.py: <= 1e-10 relative in fp64). The WKV state gradient is the true one
-(src/wkv.py), so state gradients chain between segments like any other tensor's.
+Algorithm (x_i,l is the input of block l in segment i, x_i,0 the embedding, x_i,L the last block's output).
+1. Forward, without an autograd graph, for i = 0..n-1: run segment i from state_i, keeping state_i+1, the
+   RNG state before each block (LoRA dropout must draw the same masks when a block is recomputed), the
+   summed cross-entropy (for the loss value), and, for the last `kept` segments, every block input x_i,l.
+2. Backward, for i = n-1 down to 0: if segment i's block inputs were not kept, run its forward again
+   (from state_i, without a graph) to get them. Then backpropagate through the segment one piece at a
+   time, each recomputed with autograd from its stored input and differentiated at once:
+     the head (ln_out, head, loss) in chunks of tokens, from x_i,L: gives g = dL/dx_i,L;
+     block l = L-1..0, from x_i,l and layer l of state_i, with output gradients g and g_i+1,l
+       (dL/d(layer l of state_i+1), from segment i+1; none for the last segment): gives g = dL/dx_i,l
+       and g_i,l = dL/d(layer l of state_i);
+     the embedding, with gradient g.
+Why it is exact: L depends on the parameters through every piece of every segment, and on a piece's
+output only through the pieces after it (later blocks of the segment, the same layer of later segments),
+so by the chain rule dL/dparams is the sum of each piece's vector-Jacobian product with the gradients of
+its outputs, which is what step 2 accumulates, in an order where each output's gradient is complete before
+its piece is differentiated. Each recompute sees the inputs, parameters and dropout masks of the forward,
+so it reproduces its values. The gradients differ from full backpropagation by rounding only
+(tests/test_infctx.py: <= 1e-10 relative in fp64). The WKV state gradient is the true one (src/wkv.py), so
+state gradients chain between segments like any other tensor's.
 
-Memory. One segment's activations (what the model keeps for backward; less with --grad_cp) and its
-[B, S, V] logits, never the whole sample's; the n-1 boundary states (n_layer * B * (2 C + 3 A) values
-each, 2.1 MB for the 7B shape), kept in pinned host memory when training on a GPU so GPU memory does not
-depend on T at all; and the gradient sums below. Compute: two forwards and one backward for every
-segment but the last, which needs one forward and one backward. A sample that fits in one segment
-takes the plain path (one forward, one backward, no overhead).
+Memory on the device: one block's activations over one segment, the logits of one chunk of tokens
+(LOGITS_PER_CHUNK values), a few [B, S, C] tensors, and the gradient sums below; never anything that grows
+with T. --grad_cp has nothing left to save here: a block's activations already live only while that block
+is differentiated. Block inputs and boundary states (n_layer * B * (2C + 3A) values per boundary, 2.1 MB
+for the 7B shape) wait in pinned host memory when training on a GPU, copied on a side stream. On a CPU,
+the host is the device, so nothing is kept and every segment is recomputed.
+Compute: one forward of the blocks to fill the stores, then each piece's recompute and backward: the
+same as plain training with --grad_cp (3 forwards-worth with frozen weights, as LoRA has them). A segment
+whose inputs were not kept costs one forward more. `keep_bytes` (host memory the caller allows) decides how
+many segments are kept: (L + 1) * B * S * C values each, 1.1 GB for the 7B shape and S = 4096; the kept ones
+are the last ones, which the backward reaches first.
 
-Gradients reach each parameter once per micro-batch. The passes of step 2 would otherwise deliver one
+Gradients reach each parameter once per micro-batch. The pieces of step 2 would otherwise deliver one
 gradient per segment to every parameter, and DeepSpeed ZeRO-2 reduces a parameter's gradient from a hook
 the moment it arrives, asserting it happens once per backward ("Gradient computed twice for this
 partition"), which is why the original toolkit's state checkpointing only ran under ZeRO stage 1. Here
 the whole procedure is one autograd Function whose inputs are the trainable parameters. Inside it, the
-segments run on aliases of those parameters (the same storage under other tensor objects, swapped into
-the modules for the duration of a pass), so the per-segment passes accumulate into the aliases and reach
-no hook of DDP or DeepSpeed; the Function's backward returns the sums, and the outer backward (Lightning's
-or DeepSpeed's own) hands each parameter its gradient once. So ZeRO stage 1 and 2 (with offload) and DDP
-all work, and ranks whose samples have different segment counts run no collective inside the Function:
-none waits for another. ZeRO-3 is refused: it gathers parameters in module hooks, which aliases bypass.
+model runs on aliases of those parameters (the same storage under other tensor objects, swapped into
+the modules for the duration), so the pieces accumulate into the aliases and reach no hook of DDP or
+DeepSpeed; the Function's backward returns the sums, and the outer backward (Lightning's or DeepSpeed's
+own) hands each parameter its gradient once. So ZeRO stage 1 and 2 (with offload) and DDP all work, and
+ranks whose samples have different segment counts run no collective inside the Function: none waits for
+another. ZeRO-3 is refused: it gathers parameters in module hooks, which the aliases bypass.
 
-The design choice: alternatives were (a) one engine backward per segment, which ZeRO-2 refuses and which
-would reduce gradients across GPUs once per segment; (b) torch.autograd.grad per segment into a buffer,
-which holds a whole segment's gradients beside the buffer (6 bytes per trainable parameter for a 16-bit
-model). Here each alias's gradient moves into its fp32 sum as soon as autograd has accumulated it (a
-post-accumulate hook), so the cost is the fp32 sums alone: 4 bytes per trainable parameter. With fp32
-weights that is no extra memory (the first segment's gradient becomes the sum and then the parameter's
-.grad); for LoRA it is negligible; for full fine-tuning of a 16-bit model it is twice the weights (the
-original under ZeRO-1 kept a 16-bit gradient, the size of the weights, and summed it in 16 bits; summing
-hundreds of segments in bf16 would lose ~sqrt(n) * 2^-9 relative accuracy, which is not exact).
+Gradient sums cost 4 bytes per trainable parameter: each alias's gradient moves into an fp32 sum as soon
+as autograd has accumulated it (a post-accumulate hook), so no whole set of per-piece gradients ever
+exists beside the sums. With fp32 weights that is no extra memory (the first gradient becomes the sum,
+then the parameter's .grad); for LoRA it is negligible; for full fine-tuning of a 16-bit model it is twice
+the weights. Summing in 16 bits instead (the original under ZeRO-1 did, with a 16-bit gradient the size of
+the weights) would lose ~sqrt(pieces) * 2^-9 relative accuracy over hundreds of segments: not exact.
+Alternatives measured against this one and left out: one engine backward per segment (refused by
+ZeRO-2, and a gradient reduction across GPUs per segment); torch.autograd.grad per segment into a buffer
+(a whole segment's gradients beside the buffer: 6 bytes per trainable parameter for a 16-bit model).
 """
 import contextlib
+import re
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -64,6 +76,23 @@ import torch.nn as nn
 
 from src.loss import cross_entropy_sum, language_model_loss, target_count
 from src.model import RWKVState
+
+# Logits computed at once by the chunked head: 2^24 values are 64 MiB in fp32 (the loss upcasts), so a
+# chunk's logits, their fp32 copy, softmax and gradient stay near 300 MB whatever the vocabulary.
+LOGITS_PER_CHUNK = 2 ** 24
+_BLOCK_PARAMETER = re.compile(r"^blocks\.(\d+)\.")
+
+
+def host_memory_for_kept_segments(processes_on_this_host: int) -> int:
+    """`keep_bytes` for sample_loss: half the host memory available now, shared by the training processes of
+    this machine (0 where /proc/meminfo does not tell)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 0
+    return available // 2 // max(processes_on_this_host, 1)
 
 
 def segment_bounds(length: int, segment_len: Optional[int]) -> List[Tuple[int, int]]:
@@ -73,113 +102,199 @@ def segment_bounds(length: int, segment_len: Optional[int]) -> List[Tuple[int, i
     return [(start, min(start + segment_len, length)) for start in range(0, length, segment_len)]
 
 
-def sample_loss(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor,
-                segment_len: Optional[int] = None) -> torch.Tensor:
-    """The training loss of a micro-batch (src/loss.py), its gradient exact, in the memory of one segment.
+def sample_loss(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor, segment_len: Optional[int] = None,
+                keep_bytes: int = 0) -> torch.Tensor:
+    """The training loss of a micro-batch (src/loss.py) with its exact gradient.
 
-    idx, targets (B, T). segment_len None: one pass over the whole sample.
+    idx, targets (B, T). segment_len None: plain backpropagation over the whole sample. Otherwise the
+    segment-by-segment procedure of the module docstring; `keep_bytes` is the host memory it may use to
+    keep block inputs between its forward and backward passes (0: recompute every segment).
     """
-    bounds = segment_bounds(idx.shape[1], segment_len)
-    if len(bounds) == 1:
+    if segment_len is None:
         logits, _ = model(idx)
         return language_model_loss(logits, targets)
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     params = [model.get_parameter(name) for name in names]
-    return _SegmentedLoss.apply(_Segments(model, names, bounds), idx, targets, *params)
+    run = _Segments(model, names, segment_bounds(idx.shape[1], segment_len), keep_bytes)
+    return _SegmentedLoss.apply(run, idx, targets, *params)
 
 
 class _Segments:
-    """What the Function needs besides tensors: the model, its trainable parameter names, the cuts."""
+    """What the Function needs besides tensors: the model, its trainable parameters by piece, the cuts."""
 
-    def __init__(self, model: nn.Module, names: Sequence[str], bounds: List[Tuple[int, int]]):
+    def __init__(self, model: nn.Module, names: Sequence[str], bounds: List[Tuple[int, int]], keep_bytes: int):
         self.model = model
         self.names = list(names)
         self.bounds = bounds
+        self.keep_bytes = keep_bytes
+        # index into `names` of each piece's parameters: "embed", "head" (ln_out, head) or a block number
+        self.piece_of = [_piece_of(name) for name in self.names]
+
+    def aliases_of(self, aliases: Sequence[torch.Tensor], piece) -> list:
+        return [alias for alias, owner in zip(aliases, self.piece_of) if owner == piece]
+
+    def kept_segments(self, idx: torch.Tensor) -> int:
+        """How many of the last segments keep their block inputs in `keep_bytes` of host memory."""
+        B, segment = idx.shape[0], self.bounds[0][1] - self.bounds[0][0]
+        cfg = self.model.cfg
+        per_segment = (cfg.n_layer + 1) * B * segment * cfg.n_embd * self.model.emb.weight.element_size()
+        return min(len(self.bounds), self.keep_bytes // per_segment)
+
+
+def _piece_of(name: str):
+    if name.startswith("emb."):
+        return "embed"
+    match = _BLOCK_PARAMETER.match(name)
+    return int(match[1]) if match else "head"
 
 
 class _SegmentedLoss(torch.autograd.Function):
-    """loss = sample_loss(model, idx, targets); inputs: the trainable parameters (see the module docstring)."""
+    """loss = sample_loss(model, idx, targets, ...); inputs: the trainable parameters (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, segments: _Segments, idx, targets, *params):
-        model, bounds = segments.model, segments.bounds
+    def forward(ctx, run: _Segments, idx, targets, *params):
         device = idx.device
-        count = target_count(targets)
-        positions = targets.numel()
-        boundary_states, rng_states = [], []  # state_1..state_n-1 (host memory on a GPU), RNG before segment i
+        n = len(run.bounds)
+        kept = run.kept_segments(idx)
+        states = [None]  # state_i before segment i, in host memory on a GPU
+        block_inputs = [None] * n  # [x_i,0 .. x_i,L] for kept segments
+        rng_states = []  # [segment][block]
         ce_sum = 0.0
         state = None
-        for start, end in bounds[:-1]:  # autograd is off inside Function.forward
-            rng_states.append(_rng_state(device))
-            logits, state = model(idx[:, start:end], state)
-            ce_sum = ce_sum + cross_entropy_sum(logits, targets[:, start:end])
-            del logits
-            boundary_states.append(_to_host(state))
-
-        aliases = [p.detach().requires_grad_(True) for p in params]
-        sums = _GradientSums(aliases)
-        start, end = bounds[-1]
-        with torch.enable_grad(), _swapped_parameters(model, segments.names, aliases):
-            state_in = _requiring_grad(state)
-            logits, _ = model(idx[:, start:end], state_in)
-            last_loss = language_model_loss(logits, targets[:, start:end], count, positions)
-            del logits
-
-        ctx.segments = segments
+        for i, (start, end) in enumerate(run.bounds):  # autograd is off inside Function.forward
+            x, state, rng, inputs = _forward_segment(run.model, idx[:, start:end], state, keep=i >= n - kept)
+            rng_states.append(rng)
+            block_inputs[i] = inputs
+            ce_sum = ce_sum + _head_cross_entropy_sum(run.model, x, targets[:, start:end])
+            if i + 1 < n:
+                states.append(_to_host(state))
+        ctx.run = run
         ctx.autocast = _autocast_state(device)
-        ctx.saved = dict(idx=idx, targets=targets, count=count, positions=positions, aliases=aliases, sums=sums,
-                         boundary_states=boundary_states, rng_states=rng_states, last=(last_loss, state_in))
-        return ce_sum / count + last_loss.detach()
+        ctx.saved = dict(idx=idx, targets=targets, states=states, block_inputs=block_inputs, rng_states=rng_states)
+        return ce_sum / target_count(targets)
 
     @staticmethod
     def backward(ctx, grad_output):
-        segments, saved = ctx.segments, ctx.saved
-        model, bounds = segments.model, segments.bounds
-        idx, targets, aliases = saved["idx"], saved["targets"], saved["aliases"]
+        run, saved = ctx.run, ctx.saved
+        model, bounds = run.model, run.bounds
+        idx, targets = saved["idx"], saved["targets"]
         device = idx.device
-        with _swapped_parameters(model, segments.names, aliases):
-            loss, state_in = saved.pop("last")
-            state_grad = _backward_segment(loss, None, grad_output, aliases, state_in)
-            del loss, state_in
-            for i in range(len(bounds) - 2, -1, -1):
+        count, positions = target_count(targets), targets.numel()
+        params = [model.get_parameter(name) for name in run.names]
+        aliases = [p.detach().requires_grad_(True) for p in params]
+        sums = _GradientSums(aliases)
+        state_grads = None  # dL/d(state_i+1), per layer, from the segment after this one
+        with _swapped_parameters(model, run.names, aliases):
+            for i in range(len(bounds) - 1, -1, -1):
                 start, end = bounds[i]
-                # the recompute runs as the forward did (autocast, dropout masks); its backward, like any, not
-                with torch.enable_grad(), _autocast(*ctx.autocast), _restored_rng(saved["rng_states"][i], device):
-                    stored = saved["boundary_states"][i - 1] if i > 0 else None
-                    state_in = _requiring_grad(None if stored is None else _to_device(stored, device))
-                    logits, state_out = model(idx[:, start:end], state_in)
-                    loss = language_model_loss(logits, targets[:, start:end], saved["count"], saved["positions"])
-                    del logits
-                state_grad = _backward_segment(loss, (state_out, state_grad), grad_output, aliases, state_in)
-                del loss, state_out, state_in
-        grads = saved["sums"].take(aliases)
+                segment_idx = idx[:, start:end]
+                state = None if saved["states"][i] is None else _to_device(saved["states"][i], device)
+                inputs = saved["block_inputs"][i]
+                if inputs is None:  # not kept: run the segment again to get its block inputs
+                    with _autocast(*ctx.autocast):
+                        _, _, _, inputs = _forward_segment(model, segment_idx, state, keep=True,
+                                                           replay_rng=saved["rng_states"][i])
+                saved["block_inputs"][i] = None  # free the host copies as they are used
+                grad = _backward_head(model, _to_device(inputs[-1], device), targets[:, start:end], count,
+                                      positions, grad_output, run.aliases_of(aliases, "head"), ctx.autocast)
+                new_state_grads = [None] * len(model.blocks)
+                for layer in range(len(model.blocks) - 1, -1, -1):
+                    grad, new_state_grads[layer] = _backward_block(
+                        model.blocks[layer], _to_device(inputs[layer], device), state, layer, grad,
+                        None if state_grads is None else state_grads[layer], run.aliases_of(aliases, layer),
+                        saved["rng_states"][i][layer], ctx.autocast)
+                embed_aliases = run.aliases_of(aliases, "embed")
+                if embed_aliases:
+                    with torch.enable_grad():
+                        x = model.emb(segment_idx)
+                    torch.autograd.backward([x], [grad], inputs=embed_aliases)
+                state_grads = new_state_grads
         ctx.saved = None
-        return (None, None, None, *grads)
+        return (None, None, None, *sums.take(aliases))
 
 
-def _backward_segment(loss, state_out_and_grad, grad_output, aliases, state_in) -> Optional[RWKVState]:
-    """Backpropagate one segment into the aliases' gradients; returns dL/d(state_in) (None for segment 0)."""
-    outputs, grads = [loss], [grad_output]
-    if state_out_and_grad is not None:
-        state_out, state_grad = state_out_and_grad
-        outputs += [state_out.shift, state_out.wkv]
-        grads += [state_grad.shift, state_grad.wkv]
-    inputs = list(aliases) + ([] if state_in is None else [state_in.shift, state_in.wkv])
-    torch.autograd.backward(outputs, grads, inputs=inputs)
-    if state_in is None:
-        return None
-    return RWKVState(_grad_or_zeros(state_in.shift), _grad_or_zeros(state_in.wkv))
+def _forward_segment(model: nn.Module, idx: torch.Tensor, state: Optional[RWKVState], keep: bool,
+                     replay_rng: Optional[list] = None) -> tuple:
+    """One segment without a graph: (last block's output, state after it, RNG state before each block,
+    block inputs [x_0 .. x_L] in host memory if `keep`, else None).
+
+    The first forward draws from the RNG and records its state before each block; a forward run again
+    later passes those states as `replay_rng`, draws the same dropout masks and leaves the RNG untouched.
+    """
+    rng = [] if replay_rng is None else replay_rng
+    with torch.no_grad():
+        x = x_emb = model.emb(idx)
+        layers, inputs = [], []
+        for layer, block in enumerate(model.blocks):
+            if keep:
+                inputs.append(_to_host(x))
+            layer_state = state.layer(layer) if state is not None else (None,) * 3
+            if replay_rng is None:
+                rng.append(_rng_state(idx.device))
+                x, *new_layer_state = block(x, x_emb, *layer_state)
+            else:
+                with _restored_rng(replay_rng[layer], idx.device):
+                    x, *new_layer_state = block(x, x_emb, *layer_state)
+            layers.append(new_layer_state)
+        if keep:
+            inputs.append(_to_host(x))
+    return x, RWKVState.from_layers(layers), rng, (inputs if keep else None)
 
 
-def _grad_or_zeros(t: torch.Tensor) -> torch.Tensor:
-    return t.grad if t.grad is not None else torch.zeros_like(t)
+def _head_chunks(x: torch.Tensor, vocab_size: int) -> list:
+    B, T, _ = x.shape
+    step = max(1, LOGITS_PER_CHUNK // (B * vocab_size))
+    return [(start, min(start + step, T)) for start in range(0, T, step)]
+
+
+def _head_cross_entropy_sum(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of the logits of x (B, S, C), a chunk of tokens at a time (no graph)."""
+    total = 0.0
+    with torch.no_grad():
+        for start, end in _head_chunks(x, model.cfg.vocab_size):
+            total = total + cross_entropy_sum(model.head(model.ln_out(x[:, start:end])), targets[:, start:end])
+    return total
+
+
+def _backward_head(model, x, targets, count, positions, grad_output, aliases, autocast) -> torch.Tensor:
+    """Backpropagate the loss of one segment through head and ln_out, a chunk of tokens at a time, into the
+    head's aliases; returns dL/dx (B, S, C)."""
+    grad = torch.empty_like(x)
+    for start, end in _head_chunks(x, model.cfg.vocab_size):
+        chunk = x[:, start:end].detach().requires_grad_(True)
+        with torch.enable_grad(), _autocast(*autocast):
+            loss = language_model_loss(model.head(model.ln_out(chunk)), targets[:, start:end], count, positions)
+        torch.autograd.backward([loss], [grad_output], inputs=[chunk, *aliases])
+        grad[:, start:end] = chunk.grad
+    return grad
+
+
+def _backward_block(block, x, state, layer, grad, state_grad, aliases, rng, autocast) -> tuple:
+    """Recompute one block of one segment from its input and differentiate it at once.
+
+    Output gradients: `grad` for the block output, `state_grad` (or None) for its three state outputs.
+    Returns (dL/dx, dL/d(its input state) as a 3-tuple, None for the first segment).
+    """
+    x = x.detach().requires_grad_(True)
+    state_in = None if state is None else [t.detach().requires_grad_(True) for t in state.layer(layer)]
+    with torch.enable_grad(), _autocast(*autocast), _restored_rng(rng, x.device):
+        # x_emb None: tiny attention, the one user of the embedding, cannot run with --state_cp
+        out, *state_out = block(x, None, *(state_in if state_in is not None else (None,) * 3))
+    outputs, grads = [out], [grad]
+    if state_grad is not None:
+        for tensor, tensor_grad in zip(state_out, state_grad):
+            if tensor.requires_grad and tensor_grad is not None:  # a pre_ffn block has no WKV state to train
+                outputs.append(tensor)
+                grads.append(tensor_grad)
+    torch.autograd.backward(outputs, grads, inputs=[x, *(state_in or []), *aliases])
+    return x.grad, (None if state_in is None else tuple(t.grad for t in state_in))
 
 
 class _GradientSums:
-    """Sums of the aliases' gradients over the segments, in fp32 (fp64 for fp64 parameters).
+    """Sums of the aliases' gradients over the pieces, in fp32 (fp64 for fp64 parameters).
 
     A post-accumulate hook moves each alias's gradient into its sum as soon as autograd has accumulated it,
-    so at no time does a whole segment's gradient exist beside the sums. For an fp32 alias the first
+    so at no time does a whole set of per-piece gradients exist beside the sums. For an fp32 alias the first
     gradient itself becomes the sum (no copy).
     """
 
@@ -224,29 +339,47 @@ def _swapped_parameters(model: nn.Module, names: Sequence[str], tensors: Sequenc
             owner._parameters[leaf] = original
 
 
-def _requiring_grad(state: Optional[RWKVState]) -> Optional[RWKVState]:
-    """A leaf copy of a boundary state whose gradient the backward pass collects (None: the empty state)."""
-    if state is None:
-        return None
-    return RWKVState(state.shift.detach().requires_grad_(True), state.wkv.detach().requires_grad_(True))
+# ---------------------------------------------------------------- host copies, RNG and autocast
 
 
-def _to_host(state: RWKVState) -> RWKVState:
-    """A boundary state for safe keeping: pinned host memory for GPU tensors (the copy runs on the current
-    stream, so it is ordered before anything that reuses the GPU memory), the tensors themselves on the CPU."""
-    if not state.shift.is_cuda:
-        return state
-    return RWKVState(*(_pinned_copy(t) for t in state))
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    """A side stream per device for the copies to and from host memory, so they overlap the compute."""
+    if device not in _COPY_STREAMS:
+        _COPY_STREAMS[device] = torch.cuda.Stream(device)
+    return _COPY_STREAMS[device]
 
 
-def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
+_COPY_STREAMS: dict = {}
+
+
+def _to_host(value):
+    """A tensor or RWKVState kept for later: on a GPU, a pinned host copy made on the side stream (the GPU
+    memory is not reused before the copy has read it); on the CPU, the tensors themselves."""
+    if isinstance(value, RWKVState):
+        return RWKVState(*(_to_host(t) for t in value))
+    if not value.is_cuda:
+        return value
+    stream = _copy_stream(value.device)
+    stream.wait_stream(torch.cuda.current_stream(value.device))
+    with torch.cuda.stream(stream):
+        host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+        host.copy_(value, non_blocking=True)
+    value.record_stream(stream)
     return host
 
 
-def _to_device(state: RWKVState, device: torch.device) -> RWKVState:
-    return RWKVState(*(t.to(device, non_blocking=True) for t in state))
+def _to_device(value, device: torch.device):
+    """The inverse of _to_host; the copy is ordered before any later work on the current stream."""
+    if isinstance(value, RWKVState):
+        return RWKVState(*(_to_device(t, device) for t in value))
+    if device.type != "cuda":
+        return value
+    stream = _copy_stream(device)
+    with torch.cuda.stream(stream):
+        on_device = value.to(device, non_blocking=True)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    on_device.record_stream(torch.cuda.current_stream(device))
+    return on_device
 
 
 def _rng_state(device: torch.device) -> tuple:
@@ -255,7 +388,7 @@ def _rng_state(device: torch.device) -> tuple:
 
 @contextlib.contextmanager
 def _restored_rng(state: tuple, device: torch.device):
-    """Run the block with the RNG as it was before a segment's forward; the RNG outside is left unchanged."""
+    """Run the block with the RNG at `state`; afterwards the RNG is where it was before the block."""
     cpu_state, cuda_state = state
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -266,7 +399,7 @@ def _restored_rng(state: tuple, device: torch.device):
 
 
 def _autocast_state(device: torch.device) -> tuple:
-    """Lightning's mixed precision runs the training step under autocast; the recompute must too."""
+    """Lightning's mixed precision runs the training step under autocast; the recomputes must too."""
     kind = device.type
     return kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind)
 

@@ -67,6 +67,16 @@ class RWKVState(NamedTuple):
     def detach(self) -> "RWKVState":
         return RWKVState(self.shift.detach(), self.wkv.detach())
 
+    def layer(self, i: int) -> tuple:
+        """Layer i's state as Block.forward takes it: (att shift (B, C), wkv (B, A, 3), ffn shift (B, C))."""
+        return self.shift[i, 0], self.wkv[i], self.shift[i, 1]
+
+    @staticmethod
+    def from_layers(layers) -> "RWKVState":
+        """The inverse of `layer`: [(att shift, wkv, ffn shift) for each layer] -> RWKVState."""
+        shifts = [torch.stack([att_shift, ffn_shift.to(att_shift.dtype)]) for att_shift, _, ffn_shift in layers]
+        return RWKVState(torch.stack(shifts), torch.stack([wkv_state for _, wkv_state, _ in layers]))
+
 
 def initial_state(cfg: RWKVConfig, batch: int, device=None, dtype=torch.float32) -> RWKVState:
     """The state before the first token: zero shifts, empty WKV sums."""
@@ -225,15 +235,14 @@ class RWKV(nn.Module):
                              f"continue from a state")
         B, T = idx.shape
         x = x_emb = self.emb(idx)
-        shifts, wkv_states = [], []
+        layers = []
         for i, block in enumerate(self.blocks):
-            layer_state = (None, None, None) if state is None else (state.shift[i, 0], state.wkv[i], state.shift[i, 1])
+            layer_state = (None, None, None) if state is None else state.layer(i)
             if self.cfg.grad_cp and torch.is_grad_enabled():
-                x, att_shift, wkv_state, ffn_shift = checkpoint(block, x, x_emb, *layer_state, use_reentrant=False)
+                x, *new_layer_state = checkpoint(block, x, x_emb, *layer_state, use_reentrant=False)
             else:
-                x, att_shift, wkv_state, ffn_shift = block(x, x_emb, *layer_state)
-            shifts.append(torch.stack([att_shift, ffn_shift.to(att_shift.dtype)]))
-            wkv_states.append(wkv_state)
+                x, *new_layer_state = block(x, x_emb, *layer_state)
+            layers.append(new_layer_state)
         x = self.ln_out(x)
         logits = self.head(x)
         if self.cfg.head_qk > 0:
@@ -241,7 +250,7 @@ class RWKV(nn.Module):
             c = (q @ k.transpose(-2, -1)) * (1.0 / self.cfg.head_qk)  # (B, T, T), no softmax
             c = c.masked_fill(_future_mask(T, x.device), 0)
             logits = logits + c @ F.one_hot(idx, self.cfg.vocab_size).to(c.dtype)
-        return logits, RWKVState(torch.stack(shifts), torch.stack(wkv_states))
+        return logits, RWKVState.from_layers(layers)
 
 
 # Parameters that keep the values built in the constructor (the v4neo "fancy init").

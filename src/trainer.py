@@ -49,10 +49,13 @@ class RWKVModule(pl.LightningModule):
         super().__init__()
         self.model = model
         self.cfg = cfg
+        self.keep_bytes = None  # --state_cp: host memory for block inputs kept between its passes
 
     def training_step(self, batch, batch_idx):
         x, y = batch  # (B, T) token ids, (B, T) targets
-        loss = infctx.sample_loss(self.model, x, y, self.cfg.segment_len)
+        if self.cfg.state_cp and self.keep_bytes is None:  # measured once, after the strategy's set-up took its share
+            self.keep_bytes = infctx.host_memory_for_kept_segments(self.trainer.num_devices) if x.is_cuda else 0
+        loss = infctx.sample_loss(self.model, x, y, self.cfg.segment_len, self.keep_bytes or 0)
         # Lightning divides "loss" by accumulate_grad_batches; "token_loss" is the plain value for logs.
         return {"loss": loss, "token_loss": loss.detach(), "tokens": y.numel()}
 

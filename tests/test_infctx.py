@@ -45,8 +45,11 @@ def full_backprop(model, x, y):
     return lambda: language_model_loss(model(x)[0], y)
 
 
-def segmented(model, x, y, segment_len):
-    return lambda: infctx.sample_loss(model, x, y, segment_len)
+def segmented(model, x, y, segment_len, keep_bytes=0):
+    return lambda: infctx.sample_loss(model, x, y, segment_len, keep_bytes)
+
+
+EVERYTHING = 2 ** 40  # keep_bytes: every segment's block inputs are kept between the passes
 
 
 def test_segment_bounds_cover_the_sample_with_a_shorter_last_segment():
@@ -57,11 +60,38 @@ def test_segment_bounds_cover_the_sample_with_a_shorter_last_segment():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("segment_len", [14, 7, 2, 4], ids=["1 segment", "2 segments", "7 segments", "uneven last"])
-def test_gradients_equal_full_backpropagation(dtype, segment_len):
+@pytest.mark.parametrize("keep_bytes", [0, EVERYTHING], ids=["recomputed", "kept"])
+def test_gradients_equal_full_backpropagation(dtype, segment_len, keep_bytes):
     model = tiny_model().to(dtype)
     x, y = sample(1, 14)
     expected = gradients(model, full_backprop(model, x, y))
-    assert_same_gradients(gradients(model, segmented(model, x, y, segment_len)), expected, TOLERANCE[dtype])
+    got = gradients(model, segmented(model, x, y, segment_len, keep_bytes))
+    assert_same_gradients(got, expected, TOLERANCE[dtype])
+
+
+def test_some_segments_kept_and_the_others_recomputed():
+    """keep_bytes for two of four segments: the last two keep their block inputs, the first two run again."""
+    model = tiny_model().double()
+    x, y = sample(2, 16)
+    per_segment = (2 + 1) * 2 * 4 * 16 * 8  # (n_layer + 1) block inputs of (B, S, C) fp64 values
+    expected = gradients(model, full_backprop(model, x, y))
+    assert_same_gradients(gradients(model, segmented(model, x, y, 4, 2 * per_segment + 1)), expected, 1e-10)
+
+
+def test_pre_ffn_block_without_wkv_state():
+    model = tiny_model(n_layer=3, pre_ffn=1).double()
+    x, y = sample(1, 12)
+    expected = gradients(model, full_backprop(model, x, y))
+    assert_same_gradients(gradients(model, segmented(model, x, y, 5)), expected, 1e-10)
+
+
+def test_vocabulary_larger_than_a_head_chunk(monkeypatch):
+    """The head runs in chunks of tokens; several chunks per segment give the same gradients."""
+    monkeypatch.setattr(infctx, "LOGITS_PER_CHUNK", 3 * 37)  # chunks of 3 tokens for batch 1, vocabulary 37
+    model = tiny_model().double()
+    x, y = sample(1, 14)
+    expected = gradients(model, full_backprop(model, x, y))
+    assert_same_gradients(gradients(model, segmented(model, x, y, 7)), expected, 1e-10)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -71,7 +101,7 @@ def test_micro_batch_of_two_with_masks_and_grad_cp(dtype):
     model = tiny_model(grad_cp=True).to(dtype)
     x, y = sample(2, 15, masked=[(0, slice(0, 5)), (1, slice(9, 15)), (0, 12)])
     expected = gradients(model, full_backprop(model, x, y))
-    assert_same_gradients(gradients(model, segmented(model, x, y, 5)), expected, TOLERANCE[dtype])
+    assert_same_gradients(gradients(model, segmented(model, x, y, 5, EVERYTHING)), expected, TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -113,7 +143,7 @@ def test_lora_dropout_masks_are_redrawn_the_same_when_a_segment_is_recomputed():
     torch.manual_seed(3)
     expected = gradients(model, chained_graph)
     torch.manual_seed(3)
-    got = gradients(model, segmented(model, x, y, 4))
+    got = gradients(model, segmented(model, x, y, 4))  # every segment recomputed: its blocks draw twice more
     assert_same_gradients(got, expected, TOLERANCE[torch.float64])
     after_segmented = torch.rand(1)
     torch.manual_seed(3)
