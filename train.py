@@ -20,31 +20,45 @@ def main(argv=None) -> int:
 
 
 def train(cfg: TrainConfig) -> int:
-    from src import stopping
+    from src import console, stopping
 
     stop = stopping.StopSignal()
     stop.install()  # from here on, Ctrl+C / SIGTERM finish the current step and save
     try:
-        return run_training(cfg, stop)
+        with console.library_chatter_silenced():
+            return run_training(cfg, stop)
     finally:
         stop.restore()
 
 
 def run_training(cfg: TrainConfig, stop) -> int:
+    """Every check that can refuse the run comes before the first file is written into --proj_dir."""
     # torch and Lightning load here, after the command line is known to be valid
     import lightning.pytorch as pl
     import torch
 
-    from src import callbacks, checkpoint, dataset, lora, sampling, stopping, trainer
+    from src import callbacks, checkpoint, console, dataset, lora, outputs, sampling, stopping, trainer
     from src.model import RWKV, RWKVConfig, count_parameters, generate_init_weights
 
-    if cfg.resume:
-        stopping.check_bundle(cfg.resume)
-    Path(cfg.proj_dir).mkdir(parents=True, exist_ok=True)
+    outputs.check_writable(cfg.proj_dir)
+    bundle = stopping.open_bundle(cfg) if cfg.resume else None
     pile_resume = sampling.continue_pile_run(cfg) if cfg.my_pile_stage >= 2 else ""
     seed = cfg.random_seed if cfg.random_seed >= 0 else secrets.randbits(31)
     pl.seed_everything(seed, verbose=False)
     trainer.set_float_precision(cfg)
+
+    save_dtype = trainer.SAVE_DTYPE[cfg.precision]
+    # what the .pth files hold: the whole model, or in LoRA runs only the tensors LoRA trains (+ settings)
+    weights_of = lora.lora_weights_of(cfg, trainer.full_state_dict) if cfg.lora else trainer.full_state_dict
+    saver = callbacks.WeightSaver(cfg, save_dtype, weights_of)
+    stopper = stopping.StopOnSignal(stop, lambda t, m: saver.save(t, m, outputs.LAST_NAME),
+                                    Path(cfg.proj_dir) / outputs.BUNDLE_NAME)
+    schedule = callbacks.LearningRateSchedule(cfg)
+    progress_bar = console.shows_progress_bar(cfg)
+    log = callbacks.TrainingLog(cfg, schedule, print_epochs=not progress_bar)
+    lightning_trainer = build_lightning_trainer(cfg, [schedule, log, saver, stopper], progress_bar)
+    if lightning_trainer.is_global_zero:  # the other ranks start when rank 0 has passed this and written files
+        outputs.check_no_overwrite(cfg, first_epoch=bundle.epoch if bundle else 0)
 
     data = dataset.load_token_data(cfg)
     model_cfg = RWKVConfig(
@@ -54,39 +68,34 @@ def run_training(cfg: TrainConfig, stop) -> int:
         wkv_backend=cfg.wkv_backend, wkv_chunk_len=cfg.chunk_len)
     dataset.check_against_model(data, cfg, model_cfg.vocab_size)
     model = RWKV(model_cfg)
-    save_dtype = trainer.SAVE_DTYPE[cfg.precision]
-    if cfg.resume:
-        weights = None  # everything comes from the bundle
-    elif cfg.load_model:
+    fresh_weights = None
+    if cfg.load_model and not cfg.resume:  # a resumed run takes everything from the bundle
         weights = checkpoint.load_weights(cfg.load_model)
         checkpoint.check_compatible(model.state_dict(), weights, cfg.load_model, allow_missing=bool(cfg.load_partial))
-    else:
-        # a fresh model is written to rwkv-init.pth (in the run's dtype) and trained from that file's values
-        device = "cuda" if torch.cuda.is_available() and cfg.accelerator != "cpu" else "cpu"
-        weights = generate_init_weights(model, cfg.lr_init, device=device, dtype=save_dtype)
-
-    schedule = callbacks.LearningRateSchedule(cfg)
-    run_epochs = cfg.epoch_count - cfg.epoch_begin
-    if cfg.max_epochs is not None:
-        run_epochs = min(run_epochs, cfg.max_epochs)
-    # what the .pth files hold: the whole model, or in LoRA runs only the tensors LoRA trains (+ settings)
-    weights_of = lora.lora_weights_of(cfg, trainer.full_state_dict) if cfg.lora else trainer.full_state_dict
-    saver = callbacks.WeightSaver(cfg, save_dtype, weights_of)
-    stopper = stopping.StopOnSignal(stop, lambda t, m: saver.save(t, m, "rwkv-last.pth"),
-                                    Path(cfg.proj_dir) / stopping.BUNDLE_NAME)
-    lightning_trainer = trainer.build_trainer(cfg, [schedule, callbacks.TrainingLog(cfg, schedule), saver, stopper],
-                                              max_epochs=run_epochs)
-
-    if weights is not None:
-        if not cfg.load_model and lightning_trainer.is_global_zero:
-            checkpoint.save_weights(weights, Path(cfg.proj_dir) / "rwkv-init.pth")
         model.load_state_dict(weights, strict=not cfg.load_partial)
         del weights
+    elif not cfg.resume:
+        # a fresh model is written to rwkv-init.pth (in the run's dtype) and trained from that file's values
+        device = "cuda" if torch.cuda.is_available() and cfg.accelerator != "cpu" else "cpu"
+        fresh_weights = generate_init_weights(model, cfg.lr_init, device=device, dtype=save_dtype)
+        model.load_state_dict(fresh_weights)
     if cfg.lora:  # LoRA wraps the loaded base weights, restores --lora_load and freezes the rest
         lora_summary = lora.prepare_lora_training(model, cfg)
-        if lightning_trainer.is_global_zero:
-            print(lora_summary, flush=True)
+    if bundle:
+        stopping.check_bundle_fits(bundle, model, cfg)
+        del bundle
 
+    # nothing was written into --proj_dir before this point
+    initial_files = []
+    if lightning_trainer.is_global_zero:
+        if fresh_weights is not None:
+            checkpoint.save_weights(fresh_weights, Path(cfg.proj_dir) / outputs.INIT_NAME)
+            initial_files.append(outputs.INIT_NAME)
+        if data.chars is not None:
+            dataset.write_char_vocab(data.chars, cfg.proj_dir)
+        if cfg.lora:
+            print(lora_summary, flush=True)
+    del fresh_weights
     samples = dataset.TrainingSamples(data, cfg, seed=seed, rank=lightning_trainer.global_rank,
                                       world_size=lightning_trainer.world_size)
     loader = dataset.build_loader(samples, cfg)
@@ -94,21 +103,34 @@ def run_training(cfg: TrainConfig, stop) -> int:
     if lightning_trainer.is_global_zero:
         if pile_resume:
             print(pile_resume, flush=True)
-        print_banner(cfg, model_cfg, count_parameters(model), seed, lightning_trainer.world_size)
+        console.print_banner(cfg, model_cfg.vocab_size, count_parameters(model), seed, lightning_trainer.world_size,
+                             lightning_trainer.strategy.root_device.type)
     lightning_trainer.fit(trainer.RWKVModule(model, cfg), loader, ckpt_path=cfg.resume or None)
+
+    stopped = stopper.exit_code != 0
+    if lightning_trainer.is_global_zero:
+        if cfg.resume and not stopped:
+            stopping.retire_bundle(cfg.resume)
+        saved = initial_files + saver.saved + ([outputs.BUNDLE_NAME] if stopped else [])
+        console.print_summary(cfg, saved, log.tokens_trained, log.seconds, log.last_mean_loss, stopped)
     return stopper.exit_code
 
 
-def print_banner(cfg: TrainConfig, model_cfg, n_params: int, seed: int, world_size: int) -> None:
-    batch = cfg.micro_bsz * world_size
-    print(f"\nRWKV-4 L{cfg.n_layer} D{cfg.n_embd} vocab {model_cfg.vocab_size}: {n_params / 1e6:.2f}M parameters, "
-          f"precision {cfg.precision}, strategy {cfg.strategy}, seed {seed}\n"
-          f"data {cfg.data_type} {cfg.data_file or ''}; ctx_len {cfg.ctx_len}; {world_size} device(s) x micro_bsz "
-          f"{cfg.micro_bsz} x accumulate {cfg.accumulate_grad_batches}\n"
-          f"mini-epoch = {cfg.epoch_steps} micro-batches = {cfg.epoch_steps * batch} samples = "
-          f"{cfg.epoch_steps * batch * cfg.ctx_len} tokens; epochs {cfg.epoch_begin}..{cfg.epoch_count - 1}; "
-          f"lr {cfg.lr_init} -> {cfg.lr_final}, warmup {cfg.warmup_steps} steps; output {cfg.proj_dir}/\n",
-          flush=True)
+def build_lightning_trainer(cfg: TrainConfig, callbacks: list, progress_bar: bool):
+    """The Trainer, with Lightning's refusals of the hardware flags as one line each."""
+    import torch
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from src import outputs, trainer
+
+    if cfg.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserInputError(f"--accelerator {cfg.accelerator}: torch sees no CUDA GPU here; use --accelerator cpu "
+                             f"(or auto)")
+    try:
+        return trainer.build_trainer(cfg, callbacks, max_epochs=outputs.run_epochs(cfg), progress_bar=progress_bar)
+    except MisconfigurationException as e:
+        raise UserInputError(f"--accelerator {cfg.accelerator} --devices {cfg.devices} --strategy {cfg.strategy}: "
+                             f"{' '.join(str(e).split())}")
 
 
 if __name__ == "__main__":

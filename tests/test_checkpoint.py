@@ -36,7 +36,7 @@ def test_wrapper_prefixes_are_stripped(tmp_path):
 
 def test_foreign_files_are_refused(tmp_path):
     (tmp_path / "text.pth").write_text("not a checkpoint")
-    with pytest.raises(UserInputError, match="not a readable PyTorch weights file"):
+    with pytest.raises(UserInputError, match="is not a PyTorch file"):
         load_weights(tmp_path / "text.pth")
     torch.save({"step": 3}, tmp_path / "dict.pth")
     with pytest.raises(UserInputError, match="plain state dict of tensors"):

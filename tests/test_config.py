@@ -31,7 +31,7 @@ LIGHTNING_FLAGS = {
     "enable_progress_bar": 1,
 }
 # Ours: not in the original.
-OWN_FLAGS = {"wkv_backend": "auto", "vocab_file": "", "resume": ""}
+OWN_FLAGS = {"wkv_backend": "auto", "vocab_file": "", "resume": "", "overwrite_proj_dir": 0}
 
 
 def test_golden_flag_set_and_defaults():
