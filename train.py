@@ -35,14 +35,13 @@ def run_training(cfg: TrainConfig, stop) -> int:
     """Every check that can refuse the run comes before the first file is written into --proj_dir."""
     # torch and Lightning load here, after the command line is known to be valid
     import lightning.pytorch as pl
-    import torch
 
-    from src import callbacks, checkpoint, console, dataset, lora, outputs, sampling, stopping, trainer
-    from src.model import RWKV, RWKVConfig, count_parameters, generate_init_weights
+    from src import callbacks, console, dataset, lora, outputs, sampling, stopping, trainer
+    from src.model import count_parameters
 
     outputs.check_writable(cfg.proj_dir)
+    pile_resume = sampling.continue_pile_run(cfg) if cfg.my_pile_stage >= 2 else ""  # sets --load_model and more
     bundle = stopping.open_bundle(cfg) if cfg.resume else None
-    pile_resume = sampling.continue_pile_run(cfg) if cfg.my_pile_stage >= 2 else ""
     seed = cfg.random_seed if cfg.random_seed >= 0 else secrets.randbits(31)
     pl.seed_everything(seed, verbose=False)
     trainer.set_float_precision(cfg)
@@ -57,63 +56,81 @@ def run_training(cfg: TrainConfig, stop) -> int:
     progress_bar = console.shows_progress_bar(cfg)
     log = callbacks.TrainingLog(cfg, schedule, print_epochs=not progress_bar)
     lightning_trainer = build_lightning_trainer(cfg, [schedule, log, saver, stopper], progress_bar)
-    if lightning_trainer.is_global_zero:  # the other ranks start when rank 0 has passed this and written files
+    rank_zero = lightning_trainer.is_global_zero
+    if rank_zero:  # the other ranks start when rank 0 has passed this and written files
         outputs.check_no_overwrite(cfg, first_epoch=bundle.epoch if bundle else 0)
 
     data = dataset.load_token_data(cfg)
-    model_cfg = RWKVConfig(
-        vocab_size=data.vocab_size, n_layer=cfg.n_layer, n_embd=cfg.n_embd, dim_att=cfg.dim_att,
-        dim_ffn=cfg.dim_ffn, pre_ffn=cfg.pre_ffn, head_qk=cfg.head_qk, tiny_att_dim=cfg.tiny_att_dim,
-        tiny_att_layer=cfg.tiny_att_layer, my_pos_emb=cfg.my_pos_emb, grad_cp=bool(cfg.grad_cp),
-        wkv_backend=cfg.wkv_backend, wkv_chunk_len=cfg.chunk_len)
-    dataset.check_against_model(data, cfg, model_cfg.vocab_size)
-    model = RWKV(model_cfg)
-    fresh_weights = None
-    if cfg.load_model and not cfg.resume:  # a resumed run takes everything from the bundle
-        weights = checkpoint.load_weights(cfg.load_model)
-        checkpoint.check_compatible(model.state_dict(), weights, cfg.load_model, allow_missing=bool(cfg.load_partial))
-        model.load_state_dict(weights, strict=not cfg.load_partial)
-        del weights
-    elif not cfg.resume:
-        # a fresh model is written to rwkv-init.pth (in the run's dtype) and trained from that file's values
-        device = "cuda" if torch.cuda.is_available() and cfg.accelerator != "cpu" else "cpu"
-        fresh_weights = generate_init_weights(model, cfg.lr_init, device=device, dtype=save_dtype)
-        model.load_state_dict(fresh_weights)
-    if cfg.lora:  # LoRA wraps the loaded base weights, restores --lora_load and freezes the rest
-        lora_summary = lora.prepare_lora_training(model, cfg)
+    dataset.check_against_model(data, cfg, data.vocab_size)
+    model, fresh_weights = build_model(cfg, data.vocab_size, save_dtype)
+    lora_summary = lora.prepare_lora_training(model, cfg) if cfg.lora else ""  # wraps the base, freezes the rest
     if bundle:
         stopping.check_bundle_fits(bundle, model, cfg)
-        del bundle
+    del bundle
 
     # nothing was written into --proj_dir before this point
-    initial_files = []
-    if lightning_trainer.is_global_zero:
-        if fresh_weights is not None:
-            checkpoint.save_weights(fresh_weights, Path(cfg.proj_dir) / outputs.INIT_NAME)
-            initial_files.append(outputs.INIT_NAME)
-        if data.chars is not None:
-            dataset.write_char_vocab(data.chars, cfg.proj_dir)
-        if cfg.lora:
-            print(lora_summary, flush=True)
+    initial_files = write_initial_files(cfg, fresh_weights, data) if rank_zero else []
     del fresh_weights
     samples = dataset.TrainingSamples(data, cfg, seed=seed, rank=lightning_trainer.global_rank,
                                       world_size=lightning_trainer.world_size)
-    loader = dataset.build_loader(samples, cfg)
     lightning_trainer.callbacks.append(stopping.ResumeGuard(cfg, samples))
-    if lightning_trainer.is_global_zero:
-        if pile_resume:
-            print(pile_resume, flush=True)
-        console.print_banner(cfg, model_cfg.vocab_size, count_parameters(model), seed, lightning_trainer.world_size,
+    if rank_zero:
+        for line in (lora_summary, pile_resume):
+            if line:
+                print(line, flush=True)
+        console.print_banner(cfg, data.vocab_size, count_parameters(model), seed, lightning_trainer.world_size,
                              lightning_trainer.strategy.root_device.type)
-    lightning_trainer.fit(trainer.RWKVModule(model, cfg), loader, ckpt_path=cfg.resume or None)
+    lightning_trainer.fit(trainer.RWKVModule(model, cfg), dataset.build_loader(samples, cfg),
+                          ckpt_path=cfg.resume or None)
 
     stopped = stopper.exit_code != 0
-    if lightning_trainer.is_global_zero:
+    if rank_zero:
         if cfg.resume and not stopped:
             stopping.retire_bundle(cfg.resume)
         saved = initial_files + saver.saved + ([outputs.BUNDLE_NAME] if stopped else [])
         console.print_summary(cfg, saved, log.tokens_trained, log.seconds, log.last_mean_loss, stopped)
     return stopper.exit_code
+
+
+def build_model(cfg: TrainConfig, vocab_size: int, save_dtype):
+    """(the model with its starting weights, the fresh weights to save as rwkv-init.pth or None).
+
+    The weights come from --load_model, or from a fresh initialisation (in the run's dtype, the values rwkv-init.pth
+    will hold); a resumed run takes them from its bundle later.
+    """
+    import torch
+
+    from src import checkpoint
+    from src.model import RWKV, RWKVConfig, generate_init_weights
+
+    model = RWKV(RWKVConfig(
+        vocab_size=vocab_size, n_layer=cfg.n_layer, n_embd=cfg.n_embd, dim_att=cfg.dim_att,
+        dim_ffn=cfg.dim_ffn, pre_ffn=cfg.pre_ffn, head_qk=cfg.head_qk, tiny_att_dim=cfg.tiny_att_dim,
+        tiny_att_layer=cfg.tiny_att_layer, my_pos_emb=cfg.my_pos_emb, grad_cp=bool(cfg.grad_cp),
+        wkv_backend=cfg.wkv_backend, wkv_chunk_len=cfg.chunk_len))
+    if cfg.resume:
+        return model, None
+    if cfg.load_model:
+        weights = checkpoint.load_weights(cfg.load_model)
+        checkpoint.check_compatible(model.state_dict(), weights, cfg.load_model, allow_missing=bool(cfg.load_partial))
+        model.load_state_dict(weights, strict=not cfg.load_partial)
+        return model, None
+    device = "cuda" if torch.cuda.is_available() and cfg.accelerator != "cpu" else "cpu"
+    fresh_weights = generate_init_weights(model, cfg.lr_init, device=device, dtype=save_dtype)
+    model.load_state_dict(fresh_weights)
+    return model, fresh_weights
+
+
+def write_initial_files(cfg: TrainConfig, fresh_weights, data) -> list:
+    """rwkv-init.pth of a fresh model and vocab.json of character-level data (rank 0); returns what was saved."""
+    from src import checkpoint, dataset, outputs
+
+    if data.chars is not None:
+        dataset.write_char_vocab(data.chars, cfg.proj_dir)
+    if fresh_weights is None:
+        return []
+    checkpoint.save_weights(fresh_weights, Path(cfg.proj_dir) / outputs.INIT_NAME)
+    return [outputs.INIT_NAME]
 
 
 def build_lightning_trainer(cfg: TrainConfig, callbacks: list, progress_bar: bool):

@@ -94,6 +94,8 @@ class TrainingLog(pl.Callback):
         self.epoch_loss = None  # tensor on the model's device: sum of micro-batch losses this mini-epoch
         self.epoch_batches = 0
         self.tokens = 0  # tokens trained on so far, all GPUs, earlier runs included
+        self.tokens_at_start = 0  # `tokens` when this run started training (a resumed run's earlier ones)
+        self.started = self.epoch_started = time.perf_counter()  # reset when training starts
         self.step_loss = None
         self.step_batches = 0
         self.pending_rows = []
@@ -210,7 +212,7 @@ class TrainingLog(pl.Callback):
     def load_state_dict(self, state: dict) -> None:
         self.epoch_loss = torch.tensor(state["epoch_loss"])
         self.epoch_batches = state["epoch_batches"]
-        self.tokens = state["tokens"]
+        self.tokens = self.tokens_at_start = state["tokens"]
 
 
 class WeightSaver(pl.Callback):

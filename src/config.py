@@ -168,7 +168,8 @@ class TrainConfig:
                                      "--epoch_count).")
     max_steps: int = flag(-1, "lightning", "Cap on optimizer steps in this run (-1 = none).")
     gradient_clip_val: float = flag(1.0, "lightning", "Gradient norm clip.")
-    enable_progress_bar: int = flag(1, "lightning", "1 = show the progress bar.", choices=(0, 1))
+    enable_progress_bar: int = flag(1, "lightning", "1 = show the progress bar when the output is a terminal; "
+                                    "without it, one line per mini-epoch.", choices=(0, 1))
 
     # ---- BlinkDL-internal experiments
     my_img_version: str = flag("0", "internal", "Image auto-encoder experiment.")

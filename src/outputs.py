@@ -48,13 +48,14 @@ def files_written(cfg: TrainConfig, first_epoch: int = 0) -> list:
 
 def check_writable(proj_dir: str) -> None:
     """Refuse a --proj_dir where no file can be created: under a file, read-only, in /proc. The nearest folder
-    that exists is probed with an unnamed temporary file, so nothing is created and nothing is left behind."""
+    that exists is probed with a temporary file that deletes itself: no folder is created, nothing is left."""
     folder = Path(proj_dir)
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise UserInputError(f"--proj_dir {proj_dir}: {folder} is a file, not a folder; choose another --proj_dir")
-    try:
+    try:  # exists() itself raises under a folder that may not be searched
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            raise UserInputError(f"--proj_dir {proj_dir}: {folder} is a file, not a folder; choose another "
+                                 f"--proj_dir")
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
