@@ -3,6 +3,7 @@ file and the way out, and every file of the folder byte-identical afterwards."""
 import argparse
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,9 +93,11 @@ def test_a_proj_dir_under_a_file(proj_dir, capsys):
     assert folder_snapshot(proj_dir) == before
 
 
-def test_a_proj_dir_in_proc(capsys):
-    refused([*TINY, "--proj_dir", "/proc/rwkv-infctx-test"], capsys, "--proj_dir /proc/rwkv-infctx-test: cannot "
-            "create files in /proc")
+@pytest.mark.parametrize("folder", ["/proc", "/sys"])  # no one, root included, creates files there
+def test_a_proj_dir_where_no_file_can_be_created(folder, capsys):
+    refused([*TINY, "--proj_dir", f"{folder}/rwkv-infctx-test"], capsys,
+            f"--proj_dir {folder}/rwkv-infctx-test: cannot create files in {folder} (")
+    assert not Path(folder, "rwkv-infctx-test").exists()
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")

@@ -1,4 +1,5 @@
-"""Ctrl+C / SIGTERM on a real train.py process group: save, exit 130/143, resume bit-exactly."""
+"""Ctrl+C / SIGTERM on a real train.py process group: save, exit 130/143, resume bit-exactly; resume bundles
+checked before anything is written (missing, damaged, other flags or data, finished, another --proj_dir)."""
 import os
 import shutil
 import signal
