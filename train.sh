@@ -4,7 +4,8 @@
 #
 # With LOAD_MODEL empty this is the built-in demo: a small model trained from scratch on the built-in
 # dummy data (sums like ".123+456=579."), on the GPU if there is one, else on the CPU (about 70 s
-# on 2 cores); the loss falls from 2.6 to about 0.8 and checkpoints land in out/.
+# on 2 cores); the loss falls from 2.6 to about 0.8 and checkpoints land in out/ (a second run refuses to
+# replace them: `bash train.sh --overwrite_proj_dir 1`, or PROJ_DIR=out2 bash train.sh).
 #
 # To fine-tune as the ChatGal fork's train.sh does (7B Raven, LoRA on the FFN, bf16, one GPU), set e.g.
 #   LOAD_MODEL=/models/rwkv-raven7bv10x.pth DATA_FILE=data/chatgal_text_document PROJ_DIR=out7b_lora \

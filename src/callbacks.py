@@ -13,6 +13,7 @@ from src.accumulation import lightning_schedule, optimizer_steps_before
 from src.checkpoint import save_weights
 from src.config import TrainConfig
 from src.dataset import context_length
+from src.outputs import FINAL_NAME, epoch_file_name, saves_epoch
 from src.stopping import completes_optimizer_step
 from src.trainer import is_deepspeed
 
@@ -34,10 +35,10 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     --accumulate_grad_batches K its decay ran K times too slowly (bug 15 of the reference). Under an
     accumulation schedule, mini-epochs have different numbers of optimizer steps (src/accumulation.py).
     - The decay spans epoch_count mini-epochs (minus my_pile_edecay): exponential from lr_init to lr_final,
-      linear when lr_final is 0; flat when lr_final == lr_init or epoch_count == 0.
+      linear when lr_final is 0; flat when lr_final == lr_init.
     - Warm-up over the first warmup_steps steps of this run multiplies by 0.2 + 0.8 * step / warmup_steps.
     """
-    if cfg.lr_final == cfg.lr_init or cfg.epoch_count == 0:
+    if cfg.lr_final == cfg.lr_init:
         lr = cfg.lr_init
     else:
         decay_start = optimizer_steps_before(cfg, cfg.my_pile_edecay)
@@ -94,17 +95,23 @@ class TrainingLog(pl.Callback):
       `epoch mean_loss exp(mean_loss) lr time epoch_in_this_run` (the loss averaged over all GPUs);
     - train_steps.tsv: one row per optimizer step (rank 0's loss), for loss curves without W&B;
     - W&B (--wandb PROJECT) per optimizer step: loss, lr, Gtokens, kt/s, at step real_step + log_add_step;
-    - the progress bar: loss (mean of this mini-epoch so far), lr, kt/s (all GPUs), ctx_len.
+    - the progress bar: loss (mean of this mini-epoch so far), lr, kt/s (all GPUs), ctx_len;
+    - without a progress bar (--enable_progress_bar 0, or output that is not a terminal): one plain line per
+      mini-epoch on stdout.
     The running sums travel in the resume bundle, so a resumed run continues its mini-epoch's mean.
     """
 
-    def __init__(self, cfg: TrainConfig, schedule: LearningRateSchedule):
+    def __init__(self, cfg: TrainConfig, schedule: LearningRateSchedule, print_epochs: bool):
         self.cfg = cfg
         self.schedule = schedule
+        self.print_epochs = print_epochs
         self.proj_dir = Path(cfg.proj_dir)
+        self.last_mean_loss = None  # of the last mini-epoch this run finished
         self.epoch_loss = None  # tensor on the model's device: sum of micro-batch losses this mini-epoch
         self.epoch_batches = 0
         self.tokens = 0  # tokens trained on so far, all GPUs, earlier runs included
+        self.tokens_at_start = 0  # `tokens` when this run started training (a resumed run's earlier ones)
+        self.started = self.epoch_started = time.perf_counter()  # reset when training starts
         self.step_loss = None
         self.step_batches = 0
         self.pending_rows = []
@@ -112,7 +119,7 @@ class TrainingLog(pl.Callback):
 
     # ---- run start and end
     def on_train_start(self, trainer, pl_module):
-        self.started = time.perf_counter()
+        self.started = self.epoch_started = time.perf_counter()
         self.tokens_at_start = self.tokens
         if self.epoch_loss is None:
             self.epoch_loss = torch.zeros((), device=pl_module.device)
@@ -147,6 +154,7 @@ class TrainingLog(pl.Callback):
     def on_train_epoch_start(self, trainer, pl_module):
         self.epoch_loss = torch.zeros((), device=pl_module.device)
         self.epoch_batches = 0
+        self.epoch_started = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = outputs["token_loss"].float()
@@ -155,8 +163,7 @@ class TrainingLog(pl.Callback):
         self.step_loss = loss if self.step_loss is None else self.step_loss + loss
         self.step_batches += 1
         self.tokens += outputs["tokens"] * trainer.world_size
-        elapsed = time.perf_counter() - self.started
-        speed = (self.tokens - self.tokens_at_start) / max(elapsed, 1e-9) / 1000
+        speed = self.speed()
         ctx_len = context_length(trainer.global_step, self.cfg)
         pl_module.log_dict({"loss": self.epoch_loss / self.epoch_batches, "lr": self.schedule.lr, "kt/s": speed,
                             "ctx_len": float(ctx_len)}, prog_bar=True, on_step=True, on_epoch=False)
@@ -166,6 +173,19 @@ class TrainingLog(pl.Callback):
             self.step_loss, self.step_batches = None, 0
             if len(self.pending_rows) >= _FLUSH_EVERY:
                 self.flush_rows(trainer)
+
+    def speed(self) -> float:
+        """Thousands of tokens per second over this run so far, all GPUs."""
+        return self.tokens_trained / max(self.seconds, 1e-9) / 1000
+
+    @property
+    def tokens_trained(self) -> int:
+        """Tokens this run trained on (all GPUs; a resumed run's earlier tokens not included)."""
+        return self.tokens - self.tokens_at_start
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
 
     def flush_rows(self, trainer) -> None:
         """Write pending step rows (one device-to-host copy for all of them) to the step log and W&B."""
@@ -188,12 +208,17 @@ class TrainingLog(pl.Callback):
         totals = torch.stack([self.epoch_loss, torch.tensor(float(self.epoch_batches), device=self.epoch_loss.device)])
         totals = trainer.strategy.reduce(totals, reduce_op="sum")  # every rank's micro-batches
         mean_loss = (totals[0] / totals[1].clamp(min=1)).item()
+        self.last_mean_loss = mean_loss
         self.flush_rows(trainer)
         if trainer.is_global_zero:
             epoch = trainer.current_epoch
             with open(self.proj_dir / "train_log.txt", "a", encoding="utf-8") as f:
                 f.write(f"{self.cfg.epoch_begin + epoch} {mean_loss:.6f} {math.exp(min(mean_loss, 700)):.4f} "
                         f"{self.schedule.lr:.8f} {datetime.datetime.now()} {epoch}\n")
+            if self.print_epochs:
+                print(f"mini-epoch {self.cfg.epoch_begin + epoch}: loss {mean_loss:.4f}, lr {self.schedule.lr:.3g}, "
+                      f"{self.speed():.2f} kt/s, ctx_len {context_length(trainer.global_step, self.cfg)}, "
+                      f"{time.perf_counter() - self.epoch_started:.1f} s", flush=True)
 
     # ---- resume bundle
     def state_dict(self) -> dict:
@@ -203,24 +228,26 @@ class TrainingLog(pl.Callback):
     def load_state_dict(self, state: dict) -> None:
         self.epoch_loss = torch.tensor(state["epoch_loss"])
         self.epoch_batches = state["epoch_batches"]
-        self.tokens = state["tokens"]
+        self.tokens = self.tokens_at_start = state["tokens"]
 
 
 class WeightSaver(pl.Callback):
     """Writes rwkv-<epoch>.pth every --epoch_save mini-epochs and for the last one, and rwkv-final.pth when
     --epoch_count is reached. `weights_of(trainer, pl_module)` gives the dict to save (all ranks call it:
-    under ZeRO-3 it gathers); only rank 0 writes."""
+    under ZeRO-3 it gathers); only rank 0 writes. `saved` lists the names written, for the run's summary."""
 
     def __init__(self, cfg: TrainConfig, dtype: torch.dtype, weights_of):
         self.cfg = cfg
         self.dtype = dtype
         self.weights_of = weights_of
         self.finished = False
+        self.saved = []
 
     def save(self, trainer, pl_module, name: str) -> None:
         weights = self.weights_of(trainer, pl_module)
         if trainer.is_global_zero:
             save_weights(weights, Path(self.cfg.proj_dir) / name, self.dtype)
+            self.saved.append(name)
 
     def on_train_epoch_end(self, trainer, pl_module):
         if interrupted(trainer):
@@ -228,9 +255,9 @@ class WeightSaver(pl.Callback):
         epoch = trainer.current_epoch
         real_epoch = self.cfg.epoch_begin + epoch
         self.finished = real_epoch == self.cfg.epoch_count - 1
-        if (self.cfg.epoch_save > 0 and epoch % self.cfg.epoch_save == 0) or self.finished:
-            self.save(trainer, pl_module, f"rwkv-{real_epoch}.pth")
+        if saves_epoch(epoch, self.cfg):
+            self.save(trainer, pl_module, epoch_file_name(real_epoch))
 
     def on_train_end(self, trainer, pl_module):
         if self.finished:
-            self.save(trainer, pl_module, "rwkv-final.pth")
+            self.save(trainer, pl_module, FINAL_NAME)

@@ -5,7 +5,9 @@ no buffers, no wrapper prefixes.
 """
 import contextlib
 import os
+import pickle
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
@@ -94,18 +96,49 @@ def load_weights(path, what: str = "--load_model") -> dict:
     if not path.is_file():
         hint = f" (did you mean {path}.pth?)" if path.with_name(path.name + ".pth").is_file() else ""
         raise UserInputError(f"{what}: file not found: {path}{hint}")
+    expected = "expected a .pth of {name: tensor} as torch.save writes it (an RWKV-4 checkpoint)"
+    weights = read_pytorch_file(path, what, expected)
+    if is_resume_bundle(weights):
+        raise UserInputError(f"{what}: {path} is a resume bundle, not weights; continue its run with --resume {path}")
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise UserInputError(f"{what}: {path} does not hold a plain state dict of tensors; {expected}")
+    return strip_wrapper_prefix(weights)
+
+
+def read_pytorch_file(path: Path, what: str, expected: str):
+    """torch.load with weights_only=True onto the CPU (memory-mapped unless the file has the legacy format).
+
+    A file torch cannot read gets one line saying what it is not and what `expected` is, never torch's own
+    advice to retry with weights_only=False, which would run whatever code an untrusted file carries.
+    """
     try:
         try:
-            weights = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as mmap_error:
             if "mmap" not in str(mmap_error):
                 raise
-            weights = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except Exception as e:  # torch raises many types for a damaged or foreign file
-        raise UserInputError(f"{what}: {path} is not a readable PyTorch weights file ({type(e).__name__}: {e})")
-    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
-        raise UserInputError(f"{what}: {path} does not hold a plain state dict of tensors")
-    return strip_wrapper_prefix(weights)
+        raise UserInputError(f"{what}: {path} {_why_unreadable(path, e)}; {expected}")
+
+
+def _why_unreadable(path: Path, error: Exception) -> str:
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"  # torch.save writes zip archives
+    if not is_zip:
+        return "is not a PyTorch file"
+    try:
+        zipfile.ZipFile(path).close()
+    except zipfile.BadZipFile:
+        return "is a damaged PyTorch file (truncated or corrupted)"
+    if isinstance(error, pickle.UnpicklingError):
+        return "holds Python objects besides tensors, which are not loaded (loading them could run any code)"
+    return f"is a damaged PyTorch file ({type(error).__name__})"
+
+
+def is_resume_bundle(contents) -> bool:
+    """A Lightning checkpoint as a stopped run writes it (weights, optimizer, loops and callback states)."""
+    return isinstance(contents, dict) and {"state_dict", "loops", "callbacks"} <= contents.keys()
 
 
 def strip_wrapper_prefix(weights: dict) -> dict:
@@ -122,6 +155,17 @@ def strip_wrapper_prefix(weights: dict) -> dict:
 
 def check_compatible(expected: dict, weights: dict, path, allow_missing: bool = False) -> None:
     """Refuse `weights` unless its keys and shapes match `expected` (a model's state dict), listing every difference."""
+    problems = weight_mismatches(expected, weights, allow_missing)
+    if problems:
+        raise UserInputError(
+            f"--load_model {path} does not fit the model built from the flags: " + "; ".join(problems)
+            + ". Check --n_layer, --n_embd, --vocab_size, --dim_att, --dim_ffn, --pre_ffn, --head_qk against the "
+              "checkpoint" + ("" if allow_missing else " (or pass --load_partial 1 to keep fresh values for "
+                                                         "missing keys)") + ".")
+
+
+def weight_mismatches(expected: dict, weights: dict, allow_missing: bool = False) -> list:
+    """Missing and unexpected keys and shape differences of `weights` against `expected`, one entry per kind."""
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]
     mismatched = [f"{k}: file {tuple(weights[k].shape)} vs model {tuple(expected[k].shape)}"
@@ -133,12 +177,7 @@ def check_compatible(expected: dict, weights: dict, path, allow_missing: bool = 
         problems.append(f"unexpected keys ({len(unexpected)}): {_short_list(unexpected)}")
     if mismatched:
         problems.append(f"shape mismatches ({len(mismatched)}): {_short_list(mismatched)}")
-    if problems:
-        raise UserInputError(
-            f"--load_model {path} does not fit the model built from the flags: " + "; ".join(problems)
-            + ". Check --n_layer, --n_embd, --vocab_size, --dim_att, --dim_ffn, --pre_ffn, --head_qk against the "
-              "checkpoint" + ("" if allow_missing else " (or pass --load_partial 1 to keep fresh values for "
-                                                         "missing keys)") + ".")
+    return problems
 
 
 def _short_list(items: list, limit: int = 12) -> str:

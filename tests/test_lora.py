@@ -142,7 +142,7 @@ def test_slim_state_dict_holds_trained_keys_and_settings():
 ])
 def test_bad_lora_flags(flags, message):
     with pytest.raises(UserInputError, match=message):
-        parse_args([*TINY, "--lora", *flags])
+        parse_args([*TINY, "--lora", "--load_model", "base.pth", *flags])
 
 
 def test_lora_flags_are_ignored_without_lora():

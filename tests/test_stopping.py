@@ -1,13 +1,17 @@
-"""Ctrl+C / SIGTERM on a real train.py process group: save, exit 130/143, resume bit-exactly."""
+"""Ctrl+C / SIGTERM on a real train.py process group: save, exit 130/143, resume bit-exactly; resume bundles
+checked before anything is written (missing, damaged, other flags or data, finished, another --proj_dir)."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import folder_snapshot
 
 import train
 from src.checkpoint import load_weights
@@ -70,6 +74,8 @@ def test_stop_save_and_resume_is_exact(straight_run, tmp_path, signum, code):
     returncode, output = interrupt(proj_dir, signum)
     assert returncode == code, output
     assert "Traceback" not in output and f"--resume {proj_dir / BUNDLE_NAME}" in output
+    assert "weights_only" not in output and "litlogger" not in output  # no library chatter
+    assert "Stopped: trained" in output and "rwkv-last.pth, rwkv-resume.ckpt" in output.splitlines()[-1]
     stopped_at = len(step_rows(proj_dir))
     assert 1 <= stopped_at < 36, "the signal should land inside the run"
     last = load_weights(proj_dir / "rwkv-last.pth")
@@ -77,6 +83,7 @@ def test_stop_save_and_resume_is_exact(straight_run, tmp_path, signum, code):
     assert (proj_dir / BUNDLE_NAME).is_file() and no_temporary_files(proj_dir)
 
     assert train.main([*RUN, "--proj_dir", str(proj_dir), "--resume", str(proj_dir / BUNDLE_NAME)]) == 0
+    assert not (proj_dir / BUNDLE_NAME).exists()  # spent: the finished run's files are newer than its state
     assert losses(proj_dir) == losses(straight_run)  # the same loss at every optimizer step
     for name in ("rwkv-2.pth", "rwkv-final.pth"):
         resumed, straight = load_weights(proj_dir / name), load_weights(straight_run / name)
@@ -129,3 +136,104 @@ def test_resume_refuses_other_flags(straight_run, tmp_path, capsys):
 def test_resume_needs_an_existing_bundle(tmp_path, capsys):
     assert train.main([*RUN, "--proj_dir", str(tmp_path), "--resume", str(tmp_path / "nope.ckpt")]) == 2
     assert "no such resume bundle" in capsys.readouterr().err
+
+
+# ---- resume bundles checked before anything is written (a run stopped in this process)
+
+# relative paths, run from the test's folder: a copy of the folder resumes with the same flags
+TEXT_RUN = ["--data_type", "utf-8", "--data_file", "text.txt", "--proj_dir", "out", "--n_layer", "1", "--n_embd", "16",
+            "--ctx_len", "16", "--micro_bsz", "2", "--epoch_steps", "10", "--epoch_count", "100", "--epoch_save", "1",
+            "--wkv_backend", "torch", "--enable_progress_bar", "0", "--random_seed", "3"]
+BUNDLE = f"out/{BUNDLE_NAME}"
+
+
+def stopped_by_one_sigint(argv, proj_dir: Path) -> int:
+    """train.main in this process, stopped by a real SIGINT as soon as training has started (the step log
+    exists). The run is far longer than that, so the signal always lands while its handler is installed."""
+    def interrupt_when_training():
+        deadline = time.time() + 60
+        while not (proj_dir / "train_steps.tsv").exists() and time.time() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    thread = threading.Thread(target=interrupt_when_training, daemon=True)
+    thread.start()
+    code = train.main(argv)
+    thread.join()
+    return code
+
+
+@pytest.fixture(scope="module")
+def stopped_text_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("stopped")
+    (folder / "text.txt").write_text("hello world, " * 40)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        assert stopped_by_one_sigint(TEXT_RUN, folder / "out") == 130
+    assert (folder / BUNDLE).is_file()
+    return folder
+
+
+@pytest.fixture
+def stopped(stopped_text_run, tmp_path, monkeypatch):
+    """This test's own copy of the stopped run, as the current folder."""
+    folder = shutil.copytree(stopped_text_run, tmp_path / "run")
+    monkeypatch.chdir(folder)
+    return folder
+
+
+def refused(argv, capsys, *expected):
+    capsys.readouterr()
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train.py: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    for text in expected:
+        assert text in err, (text, err)
+
+
+def test_a_finished_resumed_runs_bundle_is_removed(stopped, capsys):
+    assert train.main([*TEXT_RUN, "--resume", BUNDLE, "--max_epochs", "1"]) == 0  # ends normally after mini-epoch 0
+    assert "Removed the resume bundle out/rwkv-resume.ckpt" in capsys.readouterr().out
+    assert not (stopped / BUNDLE).exists() and (stopped / "out" / "rwkv-0.pth").is_file()
+    finished = folder_snapshot(stopped)
+    refused([*TEXT_RUN, "--resume", BUNDLE], capsys, "no such resume bundle")  # it cannot restart at the old step
+    assert folder_snapshot(stopped) == finished
+
+
+def test_resume_with_another_model_shape_lists_the_flags(stopped, capsys):
+    before = folder_snapshot(stopped)
+    refused([*TEXT_RUN, "--resume", BUNDLE, "--n_embd", "32", "--dim_ffn", "128"], capsys,
+            "the bundle was made with other flags", "--n_embd 16 (bundle) vs 32 (now)",
+            "--dim_ffn 64 (bundle) vs 128 (now)")
+    assert folder_snapshot(stopped) == before
+
+
+def test_resume_after_the_data_changed_lists_the_shape_mismatches(stopped, capsys):
+    (stopped / "text.txt").write_text("HELLO world, " * 40)  # three more characters: a larger vocabulary
+    before = folder_snapshot(stopped)
+    refused([*TEXT_RUN, "--resume", BUNDLE], capsys, f"--resume {BUNDLE} does not fit the model",
+            "emb.weight: file (9, 16) vs model (11, 16)", "the stopped run's data")
+    assert folder_snapshot(stopped) == before
+
+
+def test_a_damaged_bundle(stopped, capsys):
+    bundle = stopped / BUNDLE
+    bundle.write_bytes(bundle.read_bytes()[:1000])
+    before = folder_snapshot(stopped)
+    refused([*TEXT_RUN, "--resume", BUNDLE], capsys, f"--resume: {BUNDLE} is a damaged PyTorch file")
+    assert folder_snapshot(stopped) == before
+
+
+def test_a_new_run_in_a_stopped_runs_folder_is_pointed_to_resume(stopped, capsys):
+    before = folder_snapshot(stopped)
+    refused(TEXT_RUN, capsys, "already holds files this run would write", "rwkv-last.pth",
+            f"it holds a stopped run: continue it with --resume {BUNDLE}")
+    assert folder_snapshot(stopped) == before
+
+
+def test_resume_into_another_proj_dir_does_not_replace_its_files(stopped, capsys):
+    shutil.copytree("out", "other")
+    before = folder_snapshot(stopped)
+    refused([*TEXT_RUN, "--resume", BUNDLE, "--proj_dir", "other"], capsys,
+            "--proj_dir other already holds files this run would write", "rwkv-last.pth")
+    assert folder_snapshot(stopped) == before

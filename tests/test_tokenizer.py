@@ -16,6 +16,7 @@ from src.tokenizer import (
     char_spans_of_bytes,
     gpt2_bpe,
     hf_gpt2,
+    locate_tokenizer_file,
     tokenizer_for_file,
 )
 
@@ -166,3 +167,17 @@ def test_a_file_that_is_not_a_tokenizer(tmp_path):
     path.write_bytes(b"\xff\xfe garbage")
     with pytest.raises(UserInputError, match="cannot be read as UTF-8"):
         HFTokenizer.from_file(path)
+
+
+def test_packaged_tokenizer_names_find_the_installed_copies(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a fresh folder: no tokenizer file here
+    assert locate_tokenizer_file("20B_tokenizer.json") == str(TOKENIZER_20B)
+    assert locate_tokenizer_file("rwkv_vocab_v20230424.txt") == str(WORLD_VOCAB)
+    assert tokenizer_for_file("20B_tokenizer.json").vocab_size == 50277
+    assert TokenizerSpec("HFTokenizer", "20B_tokenizer.json").build().encode("Hello") == \
+        HFTokenizer.from_file(TOKENIZER_20B).encode("Hello")
+    assert locate_tokenizer_file("data/20B_tokenizer.json") == "data/20B_tokenizer.json"  # a path is taken as given
+    with pytest.raises(UserInputError, match="data/20B_tokenizer.json: file not found"):
+        tokenizer_for_file("data/20B_tokenizer.json")
+    (tmp_path / "20B_tokenizer.json").write_text("{}")
+    assert locate_tokenizer_file("20B_tokenizer.json") == "20B_tokenizer.json"  # a file of that name here wins

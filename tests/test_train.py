@@ -58,9 +58,10 @@ def test_utf8_and_utf16_text(tmp_path):
     for encoding in ("utf-8", "utf-16le"):
         path = tmp_path / f"text.{encoding}"
         path.write_bytes(text.encode(encoding))
-        assert run(tmp_path, "--data_type", encoding, "--data_file", str(path)) == 0
-        vocab = (tmp_path / "out" / "vocab.json").read_bytes().decode("utf-16le")
-        assert '"你"' in vocab and len(load_weights(tmp_path / "out" / "rwkv-final.pth")["emb.weight"]) == len(set(text))
+        out = tmp_path / encoding
+        assert train.main([*TINY, "--proj_dir", str(out), "--data_type", encoding, "--data_file", str(path)]) == 0
+        vocab = (out / "vocab.json").read_bytes().decode("utf-16le")
+        assert '"你"' in vocab and len(load_weights(out / "rwkv-final.pth")["emb.weight"]) == len(set(text))
 
 
 def test_numpy_tokens(tmp_path):

@@ -1,0 +1,60 @@
+"""Which files a run writes into --proj_dir, and the runs that may write where files already are."""
+import shutil
+
+import pytest
+import torch
+from helpers import folder_snapshot
+
+import train
+from src.checkpoint import load_weights
+from src.config import parse_args
+from src.outputs import files_written
+
+TINY = ["--data_type", "dummy", "--n_layer", "1", "--n_embd", "16", "--ctx_len", "16", "--micro_bsz", "2",
+        "--epoch_steps", "2", "--epoch_count", "2", "--epoch_save", "1", "--wkv_backend", "torch",
+        "--enable_progress_bar", "0", "--random_seed", "1"]
+STOP_FILES = ["rwkv-last.pth", "rwkv-resume.ckpt"]
+
+
+def test_files_written_follow_the_saving_rules():
+    fresh = parse_args(["--data_type", "dummy", "--epoch_count", "7", "--epoch_save", "3"])
+    assert files_written(fresh) == ["rwkv-init.pth", "rwkv-0.pth", "rwkv-3.pth", "rwkv-6.pth", "rwkv-final.pth",
+                                    *STOP_FILES]
+    continued = parse_args(["--data_type", "dummy", "--load_model", "out/rwkv-3.pth", "--epoch_begin", "4",
+                            "--epoch_count", "10", "--max_epochs", "2", "--epoch_save", "1"])
+    assert files_written(continued) == ["rwkv-4.pth", "rwkv-5.pth", *STOP_FILES]  # capped: no rwkv-final.pth
+    resumed = parse_args(["--data_type", "dummy", "--resume", "out/rwkv-resume.ckpt", "--epoch_count", "4",
+                          "--epoch_save", "1"])
+    assert files_written(resumed, first_epoch=2) == ["rwkv-2.pth", "rwkv-3.pth", "rwkv-final.pth", *STOP_FILES]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    proj_dir = tmp_path_factory.mktemp("finished") / "out"
+    assert train.main([*TINY, "--proj_dir", str(proj_dir)]) == 0
+    return proj_dir
+
+
+@pytest.fixture
+def out(finished_run, tmp_path):
+    return shutil.copytree(finished_run, tmp_path / "out")
+
+
+def test_overwrite_proj_dir_replaces_the_earlier_runs_files(out):
+    first = load_weights(out / "rwkv-final.pth")
+    assert train.main([*TINY, "--proj_dir", str(out), "--overwrite_proj_dir", "1", "--random_seed", "2"]) == 0
+    second = load_weights(out / "rwkv-final.pth")
+    assert not torch.equal(first["emb.weight"], second["emb.weight"])  # a new run's weights, seed 2
+    assert (out / "train_log.txt").read_text().count("NEW RUN") == 2  # the log is appended to
+
+
+def test_continuing_by_hand_in_the_same_proj_dir(out):
+    """--load_model out/rwkv-1.pth --epoch_begin 2: rwkv-0/1.pth stay; rwkv-final.pth moves on (rwkv-1.pth keeps
+    the weights it had)."""
+    earlier = {name: data for name, data in folder_snapshot(out).items() if name in ("rwkv-0.pth", "rwkv-1.pth")}
+    assert torch.equal(load_weights(out / "rwkv-final.pth")["head.weight"], load_weights(out / "rwkv-1.pth")["head.weight"])
+    assert train.main([*TINY, "--proj_dir", str(out), "--load_model", str(out / "rwkv-1.pth"), "--epoch_begin", "2",
+                       "--epoch_count", "4"]) == 0
+    after = folder_snapshot(out)
+    assert {name: after[name] for name in earlier} == earlier
+    assert torch.equal(load_weights(out / "rwkv-final.pth")["head.weight"], load_weights(out / "rwkv-3.pth")["head.weight"])
