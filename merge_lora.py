@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from src.checkpoint import atomic_save, load_weights
-from src.config import UserInputError
+from src.errors import UserInputError
 from src.lora import LoraCheckpoint, format_layers, merge_checked, parse_layer_spec, resolve_alpha
 
 

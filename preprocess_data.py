@@ -10,7 +10,8 @@ import argparse
 import importlib.util
 import sys
 
-from src.config import FlagHelpFormatter, UserInputError
+from src.config import FlagHelpFormatter
+from src.errors import UserInputError
 from src.tokenizer import TOKENIZER_TYPES, TokenizerSpec
 
 PROG = "preprocess_data.py"

@@ -6,7 +6,8 @@ import secrets
 import sys
 from pathlib import Path
 
-from src.config import TrainConfig, UserInputError, parse_args
+from src.config import TrainConfig, parse_args
+from src.errors import UserInputError
 
 
 def main(argv=None) -> int:

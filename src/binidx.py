@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from src.config import UserInputError
+from src.errors import UserInputError
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from src.config import UserInputError
+from src.errors import UserInputError
 
 # Prefixes that Lightning / DeepSpeed wrappers put in front of the model's own keys.
 _WRAPPER_PREFIXES = ("_forward_module.", "module.", "model.")

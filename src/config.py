@@ -15,10 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Optional
 
-
-class UserInputError(Exception):
-    """Bad input from the user. Entry points print it as one message (no traceback) and exit 2."""
-
+from src.errors import UserInputError
 
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 DATA_TYPES = ("utf-8", "utf-16le", "numpy", "binidx", "dummy", "uint16", "jsonl")

@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from src import instruct_data, jsonl_data, sampling
 from src.accumulation import accumulation_at, optimizer_steps_before
 from src.binidx import MMapIndexedDataset
-from src.config import TrainConfig, UserInputError, parse_script_mask
+from src.config import TrainConfig, parse_script_mask
+from src.errors import UserInputError
 from src.loss import IGNORE_INDEX
 
 # How many tokens np.max reads at once when checking ids against the vocabulary.

@@ -26,7 +26,8 @@ from typing import Optional
 
 import numpy as np
 
-from src.config import TrainConfig, UserInputError
+from src.config import TrainConfig
+from src.errors import UserInputError
 from src.jsonl_data import read_texts, speaker_mask, speaker_spans
 from src.tokenizer import Tokenizer, tokenizer_for_file
 

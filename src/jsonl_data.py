@@ -22,7 +22,8 @@ from typing import Optional
 
 import numpy as np
 
-from src.config import TrainConfig, UserInputError
+from src.config import TrainConfig
+from src.errors import UserInputError
 from src.preprocess import UTF8_BOM, BadLine, open_input, parse_record, read_errors
 from src.tokenizer import Tokenizer, tokenizer_for_file
 

@@ -31,7 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from src.checkpoint import load_weights
-from src.config import TrainConfig, UserInputError
+from src.config import TrainConfig
+from src.errors import UserInputError
 from src.model import RWKV, RWKVConfig
 
 PARTS = ("att", "ffn", "time", "ln")

@@ -12,7 +12,8 @@ No torch import: these checks run before the heavy imports matter.
 import tempfile
 from pathlib import Path
 
-from src.config import TrainConfig, UserInputError
+from src.config import TrainConfig
+from src.errors import UserInputError
 
 INIT_NAME = "rwkv-init.pth"
 FINAL_NAME = "rwkv-final.pth"

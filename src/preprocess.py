@@ -23,7 +23,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from src.binidx import MMapIndexedDatasetBuilder, token_dtype
-from src.config import UserInputError
+from src.errors import UserInputError
 from src.tokenizer import Tokenizer, TokenizerSpec
 
 BLOCK_BYTES = 1 << 20

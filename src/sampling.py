@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from src.binidx import MMapIndexedDataset
-from src.config import TrainConfig, UserInputError
+from src.config import TrainConfig
+from src.errors import UserInputError
 
 GOLDEN_RATIO_FRACTION = (math.sqrt(5) - 1) / 2  # the original's float, so positions match it exactly
 _MILLER_RABIN_BASES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)  # exact for n < 3.3e24

@@ -22,9 +22,18 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from src.checkpoint import (atomic_path, is_resume_bundle, publish, read_pytorch_file, remove_partial_files,
-                            remove_path, strip_wrapper_prefix, weight_mismatches)
-from src.config import TrainConfig, UserInputError
+from src.checkpoint import (
+    atomic_path,
+    is_resume_bundle,
+    publish,
+    read_pytorch_file,
+    remove_partial_files,
+    remove_path,
+    strip_wrapper_prefix,
+    weight_mismatches,
+)
+from src.config import TrainConfig
+from src.errors import UserInputError
 from src.outputs import BUNDLE_NAME
 
 # Flags that may change between a run and its resumption (they do not change the training maths).

@@ -22,7 +22,7 @@ from typing import Optional
 
 import numpy as np
 
-from src.config import UserInputError
+from src.errors import UserInputError
 
 TOKENIZER_TYPES = ("HFTokenizer", "HFGPT2Tokenizer", "GPT2BPETokenizer", "CharLevelTokenizer", "RWKVTokenizer")
 END_OF_TEXT = "<|endoftext|>"
@@ -123,7 +123,8 @@ def _load_tokenizers_json(path):
 
 def _byte_level_bpe(vocab_file, merge_file):
     """GPT-2's byte-level BPE: GPT-2's pre-tokenizer regex, byte-to-unicode alphabet and ranked merges."""
-    from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers
 
     try:
         vocab = json.loads(_read_text(vocab_file, "vocab file"))

@@ -10,8 +10,9 @@ from src import stopping
 from src.accumulation import accumulation_at, lightning_schedule, optimizer_steps_before, optimizer_steps_in_epoch
 from src.callbacks import learning_rate, real_step
 from src.checkpoint import load_weights
-from src.config import UserInputError, parse_args
+from src.config import parse_args
 from src.dataset import TokenData, TrainingSamples
+from src.errors import UserInputError
 
 
 def config(*extra):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from src.binidx import MMapIndexedDataset, MMapIndexedDatasetBuilder, token_dtype
-from src.config import UserInputError
+from src.errors import UserInputError
 
 DOCUMENTS = [[5, 6, 7], [1], [9, 8, 7, 6, 5, 4], [3, 3]]
 

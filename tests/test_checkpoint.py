@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from src.checkpoint import atomic_save, load_weights, save_weights
-from src.config import UserInputError
+from src.errors import UserInputError
 
 
 def test_save_casts_and_writes_plain_cpu_tensors(tmp_path):

@@ -6,7 +6,8 @@ import pytest
 
 import preprocess_data
 import train
-from src.config import UserInputError, build_parser, flag_names, parse_args
+from src.config import build_parser, flag_names, parse_args
+from src.errors import UserInputError
 
 # Every flag of the fork's RWKV-v4neo-lora/train.py with its default (ORIGINAL_TOOLKIT.md §1.2).
 FORK_FLAGS = {

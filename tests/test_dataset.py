@@ -5,10 +5,19 @@ import numpy as np
 import pytest
 import torch
 
-from src.config import UserInputError, parse_args
 from src.accumulation import optimizer_steps_in_epoch
-from src.dataset import (EpochSampler, TokenData, TrainingSamples, char_tokens, context_length, dummy_text,
-                         load_token_data, write_char_vocab)
+from src.config import parse_args
+from src.dataset import (
+    EpochSampler,
+    TokenData,
+    TrainingSamples,
+    char_tokens,
+    context_length,
+    dummy_text,
+    load_token_data,
+    write_char_vocab,
+)
+from src.errors import UserInputError
 
 
 def config(*extra):

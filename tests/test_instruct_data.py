@@ -7,9 +7,9 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from helpers import TOKENIZER_20B_PARTS, WORLD_VOCAB_PARTS, package_file
 
 import train
+from helpers import TOKENIZER_20B_PARTS, WORLD_VOCAB_PARTS, package_file
 from src.config import parse_args
 from src.dataset import TrainingSamples, load_token_data
 from src.instruct_data import DEFAULT_SYSTEM_LINES, fill_system_line, load_names, rename_speakers

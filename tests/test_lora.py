@@ -6,9 +6,21 @@ import train
 from helpers import tiny_model
 from src import trainer
 from src.checkpoint import load_weights, save_weights
-from src.config import UserInputError, parse_args
-from src.lora import (SETTINGS_KEY, LoraLinear, LoraSettings, apply_lora, decode_settings, delta_weight,
-                      format_layers, lora_state_dict, parse_layer_spec, prepare_lora_training, trainable_names)
+from src.config import parse_args
+from src.errors import UserInputError
+from src.lora import (
+    SETTINGS_KEY,
+    LoraLinear,
+    LoraSettings,
+    apply_lora,
+    decode_settings,
+    delta_weight,
+    format_layers,
+    lora_state_dict,
+    parse_layer_spec,
+    prepare_lora_training,
+    trainable_names,
+)
 
 DUMMY_VOCAB = 13  # characters of the built-in dummy data
 TINY = ["--n_layer", "2", "--n_embd", "16", "--ctx_len", "16", "--micro_bsz", "2", "--epoch_steps", "3",

@@ -3,9 +3,9 @@ import shutil
 
 import pytest
 import torch
-from helpers import folder_snapshot
 
 import train
+from helpers import folder_snapshot
 from src.checkpoint import load_weights
 from src.config import parse_args
 from src.outputs import files_written

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import TOKENIZER_20B_PARTS, WORLD_VOCAB_PARTS, package_file
 
 import preprocess_data
 import train
+from helpers import TOKENIZER_20B_PARTS, WORLD_VOCAB_PARTS, package_file
 from src import preprocess
 from src.binidx import MMapIndexedDataset
 from src.tokenizer import HFTokenizer, RWKVTokenizer, TokenizerSpec

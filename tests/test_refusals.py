@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import folder_snapshot
 
 import train
+from helpers import folder_snapshot
 
 TINY = ["--data_type", "dummy", "--n_layer", "1", "--n_embd", "16", "--ctx_len", "16", "--micro_bsz", "2",
         "--epoch_steps", "2", "--epoch_count", "2", "--epoch_save", "1", "--wkv_backend", "torch",

@@ -5,13 +5,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import TOKENIZER_20B_PARTS, WORLD_VOCAB_PARTS, package_file
 
 import train
+from helpers import TOKENIZER_20B_PARTS, WORLD_VOCAB_PARTS, package_file
 from src import sampling
 from src.binidx import MMapIndexedDataset, MMapIndexedDatasetBuilder
-from src.config import UserInputError, parse_args
+from src.config import parse_args
 from src.dataset import IGNORE_INDEX, TrainingSamples, load_token_data, pad_batch
+from src.errors import UserInputError
 from src.jsonl_data import Documents, speaker_mask, speaker_spans
 from src.tokenizer import HFTokenizer, RWKVTokenizer
 

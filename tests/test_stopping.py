@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import folder_snapshot
 
 import train
+from helpers import folder_snapshot
 from src.checkpoint import load_weights
 from src.stopping import BUNDLE_NAME
 

@@ -4,9 +4,9 @@ import random
 from pathlib import Path
 
 import pytest
-from helpers import TOKENIZER_20B_PARTS, WORLD_VOCAB_PARTS, package_file
 
-from src.config import UserInputError
+from helpers import TOKENIZER_20B_PARTS, WORLD_VOCAB_PARTS, package_file
+from src.errors import UserInputError
 from src.tokenizer import (
     CharLevelTokenizer,
     HFTokenizer,

@@ -15,6 +15,7 @@ import torch
 
 from src.wkv import empty_state, wkv_torch
 
+
 def _pair_exp(x1, x2):
     """(e^{x1-m}, e^{x2-m}) with m = max(x1, x2), using one exp: one of the two is exactly 1."""
     d = x1 - x2

@@ -17,9 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import tiny_model
 from src import wkv_cuda
 from src.wkv import wkv, wkv_torch
-from helpers import tiny_model
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # y, gk, gv are rounded to the I/O dtype, by at most its unit roundoff per element: 2^-8 = 3.9e-3 relative
