@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from src import wkv_cuda  # noqa: E402
-from src.wkv import empty_state  # noqa: E402
+from src.wkv_state import empty_state  # noqa: E402
 
 SHAPES = [(1, 4096, 4096), (1, 4096, 2048), (8, 4096, 1024), (1, 65536, 4096)]
 # The original toolkit's bf16 kernel on one H100 80GB HBM3, fwd and fwd+bwd ms (DESIGN.md)

@@ -24,7 +24,7 @@ import numpy as np
 
 from src.config import TrainConfig
 from src.errors import UserInputError
-from src.preprocess import UTF8_BOM, BadLine, open_input, parse_record, read_errors
+from src.jsonl_lines import UTF8_BOM, BadLine, open_input, parse_record, read_errors
 from src.tokenizer import Tokenizer, tokenizer_for_file
 
 
@@ -95,7 +95,9 @@ def read_texts(path: Path, flag: str = "--data_file") -> list:
                 if not raw.strip():
                     continue
                 try:
-                    texts.append(parse_record(raw.rstrip(b"\r\n"), f"{path}:{number}", ("text",))["text"])
+                    record = parse_record(raw.rstrip(b"\r\n"), f"{path}:{number}", ("text",),
+                                          choosing_keys='every line needs its document under "text"')
+                    texts.append(record["text"])
                 except BadLine as bad:
                     raise UserInputError(f"{flag} {bad}")
     except read_errors() as e:

@@ -26,7 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from src.wkv import empty_state, wkv
+from src.wkv import wkv
+from src.wkv_state import empty_state
 
 
 @dataclass

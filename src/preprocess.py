@@ -8,9 +8,6 @@ Per document and key, as gpt-neox: one item of the document's tokens (+ the EOD 
 the end of the document. Documents that tokenize to nothing are skipped and counted (gpt-neox dropped
 empty strings and crashed on other empty documents with --append-eod).
 """
-import gzip
-import io
-import json
 import multiprocessing
 import os
 import signal
@@ -24,12 +21,12 @@ import numpy as np
 
 from src.binidx import MMapIndexedDatasetBuilder, token_dtype
 from src.errors import UserInputError
+from src.jsonl_lines import UTF8_BOM, BadLine, open_input, parse_record, read_errors
 from src.tokenizer import Tokenizer, TokenizerSpec
 
 BLOCK_BYTES = 1 << 20
 COMPRESSED_SUFFIXES = (".zst", ".gz")
 EXAMPLES_KEPT = 3  # messages of skipped lines kept for the summary
-UTF8_BOM = b"\xef\xbb\xbf"  # some editors start a file with it
 
 
 @dataclass(frozen=True)
@@ -64,19 +61,6 @@ def output_prefix_for(prefix: str, key: str) -> str:
     return f"{prefix}_{key}_document"
 
 
-def open_input(path: Path):
-    """A binary stream of the JSONL text of `path` (.jsonl, .jsonl.zst, .jsonl.gz)."""
-    name = path.name.lower()
-    if name.endswith(".gz"):
-        return gzip.open(path, "rb")
-    raw = open(path, "rb")
-    if name.endswith(".zst"):
-        import zstandard
-
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), BLOCK_BYTES)
-    return raw
-
-
 def check_inputs(paths) -> list:
     """Input paths that exist and are JSONL (plain or compressed); anything else is refused here."""
     checked = []
@@ -95,13 +79,6 @@ def check_inputs(paths) -> list:
     return checked
 
 
-def read_errors() -> tuple:
-    """Exceptions that mean "this input file is damaged": I/O, gzip and zstd errors."""
-    import zstandard
-
-    return OSError, EOFError, zstandard.ZstdError
-
-
 def read_blocks(paths, block_bytes: int = BLOCK_BYTES) -> Iterator[Block]:
     """Whole-line blocks of every input, in order."""
     for path in paths:
@@ -118,47 +95,6 @@ def read_blocks(paths, block_bytes: int = BLOCK_BYTES) -> Iterator[Block]:
                     line += data.count(b"\n")
         except read_errors() as e:
             raise UserInputError(f"--input {path} cannot be read ({type(e).__name__}: {e})")
-
-
-class BadLine(Exception):
-    """A line that holds no usable document; `reason` groups such lines in the --skip-bad summary."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-
-
-def parse_record(raw: bytes, where: str, keys) -> dict:
-    """key -> text of one JSON line (a list of strings is joined with blank lines, as lm_dataformat does)."""
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise BadLine("invalid UTF-8", f"{where}: invalid UTF-8 (byte {e.start + 1} of the line)")
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise BadLine("malformed JSON", f"{where}: malformed JSON ({e.msg} at column {e.colno})")
-    if not isinstance(record, dict):
-        raise BadLine("not a JSON object", f"{where}: expected a JSON object such as {{\"text\": ...}}, got "
-                                           f"{type(record).__name__}")
-    texts = {}
-    for key in keys:
-        if key not in record:
-            raise BadLine("missing key", f"{where}: no key {key!r} (keys: {', '.join(map(repr, record)) or 'none'}); "
-                                         f"choose the text field with --jsonl-keys")
-        text = record[key]
-        if isinstance(text, list) and all(isinstance(part, str) for part in text):
-            text = "\n\n".join(text)
-        if not isinstance(text, str):
-            raise BadLine("not text", f"{where}: {key!r} holds {type(text).__name__}, not a string")
-        if not text.isascii():
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise BadLine("invalid UTF-8", f"{where}: {key!r} contains the unpaired surrogate "
-                                               f"{text[e.start]!r}, which is not text")
-        texts[key] = text
-    return texts
 
 
 class BlockEncoder:
@@ -185,7 +121,8 @@ class BlockEncoder:
             if block.first_line + index == 1:
                 raw = raw.removeprefix(UTF8_BOM)
             try:
-                record = parse_record(raw, f"{block.source}:{block.first_line + index}", keys)
+                record = parse_record(raw, f"{block.source}:{block.first_line + index}", keys,
+                                      choosing_keys="choose the text field with --jsonl-keys")
             except BadLine as bad:
                 if not self.options.skip_bad:
                     raise UserInputError(f"{bad} (or pass --skip-bad to skip such lines)")

@@ -7,7 +7,8 @@ For each batch b and channel c, with w = -exp(time_decay) < 0 and u = time_first
 
 i.e. y_t = (sum_{i<t} e^{(t-1-i)w + k_i} v_i + e^{u+k_t} v_t) / (sum_{i<t} e^{(t-1-i)w + k_i} + e^{u+k_t})
 when the sums start empty. The running sums are stored scaled by their largest exponent so nothing
-overflows: state (aa, bb, pp) means a = aa * e^pp, b = bb * e^pp. The empty state is (0, 0, -1e38).
+overflows: state (aa, bb, pp) means a = aa * e^pp, b = bb * e^pp. The empty state is (0, 0, -1e38)
+(src/wkv_state.py).
 
 Shapes and dtypes (the contract of every backend):
     w, u:   (C,)        raw time_decay and time_first, any float dtype (used in fp32)
@@ -21,14 +22,7 @@ from typing import Optional
 
 import torch
 
-EMPTY_PP = -1e38  # exponent of the empty state: e^-1e38 == 0 in fp32 and fp64
-
-
-def empty_state(batch: int, channels: int, device=None) -> torch.Tensor:
-    """The state before the first token: aa = bb = 0, pp = -1e38. Shape (B, C, 3), fp32."""
-    state = torch.zeros(batch, channels, 3, dtype=torch.float32, device=device)
-    state[..., 2] = EMPTY_PP
-    return state
+from src.wkv_state import empty_state
 
 
 def wkv_torch(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -33,7 +33,7 @@ from typing import Callable, Optional
 
 import torch
 
-from src.wkv import empty_state
+from src.wkv_state import empty_state
 
 _CUDA_DIR = Path(__file__).resolve().parents[1] / "cuda"
 _SOURCES = ("wkv_op.cpp", "wkv_cuda.cu")

@@ -13,7 +13,8 @@ t = -1 they are exactly the state gradient of the contract.
 import pytest
 import torch
 
-from src.wkv import empty_state, wkv_torch
+from src.wkv import wkv_torch
+from src.wkv_state import empty_state
 
 
 def _pair_exp(x1, x2):
