@@ -2,6 +2,7 @@
 
     python train.py --help
 """
+import dataclasses
 import secrets
 import sys
 from pathlib import Path
@@ -38,19 +39,20 @@ def run_training(cfg: TrainConfig, stop, extra_callbacks: list) -> int:
     # torch and Lightning load here, after the command line is known to be valid
     import lightning.pytorch as pl
 
-    from src import callbacks, console, dataset, lora, outputs, sampling, stopping, trainer
+    from src import callbacks, console, dataset, lora, outputs, sampling, stopping, strategy, trainer
     from src.model import count_parameters
 
     outputs.check_writable(cfg.proj_dir)
-    pile_resume = sampling.continue_pile_run(cfg) if cfg.my_pile_stage >= 2 else ""  # sets --load_model and more
+    pile_changes, pile_resume = sampling.pile_continuation(cfg) if cfg.my_pile_stage >= 2 else ({}, "")
+    cfg = dataclasses.replace(cfg, **pile_changes)  # the flags of a Pile-stage continuation, as if given
     bundle = stopping.open_bundle(cfg) if cfg.resume else None
     seed = cfg.random_seed if cfg.random_seed >= 0 else secrets.randbits(31)
     pl.seed_everything(seed, verbose=False)
-    trainer.set_float_precision(cfg)
+    strategy.set_float_precision(cfg)
 
-    save_dtype = trainer.SAVE_DTYPE[cfg.precision]
+    save_dtype = strategy.SAVE_DTYPE[cfg.precision]
     # what the .pth files hold: the whole model, or in LoRA runs only the tensors LoRA trains (+ settings)
-    weights_of = lora.lora_weights_of(cfg, trainer.full_state_dict) if cfg.lora else trainer.full_state_dict
+    weights_of = lora.lora_weights_of(cfg, strategy.full_state_dict) if cfg.lora else strategy.full_state_dict
     saver = callbacks.WeightSaver(cfg, save_dtype, weights_of)
     stopper = stopping.StopOnSignal(stop, lambda t, m: saver.save(t, m, outputs.LAST_NAME),
                                     Path(cfg.proj_dir) / outputs.BUNDLE_NAME)
@@ -104,17 +106,13 @@ def build_model(cfg: TrainConfig, vocab_size: int, save_dtype):
     """
     import torch
 
-    from src import checkpoint
+    from src import checkpoint, strategy
     from src.model import RWKV, RWKVConfig, generate_init_weights
 
     # loaded weights replace every constructed value (unless --load_partial): build those on the meta device, for free
     replaced_whole = bool(cfg.load_model) and not cfg.load_partial and not cfg.resume
     with torch.device("meta" if replaced_whole else "cpu"):
-        model = RWKV(RWKVConfig(
-            vocab_size=vocab_size, n_layer=cfg.n_layer, n_embd=cfg.n_embd, dim_att=cfg.dim_att,
-            dim_ffn=cfg.dim_ffn, pre_ffn=cfg.pre_ffn, head_qk=cfg.head_qk, tiny_att_dim=cfg.tiny_att_dim,
-            tiny_att_layer=cfg.tiny_att_layer, my_pos_emb=cfg.my_pos_emb, grad_cp=bool(cfg.grad_cp),
-            wkv_backend=cfg.wkv_backend, wkv_chunk_len=cfg.chunk_len))
+        model = RWKV(RWKVConfig.from_flags(cfg, vocab_size))
     if cfg.resume:
         return model, None
     if cfg.load_model:
@@ -125,8 +123,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, save_dtype):
         else:
             model.load_state_dict(weights, strict=not cfg.load_partial)
         return model, None
-    device = "cuda" if torch.cuda.is_available() and cfg.accelerator != "cpu" else "cpu"
-    fresh_weights = generate_init_weights(model, cfg.lr_init, device=device, dtype=save_dtype)
+    fresh_weights = generate_init_weights(model, cfg.lr_init, device=strategy.training_device(cfg), dtype=save_dtype)
     model.load_state_dict(fresh_weights)
     return model, fresh_weights
 

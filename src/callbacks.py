@@ -15,7 +15,7 @@ from src.config import TrainConfig
 from src.dataset import context_length
 from src.outputs import FINAL_NAME, epoch_file_name, saves_epoch
 from src.stopping import completes_optimizer_step
-from src.trainer import is_deepspeed
+from src.strategy import is_deepspeed
 
 STEP_LOG_NAME = "train_steps.tsv"
 STEP_LOG_COLUMNS = ("step", "epoch", "loss", "lr", "ctx_len", "Gtokens", "kt/s")

@@ -17,6 +17,7 @@ passed through checkpointing as a unit:
     wkv   (n_layer, B, A, 3)  fp32 WKV state (aa, bb, pp), see src/wkv.py
 Running a sequence in one call, or in pieces with the state passed on, gives the same logits.
 """
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
@@ -49,6 +50,14 @@ class RWKVConfig:
     def __post_init__(self):
         self.dim_att = self.dim_att or self.n_embd
         self.dim_ffn = self.dim_ffn or 4 * self.n_embd
+
+    @classmethod
+    def from_flags(cls, flags, vocab_size: int) -> "RWKVConfig":
+        """The model train.py's flags (src/config.py TrainConfig) describe: fields named like a flag take its value;
+        the vocabulary is the data's, --ctx_parts gives the WKV chunk length."""
+        same_name = {f.name: getattr(flags, f.name) for f in dataclasses.fields(cls) if hasattr(flags, f.name)}
+        return cls(**{**same_name, "vocab_size": vocab_size, "grad_cp": bool(flags.grad_cp),
+                      "wkv_chunk_len": flags.chunk_len})
 
     @property
     def has_tiny_att(self) -> bool:

@@ -92,18 +92,22 @@ def latest_epoch_checkpoint(proj_dir) -> tuple:
     return None, None
 
 
-def continue_pile_run(cfg: TrainConfig) -> str:
+def pile_continuation(cfg: TrainConfig) -> tuple:
     """--my_pile_stage >= 2 continues from the newest rwkv-<epoch>.pth in --proj_dir, as the original does: that
-    file is loaded, training starts at the next mini-epoch with 10 (stage 2) or 30 LR warm-up steps. Returns a
-    line saying so ("" when --proj_dir holds no such file: the run starts from --load_model or fresh weights)."""
+    file is loaded, training starts at the next mini-epoch with 10 (stage 2) or 30 LR warm-up steps.
+
+    Returns (the flags that change, {name: value}; a line saying so), or ({}, "") when --proj_dir holds no such
+    file and the run starts from --load_model or fresh weights.
+    """
     epoch, path = latest_epoch_checkpoint(cfg.proj_dir)
     if path is None:
-        return ""
-    cfg.load_model, cfg.epoch_begin = str(path), epoch + 1
+        return {}, ""
+    changes = {"load_model": str(path), "epoch_begin": epoch + 1}
     if epoch >= 0:
-        cfg.warmup_steps = 10 if cfg.my_pile_stage == 2 else 30
-    if cfg.epoch_begin >= cfg.epoch_count:
+        changes["warmup_steps"] = 10 if cfg.my_pile_stage == 2 else 30
+    if changes["epoch_begin"] >= cfg.epoch_count:
         raise UserInputError(f"--my_pile_stage {cfg.my_pile_stage} continues after {path}, but that is mini-epoch "
                              f"{epoch} and --epoch_count is {cfg.epoch_count}: nothing left to train")
-    return (f"--my_pile_stage {cfg.my_pile_stage}: continuing from {path} at mini-epoch {cfg.epoch_begin}, "
-            f"LR warm-up {cfg.warmup_steps} steps")
+    warmup = changes.get("warmup_steps", cfg.warmup_steps)
+    return changes, (f"--my_pile_stage {cfg.my_pile_stage}: continuing from {path} at mini-epoch "
+                     f"{changes['epoch_begin']}, LR warm-up {warmup} steps")

@@ -1,16 +1,12 @@
-"""Lightning glue: the training step (src/loss.py through src/infctx.py), optimizer and parameter groups,
-precision and strategy mapping, and the Trainer itself. The model (src/model.py) knows nothing of this module.
+"""Lightning glue: the training step (src/loss.py through src/infctx.py), the optimizer and its parameter
+groups, and the Trainer itself. The model (src/model.py) knows nothing of this module.
 """
 import lightning.pytorch as pl
 import torch
 
 from src import infctx
 from src.config import TrainConfig
-
-# --precision of the original -> Lightning precision. bf16/fp16 are mixed: weights and Adam stay fp32.
-LIGHTNING_PRECISION = {"fp32": "32-true", "tf32": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed"}
-# dtype of the .pth files we write, as the original (bf16 runs write bf16 weights).
-SAVE_DTYPE = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from src.strategy import LIGHTNING_PRECISION, build_strategy, is_deepspeed
 
 
 def build_param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list:
@@ -80,37 +76,6 @@ class RWKVModule(pl.LightningModule):
         return optimizer_class(groups, **settings, fused=fused or None)
 
 
-def is_deepspeed(strategy) -> bool:
-    from lightning.pytorch.strategies import DeepSpeedStrategy  # importable without deepspeed installed
-    return isinstance(strategy, DeepSpeedStrategy)
-
-
-def full_state_dict(trainer: pl.Trainer, pl_module: RWKVModule) -> dict:
-    """The model's whole state dict on CPU, on rank 0 ({} elsewhere). Collective: every rank must call it.
-
-    Under ZeRO-3 every rank holds a slice of each parameter; they are gathered one at a time, so the
-    GPU never holds more than one full parameter extra.
-    """
-    model = pl_module.model
-    if not (is_deepspeed(trainer.strategy) and trainer.strategy.zero_stage_3):
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()} if trainer.is_global_zero else {}
-    import deepspeed
-    weights = {}
-    for name, param in model.named_parameters():
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-            if trainer.is_global_zero:
-                weights[name] = param.detach().cpu().clone()
-    return weights
-
-
-def set_float_precision(cfg: TrainConfig) -> None:
-    """fp32 means true fp32 matmuls; every other mode allows TF32 (as the original)."""
-    allow_tf32 = cfg.precision != "fp32"
-    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
-    torch.backends.cudnn.allow_tf32 = allow_tf32
-    torch.backends.cudnn.benchmark = True
-
-
 def build_trainer(cfg: TrainConfig, callbacks: list, max_epochs: int, progress_bar: bool) -> pl.Trainer:
     return pl.Trainer(
         accelerator="gpu" if cfg.accelerator == "cuda" else cfg.accelerator,
@@ -131,31 +96,4 @@ def build_trainer(cfg: TrainConfig, callbacks: list, max_epochs: int, progress_b
         enable_progress_bar=progress_bar,
         enable_model_summary=False,
         detect_anomaly=cfg.debug,
-    )
-
-
-def build_strategy(cfg: TrainConfig):
-    """The strategy object (or Lightning name) for --strategy."""
-    if cfg.strategy == "single_device":
-        from lightning.pytorch.strategies import SingleDeviceStrategy
-        device = "cuda:0" if torch.cuda.is_available() and cfg.accelerator != "cpu" else "cpu"
-        return SingleDeviceStrategy(device=torch.device(device))
-    if cfg.strategy.startswith("deepspeed"):
-        return build_deepspeed_strategy(cfg)
-    return cfg.strategy
-
-
-def build_deepspeed_strategy(cfg: TrainConfig):
-    """Lightning's DeepSpeedStrategy built explicitly: stage, offload and bucket sizes from the flags."""
-    from lightning.pytorch.strategies import DeepSpeedStrategy
-    name = cfg.strategy
-    stage = 2 if name == "deepspeed" else int(name.split("_")[2])
-    offload = name.endswith("_offload")
-    bucket = cfg.ds_bucket_mb * 1000 * 1000
-    return DeepSpeedStrategy(
-        stage=stage,
-        offload_optimizer=offload,
-        offload_parameters=offload and stage == 3,
-        allgather_bucket_size=bucket,
-        reduce_bucket_size=bucket,
     )

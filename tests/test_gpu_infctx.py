@@ -93,7 +93,7 @@ def main(argv) -> int:
 
     import train
     from src.config import parse_args
-    from src.trainer import is_deepspeed
+    from src.strategy import is_deepspeed
 
     class SaveFirstGradients(pl.Callback):
         def __init__(self, path: Path):

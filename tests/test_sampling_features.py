@@ -246,8 +246,10 @@ def test_continue_pile_run_picks_the_newest_epoch_file(tmp_path):
         (tmp_path / name).write_bytes(b"")
     cfg = parse_args(["--data_type", "dummy", "--proj_dir", str(tmp_path), "--my_pile_stage", "3", "--devices", "1",
                       "--micro_bsz", "8", "--ctx_len", "1024", "--epoch_count", "20"])
-    assert "rwkv-10.pth at mini-epoch 11" in sampling.continue_pile_run(cfg)
-    assert (cfg.load_model, cfg.epoch_begin, cfg.warmup_steps) == (str(tmp_path / "rwkv-10.pth"), 11, 30)
+    changes, line = sampling.pile_continuation(cfg)
+    assert "rwkv-10.pth at mini-epoch 11, LR warm-up 30 steps" in line
+    assert changes == {"load_model": str(tmp_path / "rwkv-10.pth"), "epoch_begin": 11, "warmup_steps": 30}
+    assert cfg.load_model == "" and cfg.epoch_begin == 0  # the parsed flags stay as given
     assert sampling.latest_epoch_checkpoint(tmp_path / "empty") == (None, None)
 
 
