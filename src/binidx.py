@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from src.atomic import discard, publish, temporary_path
 from src.errors import UserInputError
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -109,9 +110,8 @@ class MMapIndexedDatasetBuilder:
         self.dtype = np.dtype(dtype)
         if self.dtype not in CODES:
             raise ValueError(f"binidx cannot store dtype {self.dtype}")
-        self._bin_tmp = Path(self.prefix + ".bin.tmp")
-        self._idx_tmp = Path(self.prefix + ".idx.tmp")
-        self._bin_tmp.parent.mkdir(parents=True, exist_ok=True)
+        self._bin_tmp = temporary_path(self.prefix + ".bin")
+        self._idx_tmp = temporary_path(self.prefix + ".idx")
         self._bin = open(self._bin_tmp, "wb")
         self._sizes = []  # int32 arrays: tokens per item
         self._doc_starts = [np.zeros(1, np.int64)]  # int64 arrays: doc_idx entries after the leading 0
@@ -158,12 +158,12 @@ class MMapIndexedDatasetBuilder:
             os.fsync(f.fileno())
         # the old index goes first: an interruption between the renames leaves no .idx, never a mismatched pair
         Path(self.prefix + ".idx").unlink(missing_ok=True)
-        os.replace(self._bin_tmp, self.prefix + ".bin")
-        os.replace(self._idx_tmp, self.prefix + ".idx")
+        publish(self._bin_tmp, self.prefix + ".bin")
+        publish(self._idx_tmp, self.prefix + ".idx")
 
     def abort(self) -> None:
         """Drop the partial output (after an error or Ctrl+C); existing .bin/.idx files stay as they were."""
         if not self._bin.closed:
             self._bin.close()
-        self._bin_tmp.unlink(missing_ok=True)
-        self._idx_tmp.unlink(missing_ok=True)
+        discard(self._bin_tmp)
+        discard(self._idx_tmp)

@@ -3,80 +3,23 @@
 Every file we write can be loaded by ChatRWKV / the `rwkv` pip package: tensors only, v4neo keys,
 no buffers, no wrapper prefixes.
 """
-import contextlib
-import os
 import pickle
-import shutil
 import zipfile
 from pathlib import Path
 
 import torch
 
+from src.atomic import atomic_file
 from src.errors import UserInputError
 
 # Prefixes that Lightning / DeepSpeed wrappers put in front of the model's own keys.
 _WRAPPER_PREFIXES = ("_forward_module.", "module.", "model.")
 
 
-# Temporary files and folders being written right now; a hard exit (second Ctrl+C) removes them.
-_IN_FLIGHT: set = set()
-
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside `path` for the caller to write and then `publish(tmp, path)`.
-
-    Works for files and folders (a DeepSpeed resume bundle is a folder written by every rank, so the
-    temporary name is the same on all ranks). If the block raises, or a hard exit calls
-    `remove_partial_files`, the temporary path is deleted and the old `path` is untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    _IN_FLIGHT.add(tmp)
-    try:
-        yield tmp
-    except BaseException:
-        remove_path(tmp)
-        raise
-    finally:
-        _IN_FLIGHT.discard(tmp)
-
-
-def publish(tmp: Path, path) -> None:
-    """Move a finished temporary file or folder over `path` (an old folder is swapped out, then removed)."""
-    path = Path(path)
-    if tmp.is_dir() and path.exists():
-        old = path.with_name(f".{path.name}.old")
-        remove_path(old)
-        os.replace(path, old)
-        os.replace(tmp, path)
-        remove_path(old)
-    else:
-        os.replace(tmp, path)
-
-
-def remove_path(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def remove_partial_files() -> None:
-    """Delete whatever atomic writes are in progress (called just before a hard exit)."""
-    for tmp in list(_IN_FLIGHT):
-        remove_path(tmp)
-
-
 def atomic_save(obj, path) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        publish(tmp, path)
+    with atomic_file(path) as f:
+        torch.save(obj, f)
 
 
 def save_weights(state_dict: dict, path, dtype: torch.dtype = None) -> None:

@@ -22,16 +22,8 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from src.checkpoint import (
-    atomic_path,
-    is_resume_bundle,
-    publish,
-    read_pytorch_file,
-    remove_partial_files,
-    remove_path,
-    strip_wrapper_prefix,
-    weight_mismatches,
-)
+from src.atomic import atomic_path, publish, remove_partial_files, remove_path
+from src.checkpoint import is_resume_bundle, read_pytorch_file, strip_wrapper_prefix, weight_mismatches
 from src.config import TrainConfig
 from src.errors import UserInputError
 from src.outputs import BUNDLE_NAME

@@ -206,7 +206,7 @@ def test_interrupt_leaves_old_outputs_and_no_partial_files(tmp_path, capsys, mon
     assert run(tmp_path, inputs=str(tmp_path / "other.jsonl")) == 130
     assert "interrupted; no output was written" in capsys.readouterr().err
     assert files(tmp_path) == old
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob(".*.partial"))
 
 
 def test_progress_reports_every_interval(tmp_path, capsys):
