@@ -13,7 +13,7 @@ python -c "import time; t = time.time(); from src import wkv_cuda; wkv_cuda._mod
     2>&1 | tee "$log_dir/build.txt" || status=1
 # no -q here: pytest.ini adds one, and a second hides the summary line
 python -m pytest -m gpu -rs tests/test_wkv_cuda.py 2>&1 | tee "$log_dir/tests.txt" || status=1
-python bench/wkv.py --profile 2>&1 | tee "$log_dir/bench.txt" || status=1
+python -m bench.wkv --profile 2>&1 | tee "$log_dir/bench.txt" || status=1
 
 small_case='
 import torch

@@ -14,8 +14,8 @@ this run. With frozen weights (LoRA) a token costs 6 N FLOPs, N = 7.2e9 non-embe
 forward that fills the stores, each block's recompute, and the backward, which only propagates through
 frozen weights (src/infctx.py); a segment whose block inputs did not fit in host memory adds a forward.
 
-    python bench/long_context.py                          # 4096 32768 131072 1048576
-    python bench/long_context.py --lengths 4096 131072
+    python -m bench.long_context                          # 4096 32768 131072 1048576
+    python -m bench.long_context --lengths 4096 131072
 """
 import argparse
 import json
@@ -50,7 +50,6 @@ def lora_flags(weights: Path, tokens: Path, proj_dir: Path, ctx_len: int, steps:
 
 def make_random_base(path: Path) -> None:
     """The 7B shape with the v4neo init (made on the GPU), saved in bf16 as a released model would be."""
-    sys.path.insert(0, str(ROOT))
     from src.checkpoint import save_weights
     from src.model import RWKV, RWKVConfig, generate_init_weights
 
@@ -81,7 +80,6 @@ def run_one_length(args) -> int:
     """Child process: cap the card, train `STEPS` steps at one length, print a RESULT line."""
     import lightning.pytorch as pl
 
-    sys.path.insert(0, str(ROOT))
     import train
     from src.config import parse_args
 
@@ -139,7 +137,7 @@ def main() -> int:
     tflops = matmul_tflops()
     results = []
     for ctx_len in args.lengths:
-        child = subprocess.run([sys.executable, __file__, "--ctx_len", str(ctx_len), "--weights", str(weights),
+        child = subprocess.run([sys.executable, "-m", "bench.long_context", "--ctx_len", str(ctx_len), "--weights", str(weights),
                                 "--gpu_gib", str(args.gpu_gib)], cwd=ROOT, capture_output=True, text=True)
         found = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
         if child.returncode != 0 or not found:

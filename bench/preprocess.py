@@ -1,7 +1,7 @@
 """preprocess_data.py throughput next to the raw `tokenizers` library on the same text and the same cores.
 
-    python bench/preprocess.py                      # ~100 MB of generated JSONL, 20B tokenizer, 1 and 2 workers
-    python bench/preprocess.py --size-mb 20 --rounds 2
+    python -m bench.preprocess                      # ~100 MB of generated JSONL, 20B tokenizer, 1 and 2 workers
+    python -m bench.preprocess --size-mb 20 --rounds 2
 
 The corpus is generated (seeded): documents of Zipf-distributed English words taken from the 20B
 tokenizer's own vocabulary, log-normal lengths, paragraphs, dialogue lines, numbers and some Chinese.
@@ -28,10 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from src.binidx import MMapIndexedDataset
 
-from src.binidx import MMapIndexedDataset  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def default_tokenizer() -> str:
@@ -88,7 +87,6 @@ print(json.dumps({"tokens": tokens, "seconds": time.perf_counter() - start}))
 # Run in a fresh interpreter: the whole preprocess_data.py command.
 OURS = """
 import json, sys, time
-sys.path.insert(0, sys.argv[1])
 import preprocess_data
 start = time.perf_counter()
 assert preprocess_data.main(sys.argv[2:]) == 0
@@ -118,7 +116,7 @@ def run_ours(vocab_file: str, corpus: Path, workers: int, prefix: Path) -> dict:
     # --workers 1 tokenizes in the main process, where the library would use every core: hold it to one
     env = dict(os.environ, RAYON_NUM_THREADS=str(workers))
     cpu = child_cpu_seconds()
-    out = subprocess.run([sys.executable, "-c", OURS, str(ROOT), *argv], env=env, check=True, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", OURS, *argv], cwd=ROOT, env=env, check=True, capture_output=True,
                          text=True).stdout
     cpu = child_cpu_seconds() - cpu
     written = MMapIndexedDataset(f"{prefix}_text_document")

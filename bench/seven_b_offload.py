@@ -9,7 +9,7 @@ process at filler + 24 GiB. Trains a few optimizer steps on random tokens and pr
 (without the filler), peak host memory and seconds per step. DeepSpeed's CPU Adam keeps ~115 GB of fp32
 master weights and moments in host memory: run it on a machine with well over 128 GiB.
 
-    python bench/seven_b_offload.py --gpu_gib 24 --steps 3
+    python -m bench.seven_b_offload --gpu_gib 24 --steps 3
 """
 import argparse
 import resource
@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train  # noqa: E402
+import train
 
 
 def main() -> int:

@@ -1,6 +1,6 @@
 """WKV CUDA kernel benchmark: forward and forward+backward times against the memory-traffic floor.
 
-    python bench/wkv.py [--dtype bf16] [--profile]
+    python -m bench.wkv [--dtype bf16] [--profile]
 
 For each (B, T, C): the kernel alone (the extension's forward / forward + backward calls) and the whole
 autograd op as the model calls it (wkv_cuda: Function, casts, allocations). The floor is the time to
@@ -14,13 +14,11 @@ import datetime
 import math
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from src import wkv_cuda  # noqa: E402
-from src.wkv_state import empty_state  # noqa: E402
+from src import wkv_cuda
+from src.wkv_state import empty_state
 
 SHAPES = [(1, 4096, 4096), (1, 4096, 2048), (8, 4096, 1024), (1, 65536, 4096)]
 # The original toolkit's bf16 kernel on one H100 80GB HBM3, fwd and fwd+bwd ms (DESIGN.md)
@@ -117,7 +115,7 @@ def main(argv=None):
     props = torch.cuda.get_device_properties(0)
     print(f"{props.name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size >> 20} MiB; torch "
           f"{torch.__version__}, CUDA {torch.version.cuda}; {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
-    print(f"command: python bench/wkv.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
+    print(f"command: python -m bench.wkv {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth (read + write): {bandwidth / 1e12:.2f} TB/s; dtype {args.dtype}\n")
     header = (f"{'B,T,C':>16} | {'fwd ms':>7} | {'fwd+bwd ms':>10} | {'floor ms':>8} | {'/floor':>6} | "
