@@ -9,12 +9,21 @@ from src.config import TrainConfig
 from src.strategy import LIGHTNING_PRECISION, build_strategy, is_deepspeed
 
 
-def build_param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list:
-    """Adam parameter groups with an `lr_scale` each (the original's layer-wise LR).
+# DeepSpeed's ZeRO 1/2 set-up copies each parameter group whole on the GPU before moving its fp32 master copy
+# to where it lives (stage_1_and_2.py: `partition.detach().clone().to(device)`): with one group holding the whole
+# model, the card briefly needs the weights twice (a 7B model: 2 x 13.8 GiB). Groups of at most this many
+# parameters (512 MiB in bf16) bound that extra to one group.
+DEEPSPEED_GROUP_NUMEL = 2 ** 28
+
+
+def build_param_groups(model: torch.nn.Module, cfg: TrainConfig, max_group_numel: int = 0) -> list:
+    """Adam parameter groups with an `lr_scale` each (the original's layer-wise LR), in model order.
 
     layerwise_lr 1: time_decay at 2x, time_first at 3x the LR (Pile stage 2: time_mix 5x, time_decay 5x).
-    weight_decay > 0: 2-D weight matrices go to groups with decoupled weight decay; vectors never decay.
-    Frozen parameters are left out; empty groups are dropped.
+    weight_decay > 0: weight matrices (two dimensions once squeezed: embeddings, projections, head) go to
+    groups with decoupled weight decay; vectors, time_mix [1, 1, C] and norms never decay.
+    max_group_numel > 0: groups are cut into consecutive groups of at most that many elements (a parameter
+    larger than that gets a group of its own). Frozen parameters are left out; empty groups are dropped.
     """
     stage2 = cfg.my_pile_stage == 2
     scales = (1.0, 5.0, 5.0) if stage2 else (1.0, 2.0, 3.0)
@@ -30,12 +39,15 @@ def build_param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list:
                 tier = 2 if stage2 else 1
             elif "time_first" in name:
                 tier = 2
-        decay = cfg.weight_decay if (cfg.weight_decay > 0 and p.dim() >= 2) else 0.0
-        group = groups.setdefault((tier, decay), {"params": [], "names": [], "lr_scale": scales[tier],
-                                                  "weight_decay": decay})
-        group["params"].append(p)
-        group["names"].append(name)
-    return [groups[key] for key in sorted(groups)]
+        decay = cfg.weight_decay if (cfg.weight_decay > 0 and p.squeeze().dim() >= 2) else 0.0
+        pieces = groups.setdefault((tier, decay), [])
+        if not pieces or (max_group_numel and pieces[-1]["numel"] + p.numel() > max_group_numel
+                          and pieces[-1]["params"]):
+            pieces.append({"params": [], "names": [], "numel": 0, "lr_scale": scales[tier], "weight_decay": decay})
+        pieces[-1]["params"].append(p)
+        pieces[-1]["names"].append(name)
+        pieces[-1]["numel"] += p.numel()
+    return [{k: v for k, v in group.items() if k != "numel"} for key in sorted(groups) for group in groups[key]]
 
 
 class RWKVModule(pl.LightningModule):
@@ -58,12 +70,12 @@ class RWKVModule(pl.LightningModule):
     def configure_optimizers(self):
         """Adam on fp32 master weights: torch's (fused on CUDA in fp32/tf32), DeepSpeed's FusedAdam, or
         DeepSpeedCPUAdam when ZeRO offloads the optimizer. weight_decay is decoupled (AdamW) and per group."""
-        groups = build_param_groups(self.model, self.cfg)
+        strategy = self.trainer.strategy
+        groups = build_param_groups(self.model, self.cfg, DEEPSPEED_GROUP_NUMEL if is_deepspeed(strategy) else 0)
         for group in groups:
             group.pop("names")
         adamw = self.cfg.weight_decay > 0
         settings = dict(lr=self.cfg.lr_init, betas=self.cfg.betas, eps=self.cfg.adam_eps)
-        strategy = self.trainer.strategy
         if is_deepspeed(strategy):
             from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
             if "offload_optimizer" in strategy.config["zero_optimization"]:
