@@ -279,6 +279,9 @@ def test_train_on_binidx_with_script_mask(tmp_path):
     write_binidx(tmp_path / "d", [rng.integers(1, 60, n) for n in (40, 7, 90)])
     assert run(tmp_path, "--data_type", "binidx", "--data_file", str(tmp_path / "d"), "--vocab_size", "60",
                "--my_script_mask", "1_4") == 0
+    rows = [row.split("\t") for row in (tmp_path / "out" / "train_steps.tsv").read_text().splitlines()[1:]]
+    assert rows and all(0 < float(r[2]) < 10 for r in rows)  # a real mean over the unmasked targets (ln 60 = 4.1)
+    assert (tmp_path / "out" / "rwkv-final.pth").is_file()
 
 
 def test_train_magic_prime_stage_1_then_stage_3_continues(tmp_path, capsys):

@@ -64,15 +64,26 @@ def test_utf8_and_utf16_text(tmp_path):
         assert '"你"' in vocab and len(load_weights(out / "rwkv-final.pth")["emb.weight"]) == len(set(text))
 
 
+def assert_trained(out, vocab_size):
+    """TINY's run wrote a model of the data's vocabulary that moved from its start, and 2 steps of 2 x 16 tokens."""
+    final, init = load_weights(out / "rwkv-final.pth"), load_weights(out / "rwkv-init.pth")
+    assert final["emb.weight"].shape == (vocab_size, 16) and not torch.equal(final["head.weight"], init["head.weight"])
+    rows = [row.split("\t") for row in (out / "train_steps.tsv").read_text().splitlines()[1:]]
+    assert [int(r[0]) for r in rows] == [1, 2] and all(np.isfinite(float(r[2])) for r in rows)
+    assert float(rows[-1][5]) == 2 * 2 * 16 / 1e9  # Gtokens
+
+
 def test_numpy_tokens(tmp_path):
     np.save(tmp_path / "tokens.npy", np.random.default_rng(0).integers(0, 50, 500))
     assert run(tmp_path, "--data_type", "numpy", "--data_file", str(tmp_path / "tokens.npy"), "--vocab_size", "50") == 0
+    assert_trained(tmp_path / "out", 50)
 
 
 def test_uint16_rows(tmp_path):
     np.random.default_rng(0).integers(0, 50, 17 * 20).astype(np.uint16).tofile(tmp_path / "rows.bin")
     assert run(tmp_path, "--data_type", "uint16", "--data_file", str(tmp_path / "rows.bin"), "--vocab_size", "50",
                "--my_sample_len", "17") == 0
+    assert_trained(tmp_path / "out", 50)  # rows of 17 tokens: 16 inputs and 16 targets each
 
 
 def write_binidx(prefix, documents, dtype=np.uint16):
@@ -88,6 +99,7 @@ def test_binidx(tmp_path):
     write_binidx(tmp_path / "data_text_document", [rng.integers(0, 60, n) for n in (40, 7, 90)])
     assert run(tmp_path, "--data_type", "binidx", "--data_file", str(tmp_path / "data_text_document"),
                "--vocab_size", "60") == 0
+    assert_trained(tmp_path / "out", 60)
 
 
 def test_load_model_continues_from_saved_weights(tmp_path):
