@@ -8,9 +8,9 @@ card made to look like a 24 GiB one: a filler allocation leaves 24 GiB free (Dee
 from free memory) and the allocator is capped at filler + 24 GiB. Peak memory is reported without the
 filler. tokens/s is the median over the steps after the first (with one step, that step).
 
-The table puts each figure beside the original toolkit's on the same card model (DESIGN.md, one H200,
-2026-12-01) and beside the hardware limit: the matmul work of a step at the bf16 matmul rate measured in
-this run. With frozen weights (LoRA) a token costs 6 N FLOPs, N = 7.2e9 non-embedding parameters: the
+The table puts each figure beside the original toolkit's on the same card model (the fork's own code,
+measured by this project on one H200 on 2026-12-01) and beside the hardware limit: the matmul work of a
+step at the bf16 matmul rate measured in this run. With frozen weights (LoRA) a token costs 6 N FLOPs, N = 7.2e9 non-embedding parameters: the
 forward that fills the stores, each block's recompute, and the backward, which only propagates through
 frozen weights (src/infctx.py); a segment whose block inputs did not fit in host memory adds a forward.
 
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SEGMENT = 4096
 SHAPE = dict(n_layer=32, n_embd=4096, vocab_size=50277)
 NON_EMBEDDING_PARAMS = 32 * 13 * 4096 ** 2 + 4096 * 50277  # blocks + head
-# the original toolkit on one H200, 2026-12-01 (DESIGN.md): ctx -> (tokens/s, peak GiB)
+# the fork's own code on one H200, measured by this project on 2026-12-01: ctx -> (tokens/s, peak GiB)
 ORIGINAL = {4096: (7614, 17.33), 32768: (6008, 17.34), 131072: (5709, 17.39)}
 STEPS = {4096: 6, 32768: 3, 131072: 2, 1048576: 1}
 
@@ -137,8 +137,9 @@ def main() -> int:
     tflops = matmul_tflops()
     results = []
     for ctx_len in args.lengths:
-        child = subprocess.run([sys.executable, "-m", "bench.long_context", "--ctx_len", str(ctx_len), "--weights", str(weights),
-                                "--gpu_gib", str(args.gpu_gib)], cwd=ROOT, capture_output=True, text=True)
+        command = [sys.executable, "-m", "bench.long_context", "--ctx_len", str(ctx_len), "--weights", str(weights),
+                   "--gpu_gib", str(args.gpu_gib)]
+        child = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
         found = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
         if child.returncode != 0 or not found:
             print(f"ctx {ctx_len}: exit {child.returncode}\n{(child.stdout + child.stderr)[-3000:]}", flush=True)

@@ -32,7 +32,7 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     """LR at optimizer step `step` of this run (the original's schedule, in consistent units).
 
     All quantities count optimizer steps: the original mixed optimizer steps with micro-batches, so with
-    --accumulate_grad_batches K its decay ran K times too slowly (bug 15 of the reference). Under an
+    --accumulate_grad_batches K its decay ran K times too slowly. Under an
     accumulation schedule, mini-epochs have different numbers of optimizer steps (src/accumulation.py).
     - The decay spans epoch_count mini-epochs (minus my_pile_edecay): exponential from lr_init to lr_final,
       linear when lr_final is 0; flat when lr_final == lr_init.

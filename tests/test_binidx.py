@@ -23,7 +23,9 @@ def write(prefix, documents=DOCUMENTS, dtype=np.uint16, batched=False):
 
 
 def parse_idx(path):
-    """The .idx bytes read field by field with struct, following ORIGINAL_TOOLKIT.md section 8.2."""
+    """The .idx bytes read field by field with struct, in gpt-neox's MMapIndexedDataset layout (little-endian):
+    magic b"MMIDIDX\\x00\\x00", version u64 = 1, dtype code u8, item count u64, document count u64, then sizes
+    int32[items], byte pointers int64[items], document starts int64[documents]."""
     raw = path.read_bytes()
     assert raw[:9] == b"MMIDIDX\x00\x00"
     (version,) = struct.unpack_from("<Q", raw, 9)
