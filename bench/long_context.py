@@ -10,9 +10,10 @@ filler. tokens/s is the median over the steps after the first (with one step, th
 
 The table puts each figure beside the original toolkit's on the same card model (the fork's own code,
 measured by this project on one H200 on 2026-12-01) and beside the hardware limit: the matmul work of a
-step at the bf16 matmul rate measured in this run. With frozen weights (LoRA) a token costs 6 N FLOPs, N = 7.2e9 non-embedding parameters: the
-forward that fills the stores, each block's recompute, and the backward, which only propagates through
-frozen weights (src/infctx.py); a segment whose block inputs did not fit in host memory adds a forward.
+step at the bf16 matmul rate measured in this run. With frozen weights (LoRA) a token costs 6 N FLOPs,
+N = 7.2e9 non-embedding parameters: the forward that fills the stores, each block's recompute, and the
+backward, which only propagates through frozen weights (src/infctx.py); a segment whose block inputs did
+not fit in host memory adds a forward.
 
     python -m bench.long_context                          # 4096 32768 131072 1048576
     python -m bench.long_context --lengths 4096 131072
