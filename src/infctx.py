@@ -75,6 +75,7 @@ import torch
 import torch.nn as nn
 
 from src.loss import cross_entropy_sum, language_model_loss, target_count
+from src.memory_check import available_host_memory
 from src.model import RWKVState
 
 # Logits computed at once by the chunked head: 2^24 values are 64 MiB in fp32 (the loss upcasts), so a
@@ -85,14 +86,8 @@ _BLOCK_PARAMETER = re.compile(r"^blocks\.(\d+)\.")
 
 def host_memory_for_kept_segments(processes_on_this_host: int) -> int:
     """`keep_bytes` for sample_loss: half the host memory available now, shared by the training processes of
-    this machine (0 where /proc/meminfo does not tell)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            fields = dict(line.split(":", 1) for line in f)
-        available = int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return 0
-    return available // 2 // max(processes_on_this_host, 1)
+    this machine (0 where the system does not tell)."""
+    return (available_host_memory() or 0) // 2 // max(processes_on_this_host, 1)
 
 
 def segment_bounds(length: int, segment_len: Optional[int]) -> List[Tuple[int, int]]:

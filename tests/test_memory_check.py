@@ -1,0 +1,53 @@
+"""The pre-flight memory check: the footprint table, and one-line refusals naming the numbers."""
+import pytest
+
+from src.config import parse_args
+from src.errors import UserInputError
+from src.memory_check import GIB, Footprint, check_fits, footprint
+
+SEVEN_B = 7_400_000_000  # the 7B shape: emb and head included
+LORA_7B = 40_000_000
+
+
+def flags(strategy, precision="bf16"):
+    return parse_args(["--data_type", "dummy", "--strategy", strategy, "--precision", precision])
+
+
+@pytest.mark.parametrize("strategy, gpu_gib, host_gib", [
+    ("deepspeed_stage_2_offload", 13.8, 110.3),  # the fork's 7B full fine-tune: bf16 weights on the card
+    ("deepspeed_stage_2", 110.3, 0),
+    ("deepspeed_stage_1", 110.3, 0),  # on one GPU every stage keeps all 16 bytes per parameter
+    ("deepspeed_stage_3_offload", 0, 124.1),
+    ("auto", 110.3, 0),  # fp32 weights, fp32 gradients and Adam on the GPU
+])
+def test_full_fine_tune_of_7b_on_one_gpu(strategy, gpu_gib, host_gib):
+    need = footprint(flags(strategy), SEVEN_B, SEVEN_B, world_size=1, processes_per_host=1, on_gpu=True)
+    assert need.gpu / GIB == pytest.approx(gpu_gib, abs=0.1) and need.host / GIB == pytest.approx(host_gib, abs=0.1)
+
+
+def test_zero_partitions_are_shared_by_the_gpus():
+    one = footprint(flags("deepspeed_stage_2"), SEVEN_B, SEVEN_B, world_size=1, processes_per_host=1, on_gpu=True)
+    four = footprint(flags("deepspeed_stage_2"), SEVEN_B, SEVEN_B, world_size=4, processes_per_host=4, on_gpu=True)
+    assert four.gpu == 2 * SEVEN_B + 14 * SEVEN_B // 4 < one.gpu
+    offload = footprint(flags("deepspeed_stage_2_offload"), SEVEN_B, SEVEN_B, world_size=4, processes_per_host=2,
+                        on_gpu=True)
+    assert offload.host == 16 * SEVEN_B * 2 // 4  # this machine's two of the four partitions
+
+
+def test_lora_needs_little_beyond_the_weights():
+    need = footprint(flags("deepspeed_stage_1"), SEVEN_B, LORA_7B, world_size=1, processes_per_host=1, on_gpu=True)
+    assert need.gpu < 2 * SEVEN_B + 16 * LORA_7B
+    check_fits(flags("deepspeed_stage_1"), need, gpu_free=24 * GIB, host_available=100 * GIB)
+
+
+def test_a_run_that_cannot_fit_is_refused_in_one_line():
+    cfg = flags("deepspeed_stage_2")
+    need = footprint(cfg, SEVEN_B, SEVEN_B, world_size=1, processes_per_host=1, on_gpu=True)
+    with pytest.raises(UserInputError) as refused:
+        check_fits(cfg, need, gpu_free=24 * GIB, host_available=None)
+    message = str(refused.value)
+    assert "\n" not in message and "110.3 GiB per GPU" in message and "24.0 GiB free" in message
+    assert "deepspeed_stage_2_offload" in message
+    with pytest.raises(UserInputError, match="117.0 GiB of host memory"):
+        check_fits(cfg, Footprint(gpu=0, host=117 * GIB), gpu_free=None, host_available=100 * GIB)
+    check_fits(cfg, need, gpu_free=None, host_available=None)  # nothing known, nothing refused
