@@ -20,7 +20,6 @@ not fit in host memory adds a forward.
 """
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from bench.common import StepTimes, cap_gpu_memory, matmul_tflops, peak_gib
 
 ROOT = Path(__file__).resolve().parents[1]
 SEGMENT = 4096
@@ -61,62 +62,24 @@ def make_random_base(path: Path) -> None:
     torch.cuda.empty_cache()
 
 
-def matmul_tflops() -> float:
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(10):
-        start.record()
-        a @ b
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return 2 * 8192 ** 3 / statistics.median(times) / 1e12
-
-
 def run_one_length(args) -> int:
     """Child process: cap the card, train `STEPS` steps at one length, print a RESULT line."""
-    import lightning.pytorch as pl
-
     import train
     from src.config import parse_args
 
-    cap = int(args.gpu_gib * 2 ** 30)
-    free, total = torch.cuda.mem_get_info(0)
-    filler = torch.empty(max(free - cap, 0), dtype=torch.uint8, device="cuda:0")
-    torch.cuda.set_per_process_memory_fraction((filler.numel() + cap) / total, 0)
-    torch.cuda.reset_peak_memory_stats(0)
-
-    class StepTimes(pl.Callback):
-        def __init__(self):
-            self.ends = []
-
-        def on_train_start(self, trainer, pl_module):
-            torch.cuda.synchronize()
-            self.ends.append(time.perf_counter())
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            torch.cuda.synchronize()
-            self.ends.append(time.perf_counter())
-
+    filler = cap_gpu_memory(args.gpu_gib)
     proj_dir = Path(tempfile.mkdtemp(prefix=f"long{args.ctx_len}-"))
     tokens = proj_dir / "tokens.npy"
     np.save(tokens, np.random.default_rng(0).integers(0, 50277, 2 * args.ctx_len + 1, dtype=np.int32))
     steps = STEPS.get(args.ctx_len, 2)
     timer = StepTimes()
     code = train.train(parse_args(lora_flags(Path(args.weights), tokens, proj_dir, args.ctx_len, steps)), [timer])
-    durations = np.diff(timer.ends)
-    measured = durations[1:] if len(durations) > 1 else durations
     rows = [r.split("\t") for r in (proj_dir / "train_steps.tsv").read_text().splitlines()[1:]]
+    allocated, reserved = peak_gib(filler)
     print("RESULT " + json.dumps({
-        "ctx_len": args.ctx_len, "exit": code, "steps": len(durations),
-        "tokens_per_s": args.ctx_len / statistics.median(measured),
-        "peak_allocated_gib": (torch.cuda.max_memory_allocated(0) - filler.numel()) / 2 ** 30,
-        "peak_reserved_gib": (torch.cuda.max_memory_reserved(0) - filler.numel()) / 2 ** 30,
-        "losses": [float(r[2]) for r in rows]}), flush=True)
+        "ctx_len": args.ctx_len, "exit": code, "steps": len(timer.ends) - 1,
+        "tokens_per_s": args.ctx_len / timer.steady_seconds(), "peak_allocated_gib": allocated,
+        "peak_reserved_gib": reserved, "losses": [float(r[2]) for r in rows]}), flush=True)
     return code
 
 

@@ -10,8 +10,10 @@ process at filler + 24 GiB. Trains a few optimizer steps on random tokens and pr
 master weights and moments in host memory: run it on a machine with well over 128 GiB.
 
     python -m bench.seven_b_offload --gpu_gib 24 --steps 3
+    python -m bench.seven_b_offload --gpu_gib 24 --steps 3 --n_layer 24 --n_embd 2048   # where the host is smaller
 """
 import argparse
+import json
 import resource
 import sys
 import tempfile
@@ -22,6 +24,9 @@ import numpy as np
 import torch
 
 import train
+from bench.common import StepTimes, cap_gpu_memory, peak_gib
+from src.config import parse_args
+from src.errors import UserInputError
 
 
 def main() -> int:
@@ -29,46 +34,50 @@ def main() -> int:
     parser.add_argument("--gpu_gib", type=float, default=24.0, help="GPU memory cap in GiB")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps to train")
     parser.add_argument("--ctx_len", type=int, default=4096)
+    parser.add_argument("--n_layer", type=int, default=32, help="a smaller model where the host cannot hold 7B")
+    parser.add_argument("--n_embd", type=int, default=4096)
     parser.add_argument("--proj_dir", default="", help="output folder (default: a temporary one)")
     args = parser.parse_args()
 
-    cap = int(args.gpu_gib * 2**30)
-    free, total = torch.cuda.mem_get_info(0)
-    filler = torch.empty(max(free - cap, 0), dtype=torch.uint8, device="cuda:0")
-    torch.cuda.set_per_process_memory_fraction((filler.numel() + cap) / total, 0)
-    torch.cuda.reset_peak_memory_stats(0)
-    proj_dir = Path(args.proj_dir or tempfile.mkdtemp(prefix="rwkv7b-"))
+    filler = cap_gpu_memory(args.gpu_gib)
+    proj_dir = Path(args.proj_dir or tempfile.mkdtemp(prefix="rwkv-offload-"))
     proj_dir.mkdir(parents=True, exist_ok=True)
     tokens = proj_dir / "tokens.npy"
     np.save(tokens, np.random.default_rng(0).integers(0, 50277, 4 * args.ctx_len * (args.steps + 2), dtype=np.int32))
+    shape = f"L{args.n_layer} D{args.n_embd}"
+    flags = ["--data_type", "numpy", "--data_file", str(tokens), "--vocab_size", "50277", "--proj_dir", str(proj_dir),
+             "--n_layer", str(args.n_layer), "--n_embd", str(args.n_embd), "--ctx_len", str(args.ctx_len),
+             "--micro_bsz", "1", "--epoch_steps", str(args.steps), "--epoch_count", "1", "--epoch_save", "0",
+             "--lr_init", "1e-5", "--lr_final", "1e-5", "--precision", "bf16", "--accelerator", "gpu", "--devices", "1",
+             "--strategy", "deepspeed_stage_2_offload", "--grad_cp", "1", "--ctx_parts", "4",
+             "--enable_progress_bar", "0"]
 
     started = time.time()
-    code = train.main([
-        "--data_type", "numpy", "--data_file", str(tokens), "--vocab_size", "50277", "--proj_dir", str(proj_dir),
-        "--n_layer", "32", "--n_embd", "4096", "--ctx_len", str(args.ctx_len), "--micro_bsz", "1",
-        "--epoch_steps", "1000", "--epoch_count", "100", "--epoch_save", "0", "--max_steps", str(args.steps),
-        "--lr_init", "1e-5", "--lr_final", "1e-5", "--precision", "bf16", "--accelerator", "gpu", "--devices", "1",
-        "--strategy", "deepspeed_stage_2_offload", "--grad_cp", "1", "--ctx_parts", "4", "--enable_progress_bar", "0"])
+    timer = StepTimes()
+    try:
+        code = train.train(parse_args(flags), [timer])
+    except UserInputError as e:  # e.g. the memory check: the host cannot hold the offloaded optimizer
+        print(f"train.py: error: {e}")
+        code = 2
     wall = time.time() - started
-    if code != 0:
-        print(f"train.py exited with {code}")
-        return code
-
-    rows = [line.split("\t") for line in (proj_dir / "train_steps.tsv").read_text().splitlines()[1:]]
-    speed_kts = float(rows[-1][6])  # average over this run's steps
-    peak_gpu = (torch.cuda.max_memory_allocated(0) - filler.numel()) / 2**30
-    peak_reserved = (torch.cuda.max_memory_reserved(0) - filler.numel()) / 2**30
-    peak_host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    allocated, reserved = peak_gib(filler)
+    peak_host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB
+    step_log = proj_dir / "train_steps.tsv"
+    rows = [line.split("\t") for line in step_log.read_text().splitlines()[1:]] if code == 0 else []
+    print("RESULT " + json.dumps({"exit": code, "shape": shape, "steps": len(rows),
+                                  "losses": [float(r[2]) for r in rows], "peak_allocated_gib": allocated,
+                                  "peak_reserved_gib": reserved, "peak_host_gib": peak_host,
+                                  "seconds_per_step": timer.steady_seconds() if rows else None}), flush=True)
     print("\n| what | value |\n|---|---|")
     print(f"| card | {torch.cuda.get_device_name(0)}, capped at {args.gpu_gib:g} GiB |")
-    print(f"| model | L32 D4096 vocab 50277, ctx {args.ctx_len}, bf16, deepspeed_stage_2_offload, grad_cp, "
-          f"ctx_parts 4 |")
+    print(f"| model | {shape} vocab 50277, ctx {args.ctx_len}, bf16, deepspeed_stage_2_offload, grad_cp, ctx_parts 4 |")
     print(f"| optimizer steps completed | {len(rows)} (losses {', '.join(r[2] for r in rows)}) |")
-    print(f"| peak GPU memory allocated / reserved | {peak_gpu:.2f} / {peak_reserved:.2f} GiB |")
+    print(f"| peak GPU memory allocated / reserved | {allocated:.2f} / {reserved:.2f} GiB |")
     print(f"| peak host memory (this process) | {peak_host:.1f} GiB |")
-    print(f"| seconds per optimizer step (mean over the run) | {args.ctx_len / (speed_kts * 1000):.1f} |")
+    if rows:
+        print(f"| seconds per optimizer step (median after the first) | {timer.steady_seconds():.1f} |")
     print(f"| wall time including start-up | {wall:.0f} s |")
-    return 0
+    return code
 
 
 if __name__ == "__main__":
