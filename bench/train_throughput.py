@@ -1,0 +1,107 @@
+"""Training throughput and memory through our real training step, next to the original toolkit's figures.
+
+Three shapes at vocab 50277, ctx 4096, bf16, random tokens, each trained by train.py in a process of its own
+(model, loss, backward, optimizer step, data loader and Lightning included) for STEPS optimizer steps:
+tokens/s is the median after the first WARMUP steps. MFU = 6 N tokens/s over the bf16 matmul rate measured
+in this run (N = parameters without the embedding). Each shape runs under every path we offer on one GPU:
+`--strategy deepspeed_stage_2` (bf16 weights, fp32 master weights in DeepSpeed's optimizer) and
+`--strategy auto` (Lightning's bf16 mixed precision: fp32 weights, autocast).
+
+The original's figures (the fork's own model and kernel, bf16 weights, forward + loss + backward without an
+optimizer step) were measured by this project on one H200 on 2026-12-01.
+
+    python -m bench.train_throughput
+    python -m bench.train_throughput --shapes L24-D1024 --strategies auto
+"""
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.common import StepTimes, matmul_tflops, peak_gib
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 50277
+CTX = 4096
+STEPS, WARMUP = 8, 2
+# name -> (n_layer, n_embd, micro_bsz, grad_cp)
+SHAPES = {"L24-D1024": (24, 1024, 4, 0), "L24-D2048": (24, 2048, 2, 0), "L32-D4096": (32, 4096, 1, 1)}
+# the original toolkit on one H200, 2026-12-01: shape -> (tokens/s, peak GiB)
+ORIGINAL = {"L24-D1024": (71130, 27.4), "L24-D2048": (31530, 28.4), "L32-D4096": (7178, 30.2)}
+# the targets of this project (issue "Training throughput and memory"): tokens/s
+TARGETS = {"L24-D1024": 142_000, "L24-D2048": 47_000, "L32-D4096": 9_000}
+STRATEGIES = ("deepspeed_stage_2", "auto")
+
+
+def non_embedding_params(n_layer: int, n_embd: int) -> int:
+    return n_layer * 13 * n_embd ** 2 + VOCAB * n_embd  # blocks (4 C^2 time-mix, 9 C^2 channel-mix) + head
+
+
+def run_one(shape: str, strategy: str) -> int:
+    """Child process: train one shape under one strategy, print a RESULT line."""
+    import train
+    from src.config import parse_args
+
+    n_layer, n_embd, micro_bsz, grad_cp = SHAPES[shape]
+    proj_dir = Path(tempfile.mkdtemp(prefix=f"throughput-{shape}-"))
+    tokens = proj_dir / "tokens.npy"
+    np.save(tokens, np.random.default_rng(0).integers(0, VOCAB, 4 * CTX * micro_bsz + 1, dtype=np.int32))
+    flags = ["--data_type", "numpy", "--data_file", str(tokens), "--vocab_size", str(VOCAB), "--n_layer", str(n_layer),
+             "--n_embd", str(n_embd), "--ctx_len", str(CTX), "--micro_bsz", str(micro_bsz), "--grad_cp", str(grad_cp),
+             "--epoch_steps", str(STEPS), "--epoch_count", "1", "--epoch_save", "0", "--lr_init", "1e-4",
+             "--lr_final", "1e-4", "--precision", "bf16", "--strategy", strategy, "--accelerator", "gpu",
+             "--devices", "1", "--enable_progress_bar", "0", "--random_seed", "0", "--proj_dir", str(proj_dir)]
+    timer = StepTimes()
+    code = train.train(parse_args(flags), [timer])
+    allocated, reserved = peak_gib()
+    print("RESULT " + json.dumps({"shape": shape, "strategy": strategy, "exit": code,
+                                  "tokens_per_s": micro_bsz * CTX / timer.steady_seconds(WARMUP),
+                                  "peak_allocated_gib": allocated, "peak_reserved_gib": reserved}), flush=True)
+    return code
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)  # one shape and strategy
+    args = parser.parse_args()
+    if args.child:
+        return run_one(*args.child)
+
+    tflops = matmul_tflops()
+    results = []
+    for shape in args.shapes:
+        for strategy in args.strategies:
+            command = [sys.executable, "-m", "bench.train_throughput", "--child", shape, strategy]
+            child = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+            found = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
+            if child.returncode != 0 or not found:
+                print(f"{shape} {strategy}: exit {child.returncode}\n{(child.stdout + child.stderr)[-3000:]}", flush=True)
+                continue
+            results.append(json.loads(found[0][len("RESULT "):]))
+            print(found[0], flush=True)
+
+    print(f"\n{torch.cuda.get_device_name(0)}; bf16 matmul {tflops:.0f} TFLOP/s (8192^3); vocab {VOCAB}, ctx {CTX}, "
+          f"bf16; {STEPS} optimizer steps, median after {WARMUP}")
+    print("\n| shape, micro_bsz | strategy | ours tokens/s | original tokens/s | ours / original | target | MFU "
+          "| ours peak allocated / reserved GiB | original peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        n_layer, n_embd, micro_bsz, grad_cp = SHAPES[r["shape"]]
+        original_speed, original_peak = ORIGINAL[r["shape"]]
+        mfu = 6 * non_embedding_params(n_layer, n_embd) * r["tokens_per_s"] / (tflops * 1e12)
+        print(f"| {r['shape']} B{micro_bsz}{' grad_cp' if grad_cp else ''} | {r['strategy']} | "
+              f"{r['tokens_per_s']:,.0f} | {original_speed:,} | {r['tokens_per_s'] / original_speed:.2f}x | "
+              f"{TARGETS[r['shape']]:,} | {mfu:.0%} | {r['peak_allocated_gib']:.1f} / {r['peak_reserved_gib']:.1f} | "
+              f"{original_peak} |")
+    return 0 if len(results) == len(args.shapes) * len(args.strategies) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
