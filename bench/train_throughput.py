@@ -82,7 +82,8 @@ def main() -> int:
             child = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
             found = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
             if child.returncode != 0 or not found:
-                print(f"{shape} {strategy}: exit {child.returncode}\n{(child.stdout + child.stderr)[-3000:]}", flush=True)
+                tail = (child.stdout + child.stderr)[-3000:]
+                print(f"{shape} {strategy}: exit {child.returncode}\n{tail}", flush=True)
                 continue
             results.append(json.loads(found[0][len("RESULT "):]))
             print(found[0], flush=True)
