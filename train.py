@@ -94,7 +94,8 @@ def run_training(cfg: TrainConfig, stop, extra_callbacks: list) -> int:
         if cfg.resume and not stopped:
             stopping.retire_bundle(cfg.resume)
         saved = initial_files + saver.saved + ([outputs.BUNDLE_NAME] if stopped else [])
-        console.print_summary(cfg, saved, log.tokens_trained, log.seconds, log.last_mean_loss, stopped)
+        console.print_summary(cfg, saved, log.tokens_trained, log.seconds, log.last_mean_loss, stopped,
+                              log.steady_speed())
     return stopper.exit_code
 
 

@@ -112,6 +112,7 @@ class TrainingLog(pl.Callback):
         self.tokens = 0  # tokens trained on so far, all GPUs, earlier runs included
         self.tokens_at_start = 0  # `tokens` when this run started training (a resumed run's earlier ones)
         self.started = self.epoch_started = time.perf_counter()  # reset when training starts
+        self.after_first_step = None  # (time, tokens) when this run's first optimizer step ended
         self.step_loss = None
         self.step_batches = 0
         self.pending_rows = []
@@ -171,12 +172,22 @@ class TrainingLog(pl.Callback):
             self.pending_rows.append((trainer.global_step, trainer.current_epoch, self.step_loss / self.step_batches,
                                       self.schedule.lr, ctx_len, self.tokens / 1e9, speed))
             self.step_loss, self.step_batches = None, 0
+            if self.after_first_step is None:
+                self.after_first_step = (time.perf_counter(), self.tokens)
             if len(self.pending_rows) >= _FLUSH_EVERY:
                 self.flush_rows(trainer)
 
     def speed(self) -> float:
         """Thousands of tokens per second over this run so far, all GPUs."""
         return self.tokens_trained / max(self.seconds, 1e-9) / 1000
+
+    def steady_speed(self):
+        """Tokens per second after this run's first optimizer step (start-up and warm-up left out; None before a
+        second step): what a benchmark's steady state measures."""
+        if self.after_first_step is None or self.tokens == self.after_first_step[1]:
+            return None
+        started, tokens = self.after_first_step
+        return (self.tokens - tokens) / max(time.perf_counter() - started, 1e-9)
 
     @property
     def tokens_trained(self) -> int:

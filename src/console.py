@@ -57,11 +57,13 @@ def _state_cp_note(cfg: TrainConfig) -> str:
     return f" in {segments} segment{'s' if segments > 1 else ''} of {cfg.segment_len} tokens (--state_cp)"
 
 
-def print_summary(cfg: TrainConfig, saved: list, tokens: int, seconds: float, mean_loss, stopped: bool) -> None:
-    """The run's last lines: how it ended, what it trained, what it saved where."""
+def print_summary(cfg: TrainConfig, saved: list, tokens: int, seconds: float, mean_loss, stopped: bool,
+                  steady_speed=None) -> None:
+    """The run's last lines: how it ended, what it trained (and how fast after the first step), what it saved where."""
     how = "Stopped" if stopped else "Finished"
     loss = f"; last mini-epoch's mean loss {mean_loss:.4f}" if mean_loss is not None else ""
-    print(f"\n{how}: trained {tokens:,} tokens in {_duration(seconds)}{loss}.\n"
+    speed = f", {steady_speed:,.0f} tokens/s after the first optimizer step" if steady_speed else ""
+    print(f"\n{how}: trained {tokens:,} tokens in {_duration(seconds)}{speed}{loss}.\n"
           f"Saved in {cfg.proj_dir}/: {', '.join(saved) or 'nothing'} (log: train_log.txt, train_steps.tsv)",
           flush=True)
 

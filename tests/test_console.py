@@ -43,8 +43,8 @@ def test_off_a_terminal_each_mini_epoch_is_one_line_and_the_run_ends_with_a_summ
                             line), line
     logged_loss = float((tmp_path / "train_log.txt").read_text().splitlines()[-1].split()[1])
     finished, saved = out.splitlines()[-2:]
-    assert re.fullmatch(rf"Finished: trained {2 * 3 * 2 * 16} tokens in \d+\.\d s; last mini-epoch's mean loss "
-                        rf"{logged_loss:.4f}\.", finished), finished
+    assert re.fullmatch(rf"Finished: trained {2 * 3 * 2 * 16} tokens in \d+\.\d s, [\d,]+ tokens/s after the first "
+                        rf"optimizer step; last mini-epoch's mean loss {logged_loss:.4f}\.", finished), finished
     assert saved == (f"Saved in {tmp_path}/: rwkv-init.pth, rwkv-0.pth, rwkv-1.pth, rwkv-final.pth (log: "
                      f"train_log.txt, train_steps.tsv)")
     assert err == ""
