@@ -18,22 +18,16 @@ from pathlib import Path
 
 import torch
 
+from src import cli
 from src.checkpoint import atomic_save, load_weights
 from src.errors import UserInputError
 from src.lora import LoraCheckpoint, format_layers, merge_checked, parse_layer_spec, resolve_alpha
 
 
-class _Parser(argparse.ArgumentParser):
-    """A bad command line gives one line, not the usage block."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
 def build_parser(prog: str, description: str, layer_filter: bool) -> argparse.ArgumentParser:
-    parser = _Parser(prog=prog, description=description,
-                     usage=f"{prog} [-h] [--use-gpu]{' [--layer_filter SPEC]' if layer_filter else ''} "
-                           f"[lora_alpha] base_model lora_checkpoint output")
+    parser = cli.ArgumentParser(prog=prog, description=description,
+                                usage=f"{prog} [-h] [--use-gpu]{' [--layer_filter SPEC]' if layer_filter else ''} "
+                                      f"[lora_alpha] base_model lora_checkpoint output")
     parser.add_argument("--use-gpu", action="store_true", help="Compute the merge and its check on the GPU.")
     if layer_filter:
         parser.add_argument("--layer_filter", default=None,

@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Optional
 
+from src import cli
 from src.errors import UserInputError
 
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
@@ -248,31 +249,11 @@ def _scalar_type(hint):
     return args[0] if args else hint
 
 
-class _Parser(argparse.ArgumentParser):
-    """Reports a bad command line in one line instead of the 40-line usage block."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-class FlagHelpFormatter(argparse.HelpFormatter):
-    """Adds "(default: X)" once, and only where it informs: not when the help text already describes the
-    default, and not for None, "" or False, whose meaning (the flag left out) the help text gives."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        default = action.default
-        uninformative = default is None or default is False or default == "" or default == argparse.SUPPRESS
-        if uninformative or "default" in text:
-            return text
-        return f"{text} (default: %(default)s)"
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = cli.ArgumentParser(
         prog="train.py",
         description="Train or fine-tune an RWKV-4 language model (flags of the RWKV-LM-LoRA ChatGal fork).",
-        formatter_class=FlagHelpFormatter,
+        formatter_class=cli.FlagHelpFormatter,
     )
     groups = {key: parser.add_argument_group(title) for key, title in GROUP_TITLES.items()}
     for f, hint in _flag_fields():
