@@ -21,7 +21,8 @@ import torch
 from src import cli
 from src.checkpoint import atomic_save, load_weights
 from src.errors import UserInputError
-from src.lora import LoraCheckpoint, format_layers, merge_checked, parse_layer_spec, resolve_alpha
+from src.lora import LoraCheckpoint, merge_checked, resolve_alpha
+from src.lora_settings import format_layers, parse_layer_spec
 
 
 def build_parser(prog: str, description: str, layer_filter: bool) -> argparse.ArgumentParser:

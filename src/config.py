@@ -17,6 +17,7 @@ from typing import Optional
 
 from src import cli
 from src.errors import UserInputError
+from src.lora_settings import LoraSettings
 
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 DATA_TYPES = ("utf-8", "utf-16le", "numpy", "binidx", "dummy", "uint16", "jsonl")
@@ -199,6 +200,7 @@ class TrainConfig:
 
     # ---- derived in finalize(), not flags
     timestamp: str = field(default="", metadata={"derived": True})
+    lora_settings: Optional[LoraSettings] = field(default=None, metadata={"derived": True})  # None without --lora
 
     @property
     def betas(self) -> tuple:
@@ -221,6 +223,9 @@ class TrainConfig:
     def finalize(self) -> "TrainConfig":
         """Fill derived values and refuse invalid combinations with one clear message."""
         validate(self)
+        if self.lora:
+            self.lora_settings = LoraSettings.from_flags(self.lora_r, self.lora_alpha, self.lora_dropout,
+                                                         self.lora_parts, self.lora_layers, self.n_layer)
         if self.dim_att <= 0:
             self.dim_att = self.n_embd
         if self.dim_ffn <= 0:
@@ -332,9 +337,6 @@ def validate(cfg: TrainConfig) -> None:
             raise UserInputError(f"--accumulate_grad_batches_dict changes the accumulation between mini-epochs, which "
                                  f"DeepSpeed cannot (its accumulation is fixed when training starts); use --strategy "
                                  f"auto or ddp, or a constant --accumulate_grad_batches with --strategy {cfg.strategy}.")
-    if cfg.lora:
-        from src.lora import LoraSettings  # the --lora_* rules live with LoRA (this imports torch, LoRA runs only)
-        LoraSettings.from_flags(cfg)
 
 
 def _validate_state_cp(cfg: TrainConfig) -> None:

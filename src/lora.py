@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from src.checkpoint import load_weights
 from src.config import TrainConfig
 from src.errors import UserInputError
+from src.lora_settings import LoraSettings, format_layers
 from src.model import RWKV, RWKVConfig
 
-PARTS = ("att", "ffn", "time", "ln")
 # Linear layers that get LoRA for each part: sub-module of the block -> projections.
 PART_PROJECTIONS = {"att": ("att", ("key", "value", "receptance")), "ffn": ("ffn", ("key", "receptance", "value"))}
 BLOCK_NORMS = ("ln0", "ln1", "ln2")
@@ -52,103 +52,12 @@ BASE_IDENTITY = ("vocab_size", "n_layer", "n_embd", "dim_att", "dim_ffn", "pre_f
 CHECK_TOKENS = 8
 CHECK_RTOL = 1e-3
 
-_LAYER_TOKEN = re.compile(r"^(?:(?P<coef>[^*]+)\*)?(?P<first>\d+)(?:-(?P<last>\d+))?$")
 _LAYER_OF_KEY = re.compile(r"^blocks\.(\d+)\.")
 # Keys a LoRA checkpoint may hold besides lora_A/lora_B: the tensors the time and ln parts train whole.
 _REPLACEABLE = re.compile(r"^blocks\.\d+\.(?:(?:att|ffn|ffnPre)\.time_\w+|ln[012]\.(?:weight|bias))$")
 
 
-# ---------------------------------------------------------------- layer specs
-
-
-def parse_layer_spec(spec: str, n_layer: Optional[int] = None, what: str = "--lora_layers",
-                     coefficients: bool = False) -> dict:
-    """"0-3 25-31" -> {0: 1.0, ..., 3: 1.0, 25: 1.0, ...}; with coefficients, "0.5*0-15 1*16-31" -> {0: 0.5, ...}.
-
-    Tokens are separated by spaces or commas; each is an optional `coef*` and a layer or an inclusive
-    range a-b. A layer listed twice, a reversed range or a layer >= n_layer is an error.
-    """
-    tokens = spec.replace(",", " ").split()
-    if not tokens:
-        raise UserInputError(f"{what} is empty; give layers such as '0-3 25-31'.")
-    layers = {}
-    for token in tokens:
-        match = _LAYER_TOKEN.match(token)
-        if not match:
-            example = "'0.5*0-15 1*16-31'" if coefficients else "'0-3 25-31'"
-            raise UserInputError(f"{what}: cannot read {token!r}; write layers and ranges such as {example}.")
-        coef = 1.0
-        if match["coef"] is not None:
-            if not coefficients:
-                raise UserInputError(f"{what} takes layers only ({token!r} has a coefficient; coefficients belong "
-                                     f"to merge_lora_plus.py --layer_filter).")
-            try:
-                coef = float(match["coef"])
-            except ValueError:
-                coef = math.nan
-            if not math.isfinite(coef):
-                raise UserInputError(f"{what}: {match['coef']!r} in {token!r} is not a number.")
-        first = int(match["first"])
-        last = first if match["last"] is None else int(match["last"])
-        if last < first:
-            raise UserInputError(f"{what}: the range {token!r} runs backwards; write {last}-{first}.")
-        for layer in range(first, last + 1):
-            if layer in layers:
-                raise UserInputError(f"{what} lists layer {layer} twice.")
-            if n_layer is not None and layer >= n_layer:
-                raise UserInputError(f"{what} lists layer {layer}, but the model has {n_layer} layers "
-                                     f"(0-{n_layer - 1}).")
-            layers[layer] = coef
-    return layers
-
-
-def format_layers(layers) -> str:
-    """[0, 1, 2, 5] -> "0-2 5" (the spec syntax, so it can be pasted back into --lora_layers)."""
-    ranges = []
-    for layer in sorted(layers):
-        if ranges and ranges[-1][1] == layer - 1:
-            ranges[-1][1] = layer
-        else:
-            ranges.append([layer, layer])
-    return " ".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
-
-
-# ---------------------------------------------------------------- settings
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    r: int
-    alpha: float
-    dropout: float
-    parts: tuple  # subset of PARTS, in PARTS order
-    layers: tuple  # sorted layer ids
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.r
-
-    @classmethod
-    def from_flags(cls, cfg: TrainConfig) -> "LoraSettings":
-        """The validated --lora_* flags (one message per mistake)."""
-        if cfg.lora_r < 1:
-            raise UserInputError(f"--lora_r must be at least 1 (got {cfg.lora_r}).")
-        if not (math.isfinite(cfg.lora_alpha) and cfg.lora_alpha > 0):
-            raise UserInputError(f"--lora_alpha must be a positive number (got {cfg.lora_alpha}).")
-        if not 0 <= cfg.lora_dropout < 1:
-            raise UserInputError(f"--lora_dropout must lie in [0, 1) (got {cfg.lora_dropout}).")
-        given = [p.strip() for p in cfg.lora_parts.replace(" ", ",").split(",") if p.strip()]
-        unknown = [p for p in given if p not in PARTS]
-        if unknown or not given:
-            raise UserInputError(f"--lora_parts {cfg.lora_parts!r}: use a comma list of {', '.join(PARTS)} "
-                                 f"(e.g. att,ffn,time,ln).")
-        layers = range(cfg.n_layer) if cfg.lora_layers is None else parse_layer_spec(cfg.lora_layers, cfg.n_layer)
-        return cls(r=cfg.lora_r, alpha=float(cfg.lora_alpha), dropout=float(cfg.lora_dropout),
-                       parts=tuple(p for p in PARTS if p in given), layers=tuple(sorted(layers)))
-
-    def describe(self) -> str:
-        return (f"r {self.r}, alpha {self.alpha:g}, parts {','.join(self.parts)}, "
-                f"layers {format_layers(self.layers)}")
+# ---------------------------------------------------------------- the settings record of a checkpoint
 
 
 def base_identity(cfg: RWKVConfig) -> dict:
@@ -291,7 +200,7 @@ def lora_state_dict(model: RWKV, settings: LoraSettings) -> dict:
 def prepare_lora_training(model: RWKV, cfg: TrainConfig) -> str:
     """Turn a model holding its base weights into a LoRA model: wrap the chosen Linears, restore
     --lora_load, freeze all but the LoRA/time/ln parameters. Returns a one-line summary."""
-    settings = LoraSettings.from_flags(cfg)
+    settings = cfg.lora_settings
     modules = apply_lora(model, settings)
     names = trainable_names(model, settings)
     if not names:
@@ -343,7 +252,7 @@ def lora_weights_of(cfg: TrainConfig, full_state_dict):
 
     `full_state_dict(trainer, pl_module)` gathers the whole state dict (collective under ZeRO-3; {} off rank 0).
     """
-    settings = LoraSettings.from_flags(cfg)
+    settings = cfg.lora_settings
 
     def weights_of(trainer, pl_module) -> dict:
         full = full_state_dict(trainer, pl_module)

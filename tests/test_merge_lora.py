@@ -9,7 +9,8 @@ import merge_lora_plus
 import src.lora
 from helpers import rwkv_pip_logits, tiny_model
 from src.checkpoint import load_weights, save_weights
-from src.lora import PARTS, SETTINGS_KEY, LoraSettings, apply_lora, delta_weight, lora_state_dict, trainable_names
+from src.lora import SETTINGS_KEY, apply_lora, delta_weight, lora_state_dict, trainable_names
+from src.lora_settings import PARTS, LoraSettings
 from src.model import RWKV, RWKVConfig
 
 N_LAYER = 3
