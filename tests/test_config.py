@@ -11,7 +11,7 @@ import train
 from src.config import build_parser, flag_names, parse_args
 from src.errors import UserInputError
 
-# Every flag of the fork's RWKV-v4neo-lora/train.py with its default (ORIGINAL_TOOLKIT.md §1.2).
+# Every flag of the fork's RWKV-v4neo-lora/train.py with its default.
 FORK_FLAGS = {
     "load_model": "", "wandb": "", "proj_dir": "out", "random_seed": -1, "data_file": "",
     "train_split_ratio": None, "train_data_sort": None, "data_type": "utf-8", "select_name": None,
