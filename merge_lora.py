@@ -11,92 +11,13 @@ then the result is checked: logits of the merged model must match those of base 
 tokens, or nothing is written. The output has the base's keys, each in the base's dtype, and is
 written atomically.
 """
-import argparse
-import math
 import sys
-from pathlib import Path
 
-import torch
-
-from src.checkpoint import atomic_save, load_weights
-from src.errors import UserInputError
-from src.lora import LoraCheckpoint, format_layers, merge_checked, parse_layer_spec, resolve_alpha
-
-
-class _Parser(argparse.ArgumentParser):
-    """A bad command line gives one line, not the usage block."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def build_parser(prog: str, description: str, layer_filter: bool) -> argparse.ArgumentParser:
-    parser = _Parser(prog=prog, description=description,
-                     usage=f"{prog} [-h] [--use-gpu]{' [--layer_filter SPEC]' if layer_filter else ''} "
-                           f"[lora_alpha] base_model lora_checkpoint output")
-    parser.add_argument("--use-gpu", action="store_true", help="Compute the merge and its check on the GPU.")
-    if layer_filter:
-        parser.add_argument("--layer_filter", default=None,
-                            help="Layers to merge, each with an optional coefficient for its LoRA update, e.g. "
-                                 "'25-31' or '0.5*0-15 1*16-31'. Unlisted layers keep the base weights (their "
-                                 "time/ln values too); coefficients do not scale time/ln values.")
-    parser.add_argument("paths", nargs="+", metavar="[lora_alpha] base_model lora_checkpoint output",
-                        help="lora_alpha may be left out when the LoRA file stores it (files of this toolkit).")
-    return parser
+from src import merge_cli
 
 
 def main(argv=None) -> int:
-    return run(argv, "merge_lora.py", __doc__.split("\n\n")[0], layer_filter=False)
-
-
-def run(argv, prog: str, description: str, layer_filter: bool) -> int:
-    """The merge command line; merge_lora_plus.py is this with --layer_filter."""
-    args = build_parser(prog, description, layer_filter).parse_args(argv)
-    try:
-        alpha, base_path, lora_path, out_path = split_positionals(args.paths)
-        layer_coef = None
-        if layer_filter and args.layer_filter is not None:
-            layer_coef = parse_layer_spec(args.layer_filter, what="--layer_filter", coefficients=True)
-        device = pick_device(args.use_gpu)
-        for name, path in (("base model", base_path), ("LoRA checkpoint", lora_path)):
-            if Path(out_path).resolve() == Path(path).resolve():
-                raise UserInputError(f"the output {out_path} is the {name}; choose another output file.")
-        base = load_weights(base_path, what="base model")
-        lora = LoraCheckpoint.from_weights(load_weights(lora_path, what="LoRA checkpoint"), lora_path)
-        alpha = resolve_alpha(alpha, lora)
-        merged, report = merge_checked(base, lora, alpha, layer_coef, device, base_path)
-        atomic_save(merged, out_path)
-    except UserInputError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    source = "stored in the LoRA file" if lora.settings is not None else "from the command line"
-    layers = "" if layer_coef is None else f" (layers {format_layers(layer_coef)})"
-    print(f"{prog}: merged {report.merged} LoRA pairs and {report.replaced} time/ln tensors{layers} with alpha "
-          f"{report.alpha:g} {source}; check on the merged model: max |logit difference| {report.max_diff:.2e} "
-          f"(tolerance {report.tolerance:.2e}); wrote {out_path} ({len(merged)} tensors in the base's dtypes)")
-    return 0
-
-
-def split_positionals(paths: list) -> tuple:
-    """[alpha,] base, lora, output -> (alpha or None, base, lora, output)."""
-    if len(paths) == 3:
-        return (None, *paths)
-    if len(paths) == 4:
-        try:
-            alpha = float(paths[0])
-        except ValueError:
-            alpha = math.nan
-        if not (math.isfinite(alpha) and alpha > 0):
-            raise UserInputError(f"lora_alpha must be a positive number (got {paths[0]!r}); usage: [lora_alpha] "
-                                 f"base_model lora_checkpoint output.")
-        return (alpha, *paths[1:])
-    raise UserInputError(f"expected [lora_alpha] base_model lora_checkpoint output, got {len(paths)} arguments.")
-
-
-def pick_device(use_gpu: bool) -> str:
-    if use_gpu and not torch.cuda.is_available():
-        raise UserInputError("--use-gpu: no CUDA device is available; run without --use-gpu to merge on the CPU.")
-    return "cuda" if use_gpu else "cpu"
+    return merge_cli.run(argv, "merge_lora.py", __doc__.split("\n\n")[0], layer_filter=False)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,11 @@ The merge is checked against the unmerged model with the same coefficients befor
 """
 import sys
 
-from merge_lora import run
+from src import merge_cli
 
 
 def main(argv=None) -> int:
-    return run(argv, "merge_lora_plus.py", __doc__.split("\n\n")[0], layer_filter=True)
+    return merge_cli.run(argv, "merge_lora_plus.py", __doc__.split("\n\n")[0], layer_filter=True)
 
 
 if __name__ == "__main__":

@@ -10,23 +10,16 @@ import argparse
 import importlib.util
 import sys
 
-from src.config import FlagHelpFormatter
+from src import cli
 from src.errors import UserInputError
 from src.tokenizer import TOKENIZER_TYPES, TokenizerSpec
 
 PROG = "preprocess_data.py"
 
 
-class _Parser(argparse.ArgumentParser):
-    """A bad command line is one line of error, not the usage block."""
-
-    def error(self, message):
-        raise UserInputError(f"{message} (see {PROG} --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description=__doc__.split("\n\n")[0],
-                     formatter_class=FlagHelpFormatter)
+    parser = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                                formatter_class=cli.FlagHelpFormatter)
     group = parser.add_argument_group("input data")
     group.add_argument("--input", required=True,
                        help="Comma-separated JSON lines files: .jsonl, .jsonl.zst or .jsonl.gz, one document per line.")

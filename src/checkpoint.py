@@ -1,10 +1,12 @@
-"""Reading and writing .pth weight files: plain {key: tensor} dicts, written atomically.
+"""Reading and writing .pth weight files: plain {key: tensor} dicts, written atomically, and the one
+comparison of a state dict's keys and shapes against the expected ones.
 
 Every file we write can be loaded by ChatRWKV / the `rwkv` pip package: tensors only, v4neo keys,
 no buffers, no wrapper prefixes.
 """
 import pickle
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -109,18 +111,40 @@ def check_compatible(expected: dict, weights: dict, path, allow_missing: bool = 
 
 def weight_mismatches(expected: dict, weights: dict, allow_missing: bool = False) -> list:
     """Missing and unexpected keys and shape differences of `weights` against `expected`, one entry per kind."""
-    missing = [k for k in expected if k not in weights]
-    unexpected = [k for k in weights if k not in expected]
+    differences = compare_weights(expected, weights)
     mismatched = [f"{k}: file {tuple(weights[k].shape)} vs model {tuple(expected[k].shape)}"
-                  for k in expected if k in weights and weights[k].shape != expected[k].shape]
+                  for k in differences.mismatched]
     problems = []
-    if missing and not allow_missing:
-        problems.append(f"missing keys ({len(missing)}): {_short_list(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {_short_list(unexpected)}")
+    if differences.missing and not allow_missing:
+        problems.append(f"missing keys ({len(differences.missing)}): {_short_list(differences.missing)}")
+    if differences.unexpected:
+        problems.append(f"unexpected keys ({len(differences.unexpected)}): {_short_list(differences.unexpected)}")
     if mismatched:
         problems.append(f"shape mismatches ({len(mismatched)}): {_short_list(mismatched)}")
     return problems
+
+
+@dataclass
+class WeightDifferences:
+    """How the keys and shapes of a state dict differ from the expected ones. False when they do not."""
+    missing: list  # keys of the expected dict that the other lacks, in expected order
+    unexpected: list  # keys of the other dict that are not expected, in its order
+    mismatched: list  # keys of both whose shapes differ, in expected order
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.mismatched)
+
+
+def compare_weights(expected: dict, actual: dict) -> WeightDifferences:
+    """Compare two {key: tensor or shape tuple} dicts by keys and shapes; the values themselves are not read.
+    The one key/shape comparison of the toolkit: loading models, LoRA files, resume bundles and merges use it."""
+    def shape(value) -> tuple:
+        return tuple(value.shape) if isinstance(value, torch.Tensor) else tuple(value)
+
+    return WeightDifferences(
+        missing=[k for k in expected if k not in actual],
+        unexpected=[k for k in actual if k not in expected],
+        mismatched=[k for k in expected if k in actual and shape(actual[k]) != shape(expected[k])])
 
 
 def _short_list(items: list, limit: int = 12) -> str:

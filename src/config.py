@@ -15,7 +15,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Optional
 
+from src import cli
 from src.errors import UserInputError
+from src.lora_settings import LoraSettings
 
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 DATA_TYPES = ("utf-8", "utf-16le", "numpy", "binidx", "dummy", "uint16", "jsonl")
@@ -198,6 +200,7 @@ class TrainConfig:
 
     # ---- derived in finalize(), not flags
     timestamp: str = field(default="", metadata={"derived": True})
+    lora_settings: Optional[LoraSettings] = field(default=None, metadata={"derived": True})  # None without --lora
 
     @property
     def betas(self) -> tuple:
@@ -220,6 +223,9 @@ class TrainConfig:
     def finalize(self) -> "TrainConfig":
         """Fill derived values and refuse invalid combinations with one clear message."""
         validate(self)
+        if self.lora:
+            self.lora_settings = LoraSettings.from_flags(self.lora_r, self.lora_alpha, self.lora_dropout,
+                                                         self.lora_parts, self.lora_layers, self.n_layer)
         if self.dim_att <= 0:
             self.dim_att = self.n_embd
         if self.dim_ffn <= 0:
@@ -248,31 +254,11 @@ def _scalar_type(hint):
     return args[0] if args else hint
 
 
-class _Parser(argparse.ArgumentParser):
-    """Reports a bad command line in one line instead of the 40-line usage block."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-class FlagHelpFormatter(argparse.HelpFormatter):
-    """Adds "(default: X)" once, and only where it informs: not when the help text already describes the
-    default, and not for None, "" or False, whose meaning (the flag left out) the help text gives."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        default = action.default
-        uninformative = default is None or default is False or default == "" or default == argparse.SUPPRESS
-        if uninformative or "default" in text:
-            return text
-        return f"{text} (default: %(default)s)"
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = cli.ArgumentParser(
         prog="train.py",
         description="Train or fine-tune an RWKV-4 language model (flags of the RWKV-LM-LoRA ChatGal fork).",
-        formatter_class=FlagHelpFormatter,
+        formatter_class=cli.FlagHelpFormatter,
     )
     groups = {key: parser.add_argument_group(title) for key, title in GROUP_TITLES.items()}
     for f, hint in _flag_fields():
@@ -351,9 +337,6 @@ def validate(cfg: TrainConfig) -> None:
             raise UserInputError(f"--accumulate_grad_batches_dict changes the accumulation between mini-epochs, which "
                                  f"DeepSpeed cannot (its accumulation is fixed when training starts); use --strategy "
                                  f"auto or ddp, or a constant --accumulate_grad_batches with --strategy {cfg.strategy}.")
-    if cfg.lora:
-        from src.lora import LoraSettings  # the --lora_* rules live with LoRA (this imports torch, LoRA runs only)
-        LoraSettings.from_flags(cfg)
 
 
 def _validate_state_cp(cfg: TrainConfig) -> None:

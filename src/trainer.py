@@ -8,7 +8,6 @@ from src import infctx
 from src.config import TrainConfig
 from src.strategy import LIGHTNING_PRECISION, build_strategy, is_deepspeed
 
-
 # DeepSpeed's ZeRO 1/2 set-up copies each parameter group whole on the GPU before moving its fp32 master copy
 # to where it lives (stage_1_and_2.py: `partition.detach().clone().to(device)`): with one group holding the whole
 # model, the card briefly needs the weights twice (a 7B model: 2 x 13.8 GiB). Groups of at most this many

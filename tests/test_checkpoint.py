@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from src.checkpoint import atomic_save, load_weights, save_weights
+from src.checkpoint import atomic_save, compare_weights, load_weights, save_weights
 from src.errors import UserInputError
 
 
@@ -58,3 +58,10 @@ def test_unreadable_files_say_what_they_are_not_without_torchs_unsafe_advice(tmp
         message = str(error.value)
         assert f"--load_model: {tmp_path / name} {what}" in message and "; expected a .pth of {name: tensor}" in message
         assert "weights_only" not in message and "\n" not in message
+
+
+def test_compare_weights_lists_missing_unexpected_and_other_shapes():
+    expected = {"a": torch.zeros(2, 3), "b": torch.zeros(4), "c": torch.zeros(1)}
+    differences = compare_weights(expected, {"z": torch.zeros(1), "b": (5,), "a": torch.zeros(2, 3)})
+    assert (differences.missing, differences.unexpected, differences.mismatched) == (["c"], ["z"], ["b"])
+    assert differences and not compare_weights(expected, {"c": (1,), "b": torch.zeros(4), "a": (2, 3)})

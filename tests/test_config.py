@@ -1,5 +1,7 @@
 """train.py's command line: the golden flag set with the fork's defaults, help, validation."""
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,6 +90,17 @@ def test_help_tells_each_default_once(capsys):
         preprocess_data.main(["--help"])
     for entry in help_of_each_flag(capsys.readouterr().out).values():
         assert not re.search(r"\(default: (None|False|)\)", entry), entry
+
+
+def test_flags_lora_included_are_checked_without_importing_torch():
+    """--help and every flag check stay fast: src.config never imports torch, not even for the --lora_* flags."""
+    code = ("import sys; from src.config import parse_args; "
+            "cfg = parse_args(['--data_type', 'dummy', '--lora', '--load_model', 'base.pth', '--lora_layers', '0-2']); "
+            "assert cfg.lora_settings.layers == (0, 1, 2), cfg.lora_settings; "
+            "print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
 
 
 def test_derived_values():

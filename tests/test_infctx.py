@@ -9,7 +9,8 @@ import torch
 
 from helpers import tiny_model
 from src import infctx
-from src.lora import LoraSettings, apply_lora, mark_trainable, trainable_names
+from src.lora import apply_lora, mark_trainable, trainable_names
+from src.lora_settings import LoraSettings
 from src.loss import IGNORE_INDEX, language_model_loss
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}

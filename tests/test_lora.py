@@ -11,16 +11,15 @@ from src.errors import UserInputError
 from src.lora import (
     SETTINGS_KEY,
     LoraLinear,
-    LoraSettings,
     apply_lora,
     decode_settings,
-    delta_weight,
-    format_layers,
     lora_state_dict,
-    parse_layer_spec,
     prepare_lora_training,
     trainable_names,
 )
+from src.lora_merge import delta_weight
+from src.lora_settings import LoraSettings, format_layers, parse_layer_spec
+from src.stopping import shaping_flags
 
 DUMMY_VOCAB = 13  # characters of the built-in dummy data
 TINY = ["--n_layer", "2", "--n_embd", "16", "--ctx_len", "16", "--micro_bsz", "2", "--epoch_steps", "3",
@@ -158,7 +157,17 @@ def test_bad_lora_flags(flags, message):
 
 
 def test_lora_flags_are_ignored_without_lora():
-    assert parse_args([*TINY, "--lora_r", "0"]).lora_r == 0
+    cfg = parse_args([*TINY, "--lora_r", "0"])
+    assert cfg.lora_r == 0 and cfg.lora_settings is None
+
+
+def test_lora_settings_are_derived_once_from_the_flags():
+    cfg = parse_args([*TINY, "--lora", "--load_model", "base.pth", "--lora_r", "4", "--lora_parts", "ffn, att",
+                      "--lora_layers", "1"])
+    assert cfg.lora_settings == LoraSettings(r=4, alpha=32.0, dropout=0.01, parts=("att", "ffn"), layers=(1,))
+    # a resume bundle compares the flags, not the settings derived from them
+    flags = shaping_flags(cfg)
+    assert "lora_settings" not in flags and (flags["lora_parts"], flags["lora_layers"]) == ("ffn, att", "1")
 
 
 # ---------------------------------------------------------------- train.main --lora
@@ -210,8 +219,8 @@ def test_lora_run_changes_only_lora_time_ln_and_saves_only_them(tmp_path, base_f
             assert torch.equal(p.detach(), base[name]), f"frozen {name} changed"
     saved = load_weights(tmp_path / "out" / "rwkv-final.pth")
     assert list(saved) == [*names, SETTINGS_KEY]
-    for name in names:
-        assert torch.equal(saved[name], model.state_dict()[name])
+    slim = lora_state_dict(model, s)  # the saver writes what the one slim-checkpoint function gives
+    assert all(torch.equal(saved[key], slim[key]) for key in slim)
     assert decode_settings(saved[SETTINGS_KEY], "x")[0] == s
     assert not (tmp_path / "out" / "rwkv-init.pth").exists()
 

@@ -7,9 +7,12 @@ import torch
 import merge_lora
 import merge_lora_plus
 import src.lora
+import src.lora_merge
 from helpers import rwkv_pip_logits, tiny_model
 from src.checkpoint import load_weights, save_weights
-from src.lora import PARTS, SETTINGS_KEY, LoraSettings, apply_lora, delta_weight, lora_state_dict, trainable_names
+from src.lora import SETTINGS_KEY, apply_lora, lora_state_dict, trainable_names
+from src.lora_merge import delta_weight
+from src.lora_settings import PARTS, LoraSettings
 from src.model import RWKV, RWKVConfig
 
 N_LAYER = 3
@@ -172,7 +175,8 @@ def test_plus_without_filter_is_merge_lora(tmp_path, files):
 
 
 def original_merge(base: dict, lora: dict, alpha: float) -> dict:
-    """The original merge_lora.py procedure as ORIGINAL_TOOLKIT.md §6.6 describes it (rewritten here)."""
+    """The original toolkit's merge_lora.py, rewritten: base and LoRA keys together; W + B A · alpha/r wherever
+    <prefix>.lora_A exists; every other key containing "lora" dropped."""
     w = {**base, **lora}
     out = {}
     for key in list(w):
@@ -312,7 +316,7 @@ def test_output_must_not_overwrite_an_input(files, capsys):
 
 def test_a_wrong_merge_is_refused_by_the_logit_check(tmp_path, files, capsys, monkeypatch):
     base, lora, _ = files
-    monkeypatch.setattr(src.lora, "delta_weight", lambda A, B, scale: 1.01 * (B.float() @ A.float()) * scale)
+    monkeypatch.setattr(src.lora_merge, "delta_weight", lambda A, B, scale: 1.01 * (B.float() @ A.float()) * scale)
     assert merge(base, lora, tmp_path / "out.pth") == 2
     err = capsys.readouterr().err
     assert "merge check failed: merged and unmerged logits differ" in err and "nothing written" in err

@@ -164,7 +164,6 @@ def test_an_input_without_documents(tmp_path, capsys, content):
     (["--vocab-file", WORLD_VOCAB], "is not a Hugging Face tokenizer.json"),
     (["--dataset-impl", "lazy"], "use --dataset-impl mmap"),
     (["--workers", "0"], "--workers and --log-interval must be at least 1"),
-    (["--tokenizer-type", "SPMTokenizer"], "invalid choice: 'SPMTokenizer'"),
     (["--special_tokens_dict_path", "st.json"], "applies to --tokenizer-type RWKVTokenizer only"),
 ])
 def test_bad_command_lines(tmp_path, capsys, argv, message):

@@ -1,0 +1,296 @@
+"""Merging a LoRA checkpoint into its base model, and the check that the merge is right.
+
+The merge (merge_lora.py, merge_lora_plus.py) computes in fp32: each LoRA pair adds
+ΔW = coef · (alpha / r) · B A to `<prefix>.weight` (coef 1 unless merge_lora_plus.py --layer_filter gives
+one per layer), and the time_* / ln tensors the LoRA trained replace the base's. Then the logits of the
+merged model are compared with those of base + LoRA on a few tokens before anything is cast back to the
+base's dtype and written.
+
+A LoRA file is validated on its own first (LoraCheckpoint), then against the base (check_fits_base), so
+every mistake gets one message naming the file, the key and the fix.
+"""
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from src.checkpoint import compare_weights
+from src.errors import UserInputError
+from src.lora import SETTINGS_KEY, attach_lora, base_identity, decode_settings, identity_differences
+from src.lora_settings import LoraSettings, format_layers
+from src.model import RWKV, RWKVConfig
+
+# The merge check: logits of the merged model (fp32, before the cast to the base dtype) against the
+# base + LoRA model, on CHECK_TOKENS tokens, must agree within CHECK_RTOL * max(1, max |logit|).
+# fp32 reassociation error is ~1e-6 relative; a merge bug moves logits by the size of the LoRA effect.
+CHECK_TOKENS = 8
+CHECK_RTOL = 1e-3
+
+_LAYER_OF_KEY = re.compile(r"^blocks\.(\d+)\.")
+# Keys a LoRA checkpoint may hold besides lora_A/lora_B: the tensors the time and ln parts train whole.
+_REPLACEABLE = re.compile(r"^blocks\.\d+\.(?:(?:att|ffn|ffnPre)\.time_\w+|ln[012]\.(?:weight|bias))$")
+
+
+def delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
+    """ΔW = scale · B A in fp32: [out, r] @ [r, in] -> [out, in]. The one place the product is formed."""
+    return (lora_B.float() @ lora_A.float()) * scale
+
+
+# ---------------------------------------------------------------- the LoRA file on its own
+
+
+@dataclass
+class LoraCheckpoint:
+    """A LoRA .pth split into its parts, validated on its own (before it meets a base)."""
+    path: str
+    pairs: dict  # prefix -> (lora_A [r, in], lora_B [out, r]); prefix + ".weight" is the merged key
+    replaced: dict  # key -> tensor that replaces the base's (time_* / ln parameters)
+    settings: Optional[LoraSettings] = None
+    base: Optional[dict] = None  # identity of the base it was trained on (src.lora.BASE_IDENTITY)
+
+    @classmethod
+    def from_weights(cls, weights: dict, path) -> "LoraCheckpoint":
+        weights = dict(weights)
+        settings = base = None
+        if SETTINGS_KEY in weights:
+            settings, base = decode_settings(weights.pop(SETTINGS_KEY), path)
+        halves = {}
+        replaced = {}
+        foreign = []
+        for key, tensor in weights.items():
+            prefix, _, leaf = key.rpartition(".")
+            if leaf in ("lora_A", "lora_B") and prefix:
+                halves.setdefault(prefix, {})[leaf] = tensor
+            elif _REPLACEABLE.match(key):
+                replaced[key] = tensor
+            else:
+                foreign.append(key)
+        if foreign:
+            raise UserInputError(f"{path} holds {', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}, which "
+                                 f"LoRA training never saves: is it a full model rather than a LoRA checkpoint? (The "
+                                 f"order is base model, LoRA checkpoint, output.)")
+        if not halves and not replaced:
+            raise UserInputError(f"{path} holds no LoRA tensors (no lora_A/lora_B, time_* or ln keys).")
+        pairs = {}
+        for prefix, half in halves.items():
+            if set(half) != {"lora_A", "lora_B"}:
+                have, lack = ("lora_A", "lora_B") if "lora_A" in half else ("lora_B", "lora_A")
+                raise UserInputError(f"{path} has {prefix}.{have} but no {prefix}.{lack}: the file is incomplete.")
+            A, B = half["lora_A"], half["lora_B"]
+            if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
+                raise UserInputError(f"{path}: {prefix}.lora_A {tuple(A.shape)} and .lora_B {tuple(B.shape)} do "
+                                     f"not form a product B A (need A [r, in], B [out, r]).")
+            if settings is not None and A.shape[0] != settings.r:
+                raise UserInputError(f"{path}: {prefix}.lora_A has rank {A.shape[0]}, but the stored settings say "
+                                     f"r {settings.r}: the file is inconsistent.")
+            pairs[prefix] = (A, B)
+        for key, tensor in weights.items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise UserInputError(f"{path}: {key} contains NaN or infinite values; merge a checkpoint from "
+                                     f"before the loss diverged.")
+        return cls(str(path), pairs, replaced, settings, base)
+
+
+def resolve_alpha(alpha: Optional[float], lora: LoraCheckpoint) -> float:
+    """alpha from the command line and/or the file's settings; both given must agree."""
+    stored = lora.settings.alpha if lora.settings is not None else None
+    if alpha is None and stored is None:
+        raise UserInputError(f"{lora.path} stores no LoRA settings (it comes from the original toolkit): give the "
+                             f"lora_alpha it was trained with, e.g. merge_lora.py 32 BASE.pth LORA.pth OUT.pth.")
+    if alpha is not None and stored is not None and alpha != stored:
+        raise UserInputError(f"lora_alpha {alpha:g} on the command line disagrees with lora_alpha {stored:g} stored in "
+                             f"{lora.path}; drop the alpha argument to use the stored value.")
+    return float(alpha if alpha is not None else stored)
+
+
+# ---------------------------------------------------------------- the base model
+
+
+def model_config_of(weights: dict, path="base") -> RWKVConfig:
+    """The RWKVConfig whose state dict has the shapes of `weights` (a full v4neo model)."""
+    if "emb.weight" not in weights:
+        raise UserInputError(f"{path} is not a full RWKV-4 model (it has no emb.weight).")
+    layers = sorted({int(m[1]) for m in map(_LAYER_OF_KEY.match, weights) if m})
+    if not layers or layers != list(range(len(layers))):
+        raise UserInputError(f"{path}: the blocks.N keys are not numbered 0..n-1 (found {format_layers(layers)}).")
+    vocab_size, n_embd = weights["emb.weight"].shape
+    att_keys = [f"blocks.{i}.att.key.weight" for i in layers if f"blocks.{i}.att.key.weight" in weights]
+    tiny = [k for k in weights if k.endswith(".tiny_q.weight")]
+    try:
+        return RWKVConfig(
+            vocab_size=vocab_size, n_layer=len(layers), n_embd=n_embd,
+            dim_att=weights[att_keys[0]].shape[0] if att_keys else n_embd,
+            dim_ffn=weights["blocks.0.ffn.key.weight"].shape[0],
+            pre_ffn=int("blocks.0.ffnPre.key.weight" in weights),
+            head_qk=weights["head_q.weight"].shape[0] if "head_q.weight" in weights else 0,
+            tiny_att_dim=weights[tiny[0]].shape[0] if tiny else 0,
+            tiny_att_layer=int(_LAYER_OF_KEY.match(tiny[0])[1]) if tiny else -999,
+            my_pos_emb=weights["blocks.0.pos_emb_x"].shape[1] if "blocks.0.pos_emb_x" in weights else 0,
+            wkv_backend="torch")
+    except KeyError as e:
+        raise UserInputError(f"{path} is not a full RWKV-4 model (it has no {e.args[0]}).")
+
+
+def model_from_weights(cfg: RWKVConfig, weights: dict, device, path="base") -> RWKV:
+    """An fp32 RWKV on `device` holding `weights` (strict: the keys and shapes must be exactly the model's)."""
+    with torch.device("meta"):  # no allocation or init for weights about to be replaced
+        model = RWKV(cfg)
+    differences = compare_weights(model.state_dict(), weights)
+    if differences:
+        raise UserInputError(f"{path} does not have the layout of an RWKV-4 model this toolkit knows (unknown keys: "
+                             f"{differences.unexpected[:4]}, missing: {differences.missing[:4]}, other shapes: "
+                             f"{differences.mismatched[:4]}), so a merge cannot be checked.")
+    model.load_state_dict({k: v.to(device, torch.float32) for k, v in weights.items()}, assign=True)
+    return model.eval()
+
+
+def _layer_of(key: str) -> Optional[int]:
+    match = _LAYER_OF_KEY.match(key)
+    return int(match[1]) if match else None
+
+
+def check_fits_base(lora: LoraCheckpoint, base: dict, cfg: RWKVConfig, base_path) -> None:
+    """Every LoRA tensor must land on a base tensor of the right shape; the stored identity must match."""
+    if lora.base is not None and lora.base != base_identity(cfg):
+        raise UserInputError(f"{lora.path} was trained on another base model than {base_path} (LoRA's base vs this "
+                             f"one: {identity_differences(lora.base, base_identity(cfg))}).")
+    # what the merge writes into the base: each pair's B A [out, in] onto <prefix>.weight, each time/ln tensor
+    # onto its own key
+    products = {f"{prefix}.weight": (B.shape[0], A.shape[1]) for prefix, (A, B) in lora.pairs.items()}
+    onto_weights = compare_weights(base, products)
+    onto_replaced = compare_weights(base, lora.replaced)
+    lacking = [*onto_weights.unexpected, *onto_replaced.unexpected]  # keys the base does not have
+    if lacking:
+        key = lacking[0]
+        layer = _layer_of(key)
+        source = f"{key.removesuffix('.weight')}.lora_A" if key in products else key
+        if layer is not None and layer >= cfg.n_layer:
+            raise UserInputError(f"{lora.path} has {source} for layer {layer}, but {base_path} has {cfg.n_layer} "
+                                 f"layers (0-{cfg.n_layer - 1}): this LoRA belongs to a bigger model.")
+        raise UserInputError(f"{lora.path} has {source}, but {base_path} has no {key} to apply it to.")
+    if onto_weights.mismatched:
+        key = onto_weights.mismatched[0]
+        out_features, in_features = products[key]
+        raise UserInputError(f"{lora.path}: {key.removesuffix('.weight')}.lora_B @ lora_A is {out_features} x "
+                             f"{in_features}, but {base_path} has {key} {tuple(base[key].shape)}: the LoRA was "
+                             f"trained on a model of another size.")
+    if onto_replaced.mismatched:
+        key = onto_replaced.mismatched[0]
+        raise UserInputError(f"{lora.path}: {key} {tuple(lora.replaced[key].shape)} does not fit {base_path}'s "
+                             f"{tuple(base[key].shape)}: the LoRA was trained on a model of another size.")
+
+
+# ---------------------------------------------------------------- merging and its check
+
+
+@dataclass
+class MergeReport:
+    merged: int  # LoRA pairs folded into weights
+    replaced: int  # time/ln tensors taken from the LoRA file
+    alpha: float
+    max_diff: float  # max |merged - unmerged| logit on the check tokens
+    tolerance: float
+
+
+def _selected(key: str, layer_coef: Optional[dict]) -> bool:
+    """merge_lora_plus: keys of unlisted layers are ignored; keys outside blocks always apply."""
+    layer = _layer_of(key)
+    return layer_coef is None or layer is None or layer in layer_coef
+
+
+def merge_lora_state_dict(base: dict, lora: LoraCheckpoint, alpha: float, layer_coef: Optional[dict] = None,
+                          device="cpu") -> dict:
+    """The tensors a merge changes, {key: fp32 tensor on device}: W + coef · (alpha/r) · B A for each LoRA
+    pair, and the time/ln values that replace the base's. With `layer_coef` ({layer: coef}, merge_lora_plus),
+    pairs and replacements of unlisted layers are left out and each pair's ΔW is multiplied by its layer's
+    coef (replacements are not scaled)."""
+    changed = {}
+    for key, tensor in lora.replaced.items():
+        if _selected(key, layer_coef):
+            changed[key] = tensor.to(device, torch.float32)
+    for prefix, (A, B) in lora.pairs.items():
+        if not _selected(prefix, layer_coef):
+            continue
+        key = f"{prefix}.weight"
+        changed[key] = base[key].to(device, torch.float32) + delta_weight(
+            A.to(device), B.to(device), _pair_scale(prefix, A, alpha, layer_coef))
+    return changed
+
+
+def _pair_scale(prefix: str, lora_A: torch.Tensor, alpha: float, layer_coef: Optional[dict]) -> float:
+    layer = _layer_of(prefix)
+    coef = 1.0 if layer_coef is None or layer is None else layer_coef[layer]
+    return coef * alpha / lora_A.shape[0]  # r = rank of this pair, as the original
+
+
+@contextmanager
+def _full_fp32_matmul():
+    """The check compares fp32 results: no TF32 on GPUs while it runs."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+@torch.no_grad()
+def check_merge(base: dict, lora: LoraCheckpoint, alpha: float, layer_coef: Optional[dict], changed: dict,
+                cfg: RWKVConfig, device, base_path) -> tuple:
+    """Logits of the merged model (fp32) against the base + LoRA model on CHECK_TOKENS tokens.
+
+    The two models are built one after the other, so memory peaks at one fp32 model plus `changed`.
+    Returns (max |difference|, tolerance); raises UserInputError if they disagree or are not finite.
+    """
+    tokens = torch.randint(0, cfg.vocab_size, (1, CHECK_TOKENS), generator=torch.Generator().manual_seed(0))
+    tokens = tokens.to(device)
+    with _full_fp32_matmul():
+        replaced = {k: v for k, v in lora.replaced.items() if _selected(k, layer_coef)}
+        unmerged = model_from_weights(cfg, {**base, **replaced}, device, base_path)
+        for prefix, (A, B) in lora.pairs.items():
+            if _selected(prefix, layer_coef):
+                try:
+                    module = attach_lora(unmerged, prefix, A.shape[0], _pair_scale(prefix, A, alpha, layer_coef))
+                except ValueError:
+                    raise UserInputError(f"{lora.path} has {prefix}.lora_A, but {prefix} is not a Linear layer; "
+                                         f"LoRA on it cannot be merged.") from None
+                module.lora_A.copy_(A)
+                module.lora_B.copy_(B)
+        expected = unmerged(tokens)[0].float().cpu()
+        del unmerged
+        merged = model_from_weights(cfg, {**base, **changed}, device, base_path)
+        got = merged(tokens)[0].float().cpu()
+        del merged
+    if not (torch.isfinite(expected).all() and torch.isfinite(got).all()):
+        raise UserInputError(f"the merge check gave non-finite logits for {base_path} + {lora.path}; nothing written.")
+    max_diff = (got - expected).abs().max().item()
+    tolerance = CHECK_RTOL * max(1.0, expected.abs().max().item())
+    if not max_diff <= tolerance:
+        raise UserInputError(f"merge check failed: merged and unmerged logits differ by {max_diff:.3g} on "
+                             f"{CHECK_TOKENS} tokens (tolerance {tolerance:.3g}); nothing written. This is a bug: "
+                             f"please report it with the shapes of {base_path} and {lora.path}.")
+    return max_diff, tolerance
+
+
+def merge_checked(base: dict, lora: LoraCheckpoint, alpha: float, layer_coef: Optional[dict] = None,
+                  device="cpu", base_path="base") -> tuple:
+    """Validate, merge in fp32, check merged against unmerged logits, cast back.
+
+    Returns (state dict with exactly base's keys, each in base's dtype, on the CPU; MergeReport).
+    """
+    if any(k == SETTINGS_KEY or k.endswith((".lora_A", ".lora_B")) for k in base):
+        raise UserInputError(f"{base_path} is itself a LoRA checkpoint (it holds lora_A/lora_B keys or LoRA "
+                             f"settings); pass the full base model it was trained on, then the LoRA file.")
+    cfg = model_config_of(base, base_path)
+    check_fits_base(lora, base, cfg, base_path)
+    if layer_coef and max(layer_coef) >= cfg.n_layer:
+        raise UserInputError(f"--layer_filter lists layer {max(layer_coef)}, but {base_path} has {cfg.n_layer} "
+                             f"layers (0-{cfg.n_layer - 1}).")
+    changed = merge_lora_state_dict(base, lora, alpha, layer_coef, device)
+    max_diff, tolerance = check_merge(base, lora, alpha, layer_coef, changed, cfg, device, base_path)
+    merged = {k: (changed.pop(k).to("cpu", v.dtype) if k in changed else v) for k, v in base.items()}
+    n_pairs = sum(1 for p in lora.pairs if _selected(p, layer_coef))
+    n_replaced = sum(1 for k in lora.replaced if _selected(k, layer_coef))
+    return merged, MergeReport(n_pairs, n_replaced, alpha, max_diff, tolerance)
