@@ -51,11 +51,8 @@ def run_training(cfg: TrainConfig, stop, extra_callbacks: list) -> int:
     strategy.set_float_precision(cfg)
 
     save_dtype = strategy.SAVE_DTYPE[cfg.precision]
-    # what the .pth files hold: the whole model, or in LoRA runs only the tensors LoRA trains (+ settings)
-    weights_of = lora.lora_weights_of(cfg, strategy.full_state_dict) if cfg.lora else strategy.full_state_dict
-    saver = callbacks.WeightSaver(cfg, save_dtype, weights_of)
-    stopper = stopping.StopOnSignal(stop, lambda t, m: saver.save(t, m, outputs.LAST_NAME),
-                                    Path(cfg.proj_dir) / outputs.BUNDLE_NAME)
+    saver = callbacks.WeightSaver(cfg, save_dtype)  # every .pth of the run, rwkv-last.pth of a stop included
+    stopper = stopping.StopOnSignal(stop, saver, Path(cfg.proj_dir) / outputs.BUNDLE_NAME)
     schedule = callbacks.LearningRateSchedule(cfg)
     progress_bar = console.shows_progress_bar(cfg)
     log = callbacks.TrainingLog(cfg, schedule, print_epochs=not progress_bar)

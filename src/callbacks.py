@@ -9,13 +9,14 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
 
+from src import lora
 from src.accumulation import lightning_schedule, optimizer_steps_before
 from src.checkpoint import save_weights
 from src.config import TrainConfig
 from src.dataset import context_length
 from src.outputs import FINAL_NAME, epoch_file_name, saves_epoch
 from src.stopping import completes_optimizer_step
-from src.strategy import is_deepspeed
+from src.strategy import full_state_dict, is_deepspeed
 
 STEP_LOG_NAME = "train_steps.tsv"
 STEP_LOG_COLUMNS = ("step", "epoch", "loss", "lr", "ctx_len", "Gtokens", "kt/s")
@@ -244,19 +245,26 @@ class TrainingLog(pl.Callback):
 
 class WeightSaver(pl.Callback):
     """Writes rwkv-<epoch>.pth every --epoch_save mini-epochs and for the last one, and rwkv-final.pth when
-    --epoch_count is reached. `weights_of(trainer, pl_module)` gives the dict to save (all ranks call it:
-    under ZeRO-3 it gathers); only rank 0 writes. `saved` lists the names written, for the run's summary."""
+    --epoch_count is reached; `save` also writes rwkv-last.pth for a stopped run. `saved` lists the names
+    written, for the run's summary."""
 
-    def __init__(self, cfg: TrainConfig, dtype: torch.dtype, weights_of):
+    def __init__(self, cfg: TrainConfig, dtype: torch.dtype):
         self.cfg = cfg
-        self.dtype = dtype
-        self.weights_of = weights_of
+        self.dtype = dtype  # of the .pth files (the run's precision)
         self.finished = False
         self.saved = []
 
     def save(self, trainer, pl_module, name: str) -> None:
-        weights = self.weights_of(trainer, pl_module)
+        """The whole model, or in a LoRA run only what LoRA trains (+ its settings), as --proj_dir/name.
+
+        Every rank calls it (under ZeRO-3 the weights are gathered from all of them); rank 0 writes.
+        """
+        model, settings = pl_module.model, self.cfg.lora_settings
+        names = lora.trainable_names(model, settings) if settings else None
+        weights = full_state_dict(trainer, pl_module, names)
         if trainer.is_global_zero:
+            if settings:
+                weights = lora.lora_state_dict(model, settings, weights)
             save_weights(weights, Path(self.cfg.proj_dir) / name, self.dtype)
             self.saved.append(name)
 

@@ -177,20 +177,6 @@ def lora_state_dict(model: RWKV, settings: LoraSettings, state_dict: Optional[di
     return slim
 
 
-def lora_weights_of(cfg: TrainConfig, full_state_dict):
-    """For the WeightSaver: (trainer, pl_module) -> the slim LoRA checkpoint of its (inner) model.
-
-    `full_state_dict(trainer, pl_module)` gathers the whole state dict (collective under ZeRO-3; {} off rank 0).
-    """
-    settings = cfg.lora_settings
-
-    def weights_of(trainer, pl_module) -> dict:
-        full = full_state_dict(trainer, pl_module)
-        return lora_state_dict(pl_module.model, settings, full) if full else {}
-
-    return weights_of
-
-
 # ---------------------------------------------------------------- training
 
 

@@ -26,7 +26,7 @@ from src.atomic import atomic_path, publish, remove_partial_files, remove_path
 from src.checkpoint import is_resume_bundle, read_pytorch_file, strip_wrapper_prefix, weight_mismatches
 from src.config import TrainConfig
 from src.errors import UserInputError
-from src.outputs import BUNDLE_NAME
+from src.outputs import BUNDLE_NAME, LAST_NAME
 
 # Flags that may change between a run and its resumption (they do not change the training maths).
 RESUME_FREE_FLAGS = {"resume", "load_model", "lora_load", "proj_dir", "wandb", "enable_progress_bar", "max_epochs",
@@ -83,9 +83,9 @@ def agreed_signal(trainer: pl.Trainer, local_signum) -> int:
 class StopOnSignal(pl.Callback):
     """Checks for a stop request at each optimizer-step boundary; saves and stops when there is one."""
 
-    def __init__(self, stop: StopSignal, save_last, bundle_path: Path):
+    def __init__(self, stop: StopSignal, saver, bundle_path: Path):
         self.stop = stop
-        self.save_last = save_last  # (trainer, pl_module) -> writes rwkv-last.pth (collective under ZeRO-3)
+        self.saver = saver  # callbacks.WeightSaver: saver.save(trainer, pl_module, name), collective under ZeRO-3
         self.bundle_path = Path(bundle_path)
         self.exit_code = 0
 
@@ -98,7 +98,7 @@ class StopOnSignal(pl.Callback):
         signum = agreed_signal(trainer, self.stop.signum)
         if not signum:
             return
-        self.save_last(trainer, pl_module)
+        self.saver.save(trainer, pl_module, LAST_NAME)
         trainer.train_dataloader.position = (batch_idx + 1) * trainer.train_dataloader.batch_size
         save_resume_bundle(trainer, self.bundle_path)
         trainer.should_stop = True

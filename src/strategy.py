@@ -55,18 +55,24 @@ def is_deepspeed(strategy) -> bool:
     return isinstance(strategy, DeepSpeedStrategy)
 
 
-def full_state_dict(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
-    """The model's whole state dict on CPU, on rank 0 ({} elsewhere). Collective: every rank must call it.
+def full_state_dict(trainer: pl.Trainer, pl_module: pl.LightningModule, names=None) -> dict:
+    """The model's state dict (only the keys in `names`, when given) on the CPU, on rank 0 ({} elsewhere).
+    Collective: every rank must call it.
 
     Under ZeRO-3 every rank holds a slice of each parameter; they are gathered one at a time, so the
     GPU never holds more than one full parameter extra.
     """
     model = pl_module.model
+    wanted = None if names is None else set(names)
     if not (is_deepspeed(trainer.strategy) and trainer.strategy.zero_stage_3):
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()} if trainer.is_global_zero else {}
+        if not trainer.is_global_zero:
+            return {}
+        return {k: v.detach().cpu() for k, v in model.state_dict().items() if wanted is None or k in wanted}
     import deepspeed
     weights = {}
     for name, param in model.named_parameters():
+        if wanted is not None and name not in wanted:
+            continue
         with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
             if trainer.is_global_zero:
                 weights[name] = param.detach().cpu().clone()
