@@ -65,6 +65,7 @@ def run_training(cfg: TrainConfig, stop, extra_callbacks: list) -> int:
 
     data = dataset.load_token_data(cfg)
     dataset.check_against_model(data, cfg, data.vocab_size)
+    check_memory(cfg, data.vocab_size, lightning_trainer)
     model, fresh_weights = build_model(cfg, data.vocab_size, save_dtype)
     lora_summary = lora.prepare_lora_training(model, cfg) if cfg.lora else ""  # wraps the base, freezes the rest
     if bundle:
@@ -124,6 +125,30 @@ def build_model(cfg: TrainConfig, vocab_size: int, save_dtype):
     fresh_weights = generate_init_weights(model, cfg.lr_init, device=strategy.training_device(cfg), dtype=save_dtype)
     model.load_state_dict(fresh_weights)
     return model, fresh_weights
+
+
+def check_memory(cfg: TrainConfig, vocab_size: int, lightning_trainer) -> None:
+    """Refuse a run whose weights, gradients and optimizer state alone exceed this machine (src/memory_check.py),
+    counted on a model built on the meta device (no memory, no time)."""
+    import torch
+
+    from src import lora, memory_check
+    from src.model import RWKV, RWKVConfig
+
+    with torch.device("meta"):
+        model = RWKV(RWKVConfig.from_flags(cfg, vocab_size))
+        trainable = sum(p.numel() for p in model.parameters())
+        if cfg.lora_settings:
+            lora.apply_lora(model, cfg.lora_settings)
+            names = set(lora.trainable_names(model, cfg.lora_settings))
+            trainable = sum(p.numel() for n, p in model.named_parameters() if n in names)
+    params = sum(p.numel() for p in model.parameters())
+    device = lightning_trainer.strategy.root_device
+    on_gpu = device.type == "cuda"
+    need = memory_check.footprint(cfg, params, trainable, lightning_trainer.world_size, lightning_trainer.num_devices,
+                                  on_gpu)
+    gpu_free = torch.cuda.mem_get_info(device)[0] if on_gpu else None
+    memory_check.check_fits(cfg, need, gpu_free, memory_check.available_host_memory())
 
 
 def write_initial_files(cfg: TrainConfig, fresh_weights, data) -> list:

@@ -51,3 +51,15 @@ def test_a_run_that_cannot_fit_is_refused_in_one_line():
     with pytest.raises(UserInputError, match="117.0 GiB of host memory"):
         check_fits(cfg, Footprint(gpu=0, host=117 * GIB), gpu_free=None, host_available=100 * GIB)
     check_fits(cfg, need, gpu_free=None, host_available=None)  # nothing known, nothing refused
+
+
+def test_train_refuses_a_model_the_host_cannot_hold_before_building_it(tmp_path, capsys):
+    """L64 D16384 is 223e9 parameters: 3.6 TB of fp32 weights, gradients and Adam state on this CPU."""
+    import train
+
+    argv = ["--data_type", "dummy", "--n_layer", "64", "--n_embd", "16384", "--ctx_len", "16", "--micro_bsz", "1",
+            "--epoch_steps", "1", "--epoch_count", "1", "--accelerator", "cpu", "--proj_dir", str(tmp_path / "out")]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "GiB of host memory" in err and "--strategy auto" in err, err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
