@@ -249,3 +249,28 @@ def test_peak_memory_does_not_grow_with_ctx_len(tmp_path):
     short, long = peak_rss_mib(tmp_path, 512), peak_rss_mib(tmp_path, 4096)
     full_logits_mib = 4096 * VOCAB * 4 / 2**20
     assert long - short < 0.05 * full_logits_mib, (short, long)
+
+
+def test_two_processes_with_different_segment_counts_do_not_wait_for_each_other(tmp_path):
+    """DDP on two CPU processes: rank 0 draws the even documents (one segment each), rank 1 the odd ones (four
+    segments each), in every step. No collective runs inside the segment passes, so neither waits: the run ends."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    chats = tmp_path / "docs.jsonl"
+    with open(chats, "w", encoding="utf-8") as f:
+        for i in range(8):
+            text = "short one." if i % 2 == 0 else " ".join(f"word{j}" for j in range(40))
+            f.write(json.dumps({"text": text}) + "\n")
+    argv = ["--data_type", "jsonl", "--data_file", str(chats), "--vocab_file", "20B_tokenizer.json",
+            "--vocab_size", "50277", "--n_layer", "1", "--n_embd", "8", "--ctx_len", "64", "--ctx_parts", "4",
+            "--state_cp", "1", "--micro_bsz", "1", "--epoch_steps", "3", "--epoch_count", "1", "--accelerator", "cpu",
+            "--devices", "2", "--strategy", "ddp", "--wkv_backend", "torch", "--enable_progress_bar", "0",
+            "--random_seed", "1", "--proj_dir", str(tmp_path / "out")]
+    result = subprocess.run([sys.executable, "train.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    rows = (tmp_path / "out" / "train_steps.tsv").read_text().splitlines()[1:]
+    assert [int(row.split("\t")[0]) for row in rows] == [1, 2, 3]
