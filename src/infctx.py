@@ -63,9 +63,9 @@ exists beside the sums. With fp32 weights that is no extra memory (the first gra
 then the parameter's .grad); for LoRA it is negligible; for full fine-tuning of a 16-bit model it is twice
 the weights. Summing in 16 bits instead (the original under ZeRO-1 did, with a 16-bit gradient the size of
 the weights) would lose ~sqrt(pieces) * 2^-9 relative accuracy over hundreds of segments: not exact.
-Alternatives measured against this one and left out: one engine backward per segment (refused by
-ZeRO-2, and a gradient reduction across GPUs per segment); torch.autograd.grad per segment into a buffer
-(a whole segment's gradients beside the buffer: 6 bytes per trainable parameter for a 16-bit model).
+Alternatives weighed and left out (by their cost on paper, not built): one engine backward per segment
+(refused by ZeRO-2, and a gradient reduction across GPUs per segment); torch.autograd.grad per segment into
+a buffer (a whole segment's gradients beside the buffer: 6 bytes per trainable parameter for a 16-bit model).
 """
 import contextlib
 import re
