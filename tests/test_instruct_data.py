@@ -126,8 +126,9 @@ def test_speaker_tags_are_renamed_once():
     assert fill_system_line("{{user} and {bot}}", "A{bot}", "B") == "{A{bot} and B}"
 
 
-@pytest.mark.parametrize("data_type", ["uint16", "jsonl"])
-def test_train_mixes_chats_into_batches_of_two(tmp_path, data_type):
+@pytest.mark.parametrize("data_type, state_cp", [("uint16", []), ("jsonl", []),
+                                                 ("uint16", ["--state_cp", "1", "--ctx_parts", "4"])])
+def test_train_mixes_chats_into_batches_of_two(tmp_path, data_type, state_cp):
     chats = write_chats(tmp_path / "chats.jsonl")
     if data_type == "uint16":  # rows of 9 tokens (samples of 8) beside chat samples of 16
         np.random.default_rng(0).integers(0, 50277, 9 * 20).astype(np.uint16).tofile(tmp_path / "rows.bin")
@@ -137,7 +138,7 @@ def test_train_mixes_chats_into_batches_of_two(tmp_path, data_type):
     argv = ["--data_type", data_type, *data, "--vocab_size", "50277", "--vocab_file", TOKENIZER_20B,
             "--instruct_data_file", chats, "--instruct_data_ratio", "0.5", "--n_layer", "1", "--n_embd", "16",
             "--ctx_len", "16", "--micro_bsz", "2", "--epoch_steps", "6", "--epoch_count", "1", "--wkv_backend",
-            "torch", "--enable_progress_bar", "0", "--random_seed", "1", "--proj_dir", str(tmp_path / "out")]
+            "torch", "--enable_progress_bar", "0", "--random_seed", "1", "--proj_dir", str(tmp_path / "out"), *state_cp]
     assert train.main(argv) == 0
     rows = (tmp_path / "out" / "train_steps.tsv").read_text().splitlines()[1:]
     assert len(rows) == 6 and all(math.isfinite(float(row.split("\t")[2])) for row in rows)
