@@ -32,8 +32,10 @@ def run_epochs(cfg: TrainConfig) -> int:
 
 
 def saves_epoch(epoch: int, cfg: TrainConfig) -> bool:
-    """Whether mini-epoch `epoch` of this run (counted from 0) is saved: every --epoch_save-th, and the last one."""
-    return (cfg.epoch_save > 0 and epoch % cfg.epoch_save == 0) or cfg.epoch_begin + epoch == cfg.epoch_count - 1
+    """Whether mini-epoch `epoch` of this run (counted from 0) is saved: every --epoch_save-th, and the last one
+    this run trains (the last of --epoch_count, or the last before a --max_epochs cap: no trained mini-epoch
+    goes unsaved at the end of a run)."""
+    return (cfg.epoch_save > 0 and epoch % cfg.epoch_save == 0) or epoch == run_epochs(cfg) - 1
 
 
 def files_written(cfg: TrainConfig, first_epoch: int = 0) -> list:

@@ -23,6 +23,15 @@ def test_files_written_follow_the_saving_rules():
     continued = parse_args(["--data_type", "dummy", "--load_model", "out/rwkv-3.pth", "--epoch_begin", "4",
                             "--epoch_count", "10", "--max_epochs", "2", "--epoch_save", "1"])
     assert files_written(continued) == ["rwkv-4.pth", "rwkv-5.pth", *STOP_FILES]  # capped: no rwkv-final.pth
+    capped = parse_args(["--data_type", "dummy", "--epoch_count", "10", "--max_epochs", "3", "--epoch_save", "0"])
+    assert files_written(capped) == ["rwkv-init.pth", "rwkv-2.pth", *STOP_FILES]  # the run's last mini-epoch
+
+
+def test_a_run_capped_by_max_epochs_saves_its_last_mini_epoch(tmp_path):
+    proj_dir = tmp_path / "out"
+    assert train.main([*TINY, "--epoch_count", "5", "--max_epochs", "2", "--epoch_save", "0",
+                       "--proj_dir", str(proj_dir)]) == 0
+    assert sorted(p.name for p in proj_dir.glob("*.pth")) == ["rwkv-1.pth", "rwkv-init.pth"]
     resumed = parse_args(["--data_type", "dummy", "--resume", "out/rwkv-resume.ckpt", "--epoch_count", "4",
                           "--epoch_save", "1"])
     assert files_written(resumed, first_epoch=2) == ["rwkv-2.pth", "rwkv-3.pth", "rwkv-final.pth", *STOP_FILES]
