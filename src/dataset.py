@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from src import instruct_data, jsonl_data, sampling
 from src.accumulation import accumulation_at, optimizer_steps_before
+from src.atomic import atomic_file
 from src.binidx import MMapIndexedDataset
 from src.config import TrainConfig, parse_script_mask
 from src.errors import UserInputError
@@ -56,10 +57,9 @@ def char_tokens(text: str) -> tuple:
 
 
 def write_char_vocab(chars: list, proj_dir: str) -> None:
-    """proj_dir/vocab.json as the original writes it: {id: char}, UTF-16LE."""
-    Path(proj_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(proj_dir) / "vocab.json", "w", encoding="utf-16le") as f:
-        f.write(json.dumps(dict(enumerate(chars)), ensure_ascii=False))
+    """proj_dir/vocab.json as the original writes it: {id: char}, UTF-16LE (written whole or not at all)."""
+    with atomic_file(Path(proj_dir) / "vocab.json") as f:
+        f.write(json.dumps(dict(enumerate(chars)), ensure_ascii=False).encode("utf-16le"))
 
 
 def load_token_data(cfg: TrainConfig) -> TokenData:
