@@ -48,3 +48,17 @@ def folder_snapshot(folder) -> dict:
     """{relative path: bytes} of every file under `folder` ({} when it does not exist), to show nothing changed."""
     folder = Path(folder)
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def refused_in_one_line(argv, capsys, *expected) -> str:
+    """train.main(argv) refuses with exit 2 and one line "train.py: error: ..." holding every `expected` text;
+    returns that line."""
+    import train
+
+    capsys.readouterr()
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train.py: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    for text in expected:
+        assert text in err, (text, err)
+    return err

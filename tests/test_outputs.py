@@ -1,18 +1,15 @@
 """Which files a run writes into --proj_dir, and the runs that may write where files already are."""
-import shutil
 
 import pytest
 import torch
 
 import train
+from conftest import TINY_RUN
 from helpers import folder_snapshot
 from src.checkpoint import load_weights
 from src.config import parse_args
 from src.outputs import files_written
 
-TINY = ["--data_type", "dummy", "--n_layer", "1", "--n_embd", "16", "--ctx_len", "16", "--micro_bsz", "2",
-        "--epoch_steps", "2", "--epoch_count", "2", "--epoch_save", "1", "--wkv_backend", "torch",
-        "--enable_progress_bar", "0", "--random_seed", "1"]
 STOP_FILES = ["rwkv-last.pth", "rwkv-resume.ckpt"]
 
 
@@ -29,7 +26,7 @@ def test_files_written_follow_the_saving_rules():
 
 def test_a_run_capped_by_max_epochs_saves_its_last_mini_epoch(tmp_path):
     proj_dir = tmp_path / "out"
-    assert train.main([*TINY, "--epoch_count", "5", "--max_epochs", "2", "--epoch_save", "0",
+    assert train.main([*TINY_RUN, "--epoch_count", "5", "--max_epochs", "2", "--epoch_save", "0",
                        "--proj_dir", str(proj_dir)]) == 0
     assert sorted(p.name for p in proj_dir.glob("*.pth")) == ["rwkv-1.pth", "rwkv-init.pth"]
     resumed = parse_args(["--data_type", "dummy", "--resume", "out/rwkv-resume.ckpt", "--epoch_count", "4",
@@ -37,21 +34,14 @@ def test_a_run_capped_by_max_epochs_saves_its_last_mini_epoch(tmp_path):
     assert files_written(resumed, first_epoch=2) == ["rwkv-2.pth", "rwkv-3.pth", "rwkv-final.pth", *STOP_FILES]
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    proj_dir = tmp_path_factory.mktemp("finished") / "out"
-    assert train.main([*TINY, "--proj_dir", str(proj_dir)]) == 0
-    return proj_dir
-
-
 @pytest.fixture
-def out(finished_run, tmp_path):
-    return shutil.copytree(finished_run, tmp_path / "out")
+def out(finished_copy):
+    return finished_copy
 
 
 def test_overwrite_proj_dir_replaces_the_earlier_runs_files(out):
     first = load_weights(out / "rwkv-final.pth")
-    assert train.main([*TINY, "--proj_dir", str(out), "--overwrite_proj_dir", "1", "--random_seed", "2"]) == 0
+    assert train.main([*TINY_RUN, "--proj_dir", str(out), "--overwrite_proj_dir", "1", "--random_seed", "2"]) == 0
     second = load_weights(out / "rwkv-final.pth")
     assert not torch.equal(first["emb.weight"], second["emb.weight"])  # a new run's weights, seed 2
     assert (out / "train_log.txt").read_text().count("NEW RUN") == 2  # the log is appended to
@@ -62,7 +52,7 @@ def test_continuing_by_hand_in_the_same_proj_dir(out):
     the weights it had)."""
     earlier = {name: data for name, data in folder_snapshot(out).items() if name in ("rwkv-0.pth", "rwkv-1.pth")}
     assert torch.equal(load_weights(out / "rwkv-final.pth")["head.weight"], load_weights(out / "rwkv-1.pth")["head.weight"])
-    assert train.main([*TINY, "--proj_dir", str(out), "--load_model", str(out / "rwkv-1.pth"), "--epoch_begin", "2",
+    assert train.main([*TINY_RUN, "--proj_dir", str(out), "--load_model", str(out / "rwkv-1.pth"), "--epoch_begin", "2",
                        "--epoch_count", "4"]) == 0
     after = folder_snapshot(out)
     assert {name: after[name] for name in earlier} == earlier

@@ -2,48 +2,25 @@
 file and the way out, and every file of the folder byte-identical afterwards."""
 import argparse
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-import train
-from helpers import folder_snapshot
-
-TINY = ["--data_type", "dummy", "--n_layer", "1", "--n_embd", "16", "--ctx_len", "16", "--micro_bsz", "2",
-        "--epoch_steps", "2", "--epoch_count", "2", "--epoch_save", "1", "--wkv_backend", "torch",
-        "--enable_progress_bar", "0", "--random_seed", "1"]
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    proj_dir = tmp_path_factory.mktemp("finished") / "out"
-    assert train.main([*TINY, "--proj_dir", str(proj_dir)]) == 0
-    return proj_dir
+from conftest import TINY_RUN
+from helpers import folder_snapshot, refused_in_one_line
 
 
 @pytest.fixture
-def proj_dir(finished_run, tmp_path):
-    """A copy of the finished run for one test to try to damage."""
-    return shutil.copytree(finished_run, tmp_path / "out")
-
-
-def refused(argv, capsys, *expected) -> str:
-    capsys.readouterr()
-    assert train.main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("train.py: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    for text in expected:
-        assert text in err, (text, err)
-    return err
+def proj_dir(finished_copy):
+    return finished_copy
 
 
 def test_the_same_command_again_does_not_replace_the_finished_runs_files(proj_dir, capsys):
     before = folder_snapshot(proj_dir)
-    refused([*TINY, "--proj_dir", str(proj_dir)], capsys, f"--proj_dir {proj_dir} already holds files this run would "
-            "write: rwkv-init.pth, rwkv-0.pth, rwkv-1.pth, rwkv-final.pth", "another --proj_dir",
-            "--overwrite_proj_dir 1")
+    refused_in_one_line([*TINY_RUN, "--proj_dir", str(proj_dir)], capsys,
+                        f"--proj_dir {proj_dir} already holds files this run would write: rwkv-init.pth, rwkv-0.pth, "
+                        "rwkv-1.pth, rwkv-final.pth", "another --proj_dir", "--overwrite_proj_dir 1")
     assert folder_snapshot(proj_dir) == before
 
 
@@ -51,7 +28,8 @@ def test_the_same_command_again_does_not_replace_the_finished_runs_files(proj_di
     (["--dim_att", "8"], ["rwkv-init.pth", "--overwrite_proj_dir 1"]),  # another model shape, same folder
     (["--epoch_count", "0"], ["--epoch_count must be at least 1"]),
     (["--lora"], ["--lora", "--load_model"]),  # adapters on a random base
-    (["--load_model", "{proj_dir}/rwkv-final.pth", "--lora"], ["rwkv-0.pth", "rwkv-final.pth"]),  # LoRA into its base's folder
+    # LoRA into its base's folder
+    (["--load_model", "{proj_dir}/rwkv-final.pth", "--lora"], ["rwkv-0.pth", "rwkv-final.pth"]),
     # --overwrite_proj_dir 1: these refusals come before any file (rwkv-init.pth, vocab.json) is rewritten
     (["--load_model", "{proj_dir}/garbage.pth", "--overwrite_proj_dir", "1"],
      ["--load_model", "garbage.pth is not a PyTorch file", "expected a .pth of {name: tensor}"]),
@@ -64,8 +42,8 @@ def test_bad_input_leaves_every_file_as_it_was(proj_dir, capsys, extra, expected
     (proj_dir / "garbage.pth").write_bytes(os.urandom(3000))
     (proj_dir / "short.txt").write_text("xyz")  # characters other than the dummy data's: vocab.json must stay
     before = folder_snapshot(proj_dir)
-    argv = [*TINY, "--proj_dir", str(proj_dir), *[arg.format(proj_dir=proj_dir) for arg in extra]]
-    err = refused(argv, capsys, *expected)
+    argv = [*TINY_RUN, "--proj_dir", str(proj_dir), *[arg.format(proj_dir=proj_dir) for arg in extra]]
+    err = refused_in_one_line(argv, capsys, *expected)
     assert "weights_only" not in err  # never torch's advice to load an unknown file unsafely
     assert folder_snapshot(proj_dir) == before
 
@@ -73,7 +51,7 @@ def test_bad_input_leaves_every_file_as_it_was(proj_dir, capsys, extra, expected
 def test_a_file_of_python_objects_is_named_as_such(proj_dir, capsys):
     torch.save({"emb.weight": torch.zeros(2), "hparams": argparse.Namespace(lr=1e-3)}, proj_dir / "objects.pth")
     before = folder_snapshot(proj_dir)
-    err = refused([*TINY, "--proj_dir", str(proj_dir), "--load_model", str(proj_dir / "objects.pth"),
+    err = refused_in_one_line([*TINY_RUN, "--proj_dir", str(proj_dir), "--load_model", str(proj_dir / "objects.pth"),
                    "--overwrite_proj_dir", "1"], capsys, "objects.pth holds Python objects besides tensors")
     assert "weights_only" not in err and folder_snapshot(proj_dir) == before
 
@@ -81,21 +59,21 @@ def test_a_file_of_python_objects_is_named_as_such(proj_dir, capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_accelerator_gpu_without_a_gpu(proj_dir, capsys):
     before = folder_snapshot(proj_dir)
-    refused([*TINY, "--proj_dir", str(proj_dir / "gpu"), "--accelerator", "gpu"], capsys,
+    refused_in_one_line([*TINY_RUN, "--proj_dir", str(proj_dir / "gpu"), "--accelerator", "gpu"], capsys,
             "--accelerator gpu: torch sees no CUDA GPU", "--accelerator cpu")
     assert folder_snapshot(proj_dir) == before
 
 
 def test_a_proj_dir_under_a_file(proj_dir, capsys):
     before = folder_snapshot(proj_dir)
-    refused([*TINY, "--proj_dir", str(proj_dir / "rwkv-0.pth" / "run2")], capsys,
+    refused_in_one_line([*TINY_RUN, "--proj_dir", str(proj_dir / "rwkv-0.pth" / "run2")], capsys,
             f"{proj_dir / 'rwkv-0.pth'} is a file, not a folder")
     assert folder_snapshot(proj_dir) == before
 
 
 @pytest.mark.parametrize("folder", ["/proc", "/sys"])  # no one, root included, creates files there
 def test_a_proj_dir_where_no_file_can_be_created(folder, capsys):
-    refused([*TINY, "--proj_dir", f"{folder}/rwkv-infctx-test"], capsys,
+    refused_in_one_line([*TINY_RUN, "--proj_dir", f"{folder}/rwkv-infctx-test"], capsys,
             f"--proj_dir {folder}/rwkv-infctx-test: cannot create files in {folder} (")
     assert not Path(folder, "rwkv-infctx-test").exists()
 
@@ -105,7 +83,7 @@ def test_a_read_only_proj_dir(proj_dir, capsys):
     before = folder_snapshot(proj_dir)
     proj_dir.chmod(0o555)
     try:
-        refused([*TINY, "--proj_dir", str(proj_dir), "--overwrite_proj_dir", "1"], capsys,
+        refused_in_one_line([*TINY_RUN, "--proj_dir", str(proj_dir), "--overwrite_proj_dir", "1"], capsys,
                 f"--proj_dir {proj_dir}: cannot create files in {proj_dir}")
     finally:
         proj_dir.chmod(0o755)
@@ -116,6 +94,7 @@ def test_a_resume_bundle_given_to_load_model(proj_dir, capsys):
     bundle = {"state_dict": {"model.emb.weight": torch.zeros(2)}, "loops": {}, "callbacks": {}}
     torch.save(bundle, proj_dir / "rwkv-resume.ckpt")
     before = folder_snapshot(proj_dir)
-    refused([*TINY, "--proj_dir", str(proj_dir / "next"), "--load_model", str(proj_dir / "rwkv-resume.ckpt")],
-            capsys, "is a resume bundle, not weights", f"--resume {proj_dir / 'rwkv-resume.ckpt'}")
+    bundle = proj_dir / "rwkv-resume.ckpt"
+    refused_in_one_line([*TINY_RUN, "--proj_dir", str(proj_dir / "next"), "--load_model", str(bundle)], capsys,
+                        "is a resume bundle, not weights", f"--resume {bundle}")
     assert folder_snapshot(proj_dir) == before

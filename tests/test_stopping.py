@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import train
-from helpers import folder_snapshot
+from helpers import folder_snapshot, refused_in_one_line
 from src.checkpoint import load_weights
 from src.stopping import BUNDLE_NAME
 
@@ -182,27 +182,19 @@ def stopped(stopped_text_run, tmp_path, monkeypatch):
     return folder
 
 
-def refused(argv, capsys, *expected):
-    capsys.readouterr()
-    assert train.main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("train.py: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    for text in expected:
-        assert text in err, (text, err)
-
-
 def test_a_finished_resumed_runs_bundle_is_removed(stopped, capsys):
     assert train.main([*TEXT_RUN, "--resume", BUNDLE, "--max_epochs", "1"]) == 0  # ends normally after mini-epoch 0
     assert "Removed the resume bundle out/rwkv-resume.ckpt" in capsys.readouterr().out
     assert not (stopped / BUNDLE).exists() and (stopped / "out" / "rwkv-0.pth").is_file()
     finished = folder_snapshot(stopped)
-    refused([*TEXT_RUN, "--resume", BUNDLE], capsys, "no such resume bundle")  # it cannot restart at the old step
+    # it cannot restart at the old step
+    refused_in_one_line([*TEXT_RUN, "--resume", BUNDLE], capsys, "no such resume bundle")
     assert folder_snapshot(stopped) == finished
 
 
 def test_resume_with_another_model_shape_lists_the_flags(stopped, capsys):
     before = folder_snapshot(stopped)
-    refused([*TEXT_RUN, "--resume", BUNDLE, "--n_embd", "32", "--dim_ffn", "128"], capsys,
+    refused_in_one_line([*TEXT_RUN, "--resume", BUNDLE, "--n_embd", "32", "--dim_ffn", "128"], capsys,
             "the bundle was made with other flags", "--n_embd 16 (bundle) vs 32 (now)",
             "--dim_ffn 64 (bundle) vs 128 (now)")
     assert folder_snapshot(stopped) == before
@@ -211,7 +203,7 @@ def test_resume_with_another_model_shape_lists_the_flags(stopped, capsys):
 def test_resume_after_the_data_changed_lists_the_shape_mismatches(stopped, capsys):
     (stopped / "text.txt").write_text("HELLO world, " * 40)  # three more characters: a larger vocabulary
     before = folder_snapshot(stopped)
-    refused([*TEXT_RUN, "--resume", BUNDLE], capsys, f"--resume {BUNDLE} does not fit the model",
+    refused_in_one_line([*TEXT_RUN, "--resume", BUNDLE], capsys, f"--resume {BUNDLE} does not fit the model",
             "emb.weight: file (9, 16) vs model (11, 16)", "the stopped run's data")
     assert folder_snapshot(stopped) == before
 
@@ -220,13 +212,13 @@ def test_a_damaged_bundle(stopped, capsys):
     bundle = stopped / BUNDLE
     bundle.write_bytes(bundle.read_bytes()[:1000])
     before = folder_snapshot(stopped)
-    refused([*TEXT_RUN, "--resume", BUNDLE], capsys, f"--resume: {BUNDLE} is a damaged PyTorch file")
+    refused_in_one_line([*TEXT_RUN, "--resume", BUNDLE], capsys, f"--resume: {BUNDLE} is a damaged PyTorch file")
     assert folder_snapshot(stopped) == before
 
 
 def test_a_new_run_in_a_stopped_runs_folder_is_pointed_to_resume(stopped, capsys):
     before = folder_snapshot(stopped)
-    refused(TEXT_RUN, capsys, "already holds files this run would write", "rwkv-last.pth",
+    refused_in_one_line(TEXT_RUN, capsys, "already holds files this run would write", "rwkv-last.pth",
             f"it holds a stopped run: continue it with --resume {BUNDLE}")
     assert folder_snapshot(stopped) == before
 
@@ -234,6 +226,6 @@ def test_a_new_run_in_a_stopped_runs_folder_is_pointed_to_resume(stopped, capsys
 def test_resume_into_another_proj_dir_does_not_replace_its_files(stopped, capsys):
     shutil.copytree("out", "other")
     before = folder_snapshot(stopped)
-    refused([*TEXT_RUN, "--resume", BUNDLE, "--proj_dir", "other"], capsys,
+    refused_in_one_line([*TEXT_RUN, "--resume", BUNDLE, "--proj_dir", "other"], capsys,
             "--proj_dir other already holds files this run would write", "rwkv-last.pth")
     assert folder_snapshot(stopped) == before
