@@ -56,13 +56,14 @@ class RWKVModule(pl.LightningModule):
         super().__init__()
         self.model = model
         self.cfg = cfg
-        self.keep_bytes = None  # --state_cp: host memory for block inputs kept between its passes
+        self.keep_bytes = None  # --state_cp: host memory for block inputs kept between its passes (bytes)
 
     def training_step(self, batch, batch_idx):
         x, y = batch  # (B, T) token ids, (B, T) targets
-        if self.cfg.state_cp and self.keep_bytes is None:  # measured once, after the strategy's set-up took its share
+        if self.keep_bytes is None:  # measured once, after the strategy's set-up took its host memory
+            # on a CPU the host is the device: keeping block inputs there would grow memory with the sample
             self.keep_bytes = infctx.host_memory_for_kept_segments(self.trainer.num_devices) if x.is_cuda else 0
-        loss = infctx.sample_loss(self.model, x, y, self.cfg.segment_len, self.keep_bytes or 0)
+        loss = infctx.sample_loss(self.model, x, y, self.cfg.segment_len, self.keep_bytes)
         # Lightning divides "loss" by accumulate_grad_batches; "token_loss" is the plain value for logs.
         return {"loss": loss, "token_loss": loss.detach(), "tokens": y.numel()}
 
