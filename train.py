@@ -40,7 +40,7 @@ def run_training(cfg: TrainConfig, stop, extra_callbacks: list) -> int:
     import lightning.pytorch as pl
 
     from src import callbacks, console, dataset, lora, outputs, sampling, stopping, strategy, trainer
-    from src.model import count_parameters
+    from src.rwkv4.model import count_parameters
 
     outputs.check_writable(cfg.proj_dir)
     pile_changes, pile_resume = sampling.pile_continuation(cfg) if cfg.my_pile_stage >= 2 else ({}, "")
@@ -106,7 +106,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, save_dtype):
     import torch
 
     from src import checkpoint, strategy
-    from src.model import RWKV, RWKVConfig, generate_init_weights
+    from src.rwkv4.model import RWKV, RWKVConfig, generate_init_weights
 
     # loaded weights replace every constructed value (unless --load_partial): build those on the meta device, for free
     replaced_whole = bool(cfg.load_model) and not cfg.load_partial and not cfg.resume
@@ -133,7 +133,7 @@ def check_memory(cfg: TrainConfig, vocab_size: int, lightning_trainer) -> None:
     import torch
 
     from src import lora, memory_check
-    from src.model import RWKV, RWKVConfig
+    from src.rwkv4.model import RWKV, RWKVConfig
 
     with torch.device("meta"):
         model = RWKV(RWKVConfig.from_flags(cfg, vocab_size))

@@ -53,7 +53,7 @@ def lora_flags(weights: Path, tokens: Path, proj_dir: Path, ctx_len: int, steps:
 def make_random_base(path: Path) -> None:
     """The 7B shape with the v4neo init (made on the GPU), saved in bf16 as a released model would be."""
     from src.checkpoint import save_weights
-    from src.model import RWKV, RWKVConfig, generate_init_weights
+    from src.rwkv4.model import RWKV, RWKVConfig, generate_init_weights
 
     with torch.device("cuda"):
         model = RWKV(RWKVConfig(**SHAPE))

@@ -17,8 +17,8 @@ import sys
 
 import torch
 
-from src import wkv_cuda
-from src.wkv_state import empty_state
+from src.rwkv4 import wkv_cuda
+from src.rwkv4.state import empty_state
 
 SHAPES = [(1, 4096, 4096), (1, 4096, 2048), (8, 4096, 1024), (1, 65536, 4096)]
 # The original toolkit's bf16 kernel on one H100 80GB HBM3, fwd and fwd+bwd ms, measured by this project on

@@ -76,7 +76,7 @@ import torch.nn as nn
 
 from src.loss import cross_entropy_sum, language_model_loss, target_count
 from src.memory_check import available_host_memory
-from src.model import RWKVState
+from src.rwkv4.model import RWKVState
 
 # Logits computed at once by the chunked head: 2^24 values are 64 MiB in fp32 (the loss upcasts), so a
 # chunk's logits, their fp32 copy, softmax and gradient stay near 300 MB whatever the vocabulary.

@@ -27,7 +27,7 @@ from src.checkpoint import compare_weights, load_weights
 from src.config import TrainConfig
 from src.errors import UserInputError
 from src.lora_settings import LoraSettings, format_layers
-from src.model import RWKV, RWKVConfig
+from src.rwkv4.model import RWKV, RWKVConfig
 
 # Linear layers that get LoRA for each part: sub-module of the block -> projections.
 PART_PROJECTIONS = {"att": ("att", ("key", "value", "receptance")), "ffn": ("ffn", ("key", "receptance", "value"))}

@@ -20,7 +20,7 @@ from src.checkpoint import compare_weights
 from src.errors import UserInputError
 from src.lora import SETTINGS_KEY, attach_lora, base_identity, decode_settings, identity_differences
 from src.lora_settings import LoraSettings, format_layers
-from src.model import RWKV, RWKVConfig
+from src.rwkv4.model import RWKV, RWKVConfig
 
 # The merge check: logits of the merged model (fp32, before the cast to the base dtype) against the
 # base + LoRA model, on CHECK_TOKENS tokens, must agree within CHECK_RTOL * max(1, max |logit|).

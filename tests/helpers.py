@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.model import RWKV, RWKVConfig, generate_init_weights
+from src.rwkv4.model import RWKV, RWKVConfig, generate_init_weights
 
 
 def tiny_model(vocab_size=37, n_layer=2, n_embd=16, seed=0, perturb=0.1, **overrides) -> RWKV:

@@ -13,7 +13,7 @@ from src.checkpoint import load_weights, save_weights
 from src.lora import SETTINGS_KEY, apply_lora, lora_state_dict, trainable_names
 from src.lora_merge import delta_weight
 from src.lora_settings import PARTS, LoraSettings
-from src.model import RWKV, RWKVConfig
+from src.rwkv4.model import RWKV, RWKVConfig
 
 N_LAYER = 3
 TOKENS = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]

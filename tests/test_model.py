@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from helpers import tiny_model
-from src.model import RWKV, RWKVConfig, generate_init_weights, initial_state
+from src.rwkv4.model import RWKV, RWKVConfig, generate_init_weights, initial_state
 
 
 def test_golden_keys_and_shapes():

@@ -6,7 +6,7 @@ import train
 from helpers import rwkv_pip_logits
 from src.binidx import MMapIndexedDatasetBuilder
 from src.checkpoint import load_weights, save_weights
-from src.model import RWKV, RWKVConfig
+from src.rwkv4.model import RWKV, RWKVConfig
 
 TINY = ["--n_layer", "1", "--n_embd", "16", "--ctx_len", "16", "--micro_bsz", "2", "--epoch_steps", "2",
         "--epoch_count", "1", "--wkv_backend", "torch", "--enable_progress_bar", "0", "--random_seed", "1"]

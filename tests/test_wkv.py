@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from src.wkv import wkv, wkv_formula, wkv_torch
-from src.wkv_state import EMPTY_PP, empty_state
+from src.rwkv4.wkv import wkv, wkv_formula, wkv_torch
+from src.rwkv4.state import EMPTY_PP, empty_state
 
 
 def random_inputs(B, T, C, dtype=torch.float64, scale=1.0, seed=0):

@@ -1,4 +1,4 @@
-"""The chunked WKV algorithm of cuda/wkv_cuda.cu, written in PyTorch and checked on CPU.
+"""The chunked WKV algorithm of src/rwkv4/cuda/wkv_cuda.cu, written in PyTorch and checked on CPU.
 
 `wkv_chunked` is a line-by-line model of the CUDA kernels (same passes, same scaled variables, same
 order of operations), vectorised over chunks instead of threads. In float64 it must equal autograd
@@ -13,8 +13,8 @@ t = -1 they are exactly the state gradient of the contract.
 import pytest
 import torch
 
-from src.wkv import wkv_torch
-from src.wkv_state import empty_state
+from src.rwkv4.wkv import wkv_torch
+from src.rwkv4.state import empty_state
 
 
 def _pair_exp(x1, x2):
@@ -56,7 +56,7 @@ def wkv_chunked(w, u, k, v, state, gy, gstate, chunk=16, rows=8):
     w, u (C,) raw; k, v, gy (B, T, C); state, gstate (B, C, 3); gstate[..., 2] is ignored (see the
     contract in src/wkv_cuda.py). Computes in the dtype of k. `chunk` tokens per thread and `rows`
     chunks per tile are the kernel's kChunk and kRows (16, 8); small values exercise partial tiles.
-    Each block of code below is one kernel of cuda/wkv_cuda.cu, every thread at once.
+    Each block of code below is one kernel of src/rwkv4/cuda/wkv_cuda.cu, every thread at once.
     """
     B, T, C = k.shape
     nch = -(-T // chunk)

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from helpers import tiny_model
-from src import wkv_cuda
-from src.wkv import wkv, wkv_torch
+from src.rwkv4 import wkv_cuda
+from src.rwkv4.wkv import wkv, wkv_torch
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # y, gk, gv are rounded to the I/O dtype, by at most its unit roundoff per element: 2^-8 = 3.9e-3 relative
@@ -256,7 +256,7 @@ def test_bf16_training_run():
 # Bad inputs reaching the binding directly (src.wkv checks shapes before it); one message line each.
 _BAD_INPUTS = """
 import torch
-from src import wkv_cuda
+from src.rwkv4 import wkv_cuda
 ext = wkv_cuda._module()
 w = torch.randn(8, device="cuda")
 k = torch.randn(2, 5, 8, device="cuda")

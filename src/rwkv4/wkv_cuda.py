@@ -1,4 +1,4 @@
-"""CUDA backend of the WKV operator: the kernels in cuda/, compiled on first use.
+"""CUDA backend of the WKV operator: the kernels in src/rwkv4/cuda/, compiled on first use.
 
 `wkv_cuda(w, u, k, v, state)` has the contract of `src.wkv` (shapes, dtypes, fp32 state and
 accumulation) and is checked against its twin `wkv_torch` in tests/test_wkv_cuda.py. `op(fallback)`
@@ -7,7 +7,7 @@ name that hashes the sources and flags, so an edit rebuilds) and returns `wkv_cu
 fails it returns `fallback` after one warning naming the cause, or raises when there is no fallback.
 Nothing is compiled at import.
 
-Algorithm (cuda/wkv_cuda.cu has the details and tests/test_wkv_chunked.py a PyTorch model of it):
+Algorithm (src/rwkv4/cuda/wkv_cuda.cu has the details and tests/test_wkv_chunked.py a PyTorch model of it):
 the sequence is cut into chunks of 16 tokens and tiles of 8 chunks; chunks summarise their tokens
 in parallel, a short scan over tiles carries the state, and every chunk then recomputes its outputs
 from the state entering it. The backward pass does the same for the adjoint, in reverse. Any T runs
@@ -33,9 +33,9 @@ from typing import Callable, Optional
 
 import torch
 
-from src.wkv_state import empty_state
+from src.rwkv4.state import empty_state
 
-_CUDA_DIR = Path(__file__).resolve().parents[1] / "cuda"
+_CUDA_DIR = Path(__file__).resolve().parent / "cuda"
 _SOURCES = ("wkv_op.cpp", "wkv_cuda.cu")
 _HEADERS = ("wkv.h",)
 _CFLAGS = ["-O3"]

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from src.wkv_state import empty_state
+from src.rwkv4.state import empty_state
 
 
 def wkv_torch(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -93,7 +93,7 @@ def _resolve_backend(backend: str, k: torch.Tensor):
         return wkv_torch
     if backend in ("cuda", "auto"):
         if k.is_cuda:
-            from src import wkv_cuda  # built lazily on first use
+            from src.rwkv4 import wkv_cuda  # built lazily on first use
             return wkv_cuda.op(fallback=wkv_torch if backend == "auto" else None)
         if backend == "cuda":
             raise ValueError("wkv backend 'cuda' needs CUDA tensors; use backend 'torch' (or 'auto') on CPU")

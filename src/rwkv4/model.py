@@ -27,8 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from src.wkv import wkv
-from src.wkv_state import empty_state
+from src.rwkv4.wkv import wkv
+from src.rwkv4.state import empty_state
 
 
 @dataclass
