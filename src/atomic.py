@@ -10,10 +10,37 @@ Writers whose files live longer than one block (the binidx builder) take `tempor
 import contextlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
+
+from src.errors import UserInputError
 
 # Temporary files and folders being written right now.
 _IN_FLIGHT: set = set()
+
+
+def check_output_file(path, replace: bool, what: str, replace_flag: str = "--overwrite") -> None:
+    """Before any work: refuse an output file that cannot be written (a folder, under a file, in a folder that
+    refuses new files) or that already exists and `replace` is False. `what` names the output in the message
+    ("the output", "--output-prefix data/x"); `replace_flag` is the flag that allows replacing. Nothing is
+    created: the nearest existing folder is probed with a temporary file that deletes itself."""
+    path = Path(path)
+    try:  # exists() itself raises under a folder that may not be searched
+        if path.is_dir():
+            raise UserInputError(f"{what} {path} is a folder; give a file name.")
+        if path.exists() and not replace:
+            raise UserInputError(f"{what} {path} already exists; choose another name, or pass {replace_flag} to "
+                                 f"replace it.")
+        folder = path.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            raise UserInputError(f"{what} {path}: {folder} is a file, not a folder; choose another path.")
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserInputError(f"{what} {path}: cannot create files in {folder} ({e.strerror}); choose a folder you "
+                             f"can write to.")
 
 
 def temporary_path(path) -> Path:
