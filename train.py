@@ -21,20 +21,21 @@ def main(argv=None) -> int:
         return 2
 
 
-def train(cfg: TrainConfig, extra_callbacks=()) -> int:
-    """Run the training `cfg` describes. `extra_callbacks` (Lightning callbacks) watch it, e.g. in benchmarks."""
+def train(cfg: TrainConfig, extra_callbacks=(), write_weights: bool = True) -> int:
+    """Run the training `cfg` describes. `extra_callbacks` (Lightning callbacks) watch it, e.g. in benchmarks;
+    `write_weights` False trains without writing any .pth (a benchmark never reads them: 15-30 GB for 7B)."""
     from src import console, stopping
 
     stop = stopping.StopSignal()
     stop.install()  # from here on, Ctrl+C / SIGTERM finish the current step and save
     try:
         with console.library_chatter_silenced():
-            return run_training(cfg, stop, list(extra_callbacks))
+            return run_training(cfg, stop, list(extra_callbacks), write_weights)
     finally:
         stop.restore()
 
 
-def run_training(cfg: TrainConfig, stop, extra_callbacks: list) -> int:
+def run_training(cfg: TrainConfig, stop, extra_callbacks: list, write_weights: bool = True) -> int:
     """Every check that can refuse the run comes before the first file is written into --proj_dir."""
     # torch and Lightning load here, after the command line is known to be valid
     import lightning.pytorch as pl
@@ -51,7 +52,7 @@ def run_training(cfg: TrainConfig, stop, extra_callbacks: list) -> int:
     strategy.set_float_precision(cfg)
 
     save_dtype = strategy.SAVE_DTYPE[cfg.precision]
-    saver = callbacks.WeightSaver(cfg, save_dtype)  # every .pth of the run, rwkv-last.pth of a stop included
+    saver = callbacks.WeightSaver(cfg, save_dtype, write_weights)  # every .pth of the run, rwkv-last.pth of a stop included
     stopper = stopping.StopOnSignal(stop, saver, Path(cfg.proj_dir) / outputs.BUNDLE_NAME)
     schedule = callbacks.LearningRateSchedule(cfg)
     progress_bar = console.shows_progress_bar(cfg)
@@ -73,7 +74,7 @@ def run_training(cfg: TrainConfig, stop, extra_callbacks: list) -> int:
     del bundle
 
     # nothing was written into --proj_dir before this point
-    initial_files = write_initial_files(cfg, fresh_weights, data) if rank_zero else []
+    initial_files = write_initial_files(cfg, fresh_weights if write_weights else None, data) if rank_zero else []
     del fresh_weights
     samples = dataset.TrainingSamples(data, cfg, seed=seed, rank=lightning_trainer.global_rank,
                                       world_size=lightning_trainer.world_size)

@@ -62,6 +62,13 @@ def make_random_base(path: Path) -> None:
     torch.cuda.empty_cache()
 
 
+def random_tokens(ctx_len: int, folder: Path) -> Path:
+    """A .npy of random token ids, two samples long, in `folder`."""
+    tokens = folder / "tokens.npy"
+    np.save(tokens, np.random.default_rng(0).integers(0, 50277, 2 * ctx_len + 1, dtype=np.int32))
+    return tokens
+
+
 def run_one_length(args) -> int:
     """Child process: cap the card, train `STEPS` steps at one length, print a RESULT line."""
     import train
@@ -69,11 +76,11 @@ def run_one_length(args) -> int:
 
     filler = cap_gpu_memory(args.gpu_gib)
     proj_dir = Path(tempfile.mkdtemp(prefix=f"long{args.ctx_len}-"))
-    tokens = proj_dir / "tokens.npy"
-    np.save(tokens, np.random.default_rng(0).integers(0, 50277, 2 * args.ctx_len + 1, dtype=np.int32))
+    tokens = random_tokens(args.ctx_len, proj_dir)
     steps = STEPS.get(args.ctx_len, 2)
     timer = StepTimes()
-    code = train.train(parse_args(lora_flags(Path(args.weights), tokens, proj_dir, args.ctx_len, steps)), [timer])
+    code = train.train(parse_args(lora_flags(Path(args.weights), tokens, proj_dir, args.ctx_len, steps)), [timer],
+                       write_weights=False)
     rows = [r.split("\t") for r in (proj_dir / "train_steps.tsv").read_text().splitlines()[1:]]
     allocated, reserved = peak_gib(filler)
     print("RESULT " + json.dumps({

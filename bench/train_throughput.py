@@ -42,22 +42,34 @@ def non_embedding_params(n_layer: int, n_embd: int) -> int:
     return n_layer * 13 * n_embd ** 2 + VOCAB * n_embd  # blocks (4 C^2 time-mix, 9 C^2 channel-mix) + head
 
 
+def train_flags(shape: str, strategy: str, tokens: Path, proj_dir: Path, steps: int = STEPS) -> list:
+    """train.py's flags for one shape under one strategy, trained on the random tokens of `tokens`."""
+    n_layer, n_embd, micro_bsz, grad_cp = SHAPES[shape]
+    return ["--data_type", "numpy", "--data_file", str(tokens), "--vocab_size", str(VOCAB), "--n_layer", str(n_layer),
+            "--n_embd", str(n_embd), "--ctx_len", str(CTX), "--micro_bsz", str(micro_bsz), "--grad_cp", str(grad_cp),
+            "--epoch_steps", str(steps), "--epoch_count", "1", "--epoch_save", "0", "--lr_init", "1e-4",
+            "--lr_final", "1e-4", "--precision", "bf16", "--strategy", strategy, "--accelerator", "gpu",
+            "--devices", "1", "--enable_progress_bar", "0", "--random_seed", "0", "--proj_dir", str(proj_dir)]
+
+
+def random_tokens(shape: str, folder: Path) -> Path:
+    """A .npy of random token ids, a few samples long, in `folder`."""
+    micro_bsz = SHAPES[shape][2]
+    tokens = folder / "tokens.npy"
+    np.save(tokens, np.random.default_rng(0).integers(0, VOCAB, 4 * CTX * micro_bsz + 1, dtype=np.int32))
+    return tokens
+
+
 def run_one(shape: str, strategy: str) -> int:
-    """Child process: train one shape under one strategy, print a RESULT line."""
+    """Child process: train one shape under one strategy (writing no weights), print a RESULT line."""
     import train
     from src.config import parse_args
 
-    n_layer, n_embd, micro_bsz, grad_cp = SHAPES[shape]
+    micro_bsz = SHAPES[shape][2]
     proj_dir = Path(tempfile.mkdtemp(prefix=f"throughput-{shape}-"))
-    tokens = proj_dir / "tokens.npy"
-    np.save(tokens, np.random.default_rng(0).integers(0, VOCAB, 4 * CTX * micro_bsz + 1, dtype=np.int32))
-    flags = ["--data_type", "numpy", "--data_file", str(tokens), "--vocab_size", str(VOCAB), "--n_layer", str(n_layer),
-             "--n_embd", str(n_embd), "--ctx_len", str(CTX), "--micro_bsz", str(micro_bsz), "--grad_cp", str(grad_cp),
-             "--epoch_steps", str(STEPS), "--epoch_count", "1", "--epoch_save", "0", "--lr_init", "1e-4",
-             "--lr_final", "1e-4", "--precision", "bf16", "--strategy", strategy, "--accelerator", "gpu",
-             "--devices", "1", "--enable_progress_bar", "0", "--random_seed", "0", "--proj_dir", str(proj_dir)]
     timer = StepTimes()
-    code = train.train(parse_args(flags), [timer])
+    code = train.train(parse_args(train_flags(shape, strategy, random_tokens(shape, proj_dir), proj_dir)), [timer],
+                       write_weights=False)
     allocated, reserved = peak_gib()
     print("RESULT " + json.dumps({"shape": shape, "strategy": strategy, "exit": code,
                                   "tokens_per_s": micro_bsz * CTX / timer.steady_seconds(WARMUP),

@@ -248,9 +248,10 @@ class WeightSaver(pl.Callback):
     --epoch_count is reached; `save` also writes rwkv-last.pth for a stopped run. `saved` lists the names
     written, for the run's summary."""
 
-    def __init__(self, cfg: TrainConfig, dtype: torch.dtype):
+    def __init__(self, cfg: TrainConfig, dtype: torch.dtype, write: bool = True):
         self.cfg = cfg
         self.dtype = dtype  # of the .pth files (the run's precision)
+        self.write = write  # False: a benchmark's run, which saves nothing
         self.finished = False
         self.saved = []
 
@@ -259,6 +260,8 @@ class WeightSaver(pl.Callback):
 
         Every rank calls it (under ZeRO-3 the weights are gathered from all of them); rank 0 writes.
         """
+        if not self.write:
+            return
         model, settings = pl_module.model, self.cfg.lora_settings
         names = lora.trainable_names(model, settings) if settings else None
         weights = full_state_dict(trainer, pl_module, names)

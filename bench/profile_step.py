@@ -1,0 +1,211 @@
+"""Where a train.py step spends its GPU time and memory: phases from CUDA events, kernels from torch.profiler,
+and the tensors alive at the step's memory peak.
+
+Runs one real training (train.py's flags of bench.train_throughput or bench.long_context, no weights written)
+with three watchers:
+- phases: CUDA events at Lightning's hooks split each optimizer step into forward (training_step: the model,
+  the loss, and under --state_cp the whole segment forward), backward (DeepSpeed's gradient hooks and bucket
+  reductions included), optimizer (gradient clipping, the optimizer step, DeepSpeed's copies back into the
+  16-bit weights) and between steps (data loader, Lightning, our callbacks); medians over the steps after
+  --warmup, each phase's share of the step, and host milliseconds per phase (where the CPU, not the GPU, waits);
+- kernels: torch.profiler over --profile_steps steps, a table of the operators by GPU time and one by CPU time;
+- memory (--memory): the CUDA allocator's history over one step, replayed to its peak; the live allocations
+  at the peak grouped by the line of this repository that made them.
+
+    python -m bench.profile_step --out prof throughput L24-D1024 deepspeed_stage_2
+    python -m bench.profile_step --out prof --memory long_context 8192 --weights /tmp/rwkv-7b-random-bf16.pth
+"""
+import argparse
+import collections
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+from bench import long_context, train_throughput
+from bench.common import cap_gpu_memory, peak_gib
+
+ROOT = Path(__file__).resolve().parents[1]
+PHASES = ("forward", "backward", "optimizer", "between steps")
+
+
+class PhaseTimer(pl.Callback):
+    """CUDA events (and host clocks) at the hooks that bound each phase of every optimizer step."""
+
+    def __init__(self):
+        self.marks = []  # per step: {hook: (cuda event, host seconds)}
+
+    def _mark(self, name: str) -> None:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        if name == "start":
+            self.marks.append({})
+        self.marks[-1][name] = (event, time.perf_counter())
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._mark("start")
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self._mark("forward")
+
+    def on_after_backward(self, trainer, pl_module):
+        self._mark("backward")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._mark("end")
+
+    def table(self, warmup: int) -> dict:
+        """{phase: (median GPU ms, median host ms)} over the steps after `warmup`."""
+        torch.cuda.synchronize()
+        steps = [m for m in self.marks[warmup:] if {"start", "forward", "backward", "end"} <= set(m)]
+        gpu, host = collections.defaultdict(list), collections.defaultdict(list)
+        bounds = (("forward", "start", "forward"), ("backward", "forward", "backward"), ("optimizer", "backward", "end"))
+        for i, marks in enumerate(steps):
+            for phase, a, b in bounds:
+                gpu[phase].append(marks[a][0].elapsed_time(marks[b][0]))
+                host[phase].append(1000 * (marks[b][1] - marks[a][1]))
+            if i + 1 < len(steps):
+                following = steps[i + 1]["start"]
+                gpu["between steps"].append(marks["end"][0].elapsed_time(following[0]))
+                host["between steps"].append(1000 * (following[1] - marks["end"][1]))
+        return {phase: (statistics.median(gpu[phase]), statistics.median(host[phase])) for phase in PHASES if gpu[phase]}
+
+
+class KernelProfile(pl.Callback):
+    """torch.profiler over `steps` optimizer steps starting after `first`; tables written into `out`."""
+
+    def __init__(self, first: int, steps: int, out: Path):
+        self.first, self.last, self.out = first, first + steps, out
+        self.profiler = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.first and self.profiler is None:
+            activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.profiler is not None and trainer.global_step == self.last:
+            torch.cuda.synchronize()
+            self.profiler.__exit__(None, None, None)
+            averages = self.profiler.key_averages()
+            (self.out / "kernels_by_gpu_time.txt").write_text(
+                averages.table(sort_by="self_device_time_total", row_limit=45, max_name_column_width=70))
+            (self.out / "ops_by_cpu_time.txt").write_text(
+                averages.table(sort_by="cpu_time_total", row_limit=45, max_name_column_width=70))
+            self.profiler = None
+
+
+class MemoryPeak(pl.Callback):
+    """The allocator's history over optimizer step `step`, replayed to its peak: what is alive there."""
+
+    def __init__(self, step: int, out: Path):
+        self.step, self.out = step, out
+        self.recording = False
+        self.baseline = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step and not self.recording:
+            self.baseline = torch.cuda.memory_allocated()
+            torch.cuda.memory._record_memory_history(max_entries=2_000_000)
+            self.recording = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.recording and trainer.global_step == self.step + 1:
+            torch.cuda.synchronize()
+            snapshot = torch.cuda.memory._snapshot()
+            torch.cuda.memory._record_memory_history(enabled=None)
+            self.recording = False
+            (self.out / "memory_at_peak.txt").write_text(peak_report(snapshot, self.baseline))
+
+
+def _origin(frames: list) -> str:
+    """The innermost frame in this repository's code (not in a library), as 'file:line function'."""
+    for frame in frames:
+        name = frame.get("filename", "")
+        if str(ROOT) in name and "/.venv/" not in name and "/site-packages/" not in name:
+            return f"{Path(name).relative_to(ROOT)}:{frame.get('line')} {frame.get('name')}"
+    return frames[0].get("filename", "?").rsplit("/", 2)[-1] + " (library)" if frames else "?"
+
+
+def peak_report(snapshot: dict, baseline: int) -> str:
+    """Replay the recorded allocations and frees: the peak above `baseline` and what is alive at it, by origin."""
+    trace = snapshot["device_traces"][0]
+    live, total, peak, at_peak = {}, 0, 0, {}
+    for event in trace:
+        if event["action"] == "alloc":
+            live[event["addr"]] = event
+            total += event["size"]
+        elif event["action"] in ("free_requested", "free") and event["addr"] in live:
+            total -= live.pop(event["addr"])["size"]
+        if total > peak:
+            peak, at_peak = total, dict(live)
+    by_origin = collections.Counter()
+    for event in at_peak.values():
+        by_origin[_origin(event.get("frames", []))] += event["size"]
+    lines = [f"allocated before the step: {baseline / 2**30:.2f} GiB; the step's peak adds {peak / 2**30:.2f} GiB "
+             f"(peak {(baseline + peak) / 2**30:.2f} GiB); alive at that peak, by origin:"]
+    lines += [f"{size / 2**20:10.1f} MiB  {origin}" for origin, size in by_origin.most_common(40)]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="folder for the tables")
+    parser.add_argument("--warmup", type=int, default=3, help="optimizer steps before measuring")
+    parser.add_argument("--profile_steps", type=int, default=2)
+    parser.add_argument("--memory", action="store_true", help="record the allocator history of one step")
+    parser.add_argument("--gpu_gib", type=float, default=0, help="cap the card to this many GiB (0: no cap)")
+    parser.add_argument("--weights", default="", help="long_context: the 7B base .pth (default: random, made once)")
+    parser.add_argument("workload", choices=("throughput", "long_context"))
+    parser.add_argument("what", nargs="+", help="throughput: SHAPE STRATEGY; long_context: CTX_LEN")
+    args = parser.parse_args()
+
+    import train
+    from src.config import parse_args
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    filler = cap_gpu_memory(args.gpu_gib) if args.gpu_gib else 0
+    proj_dir = Path(tempfile.mkdtemp(prefix="profile-"))
+    steps = args.warmup + args.profile_steps + 3
+    if args.workload == "throughput":
+        shape, strategy = args.what
+        flags = train_throughput.train_flags(shape, strategy, train_throughput.random_tokens(shape, proj_dir), proj_dir,
+                                             steps)
+        tokens_per_step = train_throughput.CTX * train_throughput.SHAPES[shape][2]
+    else:
+        ctx_len = int(args.what[0])
+        weights = Path(args.weights or Path(tempfile.gettempdir()) / "rwkv-7b-random-bf16.pth")
+        if not weights.exists():
+            long_context.make_random_base(weights)
+        flags = long_context.lora_flags(weights, long_context.random_tokens(ctx_len, proj_dir), proj_dir, ctx_len,
+                                        steps)
+        tokens_per_step = ctx_len
+    phases = PhaseTimer()
+    watchers = [phases, KernelProfile(args.warmup, args.profile_steps, out)]
+    if args.memory:
+        watchers.append(MemoryPeak(args.warmup + args.profile_steps + 1, out))
+    code = train.train(parse_args(flags), watchers, write_weights=False)
+    table = phases.table(args.warmup)
+    step_ms = sum(gpu for gpu, _ in table.values())
+    allocated, reserved = peak_gib(filler)
+    lines = [f"{' '.join(args.what)} ({args.workload}): exit {code}; {torch.cuda.get_device_name(0)}; median of "
+             f"{len(phases.marks) - args.warmup} steps after {args.warmup}: {step_ms:.1f} ms per step, "
+             f"{tokens_per_step / step_ms * 1000:,.0f} tokens/s; peak allocated / reserved {allocated:.2f} / "
+             f"{reserved:.2f} GiB", "", "| phase | GPU ms | share | host ms |", "|---|---|---|---|"]
+    lines += [f"| {phase} | {gpu:.1f} | {gpu / step_ms:.0%} | {host:.1f} |" for phase, (gpu, host) in table.items()]
+    report = "\n".join(lines)
+    (out / "phases.md").write_text(report + "\n")
+    (out / "phases.json").write_text(json.dumps({"table": table, "peak_gib": [allocated, reserved]}))
+    print(report, flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
