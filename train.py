@@ -107,12 +107,13 @@ def build_model(cfg: TrainConfig, vocab_size: int, save_dtype):
     import torch
 
     from src import checkpoint, strategy
-    from src.rwkv4.model import RWKV, RWKVConfig, generate_init_weights
+    from src.rwkv4.config import ForwardOptions, RWKVConfig
+    from src.rwkv4.model import RWKV, generate_init_weights
 
     # loaded weights replace every constructed value (unless --load_partial): build those on the meta device, for free
     replaced_whole = bool(cfg.load_model) and not cfg.load_partial and not cfg.resume
     with torch.device("meta" if replaced_whole else "cpu"):
-        model = RWKV(RWKVConfig.from_flags(cfg, vocab_size))
+        model = RWKV(RWKVConfig.from_flags(cfg, vocab_size), ForwardOptions.from_flags(cfg))
     if cfg.resume:
         return model, None
     if cfg.load_model:
@@ -134,7 +135,8 @@ def check_memory(cfg: TrainConfig, vocab_size: int, lightning_trainer) -> None:
     import torch
 
     from src import lora, memory_check
-    from src.rwkv4.model import RWKV, RWKVConfig
+    from src.rwkv4.config import RWKVConfig
+    from src.rwkv4.model import RWKV
 
     with torch.device("meta"):
         model = RWKV(RWKVConfig.from_flags(cfg, vocab_size))

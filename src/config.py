@@ -18,6 +18,7 @@ from typing import Optional
 from src import cli
 from src.errors import UserInputError
 from src.lora_settings import LoraSettings
+from src.rwkv4.config import default_widths, windowed_features
 
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 DATA_TYPES = ("utf-8", "utf-16le", "numpy", "binidx", "dummy", "uint16", "jsonl")
@@ -211,14 +212,14 @@ class TrainConfig:
         return f"{self.proj_dir} ctx{self.ctx_len} L{self.n_layer} D{self.n_embd}"
 
     @property
-    def chunk_len(self) -> Optional[int]:
-        """Tokens per WKV call (and per state_cp segment) when --ctx_parts splits the context."""
+    def ctx_part_len(self) -> Optional[int]:
+        """Tokens per part when --ctx_parts splits the context: per WKV call, and per --state_cp segment."""
         return math.ceil(self.ctx_len / self.ctx_parts) if self.ctx_parts else None
 
     @property
     def segment_len(self) -> Optional[int]:
         """--state_cp: tokens per segment of backpropagation through time (None: one pass per sample)."""
-        return (self.chunk_len or self.ctx_len) if self.state_cp else None
+        return (self.ctx_part_len or self.ctx_len) if self.state_cp else None
 
     def finalize(self) -> "TrainConfig":
         """Fill derived values and refuse invalid combinations with one clear message."""
@@ -226,10 +227,7 @@ class TrainConfig:
         if self.lora:
             self.lora_settings = LoraSettings.from_flags(self.lora_r, self.lora_alpha, self.lora_dropout,
                                                          self.lora_parts, self.lora_layers, self.n_layer)
-        if self.dim_att <= 0:
-            self.dim_att = self.n_embd
-        if self.dim_ffn <= 0:
-            self.dim_ffn = 4 * self.n_embd
+        self.dim_att, self.dim_ffn = default_widths(self.n_embd, self.dim_att, self.dim_ffn)
         if not self.timestamp:
             self.timestamp = datetime.datetime.today().strftime("%Y-%m-%d-%H-%M-%S")
         if self.my_pile_stage > 0:  # the original's Pile defaults; a mini-epoch is 40320 samples on any hardware
@@ -341,12 +339,10 @@ def validate(cfg: TrainConfig) -> None:
 
 def _validate_state_cp(cfg: TrainConfig) -> None:
     """--state_cp carries the state between segments: features that see the whole window at once cannot follow."""
-    windowed = {"head_qk": cfg.head_qk > 0, "my_pos_emb": cfg.my_pos_emb > 0,
-                "tiny_att_dim": cfg.tiny_att_dim > 0 and 0 <= cfg.tiny_att_layer < cfg.n_layer}
-    for name, on in windowed.items():
-        if on:
-            raise UserInputError(f"--state_cp 1 cannot train --{name}: it attends over the whole window at once, so "
-                                 f"it cannot continue from the state of an earlier segment; remove one of the two.")
+    windowed = windowed_features(cfg.n_layer, cfg.head_qk, cfg.tiny_att_dim, cfg.tiny_att_layer, cfg.my_pos_emb)
+    if windowed:
+        raise UserInputError(f"--state_cp 1 cannot train --{windowed[0]}: it attends over the whole window at once, "
+                             f"so it cannot continue from the state of an earlier segment; remove one of the two.")
     if cfg.strategy.startswith("deepspeed_stage_3"):
         raise UserInputError(f"--state_cp 1 cannot run under --strategy {cfg.strategy} (ZeRO-3 gathers each parameter "
                              f"in module hooks, which the segment passes bypass); use deepspeed_stage_2 or "

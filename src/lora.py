@@ -27,26 +27,16 @@ from src.checkpoint import compare_weights, load_weights
 from src.config import TrainConfig
 from src.errors import UserInputError
 from src.lora_settings import LoraSettings, format_layers
-from src.rwkv4.model import RWKV, RWKVConfig
-
-# Linear layers that get LoRA for each part: sub-module of the block -> projections.
-PART_PROJECTIONS = {"att": ("att", ("key", "value", "receptance")), "ffn": ("ffn", ("key", "receptance", "value"))}
-BLOCK_NORMS = ("ln0", "ln1", "ln2")
+from src.rwkv4 import anatomy
+from src.rwkv4.config import RWKVConfig
+from src.rwkv4.model import RWKV
 
 SETTINGS_KEY = "lora_settings"
 SETTINGS_FORMAT = "rwkv-infctx LoRA"
 SETTINGS_VERSION = 1
-# What identifies the base a LoRA was trained on (a World LoRA has the same A/B shapes as a Pile one).
-BASE_IDENTITY = ("vocab_size", "n_layer", "n_embd", "dim_att", "dim_ffn", "pre_ffn", "head_qk")
 
 
 # ---------------------------------------------------------------- the settings record of a checkpoint
-
-
-def base_identity(cfg: RWKVConfig) -> dict:
-    identity = {name: getattr(cfg, name) for name in BASE_IDENTITY}
-    identity["pre_ffn"] = bool(cfg.pre_ffn)
-    return identity
 
 
 def identity_differences(stored: dict, actual: dict) -> str:
@@ -58,7 +48,7 @@ def encode_settings(settings: LoraSettings, base: RWKVConfig) -> torch.Tensor:
     """The settings as UTF-8 JSON bytes in a uint8 tensor (a .pth stays a plain dict of tensors)."""
     record = {"format": SETTINGS_FORMAT, "version": SETTINGS_VERSION, "r": settings.r, "alpha": settings.alpha,
               "dropout": settings.dropout, "parts": list(settings.parts), "layers": list(settings.layers),
-              "base": base_identity(base)}
+              "base": anatomy.identity(base)}
     return torch.tensor(list(json.dumps(record).encode("utf-8")), dtype=torch.uint8)
 
 
@@ -122,37 +112,18 @@ def attach_lora(model: nn.Module, name: str, r: int, scale: float, dropout: floa
 # ---------------------------------------------------------------- which parameters train
 
 
-def lora_target_names(model: RWKV, settings: LoraSettings) -> list:
-    """Names of the Linear layers that get LoRA: the att/ffn projections of the selected layers."""
-    names = []
-    for i in settings.layers:
-        block = model.blocks[i]
-        for part in ("att", "ffn"):
-            mix, projections = PART_PROJECTIONS[part]
-            if part in settings.parts and hasattr(block, mix):  # with pre_ffn, block 0 has no att
-                names += [f"blocks.{i}.{mix}.{projection}" for projection in projections]
-    return names
-
-
 def trainable_names(model: RWKV, settings: LoraSettings) -> list:
-    """Every parameter that trains, in model order: lora_A/B of the LoraLinear layers of the selected
-    layers, their time_* parameters (part time) and their ln0/ln1/ln2 (part ln)."""
-    chosen = set()
-    for i in settings.layers:
-        block = model.blocks[i]
-        for name, _ in block.named_parameters():
-            path = name.split(".")
-            is_lora = path[-1] in ("lora_A", "lora_B")
-            is_time = "time" in settings.parts and path[-1].startswith("time_")
-            is_norm = "ln" in settings.parts and path[0] in BLOCK_NORMS
-            if is_lora or is_time or is_norm:
-                chosen.add(f"blocks.{i}.{name}")
-    return [name for name, _ in model.named_parameters() if name in chosen]
+    """Every parameter that trains, in model order: lora_A/B of the LoraLinear layers of the selected layers,
+    and there the tensors the chosen parts train whole (time_* for part time, block norms for part ln)."""
+    layers = set(settings.layers)
+    return [name for name, _ in model.named_parameters()
+            if anatomy.layer_of(name) in layers
+            and (name.endswith((".lora_A", ".lora_B")) or anatomy.trained_whole_part(name) in settings.parts)]
 
 
 def apply_lora(model: RWKV, settings: LoraSettings) -> list:
     """Wrap the selected Linear layers (call after the base weights are loaded); returns their names."""
-    names = lora_target_names(model, settings)
+    names = anatomy.lora_projections(model.cfg, settings.parts, settings.layers)
     for name in names:
         attach_lora(model, name, settings.r, settings.scale, settings.dropout)
     return names
@@ -210,9 +181,9 @@ def load_lora_checkpoint(model: RWKV, settings: LoraSettings, names: list, path)
         if saved.alpha != settings.alpha:
             raise UserInputError(f"--lora_load {path} was trained with lora_alpha {saved.alpha:g}, but "
                                  f"--lora_alpha is {settings.alpha:g}; pass --lora_alpha {saved.alpha:g}.")
-        if identity != base_identity(model.cfg):
+        if identity != anatomy.identity(model.cfg):
             raise UserInputError(f"--lora_load {path} was trained on another base model than this one (file vs "
-                                 f"model: {identity_differences(identity, base_identity(model.cfg))}).")
+                                 f"model: {identity_differences(identity, anatomy.identity(model.cfg))}).")
     state = model.state_dict()
     differences = compare_weights({name: state[name] for name in names}, weights)
     unexpected = differences.unexpected

@@ -9,7 +9,6 @@ base's dtype and written.
 A LoRA file is validated on its own first (LoraCheckpoint), then against the base (check_fits_base), so
 every mistake gets one message naming the file, the key and the fix.
 """
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
@@ -18,19 +17,17 @@ import torch
 
 from src.checkpoint import compare_weights
 from src.errors import UserInputError
-from src.lora import SETTINGS_KEY, attach_lora, base_identity, decode_settings, identity_differences
-from src.lora_settings import LoraSettings, format_layers
-from src.rwkv4.model import RWKV, RWKVConfig
+from src.lora import SETTINGS_KEY, attach_lora, decode_settings, identity_differences
+from src.lora_settings import LoraSettings
+from src.rwkv4 import anatomy
+from src.rwkv4.config import ForwardOptions, RWKVConfig
+from src.rwkv4.model import RWKV
 
 # The merge check: logits of the merged model (fp32, before the cast to the base dtype) against the
 # base + LoRA model, on CHECK_TOKENS tokens, must agree within CHECK_RTOL * max(1, max |logit|).
 # fp32 reassociation error is ~1e-6 relative; a merge bug moves logits by the size of the LoRA effect.
 CHECK_TOKENS = 8
 CHECK_RTOL = 1e-3
-
-_LAYER_OF_KEY = re.compile(r"^blocks\.(\d+)\.")
-# Keys a LoRA checkpoint may hold besides lora_A/lora_B: the tensors the time and ln parts train whole.
-_REPLACEABLE = re.compile(r"^blocks\.\d+\.(?:(?:att|ffn|ffnPre)\.time_\w+|ln[012]\.(?:weight|bias))$")
 
 
 def delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
@@ -48,7 +45,7 @@ class LoraCheckpoint:
     pairs: dict  # prefix -> (lora_A [r, in], lora_B [out, r]); prefix + ".weight" is the merged key
     replaced: dict  # key -> tensor that replaces the base's (time_* / ln parameters)
     settings: Optional[LoraSettings] = None
-    base: Optional[dict] = None  # identity of the base it was trained on (src.lora.BASE_IDENTITY)
+    base: Optional[dict] = None  # identity of the base it was trained on (src.rwkv4.anatomy.identity)
 
     @classmethod
     def from_weights(cls, weights: dict, path) -> "LoraCheckpoint":
@@ -63,7 +60,7 @@ class LoraCheckpoint:
             prefix, _, leaf = key.rpartition(".")
             if leaf in ("lora_A", "lora_B") and prefix:
                 halves.setdefault(prefix, {})[leaf] = tensor
-            elif _REPLACEABLE.match(key):
+            elif anatomy.trained_whole_part(key) is not None:  # time_* / ln tensors the LoRA trained whole
                 replaced[key] = tensor
             else:
                 foreign.append(key)
@@ -108,35 +105,10 @@ def resolve_alpha(alpha: Optional[float], lora: LoraCheckpoint) -> float:
 # ---------------------------------------------------------------- the base model
 
 
-def model_config_of(weights: dict, path="base") -> RWKVConfig:
-    """The RWKVConfig whose state dict has the shapes of `weights` (a full v4neo model)."""
-    if "emb.weight" not in weights:
-        raise UserInputError(f"{path} is not a full RWKV-4 model (it has no emb.weight).")
-    layers = sorted({int(m[1]) for m in map(_LAYER_OF_KEY.match, weights) if m})
-    if not layers or layers != list(range(len(layers))):
-        raise UserInputError(f"{path}: the blocks.N keys are not numbered 0..n-1 (found {format_layers(layers)}).")
-    vocab_size, n_embd = weights["emb.weight"].shape
-    att_keys = [f"blocks.{i}.att.key.weight" for i in layers if f"blocks.{i}.att.key.weight" in weights]
-    tiny = [k for k in weights if k.endswith(".tiny_q.weight")]
-    try:
-        return RWKVConfig(
-            vocab_size=vocab_size, n_layer=len(layers), n_embd=n_embd,
-            dim_att=weights[att_keys[0]].shape[0] if att_keys else n_embd,
-            dim_ffn=weights["blocks.0.ffn.key.weight"].shape[0],
-            pre_ffn=int("blocks.0.ffnPre.key.weight" in weights),
-            head_qk=weights["head_q.weight"].shape[0] if "head_q.weight" in weights else 0,
-            tiny_att_dim=weights[tiny[0]].shape[0] if tiny else 0,
-            tiny_att_layer=int(_LAYER_OF_KEY.match(tiny[0])[1]) if tiny else -999,
-            my_pos_emb=weights["blocks.0.pos_emb_x"].shape[1] if "blocks.0.pos_emb_x" in weights else 0,
-            wkv_backend="torch")
-    except KeyError as e:
-        raise UserInputError(f"{path} is not a full RWKV-4 model (it has no {e.args[0]}).")
-
-
 def model_from_weights(cfg: RWKVConfig, weights: dict, device, path="base") -> RWKV:
     """An fp32 RWKV on `device` holding `weights` (strict: the keys and shapes must be exactly the model's)."""
     with torch.device("meta"):  # no allocation or init for weights about to be replaced
-        model = RWKV(cfg)
+        model = RWKV(cfg, ForwardOptions(wkv_backend="torch"))  # a few tokens: no kernel build for them
     differences = compare_weights(model.state_dict(), weights)
     if differences:
         raise UserInputError(f"{path} does not have the layout of an RWKV-4 model this toolkit knows (unknown keys: "
@@ -146,16 +118,11 @@ def model_from_weights(cfg: RWKVConfig, weights: dict, device, path="base") -> R
     return model.eval()
 
 
-def _layer_of(key: str) -> Optional[int]:
-    match = _LAYER_OF_KEY.match(key)
-    return int(match[1]) if match else None
-
-
 def check_fits_base(lora: LoraCheckpoint, base: dict, cfg: RWKVConfig, base_path) -> None:
     """Every LoRA tensor must land on a base tensor of the right shape; the stored identity must match."""
-    if lora.base is not None and lora.base != base_identity(cfg):
+    if lora.base is not None and lora.base != anatomy.identity(cfg):
         raise UserInputError(f"{lora.path} was trained on another base model than {base_path} (LoRA's base vs this "
-                             f"one: {identity_differences(lora.base, base_identity(cfg))}).")
+                             f"one: {identity_differences(lora.base, anatomy.identity(cfg))}).")
     # what the merge writes into the base: each pair's B A [out, in] onto <prefix>.weight, each time/ln tensor
     # onto its own key
     products = {f"{prefix}.weight": (B.shape[0], A.shape[1]) for prefix, (A, B) in lora.pairs.items()}
@@ -164,7 +131,7 @@ def check_fits_base(lora: LoraCheckpoint, base: dict, cfg: RWKVConfig, base_path
     lacking = [*onto_weights.unexpected, *onto_replaced.unexpected]  # keys the base does not have
     if lacking:
         key = lacking[0]
-        layer = _layer_of(key)
+        layer = anatomy.layer_of(key)
         source = f"{key.removesuffix('.weight')}.lora_A" if key in products else key
         if layer is not None and layer >= cfg.n_layer:
             raise UserInputError(f"{lora.path} has {source} for layer {layer}, but {base_path} has {cfg.n_layer} "
@@ -196,7 +163,7 @@ class MergeReport:
 
 def _selected(key: str, layer_coef: Optional[dict]) -> bool:
     """merge_lora_plus: keys of unlisted layers are ignored; keys outside blocks always apply."""
-    layer = _layer_of(key)
+    layer = anatomy.layer_of(key)
     return layer_coef is None or layer is None or layer in layer_coef
 
 
@@ -220,7 +187,7 @@ def merge_lora_state_dict(base: dict, lora: LoraCheckpoint, alpha: float, layer_
 
 
 def _pair_scale(prefix: str, lora_A: torch.Tensor, alpha: float, layer_coef: Optional[dict]) -> float:
-    layer = _layer_of(prefix)
+    layer = anatomy.layer_of(prefix)
     coef = 1.0 if layer_coef is None or layer is None else layer_coef[layer]
     return coef * alpha / lora_A.shape[0]  # r = rank of this pair, as the original
 
@@ -283,7 +250,7 @@ def merge_checked(base: dict, lora: LoraCheckpoint, alpha: float, layer_coef: Op
     if any(k == SETTINGS_KEY or k.endswith((".lora_A", ".lora_B")) for k in base):
         raise UserInputError(f"{base_path} is itself a LoRA checkpoint (it holds lora_A/lora_B keys or LoRA "
                              f"settings); pass the full base model it was trained on, then the LoRA file.")
-    cfg = model_config_of(base, base_path)
+    cfg = anatomy.config_of_weights(base, base_path)
     check_fits_base(lora, base, cfg, base_path)
     if layer_coef and max(layer_coef) >= cfg.n_layer:
         raise UserInputError(f"--layer_filter lists layer {max(layer_coef)}, but {base_path} has {cfg.n_layer} "

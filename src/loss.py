@@ -1,10 +1,17 @@
 """The training loss: mean next-token cross-entropy over the unmasked targets, plus BlinkDL's L2Wrap.
 
 Targets equal to IGNORE_INDEX (-100) are masked: they add nothing to the loss or its gradient.
-`language_model_loss` takes the normaliser explicitly so that a sample trained in segments
-(src/infctx.py) gets exactly the loss of the whole sample: each segment divides its summed
-cross-entropy by the unmasked targets of the whole sample, and L2Wrap by all of its positions.
+The losses take the normaliser explicitly so that a sample trained in segments (src/state_cp.py) gets
+exactly the loss of the whole sample: each segment divides its summed cross-entropy by the unmasked
+targets of the whole sample, and L2Wrap by all of its positions.
+
+Two implementations of one function:
+    language_model_loss(logits, targets)   from logits (B, T, V): the reference
+    head_loss(x, weight, targets)          = language_model_loss(x @ weight.T, targets), computed a chunk of
+                                             tokens at a time, so the [B, T, V] logits never exist
+tests/test_loss.py holds them to each other (loss and every gradient, fp32/fp64/bf16, masks, odd shapes).
 """
+import math
 from typing import Optional, Union
 
 import torch
@@ -13,6 +20,13 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100  # target id that cross_entropy skips
 
 L2WRAP_COEF = 1e-4
+
+# head_loss computes this many logits at a time (2^26: 256 MiB in fp32, plus their 16-bit copy and gradient):
+# a few thousand tokens per matrix product at vocabularies of 50k-65k, big enough to run at the matmul rate.
+LOGITS_PER_CHUNK = 2 ** 26
+# head_loss pads the vocabulary dimension to a multiple of this: cuBLAS runs its fast kernels only when the
+# leading dimensions are aligned, and an odd vocabulary (50277) makes the three head products ~5x slower.
+VOCAB_ALIGNMENT = 64
 
 
 class L2Wrap(torch.autograd.Function):
@@ -63,3 +77,83 @@ def language_model_loss(logits: torch.Tensor, targets: torch.Tensor, targets_in_
     positions = targets.numel() if positions_in_sample is None else positions_in_sample
     loss = cross_entropy_sum(logits, targets) / count
     return L2Wrap.apply(loss, logits, positions)
+
+
+def head_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+              targets_in_sample: Optional[torch.Tensor] = None, positions_in_sample: Optional[int] = None,
+              logits_per_chunk: Optional[int] = None) -> torch.Tensor:
+    """language_model_loss(x @ weight.T, targets, ...) without the [B, T, V] logits. x (B, T, C), weight (V, C).
+
+    Under autocast the products run in the autocast dtype, as F.linear's would; the softmax and the loss in
+    fp32 (fp64 for fp64 inputs). The gradients are computed chunk by chunk during the forward (each chunk's
+    logits are needed for both) and kept until backward, which scales them by the incoming gradient.
+    logits_per_chunk: values computed at once (default LOGITS_PER_CHUNK), counted over the padded vocabulary.
+    """
+    count = target_count(targets) if targets_in_sample is None else targets_in_sample
+    positions = targets.numel() if positions_in_sample is None else positions_in_sample
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        compute_dtype = torch.get_autocast_dtype(device)
+    else:
+        compute_dtype = torch.promote_types(x.dtype, weight.dtype)
+    wants_grads = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return _HeadLoss.apply(x, weight, targets, count, positions, compute_dtype, logits_per_chunk or LOGITS_PER_CHUNK,
+                           wants_grads)
+
+
+class _HeadLoss(torch.autograd.Function):
+    """Summed cross-entropy of x @ weight.T over a normaliser, and its gradients, a chunk of tokens at a time.
+
+    Per chunk of n tokens (logits z = x W^T, padded with -inf columns up to the aligned vocabulary):
+        loss    += sum over unmasked t of (logsumexp(z_t) - z_t[target_t]) / count
+        dL/dz    = (softmax(z_t) - onehot(target_t)) * unmasked_t / count + L2Wrap's max(z_t) * 1e-4 / positions
+                   at argmax(z_t) (every position, masked ones included, as L2Wrap)
+        dL/dx    = dL/dz W,   dL/dW += (dL/dz)^T x          (the padded rows of W get gradients of 0)
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, count, positions, compute_dtype, logits_per_chunk, wants_grads):
+        C = x.shape[-1]
+        vocab = weight.shape[0]
+        padded = math.ceil(vocab / VOCAB_ALIGNMENT) * VOCAB_ALIGNMENT
+        accumulate = torch.promote_types(compute_dtype, torch.float32)
+        flat_x, flat_targets = x.reshape(-1, C), targets.reshape(-1)
+        w = F.pad(weight.to(compute_dtype), (0, 0, 0, padded - vocab))  # (padded, C)
+        want_x = wants_grads and ctx.needs_input_grad[0]
+        want_w = wants_grads and ctx.needs_input_grad[1]
+        grad_x = torch.empty_like(flat_x) if want_x else None
+        grad_w = torch.zeros(padded, C, dtype=accumulate, device=x.device) if want_w else None
+        ce_sum = torch.zeros((), dtype=accumulate, device=x.device)
+        step = max(1, logits_per_chunk // padded)
+        with torch.autocast(x.device.type, enabled=False):  # the dtypes above are chosen explicitly
+            for start in range(0, flat_x.shape[0], step):
+                x_chunk = flat_x[start:start + step].to(compute_dtype)
+                t_chunk = flat_targets[start:start + step]
+                z = (x_chunk @ w.T).to(accumulate)  # (n, padded)
+                z[:, vocab:] = -math.inf
+                lse = torch.logsumexp(z, dim=-1)
+                unmasked = t_chunk != IGNORE_INDEX
+                safe_targets = t_chunk.clamp(min=0).unsqueeze(1)  # masked targets read column 0, weighted 0
+                ce_sum += ((lse - z.gather(1, safe_targets).squeeze(1)) * unmasked).sum()
+                if not (want_x or want_w):
+                    continue
+                top, top_ids = z.max(dim=-1, keepdim=True)
+                weights = (unmasked.to(accumulate) / count).unsqueeze(1)  # (n, 1)
+                grad_z = z.sub_(lse.unsqueeze(1)).exp_().mul_(weights)  # softmax / count, in z's memory
+                grad_z.scatter_add_(1, safe_targets, -weights)
+                grad_z.scatter_add_(1, top_ids, top * (L2WRAP_COEF / positions))
+                grad_z = grad_z.to(compute_dtype)
+                if want_x:
+                    grad_x[start:start + step] = grad_z @ w
+                if want_w:
+                    grad_w += (grad_z.T @ x_chunk).to(accumulate)
+        ctx.save_for_backward(None if grad_x is None else grad_x.view_as(x),
+                              None if grad_w is None else grad_w[:vocab].to(weight.dtype))
+        return ce_sum / count
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        grad_x, grad_w = ctx.saved_tensors
+        return (None if grad_x is None else grad_x * grad_output.to(grad_x.dtype),
+                None if grad_w is None else grad_w * grad_output.to(grad_w.dtype), None, None, None, None, None, None)

@@ -1,11 +1,12 @@
-"""Lightning glue: the training step (src/loss.py through src/infctx.py), the optimizer and its parameter
+"""Lightning glue: the training step (src/loss.py through src/state_cp.py), the optimizer and its parameter
 groups, and the Trainer itself. The model (src/model.py) knows nothing of this module.
 """
 import lightning.pytorch as pl
 import torch
 
-from src import infctx
+from src import state_cp
 from src.config import TrainConfig
+from src.rwkv4 import anatomy
 from src.strategy import LIGHTNING_PRECISION, build_strategy, is_deepspeed
 
 # DeepSpeed's ZeRO 1/2 set-up copies each parameter group whole on the GPU before moving its fp32 master copy
@@ -18,31 +19,23 @@ DEEPSPEED_GROUP_NUMEL = 2 ** 28
 def build_param_groups(model: torch.nn.Module, cfg: TrainConfig, max_group_numel: int = 0) -> list:
     """Adam parameter groups with an `lr_scale` each (the original's layer-wise LR), in model order.
 
-    layerwise_lr 1: time_decay at 2x, time_first at 3x the LR (Pile stage 2: time_mix 5x, time_decay 5x).
+    layerwise_lr 1: each parameter's multiplier from the model's anatomy (src/rwkv4/anatomy.py lr_multiplier).
     weight_decay > 0: weight matrices (two dimensions once squeezed: embeddings, projections, head) go to
     groups with decoupled weight decay; vectors, time_mix [1, 1, C] and norms never decay.
     max_group_numel > 0: groups are cut into consecutive groups of at most that many elements (a parameter
     larger than that gets a group of its own). Frozen parameters are left out; empty groups are dropped.
     """
-    stage2 = cfg.my_pile_stage == 2
-    scales = (1.0, 5.0, 5.0) if stage2 else (1.0, 2.0, 3.0)
+    pile_stage_2 = cfg.my_pile_stage == 2
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        tier = 0
-        if cfg.layerwise_lr:
-            if "time_mix" in name:
-                tier = 1 if stage2 else 0
-            elif "time_decay" in name:
-                tier = 2 if stage2 else 1
-            elif "time_first" in name:
-                tier = 2
+        scale = anatomy.lr_multiplier(name, pile_stage_2) if cfg.layerwise_lr else 1.0
         decay = cfg.weight_decay if (cfg.weight_decay > 0 and p.squeeze().dim() >= 2) else 0.0
-        pieces = groups.setdefault((tier, decay), [])
+        pieces = groups.setdefault((scale, decay), [])
         if not pieces or (max_group_numel and pieces[-1]["numel"] + p.numel() > max_group_numel
                           and pieces[-1]["params"]):
-            pieces.append({"params": [], "names": [], "numel": 0, "lr_scale": scales[tier], "weight_decay": decay})
+            pieces.append({"params": [], "names": [], "numel": 0, "lr_scale": scale, "weight_decay": decay})
         pieces[-1]["params"].append(p)
         pieces[-1]["names"].append(name)
         pieces[-1]["numel"] += p.numel()
@@ -62,8 +55,8 @@ class RWKVModule(pl.LightningModule):
         x, y = batch  # (B, T) token ids, (B, T) targets
         if self.keep_bytes is None:  # measured once, after the strategy's set-up took its host memory
             # on a CPU the host is the device: keeping block inputs there would grow memory with the sample
-            self.keep_bytes = infctx.host_memory_for_kept_segments(self.trainer.num_devices) if x.is_cuda else 0
-        loss = infctx.sample_loss(self.model, x, y, self.cfg.segment_len, self.keep_bytes)
+            self.keep_bytes = state_cp.host_memory_for_kept_segments(self.trainer.num_devices) if x.is_cuda else 0
+        loss = state_cp.sample_loss(self.model, x, y, self.cfg.segment_len, self.keep_bytes)
         # Lightning divides "loss" by accumulate_grad_batches; "token_loss" is the plain value for logs.
         return {"loss": loss, "token_loss": loss.detach(), "tokens": y.numel()}
 

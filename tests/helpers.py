@@ -6,13 +6,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.rwkv4.model import RWKV, RWKVConfig, generate_init_weights
+from src.rwkv4.config import ForwardOptions, RWKVConfig
+from src.rwkv4.model import RWKV, generate_init_weights
 
 
-def tiny_model(vocab_size=37, n_layer=2, n_embd=16, seed=0, perturb=0.1, **overrides) -> RWKV:
-    """A small RWKV with v4neo init plus noise, so no parameter sits at a special value (zero, identity)."""
+def tiny_model(vocab_size=37, n_layer=2, n_embd=16, seed=0, perturb=0.1, grad_cp=False, ctx_part_len=None,
+               **shape) -> RWKV:
+    """A small RWKV with v4neo init plus noise, so no parameter sits at a special value (zero, identity); the
+    torch WKV backend, --grad_cp and --ctx_parts' part length as given."""
     torch.manual_seed(seed)
-    model = RWKV(RWKVConfig(vocab_size=vocab_size, n_layer=n_layer, n_embd=n_embd, wkv_backend="torch", **overrides))
+    options = ForwardOptions(grad_cp=grad_cp, wkv_backend="torch", ctx_part_len=ctx_part_len)
+    model = RWKV(RWKVConfig(vocab_size=vocab_size, n_layer=n_layer, n_embd=n_embd, **shape), options)
     model.load_state_dict(generate_init_weights(model, 1e-3))
     with torch.no_grad():
         for p in model.parameters():

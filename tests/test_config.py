@@ -105,7 +105,7 @@ def test_flags_lora_included_are_checked_without_importing_torch():
 
 def test_derived_values():
     cfg = parse_args(["--data_type", "dummy", "--n_embd", "64", "--ctx_len", "100", "--ctx_parts", "3"])
-    assert (cfg.dim_att, cfg.dim_ffn, cfg.chunk_len) == (64, 256, 34)
+    assert (cfg.dim_att, cfg.dim_ffn, cfg.ctx_part_len) == (64, 256, 34)
     assert cfg.betas == (0.9, 0.99) and cfg.timestamp
 
 

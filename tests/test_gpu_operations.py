@@ -143,7 +143,8 @@ def test_lora_bf16_under_deepspeed_stage_2_then_merge(tmp_path):
     import merge_lora
     from helpers import rwkv_pip_logits
     from src.checkpoint import save_weights
-    from src.rwkv4.model import RWKV, RWKVConfig, generate_init_weights
+    from src.rwkv4.config import RWKVConfig
+    from src.rwkv4.model import RWKV, generate_init_weights
 
     base = RWKV(RWKVConfig(vocab_size=13, n_layer=12, n_embd=768))  # the built-in data's 13 characters
     save_weights(generate_init_weights(base, 6e-4), tmp_path / "base.pth", torch.bfloat16)

@@ -13,7 +13,8 @@ from src.checkpoint import load_weights, save_weights
 from src.lora import SETTINGS_KEY, apply_lora, lora_state_dict, trainable_names
 from src.lora_merge import delta_weight
 from src.lora_settings import PARTS, LoraSettings
-from src.rwkv4.model import RWKV, RWKVConfig
+from src.rwkv4.config import ForwardOptions, RWKVConfig
+from src.rwkv4.model import RWKV
 
 N_LAYER = 3
 TOKENS = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]
@@ -40,8 +41,8 @@ def logits(model: RWKV, tokens=TOKENS) -> torch.Tensor:
 
 def load_model(path) -> RWKV:
     weights = {k: v.float() for k, v in load_weights(path).items()}
-    model = RWKV(RWKVConfig(vocab_size=weights["emb.weight"].shape[0], n_layer=N_LAYER, n_embd=16,
-                            wkv_backend="torch"))
+    model = RWKV(RWKVConfig(vocab_size=weights["emb.weight"].shape[0], n_layer=N_LAYER, n_embd=16),
+                 ForwardOptions(wkv_backend="torch"))
     model.load_state_dict(weights)
     return model.eval()
 

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from helpers import tiny_model
-from src.rwkv4.model import RWKV, RWKVConfig, generate_init_weights, initial_state
+from src.rwkv4.config import RWKVConfig
+from src.rwkv4.model import RWKV, generate_init_weights
+from src.rwkv4.state import initial_state
 
 
 def test_golden_keys_and_shapes():
@@ -144,7 +146,7 @@ def test_frozen_embedding_still_gets_block_gradients_with_checkpointing():
 def test_ctx_parts_chunking_changes_nothing():
     idx = torch.randint(0, 37, (2, 10))
     logits_a, grads_a = _loss_and_grads(tiny_model(), idx)
-    logits_b, grads_b = _loss_and_grads(tiny_model(wkv_chunk_len=3), idx)
+    logits_b, grads_b = _loss_and_grads(tiny_model(ctx_part_len=3), idx)
     torch.testing.assert_close(logits_b, logits_a, rtol=0, atol=0)
     for name in grads_a:
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-6, atol=1e-8, msg=name)

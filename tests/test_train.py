@@ -6,7 +6,8 @@ import train
 from helpers import rwkv_pip_logits
 from src.binidx import MMapIndexedDatasetBuilder
 from src.checkpoint import load_weights, save_weights
-from src.rwkv4.model import RWKV, RWKVConfig
+from src.rwkv4.config import ForwardOptions, RWKVConfig
+from src.rwkv4.model import RWKV
 
 TINY = ["--n_layer", "1", "--n_embd", "16", "--ctx_len", "16", "--micro_bsz", "2", "--epoch_steps", "2",
         "--epoch_count", "1", "--wkv_backend", "torch", "--enable_progress_bar", "0", "--random_seed", "1"]
@@ -44,8 +45,8 @@ def test_saved_weights_load_in_rwkv_pip_with_the_same_logits(tmp_path):
     assert run(tmp_path, "--data_type", "dummy", "--n_layer", "2", "--dim_ffn", "48") == 0
     path = tmp_path / "out" / "rwkv-final.pth"
     weights = load_weights(path)
-    model = RWKV(RWKVConfig(vocab_size=weights["emb.weight"].shape[0], n_layer=2, n_embd=16, dim_ffn=48,
-                            wkv_backend="torch"))
+    model = RWKV(RWKVConfig(vocab_size=weights["emb.weight"].shape[0], n_layer=2, n_embd=16, dim_ffn=48),
+                 ForwardOptions(wkv_backend="torch"))
     model.load_state_dict(weights)
     tokens = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]
     ours = model(torch.tensor([tokens]))[0][0].detach()

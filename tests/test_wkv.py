@@ -89,11 +89,11 @@ def test_chaining_equals_one_call_in_outputs_and_every_gradient(splits):
         torch.testing.assert_close(ga, gb, rtol=1e-10, atol=1e-12, msg=name)
 
 
-@pytest.mark.parametrize("chunk_len", [1, 3, 7, 100])
-def test_chunk_len_changes_nothing(chunk_len):
+@pytest.mark.parametrize("part_len", [1, 3, 7, 100])
+def test_part_len_changes_nothing(part_len):
     w, u, k, v = random_inputs(2, 10, 4, dtype=torch.float32)
     y_full, s_full = wkv(w, u, k, v, backend="torch")
-    y_chunked, s_chunked = wkv(w, u, k, v, backend="torch", chunk_len=chunk_len)
+    y_chunked, s_chunked = wkv(w, u, k, v, backend="torch", part_len=part_len)
     torch.testing.assert_close(y_chunked, y_full, rtol=0, atol=0)
     torch.testing.assert_close(s_chunked, s_full, rtol=0, atol=0)
 

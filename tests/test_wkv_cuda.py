@@ -190,12 +190,12 @@ def test_chaining_is_exact(dtype):
 
 @gpu
 def test_ctx_parts_changes_nothing():
-    """wkv(..., chunk_len=n) (--ctx_parts) runs several kernel calls; the results are those of one call."""
+    """wkv(..., part_len=n) (--ctx_parts) runs several kernel calls; the results are those of one call."""
     inp = make_inputs(3, 777, 64)
     whole = run(kernel(), inp)
 
     def in_parts(w, u, k, v, state):
-        return wkv(w, u, k, v, state, backend="cuda", chunk_len=100)
+        return wkv(w, u, k, v, state, backend="cuda", part_len=100)
 
     assert_close(run(in_parts, inp), whole, tolerances(torch.float32), "ctx_parts")
 
@@ -219,7 +219,7 @@ def test_model_cuda_backend_matches_torch_backend():
     differences pass through layer norms and two layers: 1e-4."""
     ref = tiny_model(vocab_size=37, n_layer=2, n_embd=64).to(DEVICE)
     fast = copy.deepcopy(ref)
-    fast.cfg.wkv_backend = "cuda"
+    fast.options.wkv_backend = "cuda"
     idx = torch.randint(0, 37, (3, 129), device=DEVICE)
     losses = []
     for model in (ref, fast):
@@ -237,7 +237,7 @@ def test_model_cuda_backend_matches_torch_backend():
 def test_bf16_training_run():
     """Ten AdamW steps with bf16 autocast (the kernel's bf16 path): finite and learning."""
     model = tiny_model(vocab_size=37, n_layer=2, n_embd=64).to(DEVICE)
-    model.cfg.wkv_backend = "cuda"
+    model.options.wkv_backend = "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     idx = (torch.arange(257, device=DEVICE) * 7 % 37).repeat(4, 1)  # a learnable periodic sequence
     losses = []

@@ -11,88 +11,30 @@ With C = n_embd, A = dim_att, F = dim_ffn, V = vocab_size:
     optional: blocks.0.ffnPre.* (pre_ffn), head_q/head_k.weight [H,C] (head_qk),
               blocks.L.tiny_ln/tiny_q/tiny_k/tiny_v (tiny attention), blocks.0.pos_emb_x/y (my_pos_emb)
 
-The recurrent state of all layers is two tensors (`RWKVState`), so it can be detached, stored or
-passed through checkpointing as a unit:
-    shift (n_layer, 2, B, C)  last input of each layer's time-mix [.., 0] and channel-mix [.., 1]
-    wkv   (n_layer, B, A, 3)  fp32 WKV state (aa, bb, pp), see src/wkv.py
+The forward is built from pieces, which the segment engine of --state_cp (src/state_cp.py) also drives one
+at a time, so there is one forward:
+    embed(idx)                             token ids (B, T) -> x_emb (B, T, C)
+    run_block(i, x, x_emb, layer_state)    block i from its layer's state -> (x, the layer's new state);
+                                           state_of_layers(new layer states) -> RWKVState
+    run_blocks(x_emb, state)               every block (with --grad_cp's checkpointing) -> (x, RWKVState)
+    logits(x, idx)                         ln_out, head (and head_qk) -> (B, T, V)
+    head_loss(x, targets, ...)             ln_out, head and the training loss, without [B, T, V] logits
+    forward(idx, state) = logits(run_blocks(embed(idx), state)), with the state after the last token
+    loss(idx, targets)  = head_loss(run_blocks(embed(idx)))
 Running a sequence in one call, or in pieces with the state passed on, gives the same logits.
 """
-import dataclasses
 import math
-from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from src.loss import head_loss, language_model_loss
+from src.rwkv4.config import ForwardOptions, RWKVConfig
+from src.rwkv4.state import RWKVState, empty_state
 from src.rwkv4.wkv import wkv
-from src.rwkv4.state import empty_state
-
-
-@dataclass
-class RWKVConfig:
-    vocab_size: int
-    n_layer: int
-    n_embd: int
-    dim_att: int = 0  # 0 -> n_embd
-    dim_ffn: int = 0  # 0 -> 4 * n_embd
-    pre_ffn: int = 0
-    head_qk: int = 0
-    tiny_att_dim: int = 0
-    tiny_att_layer: int = -999
-    my_pos_emb: int = 0
-    grad_cp: bool = False  # activation checkpointing per block while training
-    wkv_backend: str = "auto"
-    wkv_chunk_len: Optional[int] = None  # --ctx_parts: tokens per WKV call
-
-    def __post_init__(self):
-        self.dim_att = self.dim_att or self.n_embd
-        self.dim_ffn = self.dim_ffn or 4 * self.n_embd
-
-    @classmethod
-    def from_flags(cls, flags, vocab_size: int) -> "RWKVConfig":
-        """The model train.py's flags (src/config.py TrainConfig) describe: fields named like a flag take its value;
-        the vocabulary is the data's, --ctx_parts gives the WKV chunk length."""
-        same_name = {f.name: getattr(flags, f.name) for f in dataclasses.fields(cls) if hasattr(flags, f.name)}
-        return cls(**{**same_name, "vocab_size": vocab_size, "grad_cp": bool(flags.grad_cp),
-                      "wkv_chunk_len": flags.chunk_len})
-
-    @property
-    def has_tiny_att(self) -> bool:
-        return self.tiny_att_dim > 0 and 0 <= self.tiny_att_layer < self.n_layer
-
-    @property
-    def windowed_features(self) -> list:
-        """Features that look at the whole input window at once, so they cannot continue from a state."""
-        names = [("head_qk", self.head_qk > 0), ("tiny_att_dim", self.has_tiny_att), ("my_pos_emb", self.my_pos_emb > 0)]
-        return [name for name, on in names if on]
-
-
-class RWKVState(NamedTuple):
-    shift: torch.Tensor  # (n_layer, 2, B, C)
-    wkv: torch.Tensor  # (n_layer, B, A, 3) fp32
-
-    def detach(self) -> "RWKVState":
-        return RWKVState(self.shift.detach(), self.wkv.detach())
-
-    def layer(self, i: int) -> tuple:
-        """Layer i's state as Block.forward takes it: (att shift (B, C), wkv (B, A, 3), ffn shift (B, C))."""
-        return self.shift[i, 0], self.wkv[i], self.shift[i, 1]
-
-    @staticmethod
-    def from_layers(layers) -> "RWKVState":
-        """The inverse of `layer`: [(att shift, wkv, ffn shift) for each layer] -> RWKVState."""
-        shifts = [torch.stack([att_shift, ffn_shift.to(att_shift.dtype)]) for att_shift, _, ffn_shift in layers]
-        return RWKVState(torch.stack(shifts), torch.stack([wkv_state for _, wkv_state, _ in layers]))
-
-
-def initial_state(cfg: RWKVConfig, batch: int, device=None, dtype=torch.float32) -> RWKVState:
-    """The state before the first token: zero shifts, empty WKV sums."""
-    shift = torch.zeros(cfg.n_layer, 2, batch, cfg.n_embd, dtype=dtype, device=device)
-    wkv_state = empty_state(batch, cfg.dim_att, device).unsqueeze(0).repeat(cfg.n_layer, 1, 1, 1)
-    return RWKVState(shift, wkv_state)
 
 
 def token_shift(x: torch.Tensor, last: Optional[torch.Tensor]) -> torch.Tensor:
@@ -115,9 +57,9 @@ def _channel_ramp(n_embd: int) -> torch.Tensor:
 class TimeMix(nn.Module):
     """RWKV-4 attention replacement: token shift, K/V/R projections, WKV, sigmoid(R) gate."""
 
-    def __init__(self, cfg: RWKVConfig, layer_id: int):
+    def __init__(self, cfg: RWKVConfig, layer_id: int, options: ForwardOptions):
         super().__init__()
-        self.cfg = cfg
+        self.options = options  # the model's, shared: how the WKV operator runs
         C, A = cfg.n_embd, cfg.dim_att
         ratio_0_to_1, ratio_1_to_almost0 = _layer_ratios(layer_id, cfg.n_layer)
         ddd = _channel_ramp(C)
@@ -137,12 +79,11 @@ class TimeMix(nn.Module):
     def forward(self, x, shift, wkv_state):
         """x (B, T, C); shift (B, C) or None; wkv_state (B, A, 3) or None -> (out, new shift, new wkv state)."""
         xx = token_shift(x, shift)
-        xk = x * self.time_mix_k + xx * (1 - self.time_mix_k)
-        xv = x * self.time_mix_v + xx * (1 - self.time_mix_v)
-        xr = x * self.time_mix_r + xx * (1 - self.time_mix_r)
+        # x * mix + xx * (1 - mix), as one lerp (one kernel and one saved tensor instead of four)
+        xk, xv, xr = (torch.lerp(xx, x, mix.to(x.dtype)) for mix in (self.time_mix_k, self.time_mix_v, self.time_mix_r))
         k, v, r = self.key(xk), self.value(xv), self.receptance(xr)  # (B, T, A)
         y, wkv_state = wkv(self.time_decay, self.time_first, k, v, wkv_state,
-                           backend=self.cfg.wkv_backend, chunk_len=self.cfg.wkv_chunk_len)
+                           backend=self.options.wkv_backend, part_len=self.options.ctx_part_len)
         return self.output(torch.sigmoid(r) * y), x[:, -1], wkv_state
 
 
@@ -163,14 +104,13 @@ class ChannelMix(nn.Module):
     def forward(self, x, shift):
         """x (B, T, C); shift (B, C) or None -> (out, new shift)."""
         xx = token_shift(x, shift)
-        xk = x * self.time_mix_k + xx * (1 - self.time_mix_k)
-        xr = x * self.time_mix_r + xx * (1 - self.time_mix_r)
+        xk, xr = (torch.lerp(xx, x, mix.to(x.dtype)) for mix in (self.time_mix_k, self.time_mix_r))
         k = torch.square(torch.relu(self.key(xk)))  # (B, T, F)
         return torch.sigmoid(self.receptance(xr)) * self.value(k), x[:, -1]
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: RWKVConfig, layer_id: int):
+    def __init__(self, cfg: RWKVConfig, layer_id: int, options: ForwardOptions):
         super().__init__()
         self.cfg = cfg
         self.layer_id = layer_id
@@ -185,7 +125,7 @@ class Block(nn.Module):
         if layer_id == 0 and cfg.pre_ffn > 0:
             self.ffnPre = ChannelMix(cfg, 0)
         else:
-            self.att = TimeMix(cfg, layer_id)
+            self.att = TimeMix(cfg, layer_id, options)
         self.ffn = ChannelMix(cfg, layer_id)
         if cfg.has_tiny_att and layer_id == cfg.tiny_att_layer:
             self.tiny_ln = nn.LayerNorm(C)
@@ -227,40 +167,88 @@ def _future_mask(T: int, device) -> torch.Tensor:
 
 
 class RWKV(nn.Module):
-    def __init__(self, cfg: RWKVConfig):
+    def __init__(self, cfg: RWKVConfig, options: Optional[ForwardOptions] = None):
         super().__init__()
         self.cfg = cfg
+        self.options = options or ForwardOptions()  # changeable later: every block reads this one object
         self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, i, self.options) for i in range(cfg.n_layer))
         self.ln_out = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.head_qk > 0:
             self.head_q = nn.Linear(cfg.n_embd, cfg.head_qk, bias=False)
             self.head_k = nn.Linear(cfg.n_embd, cfg.head_qk, bias=False)
 
-    def forward(self, idx: torch.Tensor, state: Optional[RWKVState] = None) -> tuple:
-        """idx (B, T) token ids -> (logits (B, T, V), state after the last token)."""
+    @property
+    def n_blocks(self) -> int:
+        return len(self.blocks)
+
+    # ---------------------------------------------------------------- the pieces
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> x_emb (B, T, C), the first block's input."""
+        return self.emb(idx)
+
+    def run_block(self, i: int, x: torch.Tensor, x_emb: Optional[torch.Tensor], layer_state: tuple) -> tuple:
+        """Block i on x (B, T, C) from its layer's state ((None,) * 3: the start) -> (x, the layer's new state).
+        x_emb is the embedding, which tiny attention reads (None where tiny attention cannot run)."""
+        x, *new_layer_state = self.blocks[i](x, x_emb, *layer_state)
+        return x, tuple(new_layer_state)
+
+    def run_blocks(self, x_emb: torch.Tensor, state: Optional[RWKVState] = None) -> tuple:
+        """Every block from `state` (None: the start) -> (last block's output (B, T, C), RWKVState after it).
+        With options.grad_cp each block keeps only its input and recomputes the rest in backward."""
         if state is not None and self.cfg.windowed_features:
             raise ValueError(f"{', '.join(self.cfg.windowed_features)} attend over the whole window and cannot "
                              f"continue from a state")
-        B, T = idx.shape
-        x = x_emb = self.emb(idx)
-        layers = []
-        for i, block in enumerate(self.blocks):
+        x, layers = x_emb, []
+        for i in range(self.n_blocks):
             layer_state = (None, None, None) if state is None else state.layer(i)
-            if self.cfg.grad_cp and torch.is_grad_enabled():
-                x, *new_layer_state = checkpoint(block, x, x_emb, *layer_state, use_reentrant=False)
+            if self.options.grad_cp and torch.is_grad_enabled():
+                x, layer_state = checkpoint(self.run_block, i, x, x_emb, layer_state, use_reentrant=False)
             else:
-                x, *new_layer_state = block(x, x_emb, *layer_state)
-            layers.append(new_layer_state)
+                x, layer_state = self.run_block(i, x, x_emb, layer_state)
+            layers.append(layer_state)
+        return x, self.state_of_layers(layers)
+
+    @staticmethod
+    def state_of_layers(layers) -> RWKVState:
+        """Each block's new layer state, in order -> the model's state (what run_blocks returns)."""
+        return RWKVState.from_layers(layers)
+
+    def logits(self, x: torch.Tensor, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Last block's output (B, T, C) -> logits (B, T, V); head_qk also reads the token ids idx (B, T)."""
         x = self.ln_out(x)
         logits = self.head(x)
         if self.cfg.head_qk > 0:
+            T = x.shape[1]
             q, k = self.head_q(x), self.head_k(x)  # (B, T, H)
             c = (q @ k.transpose(-2, -1)) * (1.0 / self.cfg.head_qk)  # (B, T, T), no softmax
             c = c.masked_fill(_future_mask(T, x.device), 0)
             logits = logits + c @ F.one_hot(idx, self.cfg.vocab_size).to(c.dtype)
-        return logits, RWKVState.from_layers(layers)
+        return logits
+
+    def head_loss(self, x: torch.Tensor, targets: torch.Tensor, idx: Optional[torch.Tensor] = None,
+                  targets_in_sample: Optional[torch.Tensor] = None,
+                  positions_in_sample: Optional[int] = None) -> torch.Tensor:
+        """The training loss (src/loss.py) of the last block's output x (B, T, C) against targets (B, T), a
+        chunk of tokens at a time (head_qk, which mixes all positions, makes the whole logits). The
+        normalisers default to this x's; a segment of a longer sample passes the sample's."""
+        if self.cfg.head_qk > 0:
+            return language_model_loss(self.logits(x, idx), targets, targets_in_sample, positions_in_sample)
+        return head_loss(self.ln_out(x), self.head.weight, targets, targets_in_sample, positions_in_sample)
+
+    # ---------------------------------------------------------------- built from them
+
+    def forward(self, idx: torch.Tensor, state: Optional[RWKVState] = None) -> tuple:
+        """idx (B, T) token ids -> (logits (B, T, V), state after the last token)."""
+        x, state = self.run_blocks(self.embed(idx), state)
+        return self.logits(x, idx), state
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The training loss of the sample idx (B, T) -> targets (B, T), from the start."""
+        x, _ = self.run_blocks(self.embed(idx))
+        return self.head_loss(x, targets, idx)
 
 
 # Parameters that keep the values built in the constructor (the v4neo "fancy init").

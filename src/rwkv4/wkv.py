@@ -69,21 +69,21 @@ def _check_inputs(w, u, k, v, state) -> None:
 
 
 def wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Optional[torch.Tensor] = None,
-        backend: str = "auto", chunk_len: Optional[int] = None) -> tuple:
+        backend: str = "auto", part_len: Optional[int] = None) -> tuple:
     """WKV with state: returns (y, state_out). See the module docstring for shapes.
 
     backend: "torch" (reference), "cuda" (the kernel), "auto" (the kernel for CUDA tensors).
-    chunk_len: run the operator on consecutive pieces of at most this many tokens, passing the state
+    part_len: run the operator on consecutive pieces of at most this many tokens, passing the state
         between them (`--ctx_parts`); results are the same, peak memory of one call is smaller.
     """
     _check_inputs(w, u, k, v, state)
     op = _resolve_backend(backend, k)
     T = k.shape[1]
-    if not chunk_len or chunk_len >= T:
+    if not part_len or part_len >= T:
         return op(w, u, k, v, state)
     ys = []
-    for start in range(0, T, chunk_len):
-        y, state = op(w, u, k[:, start:start + chunk_len], v[:, start:start + chunk_len], state)
+    for start in range(0, T, part_len):
+        y, state = op(w, u, k[:, start:start + part_len], v[:, start:start + part_len], state)
         ys.append(y)
     return torch.cat(ys, dim=1), state
 

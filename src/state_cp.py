@@ -1,8 +1,9 @@
 """Exact training on samples of any length (`--state_cp 1`): backpropagation through time, segment by
-segment and block by block, with one block's activations in memory at a time.
+segment and block by block, with one block's activations in memory at a time. The segment engine drives the
+model's own forward pieces (embed, run_block, head_loss: src/rwkv4/model.py), so there is one forward.
 
 The problem. RWKV is recurrent: segment i of a sample maps (tokens_i, state_i) -> (logits_i, state_i+1),
-with state_0 empty and, per layer, a state of (time-mix shift, WKV sums, channel-mix shift) (RWKVState).
+with state_0 empty and, per layer, a state of (time-mix shift, WKV sums, channel-mix shift).
 Plain backpropagation over T tokens keeps the activations of all T tokens and their [B, T, V] logits,
 so memory grows with T. Detaching the state between segments (truncated BPTT, what most peers do)
 bounds the memory but drops every gradient that crosses a segment boundary. This module does neither.
@@ -19,7 +20,8 @@ Algorithm (x_i,l is the input of block l in segment i, x_i,0 the embedding, x_i,
 2. Backward, for i = n-1 down to 0: if segment i's block inputs were not kept, run its forward again
    (from state_i, without a graph) to get them. Then backpropagate through the segment one piece at a
    time, each recomputed with autograd from its stored input and differentiated at once:
-     the head (ln_out, head, loss) in chunks of tokens, from x_i,L: gives g = dL/dx_i,L;
+     the head (model.head_loss: ln_out, head, loss, a chunk of tokens at a time), from x_i,L: gives
+       g = dL/dx_i,L;
      block l = L-1..0, from x_i,l and layer l of state_i, with output gradients g and g_i+1,l
        (dL/d(layer l of state_i+1), from segment i+1; none for the last segment): gives g = dL/dx_i,l
        and g_i,l = dL/d(layer l of state_i);
@@ -30,11 +32,11 @@ so by the chain rule dL/dparams is the sum of each piece's vector-Jacobian produ
 its outputs, which is what step 2 accumulates, in an order where each output's gradient is complete before
 its piece is differentiated. Each recompute sees the inputs, parameters and dropout masks of the forward,
 so it reproduces its values. The gradients differ from full backpropagation by rounding only
-(tests/test_infctx.py: <= 1e-10 relative in fp64). The WKV state gradient is the true one (src/wkv.py), so
+(tests/test_state_cp.py: <= 1e-10 relative in fp64). The WKV state gradient is the true one (src/rwkv4/wkv.py), so
 state gradients chain between segments like any other tensor's.
 
 Memory on the device: one block's activations over one segment, the logits of one chunk of tokens
-(LOGITS_PER_CHUNK values), a few [B, S, C] tensors, and the gradient sums below; never anything that grows
+(src/loss.py LOGITS_PER_CHUNK values), a few [B, S, C] tensors, and the gradient sums below; never anything that grows
 with T. --grad_cp has nothing left to save here: a block's activations already live only while that block
 is differentiated. Block inputs and boundary states (n_layer * B * (2C + 3A) values per boundary, 2.1 MB
 for the 7B shape) wait in pinned host memory when training on a GPU, copied on a side stream. On a CPU,
@@ -51,7 +53,7 @@ the moment it arrives, asserting it happens once per backward ("Gradient compute
 partition"), which is why the original toolkit's state checkpointing only ran under ZeRO stage 1. Here
 the whole procedure is one autograd Function whose inputs are the trainable parameters. Inside it, the
 model runs on aliases of those parameters (the same storage under other tensor objects, swapped into
-the modules for the duration), so the pieces accumulate into the aliases and reach no hook of DDP or
+the modules for the duration by src/parameter_aliases.py), so the pieces accumulate into the aliases and reach no hook of DDP or
 DeepSpeed; the Function's backward returns the sums, and the outer backward (Lightning's or DeepSpeed's
 own) hands each parameter its gradient once. So ZeRO stage 1 and 2 (with offload) and DDP all work, and
 ranks whose samples have different segment counts run no collective inside the Function: none waits for
@@ -68,20 +70,15 @@ Alternatives weighed and left out (by their cost on paper, not built): one engin
 a buffer (a whole segment's gradients beside the buffer: 6 bytes per trainable parameter for a 16-bit model).
 """
 import contextlib
-import re
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
-from src.loss import cross_entropy_sum, language_model_loss, target_count
+from src.loss import target_count
 from src.memory_check import available_host_memory
-from src.rwkv4.model import RWKVState
-
-# Logits computed at once by the chunked head: 2^24 values are 64 MiB in fp32 (the loss upcasts), so a
-# chunk's logits, their fp32 copy, softmax and gradient stay near 300 MB whatever the vocabulary.
-LOGITS_PER_CHUNK = 2 ** 24
-_BLOCK_PARAMETER = re.compile(r"^blocks\.(\d+)\.")
+from src.parameter_aliases import aliases_of, parameters_replaced
+from src.rwkv4 import anatomy
 
 
 def host_memory_for_kept_segments(processes_on_this_host: int) -> int:
@@ -101,13 +98,12 @@ def sample_loss(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor, segm
                 keep_bytes: int = 0) -> torch.Tensor:
     """The training loss of a micro-batch (src/loss.py) with its exact gradient.
 
-    idx, targets (B, T). segment_len None: plain backpropagation over the whole sample. Otherwise the
-    segment-by-segment procedure of the module docstring; `keep_bytes` is the host memory it may use to
+    idx, targets (B, T). segment_len None: plain backpropagation over the whole sample (model.loss). Otherwise
+    the segment-by-segment procedure of the module docstring; `keep_bytes` is the host memory it may use to
     keep block inputs between its forward and backward passes (0: recompute every segment).
     """
     if segment_len is None:
-        logits, _ = model(idx)
-        return language_model_loss(logits, targets)
+        return model.loss(idx, targets)
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     params = [model.get_parameter(name) for name in names]
     run = _Segments(model, names, segment_bounds(idx.shape[1], segment_len), keep_bytes)
@@ -122,25 +118,20 @@ class _Segments:
         self.names = list(names)
         self.bounds = bounds
         self.keep_bytes = keep_bytes
-        # index into `names` of each piece's parameters: "embed", "head" (ln_out, head) or a block number
-        self.piece_of = [_piece_of(name) for name in self.names]
+        # the piece of the forward each trainable parameter belongs to: embedding, a block number, or head
+        self.piece_of = [anatomy.piece_of(name) for name in self.names]
 
     def aliases_of(self, aliases: Sequence[torch.Tensor], piece) -> list:
         return [alias for alias, owner in zip(aliases, self.piece_of) if owner == piece]
 
     def kept_segments(self, idx: torch.Tensor) -> int:
-        """How many of the last segments keep their block inputs in `keep_bytes` of host memory."""
-        B, segment = idx.shape[0], self.bounds[0][1] - self.bounds[0][0]
-        cfg = self.model.cfg
-        per_segment = (cfg.n_layer + 1) * B * segment * cfg.n_embd * self.model.emb.weight.element_size()
+        """How many of the last segments keep their block inputs in `keep_bytes` of host memory: each keeps
+        n_blocks + 1 tensors shaped like the embedding of one segment."""
+        with torch.no_grad():
+            token = self.model.embed(idx[:1, :1])  # (1, 1, C) in the dtype of the block inputs
+        segment = self.bounds[0][1] - self.bounds[0][0]
+        per_segment = (self.model.n_blocks + 1) * idx.shape[0] * segment * token.numel() * token.element_size()
         return min(len(self.bounds), self.keep_bytes // per_segment)
-
-
-def _piece_of(name: str):
-    if name.startswith("emb."):
-        return "embed"
-    match = _BLOCK_PARAMETER.match(name)
-    return int(match[1]) if match else "head"
 
 
 class _SegmentedLoss(torch.autograd.Function):
@@ -148,25 +139,25 @@ class _SegmentedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, run: _Segments, idx, targets, *params):
-        device = idx.device
         n = len(run.bounds)
         kept = run.kept_segments(idx)
+        count, positions = target_count(targets), targets.numel()
         states = [None]  # state_i before segment i, in host memory on a GPU
         block_inputs = [None] * n  # [x_i,0 .. x_i,L] for kept segments
         rng_states = []  # [segment][block]
-        ce_sum = 0.0
+        loss = 0.0
         state = None
         for i, (start, end) in enumerate(run.bounds):  # autograd is off inside Function.forward
             x, state, rng, inputs = _forward_segment(run.model, idx[:, start:end], state, keep=i >= n - kept)
             rng_states.append(rng)
             block_inputs[i] = inputs
-            ce_sum = ce_sum + _head_cross_entropy_sum(run.model, x, targets[:, start:end])
+            loss = loss + run.model.head_loss(x, targets[:, start:end], idx[:, start:end], count, positions)
             if i + 1 < n:
                 states.append(_to_host(state))
         ctx.run = run
-        ctx.autocast = _autocast_state(device)
+        ctx.autocast = _autocast_state(idx.device)
         ctx.saved = dict(idx=idx, targets=targets, states=states, block_inputs=block_inputs, rng_states=rng_states)
-        return ce_sum / target_count(targets)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -175,11 +166,10 @@ class _SegmentedLoss(torch.autograd.Function):
         idx, targets = saved["idx"], saved["targets"]
         device = idx.device
         count, positions = target_count(targets), targets.numel()
-        params = [model.get_parameter(name) for name in run.names]
-        aliases = [p.detach().requires_grad_(True) for p in params]
+        aliases = aliases_of([model.get_parameter(name) for name in run.names])
         sums = _GradientSums(aliases)
         state_grads = None  # dL/d(state_i+1), per layer, from the segment after this one
-        with _swapped_parameters(model, run.names, aliases):
+        with parameters_replaced(model, dict(zip(run.names, aliases))):
             for i in range(len(bounds) - 1, -1, -1):
                 start, end = bounds[i]
                 segment_idx = idx[:, start:end]
@@ -190,26 +180,31 @@ class _SegmentedLoss(torch.autograd.Function):
                         _, _, _, inputs = _forward_segment(model, segment_idx, state, keep=True,
                                                            replay_rng=saved["rng_states"][i])
                 saved["block_inputs"][i] = None  # free the host copies as they are used
-                grad = _backward_head(model, _to_device(inputs[-1], device), targets[:, start:end], count,
-                                      positions, grad_output, run.aliases_of(aliases, "head"), ctx.autocast)
-                new_state_grads = [None] * len(model.blocks)
-                for layer in range(len(model.blocks) - 1, -1, -1):
+                grad = _backward_head(model, _to_device(inputs[-1], device), targets[:, start:end], segment_idx,
+                                      count, positions, grad_output, run.aliases_of(aliases, anatomy.HEAD),
+                                      ctx.autocast)
+                new_state_grads = [None] * model.n_blocks
+                for layer in range(model.n_blocks - 1, -1, -1):
                     grad, new_state_grads[layer] = _backward_block(
-                        model.blocks[layer], _to_device(inputs[layer], device), state, layer, grad,
+                        model, layer, _to_device(inputs[layer], device), state, grad,
                         None if state_grads is None else state_grads[layer], run.aliases_of(aliases, layer),
                         saved["rng_states"][i][layer], ctx.autocast)
-                embed_aliases = run.aliases_of(aliases, "embed")
+                embed_aliases = run.aliases_of(aliases, anatomy.EMBEDDING)
                 if embed_aliases:
                     with torch.enable_grad():
-                        x = model.emb(segment_idx)
+                        x = model.embed(segment_idx)
                     torch.autograd.backward([x], [grad], inputs=embed_aliases)
                 state_grads = new_state_grads
         ctx.saved = None
         return (None, None, None, *sums.take(aliases))
 
 
-def _forward_segment(model: nn.Module, idx: torch.Tensor, state: Optional[RWKVState], keep: bool,
-                     replay_rng: Optional[list] = None) -> tuple:
+def _layer_state(state, layer: int) -> tuple:
+    """Layer `layer`'s part of a model state, or the start (None, None, None) before the first segment."""
+    return (None, None, None) if state is None else state.layer(layer)
+
+
+def _forward_segment(model: nn.Module, idx: torch.Tensor, state, keep: bool, replay_rng: Optional[list] = None) -> tuple:
     """One segment without a graph: (last block's output, state after it, RNG state before each block,
     block inputs [x_0 .. x_L] in host memory if `keep`, else None).
 
@@ -218,63 +213,44 @@ def _forward_segment(model: nn.Module, idx: torch.Tensor, state: Optional[RWKVSt
     """
     rng = [] if replay_rng is None else replay_rng
     with torch.no_grad():
-        x = x_emb = model.emb(idx)
+        x = model.embed(idx)
         layers, inputs = [], []
-        for layer, block in enumerate(model.blocks):
+        for layer in range(model.n_blocks):
             if keep:
                 inputs.append(_to_host(x))
-            layer_state = state.layer(layer) if state is not None else (None,) * 3
             if replay_rng is None:
                 rng.append(_rng_state(idx.device))
-                x, *new_layer_state = block(x, x_emb, *layer_state)
+                x, layer_state = model.run_block(layer, x, None, _layer_state(state, layer))
             else:
                 with _restored_rng(replay_rng[layer], idx.device):
-                    x, *new_layer_state = block(x, x_emb, *layer_state)
-            layers.append(new_layer_state)
+                    x, layer_state = model.run_block(layer, x, None, _layer_state(state, layer))
+            layers.append(layer_state)
         if keep:
             inputs.append(_to_host(x))
-    return x, RWKVState.from_layers(layers), rng, (inputs if keep else None)
+    return x, model.state_of_layers(layers), rng, (inputs if keep else None)
 
 
-def _head_chunks(x: torch.Tensor, vocab_size: int) -> list:
-    B, T, _ = x.shape
-    step = max(1, LOGITS_PER_CHUNK // (B * vocab_size))
-    return [(start, min(start + step, T)) for start in range(0, T, step)]
+def _backward_head(model, x, targets, idx, count, positions, grad_output, aliases, autocast) -> torch.Tensor:
+    """Backpropagate the loss of one segment through the model's head (model.head_loss, which never makes the
+    segment's whole logits) into the head's aliases; returns dL/dx (B, S, C)."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad(), _autocast(*autocast):
+        loss = model.head_loss(x, targets, idx, count, positions)
+    torch.autograd.backward([loss], [grad_output], inputs=[x, *aliases])
+    return x.grad
 
 
-def _head_cross_entropy_sum(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of the logits of x (B, S, C), a chunk of tokens at a time (no graph)."""
-    total = 0.0
-    with torch.no_grad():
-        for start, end in _head_chunks(x, model.cfg.vocab_size):
-            total = total + cross_entropy_sum(model.head(model.ln_out(x[:, start:end])), targets[:, start:end])
-    return total
-
-
-def _backward_head(model, x, targets, count, positions, grad_output, aliases, autocast) -> torch.Tensor:
-    """Backpropagate the loss of one segment through head and ln_out, a chunk of tokens at a time, into the
-    head's aliases; returns dL/dx (B, S, C)."""
-    grad = torch.empty_like(x)
-    for start, end in _head_chunks(x, model.cfg.vocab_size):
-        chunk = x[:, start:end].detach().requires_grad_(True)
-        with torch.enable_grad(), _autocast(*autocast):
-            loss = language_model_loss(model.head(model.ln_out(chunk)), targets[:, start:end], count, positions)
-        torch.autograd.backward([loss], [grad_output], inputs=[chunk, *aliases])
-        grad[:, start:end] = chunk.grad
-    return grad
-
-
-def _backward_block(block, x, state, layer, grad, state_grad, aliases, rng, autocast) -> tuple:
+def _backward_block(model, layer, x, state, grad, state_grad, aliases, rng, autocast) -> tuple:
     """Recompute one block of one segment from its input and differentiate it at once.
 
-    Output gradients: `grad` for the block output, `state_grad` (or None) for its three state outputs.
-    Returns (dL/dx, dL/d(its input state) as a 3-tuple, None for the first segment).
+    Output gradients: `grad` for the block output, `state_grad` (or None) for its state outputs.
+    Returns (dL/dx, dL/d(its input state) as a tuple, None for the first segment).
     """
     x = x.detach().requires_grad_(True)
     state_in = None if state is None else [t.detach().requires_grad_(True) for t in state.layer(layer)]
     with torch.enable_grad(), _autocast(*autocast), _restored_rng(rng, x.device):
-        # x_emb None: tiny attention, the one user of the embedding, cannot run with --state_cp
-        out, *state_out = block(x, None, *(state_in if state_in is not None else (None,) * 3))
+        # x_emb None: tiny attention, the one reader of the embedding, cannot run with --state_cp
+        out, state_out = model.run_block(layer, x, None, state_in if state_in is not None else (None,) * 3)
     outputs, grads = [out], [grad]
     if state_grad is not None:
         for tensor, tensor_grad in zip(state_out, state_grad):
@@ -317,23 +293,6 @@ class _GradientSums:
         return grads
 
 
-@contextlib.contextmanager
-def _swapped_parameters(model: nn.Module, names: Sequence[str], tensors: Sequence[torch.Tensor]):
-    """Within the block, the parameter `names[i]` of `model` is `tensors[i]`; the originals come back after."""
-    slots = []
-    for name in names:
-        owner_name, _, leaf = name.rpartition(".")
-        slots.append((model.get_submodule(owner_name), leaf))
-    originals = [owner._parameters[leaf] for owner, leaf in slots]
-    for (owner, leaf), tensor in zip(slots, tensors):
-        owner._parameters[leaf] = tensor
-    try:
-        yield
-    finally:
-        for (owner, leaf), original in zip(slots, originals):
-            owner._parameters[leaf] = original
-
-
 # ---------------------------------------------------------------- host copies, RNG and autocast
 
 
@@ -348,10 +307,11 @@ _COPY_STREAMS: dict = {}
 
 
 def _to_host(value):
-    """A tensor or RWKVState kept for later: on a GPU, a pinned host copy made on the side stream (the GPU
-    memory is not reused before the copy has read it); on the CPU, the tensors themselves."""
-    if isinstance(value, RWKVState):
-        return RWKVState(*(_to_host(t) for t in value))
+    """A tensor or a model state (a named tuple of tensors) kept for later: on a GPU, a pinned host copy made on
+    the side stream (the GPU memory is not reused before the copy has read it); on the CPU, the tensors
+    themselves."""
+    if isinstance(value, tuple):
+        return type(value)(*(_to_host(t) for t in value))
     if not value.is_cuda:
         return value
     stream = _copy_stream(value.device)
@@ -365,8 +325,8 @@ def _to_host(value):
 
 def _to_device(value, device: torch.device):
     """The inverse of _to_host; the copy is ordered before any later work on the current stream."""
-    if isinstance(value, RWKVState):
-        return RWKVState(*(_to_device(t, device) for t in value))
+    if isinstance(value, tuple):
+        return type(value)(*(_to_device(t, device) for t in value))
     if device.type != "cuda":
         return value
     stream = _copy_stream(device)
