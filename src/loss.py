@@ -9,6 +9,7 @@ Two implementations of one function:
     language_model_loss(logits, targets)   from logits (B, T, V): the reference
     head_loss(x, weight, targets)          = language_model_loss(x @ weight.T, targets), computed a chunk of
                                              tokens at a time, so the [B, T, V] logits never exist
+and, for evaluation, head_token_losses(x, weight, targets): each target's cross-entropy (B, T), chunked too.
 tests/test_loss.py holds them to each other (loss and every gradient, fp32/fp64/bf16, masks, odd shapes).
 """
 import math
@@ -79,6 +80,50 @@ def language_model_loss(logits: torch.Tensor, targets: torch.Tensor, targets_in_
     return L2Wrap.apply(loss, logits, positions)
 
 
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype of the head's products: autocast's where it is on (as F.linear's would be), else the inputs'."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(x.dtype, weight.dtype)
+
+
+def _padded_head(weight: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
+    """weight (V, C) in the compute dtype with zero rows up to a multiple of VOCAB_ALIGNMENT."""
+    vocab = weight.shape[0]
+    padded = math.ceil(vocab / VOCAB_ALIGNMENT) * VOCAB_ALIGNMENT
+    return F.pad(weight.to(compute_dtype), (0, 0, 0, padded - vocab))
+
+
+def _chunk_logits(x_chunk: torch.Tensor, w: torch.Tensor, vocab: int, dtype: torch.dtype) -> torch.Tensor:
+    """Logits (n, padded vocabulary) of a chunk of tokens in `dtype`, the padded columns -inf (they take no
+    probability, never win a max, and get no gradient)."""
+    z = (x_chunk.to(w.dtype) @ w.T).to(dtype)
+    z[:, vocab:] = -math.inf
+    return z
+
+
+@torch.no_grad()
+def head_token_losses(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                      logits_per_chunk: Optional[int] = None) -> torch.Tensor:
+    """Each target's cross-entropy (natural log) of the logits x @ weight.T, (B, T) fp32 (fp64 for fp64 inputs),
+    0 where the target is masked; no autograd, a chunk of tokens at a time. x (B, T, C), weight (V, C)."""
+    compute_dtype = _compute_dtype(x, weight)
+    accumulate = torch.promote_types(compute_dtype, torch.float32)
+    w = _padded_head(weight, compute_dtype)
+    flat_x, flat_targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
+    losses = torch.zeros(flat_targets.shape, dtype=accumulate, device=x.device)
+    step = max(1, (logits_per_chunk or LOGITS_PER_CHUNK) // w.shape[0])
+    with torch.autocast(x.device.type, enabled=False):
+        for start in range(0, flat_x.shape[0], step):
+            z = _chunk_logits(flat_x[start:start + step], w, weight.shape[0], accumulate)
+            t_chunk = flat_targets[start:start + step]
+            unmasked = t_chunk != IGNORE_INDEX
+            picked = z.gather(1, t_chunk.clamp(min=0).unsqueeze(1)).squeeze(1)
+            losses[start:start + step] = (torch.logsumexp(z, dim=-1) - picked) * unmasked
+    return losses.view(targets.shape)
+
+
 def head_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
               targets_in_sample: Optional[torch.Tensor] = None, positions_in_sample: Optional[int] = None,
               logits_per_chunk: Optional[int] = None) -> torch.Tensor:
@@ -91,11 +136,7 @@ def head_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     """
     count = target_count(targets) if targets_in_sample is None else targets_in_sample
     positions = targets.numel() if positions_in_sample is None else positions_in_sample
-    device = x.device.type
-    if torch.is_autocast_enabled(device):
-        compute_dtype = torch.get_autocast_dtype(device)
-    else:
-        compute_dtype = torch.promote_types(x.dtype, weight.dtype)
+    compute_dtype = _compute_dtype(x, weight)
     wants_grads = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     return _HeadLoss.apply(x, weight, targets, count, positions, compute_dtype, logits_per_chunk or LOGITS_PER_CHUNK,
                            wants_grads)
@@ -115,10 +156,10 @@ class _HeadLoss(torch.autograd.Function):
     def forward(ctx, x, weight, targets, count, positions, compute_dtype, logits_per_chunk, wants_grads):
         C = x.shape[-1]
         vocab = weight.shape[0]
-        padded = math.ceil(vocab / VOCAB_ALIGNMENT) * VOCAB_ALIGNMENT
         accumulate = torch.promote_types(compute_dtype, torch.float32)
         flat_x, flat_targets = x.reshape(-1, C), targets.reshape(-1)
-        w = F.pad(weight.to(compute_dtype), (0, 0, 0, padded - vocab))  # (padded, C)
+        w = _padded_head(weight, compute_dtype)  # (padded, C)
+        padded = w.shape[0]
         want_x = wants_grads and ctx.needs_input_grad[0]
         want_w = wants_grads and ctx.needs_input_grad[1]
         grad_x = torch.empty_like(flat_x) if want_x else None
@@ -129,8 +170,7 @@ class _HeadLoss(torch.autograd.Function):
             for start in range(0, flat_x.shape[0], step):
                 x_chunk = flat_x[start:start + step].to(compute_dtype)
                 t_chunk = flat_targets[start:start + step]
-                z = (x_chunk @ w.T).to(accumulate)  # (n, padded)
-                z[:, vocab:] = -math.inf
+                z = _chunk_logits(x_chunk, w, vocab, accumulate)  # (n, padded)
                 lse = torch.logsumexp(z, dim=-1)
                 unmasked = t_chunk != IGNORE_INDEX
                 safe_targets = t_chunk.clamp(min=0).unsqueeze(1)  # masked targets read column 0, weighted 0

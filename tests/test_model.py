@@ -150,3 +150,26 @@ def test_ctx_parts_chunking_changes_nothing():
     torch.testing.assert_close(logits_b, logits_a, rtol=0, atol=0)
     for name in grads_a:
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-6, atol=1e-8, msg=name)
+
+
+@pytest.mark.parametrize("shape", [{}, {"head_qk": 4}])
+def test_loss_and_token_losses_equal_those_of_the_forward_logits(shape):
+    """model.loss (chunked head) and model.token_losses are the loss and cross-entropies of forward's logits."""
+    from src.loss import IGNORE_INDEX, language_model_loss
+
+    model = tiny_model(**shape).double()
+    idx = torch.randint(0, 37, (2, 9))
+    targets = torch.randint(0, 37, (2, 9))
+    targets[1, 4] = IGNORE_INDEX
+    logits = model(idx)[0]
+    expected = language_model_loss(logits, targets)
+    expected_grads = torch.autograd.grad(expected, list(model.parameters()))
+    got = model.loss(idx, targets)
+    got_grads = torch.autograd.grad(got, list(model.parameters()))
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+    for a, b in zip(got_grads, expected_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    x, _ = model.run_blocks(model.embed(idx))
+    per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                                  reduction="none").view_as(targets)
+    torch.testing.assert_close(model.token_losses(x, targets, idx), per_token, rtol=1e-12, atol=1e-12)

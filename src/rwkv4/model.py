@@ -19,6 +19,7 @@ at a time, so there is one forward:
     run_blocks(x_emb, state)               every block (with --grad_cp's checkpointing) -> (x, RWKVState)
     logits(x, idx)                         ln_out, head (and head_qk) -> (B, T, V)
     head_loss(x, targets, ...)             ln_out, head and the training loss, without [B, T, V] logits
+    token_losses(x, targets)               each target's cross-entropy for evaluation, without them either
     forward(idx, state) = logits(run_blocks(embed(idx), state)), with the state after the last token
     loss(idx, targets)  = head_loss(run_blocks(embed(idx)))
 Running a sequence in one call, or in pieces with the state passed on, gives the same logits.
@@ -31,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from src.loss import head_loss, language_model_loss
+from src.loss import IGNORE_INDEX, head_loss, head_token_losses, language_model_loss
 from src.rwkv4.config import ForwardOptions, RWKVConfig
 from src.rwkv4.state import RWKVState, empty_state
 from src.rwkv4.wkv import wkv
@@ -237,6 +238,16 @@ class RWKV(nn.Module):
         if self.cfg.head_qk > 0:
             return language_model_loss(self.logits(x, idx), targets, targets_in_sample, positions_in_sample)
         return head_loss(self.ln_out(x), self.head.weight, targets, targets_in_sample, positions_in_sample)
+
+    @torch.no_grad()
+    def token_losses(self, x: torch.Tensor, targets: torch.Tensor, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Each target's cross-entropy (B, T), fp32, 0 where masked, from the last block's output x (B, T, C):
+        evaluation, without autograd and a chunk of tokens at a time (head_qk makes the whole logits)."""
+        if self.cfg.head_qk > 0:
+            logits = self.logits(x, idx).float()
+            return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                   reduction="none").view_as(targets)
+        return head_token_losses(self.ln_out(x), self.head.weight, targets)
 
     # ---------------------------------------------------------------- built from them
 
