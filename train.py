@@ -119,8 +119,12 @@ def build_model(cfg: TrainConfig, vocab_size: int, save_dtype):
     if cfg.load_model:
         weights = checkpoint.load_weights(cfg.load_model)
         checkpoint.check_compatible(model.state_dict(), weights, cfg.load_model, allow_missing=bool(cfg.load_partial))
-        if replaced_whole:  # fp32 parameters as constructed ones would be, never sharing the file's mapped memory
-            model.load_state_dict({k: v.to(torch.float32, copy=True) for k, v in weights.items()}, assign=True)
+        if replaced_whole:
+            # parameters in the dtype they train in (src/strategy.py parameter_dtype): a file in that dtype is not
+            # copied at all (its memory-mapped tensors become the parameters until the strategy moves them to the
+            # GPU), so a 7B bf16 model never has an fp32 copy in host memory; another dtype is converted once
+            dtype = strategy.parameter_dtype(cfg)
+            model.load_state_dict({k: v.to(dtype) for k, v in weights.items()}, assign=True)
         else:
             model.load_state_dict(weights, strict=not cfg.load_partial)
         return model, None
@@ -130,8 +134,21 @@ def build_model(cfg: TrainConfig, vocab_size: int, save_dtype):
 
 
 def check_memory(cfg: TrainConfig, vocab_size: int, lightning_trainer) -> None:
-    """Refuse a run whose weights, gradients and optimizer state alone exceed this machine (src/memory_check.py),
-    counted on a model built on the meta device (no memory, no time)."""
+    """Refuse a run whose weights, gradients and optimizer state alone exceed this machine (src/memory_check.py)."""
+    import torch
+
+    from src import memory_check
+
+    device = lightning_trainer.strategy.root_device
+    on_gpu = device.type == "cuda"
+    need = memory_footprint(cfg, vocab_size, lightning_trainer.world_size, lightning_trainer.num_devices, on_gpu)
+    gpu_free = torch.cuda.mem_get_info(device)[0] if on_gpu else None
+    memory_check.check_fits(cfg, need, gpu_free, memory_check.available_host_memory())
+
+
+def memory_footprint(cfg: TrainConfig, vocab_size: int, world_size: int, processes_per_host: int, on_gpu: bool):
+    """src/memory_check.py's footprint of this run, its parameters counted on a model built on the meta device (no
+    memory, no time)."""
     import torch
 
     from src import lora, memory_check
@@ -146,12 +163,7 @@ def check_memory(cfg: TrainConfig, vocab_size: int, lightning_trainer) -> None:
             names = set(lora.trainable_names(model, cfg.lora_settings))
             trainable = sum(p.numel() for n, p in model.named_parameters() if n in names)
     params = sum(p.numel() for p in model.parameters())
-    device = lightning_trainer.strategy.root_device
-    on_gpu = device.type == "cuda"
-    need = memory_check.footprint(cfg, params, trainable, lightning_trainer.world_size, lightning_trainer.num_devices,
-                                  on_gpu)
-    gpu_free = torch.cuda.mem_get_info(device)[0] if on_gpu else None
-    memory_check.check_fits(cfg, need, gpu_free, memory_check.available_host_memory())
+    return memory_check.footprint(cfg, params, trainable, world_size, processes_per_host, on_gpu)
 
 
 def write_initial_files(cfg: TrainConfig, fresh_weights, data) -> list:

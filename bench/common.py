@@ -2,7 +2,9 @@
 matmul rate of this card (the hardware limit the tables compare against), peak memory without the filler.
 """
 import statistics
+import threading
 import time
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -66,3 +68,76 @@ def matmul_tflops(size: int = 8192) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1000)
     return 2 * size ** 3 / statistics.median(times) / 1e12
+
+
+def _meminfo() -> dict:
+    with open("/proc/meminfo", encoding="ascii") as f:
+        return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f)}
+
+
+def _process_tree(pid: int) -> list:
+    """pid and all its descendants (DataLoader workers, compiler processes), read from /proc."""
+    tree, frontier = [], [pid]
+    while frontier:
+        current = frontier.pop()
+        tree.append(current)
+        try:
+            for task in Path(f"/proc/{current}/task").iterdir():
+                frontier += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return tree
+
+
+def _process_memory(pid: int) -> tuple:
+    """(RSS, PSS, pinned) bytes of one process: PSS shares pages between the processes that map them, so the
+    PSS of a tree is what it holds (the RSS of forked workers counts their parent's pages again)."""
+    try:
+        rollup = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:])
+        status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    except OSError:
+        return 0, 0, 0
+    kib = lambda table, key: int(table.get(key, "0 kB").split()[0]) * 1024  # noqa: E731
+    return kib(rollup, "Rss"), kib(rollup, "Pss"), kib(status, "VmPin") + kib(status, "VmLck")
+
+
+class HostMemorySampler:
+    """Samples, every `interval` seconds on a thread, the host memory of a process tree (RSS, PSS, pinned) and of
+    the machine (MemTotal - MemAvailable); keeps the peaks and a timeline of the machine's use."""
+
+    def __init__(self, pid: int, interval: float = 0.5):
+        self.pid, self.interval = pid, interval
+        self.peak = {"rss": 0, "pss": 0, "pinned": 0, "machine_used": 0}
+        self.timeline = []  # (seconds since start, machine used GiB, tree PSS GiB)
+        self.started = time.time()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            rss = pss = pinned = 0
+            for pid in _process_tree(self.pid):
+                a, b, c = _process_memory(pid)
+                rss, pss, pinned = rss + a, pss + b, pinned + c
+            info = _meminfo()
+            used = info["MemTotal"] - info["MemAvailable"]
+            sample = {"rss": rss, "pss": pss, "pinned": pinned, "machine_used": used}
+            self.peak = {k: max(self.peak[k], sample[k]) for k in self.peak}
+            self.timeline.append((time.time() - self.started, used / GIB, pss / GIB))
+
+    def timeline_text(self, every: float = 5.0) -> str:
+        """'t=5s 12.3/10.1 GiB, t=10s ...': the machine's used / the tree's PSS, one point per `every` seconds."""
+        points, next_time = [], 0.0
+        for t, used, pss in self.timeline:
+            if t >= next_time:
+                points.append(f"t={t:.0f}s {used:.1f}/{pss:.1f}")
+                next_time = t + every
+        return ", ".join(points)

@@ -208,6 +208,20 @@ class TrainConfig:
         return (self.beta1, self.beta2)
 
     @property
+    def deepspeed(self) -> Optional[tuple]:
+        """(ZeRO stage, optimizer offloaded) of a DeepSpeed --strategy ("deepspeed" is stage 2), else None."""
+        if not self.strategy.startswith("deepspeed"):
+            return None
+        stage = 2 if self.strategy == "deepspeed" else int(self.strategy.split("_")[2])
+        return stage, self.strategy.endswith("_offload")
+
+    @property
+    def master_weights(self) -> bool:
+        """--precision bf16 without DeepSpeed: bf16 weights in the model, fp32 masters in the optimizer
+        (src/master_weights.py). DeepSpeed keeps its own fp32 masters."""
+        return self.precision == "bf16" and self.deepspeed is None
+
+    @property
     def run_name(self) -> str:
         return f"{self.proj_dir} ctx{self.ctx_len} L{self.n_layer} D{self.n_embd}"
 
@@ -331,7 +345,7 @@ def validate(cfg: TrainConfig) -> None:
     _validate_instruct_mixing(cfg)
     if cfg.accumulate_grad_batches_dict is not None:
         parse_accumulation_schedule(cfg.accumulate_grad_batches_dict)
-        if cfg.strategy.startswith("deepspeed"):
+        if cfg.deepspeed:
             raise UserInputError(f"--accumulate_grad_batches_dict changes the accumulation between mini-epochs, which "
                                  f"DeepSpeed cannot (its accumulation is fixed when training starts); use --strategy "
                                  f"auto or ddp, or a constant --accumulate_grad_batches with --strategy {cfg.strategy}.")
@@ -343,7 +357,7 @@ def _validate_state_cp(cfg: TrainConfig) -> None:
     if windowed:
         raise UserInputError(f"--state_cp 1 cannot train --{windowed[0]}: it attends over the whole window at once, "
                              f"so it cannot continue from the state of an earlier segment; remove one of the two.")
-    if cfg.strategy.startswith("deepspeed_stage_3"):
+    if cfg.deepspeed and cfg.deepspeed[0] == 3:
         raise UserInputError(f"--state_cp 1 cannot run under --strategy {cfg.strategy} (ZeRO-3 gathers each parameter "
                              f"in module hooks, which the segment passes bypass); use deepspeed_stage_2 or "
                              f"deepspeed_stage_2_offload.")

@@ -6,7 +6,8 @@ out-of-memory traceback from inside DeepSpeed minutes later. Activations (which 
 certain. Bytes per parameter (P all parameters, T the trainable ones, W GPUs; DeepSpeed's own ZeRO figures):
 
     strategy                      GPU, per process                         host, per machine
-    auto/ddp (fp32 master)        4 P + 4 T + 8 T  (weights, grads, Adam)  -
+    auto/ddp                      4 P + 4 T + 8 T  (weights, grads, Adam)  -
+    auto/ddp, bf16                2 P + 2 T + 12 T (bf16 weights and grads, fp32 masters, Adam) + 4 x one group
     deepspeed_stage_1, 16-bit     2 P + 2 T + 12 T / W                     -
     deepspeed_stage_2, 16-bit     2 P + (2 + 12) T / W                     -
     deepspeed_stage_2_offload     2 P                                      16 T (fp32 master, Adam, grads)
@@ -23,6 +24,11 @@ from src.config import TrainConfig
 from src.errors import UserInputError
 
 GIB = 2 ** 30
+# Optimizer parameter groups are cut to at most this many elements (src/trainer.py), 512 MiB in bf16: DeepSpeed's
+# ZeRO 1/2 set-up copies each group whole on the GPU before moving its fp32 master copy to where it lives
+# (stage_1_and_2.py: `partition.detach().clone().to(device)`), so with one group of a 7B model the card would
+# briefly hold the weights twice; the master-weight optimizer converts one group's gradients to fp32 at a time.
+OPTIMIZER_GROUP_NUMEL = 2 ** 28
 
 
 @dataclass(frozen=True)
@@ -34,12 +40,14 @@ class Footprint:
 def footprint(cfg: TrainConfig, params: int, trainable: int, world_size: int, processes_per_host: int,
               on_gpu: bool) -> Footprint:
     """The weights, gradients and optimizer state of the run (see the module docstring)."""
-    if not cfg.strategy.startswith("deepspeed"):
-        state = 4 * params + 12 * trainable  # fp32 weights (Lightning's mixed precision keeps them), grads, Adam
+    if cfg.deepspeed is None:
+        if cfg.master_weights:  # bf16 weights and gradients, fp32 masters and Adam, one group's fp32 gradients
+            state = 2 * params + 14 * trainable + 4 * min(trainable, OPTIMIZER_GROUP_NUMEL)
+        else:  # fp32 weights (fp16 mixed precision keeps them too), gradients, Adam
+            state = 4 * params + 12 * trainable
         return Footprint(gpu=state, host=0) if on_gpu else Footprint(gpu=0, host=state * processes_per_host)
     weight = 2 if cfg.precision in ("bf16", "fp16") else 4
-    stage = 2 if cfg.strategy == "deepspeed" else int(cfg.strategy.split("_")[2])
-    offload = cfg.strategy.endswith("_offload")
+    stage, offload = cfg.deepspeed
     if stage == 3:
         if offload:
             return Footprint(gpu=0, host=(weight * params + 16 * trainable) * processes_per_host // world_size)

@@ -6,10 +6,23 @@ import torch
 
 from src.config import TrainConfig
 
-# --precision of the original -> Lightning precision. bf16/fp16 are mixed: weights and Adam stay fp32.
+# --precision of the original -> Lightning precision. fp16 is mixed (fp32 weights, autocast, loss scaling); bf16
+# runs bf16 weights with fp32 masters: DeepSpeed's own ("bf16-mixed" tells DeepSpeed), or src/master_weights.py
+# under every other strategy ("bf16-true" makes the module bf16).
 LIGHTNING_PRECISION = {"fp32": "32-true", "tf32": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed"}
 # dtype of the .pth files we write, as the original (bf16 runs write bf16 weights).
 SAVE_DTYPE = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def lightning_precision(cfg: TrainConfig) -> str:
+    return "bf16-true" if cfg.master_weights else LIGHTNING_PRECISION[cfg.precision]
+
+
+def parameter_dtype(cfg: TrainConfig) -> torch.dtype:
+    """The dtype the model's parameters train in: 16-bit where DeepSpeed or the master-weight optimizer keep the
+    fp32 copy, fp32 otherwise (fp32, tf32, and fp16 under autocast)."""
+    sixteen_bit = cfg.precision in ("bf16", "fp16") and (cfg.deepspeed is not None or cfg.master_weights)
+    return SAVE_DTYPE[cfg.precision] if sixteen_bit else torch.float32
 
 
 def training_device(cfg: TrainConfig) -> str:
@@ -30,25 +43,31 @@ def build_strategy(cfg: TrainConfig):
     if cfg.strategy == "single_device":
         from lightning.pytorch.strategies import SingleDeviceStrategy
         return SingleDeviceStrategy(device=torch.device(training_device(cfg)))
-    if cfg.strategy.startswith("deepspeed"):
+    if cfg.deepspeed:
         return build_deepspeed_strategy(cfg)
     return cfg.strategy
 
 
 def build_deepspeed_strategy(cfg: TrainConfig):
-    """Lightning's DeepSpeedStrategy built explicitly: stage, offload and bucket sizes from the flags."""
+    """Lightning's DeepSpeedStrategy built explicitly: stage, offload and bucket sizes from the flags.
+
+    DeepSpeed counts bucket sizes in elements: --ds_bucket_mb MB of gradients in the run's dtype. With bf16 its
+    per-parameter overflow check (two reductions and a host decision per parameter, every step) is off: bf16 has
+    fp32's range, there is no loss scale to adjust, and a diverged loss is caught by the step log (NaN check).
+    """
     from lightning.pytorch.strategies import DeepSpeedStrategy
-    name = cfg.strategy
-    stage = 2 if name == "deepspeed" else int(name.split("_")[2])
-    offload = name.endswith("_offload")
-    bucket = cfg.ds_bucket_mb * 1000 * 1000
-    return DeepSpeedStrategy(
+    stage, offload = cfg.deepspeed
+    bucket = cfg.ds_bucket_mb * 1000 * 1000 // SAVE_DTYPE[cfg.precision].itemsize
+    strategy = DeepSpeedStrategy(
         stage=stage,
         offload_optimizer=offload,
         offload_parameters=offload and stage == 3,
         allgather_bucket_size=bucket,
         reduce_bucket_size=bucket,
     )
+    if cfg.precision == "bf16":
+        strategy.config["bf16"] = {"enabled": True, "check_grad_overflow": False}
+    return strategy
 
 def is_deepspeed(strategy) -> bool:
     from lightning.pytorch.strategies import DeepSpeedStrategy  # importable without deepspeed installed

@@ -6,14 +6,10 @@ import torch
 
 from src import state_cp
 from src.config import TrainConfig
+from src.master_weights import MasterWeightAdam
+from src.memory_check import OPTIMIZER_GROUP_NUMEL
 from src.rwkv4 import anatomy
-from src.strategy import LIGHTNING_PRECISION, build_strategy, is_deepspeed
-
-# DeepSpeed's ZeRO 1/2 set-up copies each parameter group whole on the GPU before moving its fp32 master copy
-# to where it lives (stage_1_and_2.py: `partition.detach().clone().to(device)`): with one group holding the whole
-# model, the card briefly needs the weights twice (a 7B model: 2 x 13.8 GiB). Groups of at most this many
-# parameters (512 MiB in bf16) bound that extra to one group.
-DEEPSPEED_GROUP_NUMEL = 2 ** 28
+from src.strategy import build_strategy, is_deepspeed, lightning_precision
 
 
 def build_param_groups(model: torch.nn.Module, cfg: TrainConfig, max_group_numel: int = 0) -> list:
@@ -61,10 +57,12 @@ class RWKVModule(pl.LightningModule):
         return {"loss": loss, "token_loss": loss.detach(), "tokens": y.numel()}
 
     def configure_optimizers(self):
-        """Adam on fp32 master weights: torch's (fused on CUDA in fp32/tf32), DeepSpeed's FusedAdam, or
-        DeepSpeedCPUAdam when ZeRO offloads the optimizer. weight_decay is decoupled (AdamW) and per group."""
+        """Adam on fp32 master weights: DeepSpeed's FusedAdam (DeepSpeedCPUAdam when ZeRO offloads the optimizer),
+        MasterWeightAdam for a bf16 model (src/master_weights.py), or torch's own on fp32 weights (fused on CUDA in
+        fp32/tf32). weight_decay is decoupled (AdamW) and per group."""
         strategy = self.trainer.strategy
-        groups = build_param_groups(self.model, self.cfg, DEEPSPEED_GROUP_NUMEL if is_deepspeed(strategy) else 0)
+        bounded = is_deepspeed(strategy) or self.cfg.master_weights
+        groups = build_param_groups(self.model, self.cfg, OPTIMIZER_GROUP_NUMEL if bounded else 0)
         for group in groups:
             group.pop("names")
         adamw = self.cfg.weight_decay > 0
@@ -74,11 +72,20 @@ class RWKVModule(pl.LightningModule):
             if "offload_optimizer" in strategy.config["zero_optimization"]:
                 return DeepSpeedCPUAdam(groups, **settings, bias_correction=True, adamw_mode=adamw, amsgrad=False)
             return FusedAdam(groups, **settings, bias_correction=True, adam_w_mode=adamw, amsgrad=False)
+        if self.cfg.master_weights:
+            return MasterWeightAdam(groups, **settings, adamw=adamw, max_grad_norm=self.cfg.gradient_clip_val)
         # Lightning's mixed-precision plugin refuses gradient clipping with fused Adam (it assumes the fused step
         # unscales fp16 gradients itself), so fused Adam only runs in fp32/tf32
         fused = self.cfg.precision in ("fp32", "tf32") and all(p.is_cuda for g in groups for p in g["params"])
         optimizer_class = torch.optim.AdamW if adamw else torch.optim.Adam
         return optimizer_class(groups, **settings, fused=fused or None)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """MasterWeightAdam clips in fp32 inside its step (the bf16 gradients would be clipped in bf16 here)."""
+        if isinstance(optimizer, MasterWeightAdam):
+            return
+        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
+                            gradient_clip_algorithm=gradient_clip_algorithm)
 
 
 def build_trainer(cfg: TrainConfig, callbacks: list, max_epochs: int, progress_bar: bool) -> pl.Trainer:
@@ -87,7 +94,7 @@ def build_trainer(cfg: TrainConfig, callbacks: list, max_epochs: int, progress_b
         devices=int(cfg.devices) if cfg.devices.isdigit() else cfg.devices,
         num_nodes=cfg.num_nodes,
         strategy=build_strategy(cfg),
-        precision=LIGHTNING_PRECISION[cfg.precision],
+        precision=lightning_precision(cfg),
         max_epochs=max_epochs,
         max_steps=cfg.max_steps,
         # under a schedule, callbacks.AccumulationSchedule sets it per epoch (Lightning wants 1 here then)

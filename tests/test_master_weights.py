@@ -1,0 +1,111 @@
+"""MasterWeightAdam: bf16 weights stepped through fp32 masters, against torch's Adam on the fp32 masters."""
+import copy
+import shutil
+
+import pytest
+import torch
+
+import train
+from helpers import tiny_model
+from src.checkpoint import load_weights
+from src.master_weights import MasterWeightAdam
+from test_stopping import stopped_by_one_sigint
+
+SETTINGS = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8)
+
+
+def bf16_model_and_masters():
+    model = tiny_model(n_layer=1).to(torch.bfloat16)
+    masters = [p.detach().float().clone().requires_grad_() for p in model.parameters()]
+    return model, masters
+
+
+def backward(model, seed):
+    torch.manual_seed(seed)
+    idx, targets = torch.randint(0, 37, (2, 8)), torch.randint(0, 37, (2, 8))
+    model.loss(idx, targets).backward()
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 1e-3])  # no clipping; clipping every step
+def test_steps_equal_adam_on_fp32_masters_with_the_global_clip(max_grad_norm):
+    model, masters = bf16_model_and_masters()
+    params = list(model.parameters())
+    # two groups with their own LR, as the layer-wise LR makes them
+    groups = [{"params": params[:3], "lr": 2e-2, "lr_scale": 2.0}, {"params": params[3:], "lr": 1e-2, "lr_scale": 1.0}]
+    optimizer = MasterWeightAdam(groups, **SETTINGS, adamw=False, max_grad_norm=max_grad_norm)
+    reference = torch.optim.Adam([{"params": masters[:3], "lr": 2e-2}, {"params": masters[3:], "lr": 1e-2}],
+                                 **{k: v for k, v in SETTINGS.items() if k != "lr"})
+    for step in range(3):
+        backward(model, step)
+        grads = [p.grad.float() for p in params]
+        if max_grad_norm:
+            norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+            grads = [g * min(1.0, max_grad_norm / (norm.item() + 1e-6)) for g in grads]
+        for master, grad in zip(masters, grads):
+            master.grad = grad
+        reference.step()
+        optimizer.step()
+        optimizer.zero_grad()
+        for got, master in zip(optimizer.masters[0] + optimizer.masters[1], masters):
+            torch.testing.assert_close(got, master.detach(), rtol=1e-6, atol=1e-7)
+        for p, master in zip(params, masters):
+            assert p.dtype == torch.bfloat16 and p.grad is None
+            assert torch.equal(p.detach(), master.detach().to(torch.bfloat16))  # the weights are the rounded masters
+
+
+def test_state_dict_restores_masters_and_moments_exactly():
+    def stepped(optimizer, model, seeds):
+        for seed in seeds:
+            backward(model, seed)
+            optimizer.step()
+            optimizer.zero_grad()
+
+    model, _ = bf16_model_and_masters()
+    optimizer = MasterWeightAdam([{"params": list(model.parameters())}], **SETTINGS, adamw=True, max_grad_norm=1.0)
+    stepped(optimizer, model, [0, 1])
+    # copies, as a checkpoint file holds them
+    saved_weights, saved_state = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+    stepped(optimizer, model, [2, 3])
+
+    again, _ = bf16_model_and_masters()
+    again.load_state_dict(saved_weights)
+    restored = MasterWeightAdam([{"params": list(again.parameters())}], **SETTINGS, adamw=True, max_grad_norm=1.0)
+    restored.load_state_dict(saved_state)
+    stepped(restored, again, [2, 3])
+    for a, b in zip(model.parameters(), again.parameters()):
+        assert torch.equal(a, b)
+
+
+BF16_RUN = ["--data_type", "utf-8", "--data_file", "text.txt", "--proj_dir", "out", "--n_layer", "1", "--n_embd", "16",
+            "--ctx_len", "16", "--micro_bsz", "2", "--epoch_steps", "40", "--epoch_count", "2", "--epoch_save", "1",
+            "--wkv_backend", "torch", "--enable_progress_bar", "0", "--random_seed", "3", "--precision", "bf16",
+            "--lr_init", "3e-3", "--lr_final", "1e-3"]
+
+
+def test_a_bf16_run_trains_bf16_weights_and_resumes_exactly(tmp_path, monkeypatch):
+    """--precision bf16 on one device: bf16 parameters in the model during training, bf16 files, a falling loss,
+    and Ctrl+C + --resume ends with the weights of a run that never stopped (the masters travel in the bundle)."""
+    for name in ("straight", "stopped"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "text.txt").write_text("the quick brown fox jumps over the lazy dog. " * 30)
+    monkeypatch.chdir(tmp_path / "straight")
+    seen = []
+
+    class ParameterDtypes(__import__("lightning").pytorch.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append({p.dtype for p in pl_module.parameters()})
+
+    assert train.train(train.parse_args(BF16_RUN), [ParameterDtypes()]) == 0
+    assert seen and all(dtypes == {torch.bfloat16} for dtypes in seen)
+    log = (tmp_path / "straight" / "out" / "train_log.txt").read_text().splitlines()
+    epoch_losses = [float(line.split()[1]) for line in log if line[:1].isdigit()]
+    assert epoch_losses[1] < epoch_losses[0]
+    straight = load_weights(tmp_path / "straight" / "out" / "rwkv-final.pth")
+    assert {v.dtype for v in straight.values()} == {torch.bfloat16}
+
+    monkeypatch.chdir(tmp_path / "stopped")
+    assert stopped_by_one_sigint(BF16_RUN, tmp_path / "stopped" / "out") == 130
+    assert train.main([*BF16_RUN, "--resume", "out/rwkv-resume.ckpt"]) == 0
+    resumed = load_weights(tmp_path / "stopped" / "out" / "rwkv-final.pth")
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+    shutil.rmtree(tmp_path / "stopped" / "out")
