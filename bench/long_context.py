@@ -50,14 +50,15 @@ def lora_flags(weights: Path, tokens: Path, proj_dir: Path, ctx_len: int, steps:
             "--enable_progress_bar", "0", "--random_seed", "0", "--proj_dir", str(proj_dir)]
 
 
-def make_random_base(path: Path) -> None:
-    """The 7B shape with the v4neo init (made on the GPU), saved in bf16 as a released model would be."""
+def make_random_base(path: Path, n_layer: int = SHAPE["n_layer"], n_embd: int = SHAPE["n_embd"]) -> None:
+    """A model of the 7B shape (or another depth and width) with the v4neo init (made on the GPU), saved in bf16 as
+    a released model would be."""
     from src.checkpoint import save_weights
     from src.rwkv4.config import RWKVConfig
     from src.rwkv4.model import RWKV, generate_init_weights
 
     with torch.device("cuda"):
-        model = RWKV(RWKVConfig(**SHAPE))
+        model = RWKV(RWKVConfig(vocab_size=SHAPE["vocab_size"], n_layer=n_layer, n_embd=n_embd))
     save_weights(generate_init_weights(model, 1e-4, device="cuda", dtype=torch.bfloat16), path)
     del model
     torch.cuda.empty_cache()

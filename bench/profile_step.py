@@ -59,13 +59,13 @@ class PhaseTimer(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._mark("end")
 
-    def table(self, warmup: int) -> dict:
-        """{phase: (median GPU ms, median host ms)} over the steps after `warmup`."""
+    def table(self, first: int, end: int) -> dict:
+        """{phase: (median GPU ms, median host ms)} over the steps first..end-1 (and the start of step end)."""
         torch.cuda.synchronize()
-        steps = [m for m in self.marks[warmup:] if {"start", "forward", "backward", "end"} <= set(m)]
+        steps = [m for m in self.marks[first:end + 1] if {"start", "forward", "backward", "end"} <= set(m)]
         gpu, host = collections.defaultdict(list), collections.defaultdict(list)
         bounds = (("forward", "start", "forward"), ("backward", "forward", "backward"), ("optimizer", "backward", "end"))
-        for i, marks in enumerate(steps):
+        for i, marks in enumerate(steps[:end - first]):
             for phase, a, b in bounds:
                 gpu[phase].append(marks[a][0].elapsed_time(marks[b][0]))
                 host[phase].append(1000 * (marks[b][1] - marks[a][1]))
@@ -171,9 +171,8 @@ def main() -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    filler = cap_gpu_memory(args.gpu_gib) if args.gpu_gib else 0
     proj_dir = Path(tempfile.mkdtemp(prefix="profile-"))
-    steps = args.warmup + args.profile_steps + 3
+    steps = args.warmup + 3 + args.profile_steps + 3
     if args.workload == "throughput":
         shape, strategy = args.what
         flags = train_throughput.train_flags(shape, strategy, train_throughput.random_tokens(shape, proj_dir), proj_dir,
@@ -184,19 +183,22 @@ def main() -> int:
         weights = Path(args.weights or Path(tempfile.gettempdir()) / "rwkv-7b-random-bf16.pth")
         if not weights.exists():
             long_context.make_random_base(weights)
+            torch.cuda.empty_cache()
         flags = long_context.lora_flags(weights, long_context.random_tokens(ctx_len, proj_dir), proj_dir, ctx_len,
                                         steps)
         tokens_per_step = ctx_len
+    filler = cap_gpu_memory(args.gpu_gib) if args.gpu_gib else 0  # after the base is made: that needs the whole card
+    timed = 3  # steps timed by phases, before the profiler and the memory recording, which slow the steps they watch
     phases = PhaseTimer()
-    watchers = [phases, KernelProfile(args.warmup, args.profile_steps, out)]
+    watchers = [phases, KernelProfile(args.warmup + timed, args.profile_steps, out)]
     if args.memory:
-        watchers.append(MemoryPeak(args.warmup + args.profile_steps + 1, out))
+        watchers.append(MemoryPeak(args.warmup + timed + args.profile_steps + 1, out))
     code = train.train(parse_args(flags), watchers, write_weights=False)
-    table = phases.table(args.warmup)
+    table = phases.table(args.warmup, args.warmup + timed)
     step_ms = sum(gpu for gpu, _ in table.values())
     allocated, reserved = peak_gib(filler)
     lines = [f"{' '.join(args.what)} ({args.workload}): exit {code}; {torch.cuda.get_device_name(0)}; median of "
-             f"{len(phases.marks) - args.warmup} steps after {args.warmup}: {step_ms:.1f} ms per step, "
+             f"{timed} steps after {args.warmup}: {step_ms:.1f} ms per step, "
              f"{tokens_per_step / step_ms * 1000:,.0f} tokens/s; peak allocated / reserved {allocated:.2f} / "
              f"{reserved:.2f} GiB", "", "| phase | GPU ms | share | host ms |", "|---|---|---|---|"]
     lines += [f"| {phase} | {gpu:.1f} | {gpu / step_ms:.0%} | {host:.1f} |" for phase, (gpu, host) in table.items()]
