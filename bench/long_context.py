@@ -50,6 +50,11 @@ def lora_flags(weights: Path, tokens: Path, proj_dir: Path, ctx_len: int, steps:
             "--enable_progress_bar", "0", "--random_seed", "0", "--proj_dir", str(proj_dir)]
 
 
+def random_base_path(n_layer: int = SHAPE["n_layer"], n_embd: int = SHAPE["n_embd"]) -> Path:
+    """Where the benchmarks keep the random base of a shape between runs (written once, in the temporary folder)."""
+    return Path(tempfile.gettempdir()) / f"rwkv-L{n_layer}-D{n_embd}-random-bf16.pth"
+
+
 def make_random_base(path: Path, n_layer: int = SHAPE["n_layer"], n_embd: int = SHAPE["n_embd"]) -> None:
     """A model of the 7B shape (or another depth and width) with the v4neo init (made on the GPU), saved in bf16 as
     a released model would be."""
@@ -102,7 +107,7 @@ def main() -> int:
     if args.ctx_len:
         return run_one_length(args)
 
-    weights = Path(args.weights or Path(tempfile.gettempdir()) / "rwkv-7b-random-bf16.pth")
+    weights = Path(args.weights or random_base_path())
     if not weights.exists():
         started = time.time()
         make_random_base(weights)

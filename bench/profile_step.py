@@ -180,7 +180,7 @@ def main() -> int:
         tokens_per_step = train_throughput.CTX * train_throughput.SHAPES[shape][2]
     else:
         ctx_len = int(args.what[0])
-        weights = Path(args.weights or Path(tempfile.gettempdir()) / "rwkv-7b-random-bf16.pth")
+        weights = Path(args.weights or long_context.random_base_path())
         if not weights.exists():
             long_context.make_random_base(weights)
             torch.cuda.empty_cache()

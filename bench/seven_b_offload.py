@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from bench.common import GIB, HostMemorySampler, StepTimes, cap_gpu_memory, peak_gib
-from bench.long_context import make_random_base
+from bench.long_context import make_random_base, random_base_path
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 50277
@@ -87,7 +87,7 @@ def main() -> int:
         return run_child(args)
 
     if not args.load_model:
-        args.load_model = str(Path(tempfile.gettempdir()) / f"rwkv-L{args.n_layer}-D{args.n_embd}-random-bf16.pth")
+        args.load_model = str(random_base_path(args.n_layer, args.n_embd))
         if not Path(args.load_model).exists():
             started = time.time()
             make_random_base(Path(args.load_model), args.n_layer, args.n_embd)
