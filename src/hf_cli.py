@@ -76,7 +76,8 @@ def run_export(argv, prog: str, description: str) -> int:
             raise UserInputError(f"{args.model} cannot be exported: transformers' RwkvForCausalLM cannot hold "
                                  f"{'; '.join(missing)}.")
         vocabulary = read_vocabulary(args.vocab, cfg.vocab_size) if args.vocab else None
-        dtype = DTYPES[args.dtype] if args.dtype else stored_dtype(weights)
+        source_dtype = stored_dtype(weights)
+        dtype = DTYPES[args.dtype] if args.dtype else source_dtype
         weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
         config = hf_config(cfg, args.ctx_len,
                            vocabulary.end_of_text_id if vocabulary and vocabulary.end_of_text_id is not None else 0)
@@ -90,10 +91,11 @@ def run_export(argv, prog: str, description: str) -> int:
     except UserInputError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    tokenizer = "with the tokenizer" if vocabulary else "without a tokenizer (no --vocab)"
+    tokenizer = "and tokenizer files" if vocabulary else "no tokenizer files: no --vocab"
+    rounded = "" if dtype == source_dtype else f" rounded to {DTYPE_NAMES[dtype]}"
     print(f"{prog}: wrote {args.out_dir} ({DTYPE_NAMES[dtype]} weights, {tokenizer}); RwkvForCausalLM loaded from it "
-          f"gives the logits of {args.model} on {CHECK_TOKENS} tokens within {max_diff:.2e} (fp32, tolerance "
-          f"{CHECK_ATOL:.0e})")
+          f"gives the logits of {args.model}{rounded} on {CHECK_TOKENS} tokens within {max_diff:.2e} (computed in "
+          f"fp32, tolerance {CHECK_ATOL:.0e})")
     return 0
 
 

@@ -86,7 +86,7 @@ def test_export_loads_in_transformers_with_our_logits_and_greedy_tokens(trained,
     assert difference <= 1e-4, difference
     generated = theirs.generate(torch.tensor([PROMPT]), max_new_tokens=20, do_sample=False)[0, len(PROMPT):]
     assert generated.tolist() == greedy(model, PROMPT, 20)
-    assert "within 0.00e+00 (fp32, tolerance 1e-04)" in printed, printed  # the check's figure, measured on the CPU
+    assert "within 0.00e+00 (computed in fp32, tolerance 1e-04)" in printed, printed  # the check's figure on the CPU
 
 
 def test_the_check_fails_when_the_folder_holds_other_weights(trained, exported):
