@@ -79,8 +79,7 @@ def run_export(argv, prog: str, description: str) -> int:
         source_dtype = stored_dtype(weights)
         dtype = DTYPES[args.dtype] if args.dtype else source_dtype
         weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
-        config = hf_config(cfg, args.ctx_len,
-                           vocabulary.end_of_text_id if vocabulary and vocabulary.end_of_text_id is not None else 0)
+        config = hf_config(cfg, args.ctx_len, vocabulary.end_of_text_id if vocabulary else None)
         with atomic_path(args.out_dir) as tmp:
             remove_path(tmp)  # a folder left by a killed earlier export
             write_model(tmp, config, to_hf(weights, cfg, args.model), dtype)

@@ -25,6 +25,8 @@ logits move away from the model as trained. With 0, transformers computes what R
 and this toolkit compute (fp32 logits agree to rounding); fp16 inference of a deep model in transformers
 asks for rescale_every=6 at load time.
 """
+from typing import Optional
+
 import torch
 
 from src.checkpoint import weight_mismatches
@@ -75,10 +77,11 @@ def missing_in_transformers(cfg: RWKVConfig) -> list:
     return reasons
 
 
-def hf_config(cfg: RWKVConfig, context_length: int, end_of_text_id: int = 0) -> dict:
+def hf_config(cfg: RWKVConfig, context_length: int, end_of_text_id: Optional[int] = None) -> dict:
     """The fields of transformers' RwkvConfig for a model of `cfg`. `context_length` is not in the weights: the
     longest input transformers' CUDA kernel takes in one call, and what evaluation tools truncate to.
-    Token 0 ends a document in both RWKV-4 vocabularies (GPT-NeoX 20B, World)."""
+    `end_of_text_id` None means 0, which ends a document in both RWKV-4 vocabularies (GPT-NeoX 20B, World)."""
+    end_of_text_id = 0 if end_of_text_id is None else end_of_text_id
     return {"vocab_size": cfg.vocab_size, "hidden_size": cfg.n_embd, "num_hidden_layers": cfg.n_layer,
             "attention_hidden_size": cfg.dim_att, "intermediate_size": cfg.dim_ffn,
             "layer_norm_epsilon": LAYER_NORM_EPSILON, "rescale_every": 0, "tie_word_embeddings": False,
