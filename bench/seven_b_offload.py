@@ -110,7 +110,7 @@ def main() -> int:
     print(output[-2500:])
     print("RESULT " + json.dumps(result))
     steps = len(result["losses"])
-    print(f"\n| what | measured | memory check's estimate |\n|---|---|---|")
+    print("\n| what | measured | memory check's estimate |\n|---|---|---|")
     print(f"| card | {torch.cuda.get_device_name(0)}, capped at {args.gpu_gib:g} GiB | |")
     print(f"| model | L{args.n_layer} D{args.n_embd} vocab {VOCAB}, ctx {args.ctx_len}, bf16, deepspeed_stage_2_offload, "
           f"grad_cp, ctx_parts 4, --load_model {args.load_model} | |")

@@ -148,6 +148,11 @@ def lora_state_dict(model: RWKV, settings: LoraSettings, state_dict: Optional[di
     return slim
 
 
+def is_lora_checkpoint(weights: dict) -> bool:
+    """A LoRA checkpoint (this toolkit's or the original's): it holds lora_A/lora_B tensors or LoRA settings."""
+    return any(key == SETTINGS_KEY or key.endswith((".lora_A", ".lora_B")) for key in weights)
+
+
 # ---------------------------------------------------------------- training
 
 

@@ -20,8 +20,8 @@ from src.errors import UserInputError
 from src.lora import SETTINGS_KEY, attach_lora, decode_settings, identity_differences
 from src.lora_settings import LoraSettings
 from src.rwkv4 import anatomy
-from src.rwkv4.config import ForwardOptions, RWKVConfig
-from src.rwkv4.model import RWKV
+from src.rwkv4.config import RWKVConfig
+from src.rwkv4.model import model_from_weights
 
 # The merge check: logits of the merged model (fp32, before the cast to the base dtype) against the
 # base + LoRA model, on CHECK_TOKENS tokens, must agree within CHECK_RTOL * max(1, max |logit|).
@@ -103,19 +103,6 @@ def resolve_alpha(alpha: Optional[float], lora: LoraCheckpoint) -> float:
 
 
 # ---------------------------------------------------------------- the base model
-
-
-def model_from_weights(cfg: RWKVConfig, weights: dict, device, path="base") -> RWKV:
-    """An fp32 RWKV on `device` holding `weights` (strict: the keys and shapes must be exactly the model's)."""
-    with torch.device("meta"):  # no allocation or init for weights about to be replaced
-        model = RWKV(cfg, ForwardOptions(wkv_backend="torch"))  # a few tokens: no kernel build for them
-    differences = compare_weights(model.state_dict(), weights)
-    if differences:
-        raise UserInputError(f"{path} does not have the layout of an RWKV-4 model this toolkit knows (unknown keys: "
-                             f"{differences.unexpected[:4]}, missing: {differences.missing[:4]}, other shapes: "
-                             f"{differences.mismatched[:4]}), so a merge cannot be checked.")
-    model.load_state_dict({k: v.to(device, torch.float32) for k, v in weights.items()}, assign=True)
-    return model.eval()
 
 
 def check_fits_base(lora: LoraCheckpoint, base: dict, cfg: RWKVConfig, base_path) -> None:

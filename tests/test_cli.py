@@ -3,13 +3,15 @@ import re
 
 import pytest
 
+import export_hf
+import import_hf
 import merge_lora
 import merge_lora_plus
 import preprocess_data
 import train
 
 CLIS = {"train.py": train, "merge_lora.py": merge_lora, "merge_lora_plus.py": merge_lora_plus,
-        "preprocess_data.py": preprocess_data}
+        "preprocess_data.py": preprocess_data, "export_hf.py": export_hf, "import_hf.py": import_hf}
 
 
 @pytest.mark.parametrize("prog", CLIS)

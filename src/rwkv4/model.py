@@ -32,6 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from src.checkpoint import compare_weights
+from src.errors import UserInputError
 from src.loss import IGNORE_INDEX, head_loss, head_token_losses, language_model_loss
 from src.rwkv4.config import ForwardOptions, RWKVConfig
 from src.rwkv4.state import RWKVState, empty_state
@@ -261,6 +263,20 @@ class RWKV(nn.Module):
         """The training loss of the sample idx (B, T) -> targets (B, T), from the start."""
         x, _ = self.run_blocks(self.embed(idx))
         return self.head_loss(x, targets, idx)
+
+
+def model_from_weights(cfg: RWKVConfig, weights: dict, device, path="base") -> RWKV:
+    """An fp32 RWKV on `device` holding `weights`, in eval mode, with the torch WKV backend (checks on a few tokens
+    need no kernel build). Strict: the keys and shapes must be exactly those of `cfg`'s model."""
+    with torch.device("meta"):  # no allocation or init for weights about to be replaced
+        model = RWKV(cfg, ForwardOptions(wkv_backend="torch"))
+    differences = compare_weights(model.state_dict(), weights)
+    if differences:
+        raise UserInputError(f"{path} does not have the layout of an RWKV-4 model this toolkit knows (unknown keys: "
+                             f"{differences.unexpected[:4]}, missing: {differences.missing[:4]}, other shapes: "
+                             f"{differences.mismatched[:4]}).")
+    model.load_state_dict({k: v.to(device, torch.float32) for k, v in weights.items()}, assign=True)
+    return model.eval()
 
 
 # Parameters that keep the values built in the constructor (the v4neo "fancy init").
