@@ -134,7 +134,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, save_dtype):
 
 
 def check_memory(cfg: TrainConfig, vocab_size: int, lightning_trainer) -> None:
-    """Refuse a run whose weights, gradients and optimizer state alone exceed this machine (src/memory_check.py)."""
+    """Refuse a run that this machine's free GPU memory or available host memory cannot hold (src/memory_check.py)."""
     import torch
 
     from src import memory_check
@@ -147,23 +147,34 @@ def check_memory(cfg: TrainConfig, vocab_size: int, lightning_trainer) -> None:
 
 
 def memory_footprint(cfg: TrainConfig, vocab_size: int, world_size: int, processes_per_host: int, on_gpu: bool):
-    """src/memory_check.py's footprint of this run, its parameters counted on a model built on the meta device (no
-    memory, no time)."""
+    """src/memory_check.py's estimate of this whole run: the state of its parameters, counted on a model built on the
+    meta device (no memory, no time), the model's estimate of the activations of a micro-batch at the full ctx_len
+    (a --state_cp segment), head_loss's working memory, DeepSpeed's buffers and the processes themselves."""
     import torch
 
-    from src import lora, memory_check
+    from src import lora, loss, memory_check
+    from src.rwkv4 import anatomy
     from src.rwkv4.config import RWKVConfig
     from src.rwkv4.model import RWKV
 
+    shape = RWKVConfig.from_flags(cfg, vocab_size)
     with torch.device("meta"):
-        model = RWKV(RWKVConfig.from_flags(cfg, vocab_size))
-        trainable = sum(p.numel() for p in model.parameters())
+        model = RWKV(shape)
+        names = {name for name, _ in model.named_parameters()}
         if cfg.lora_settings:
             lora.apply_lora(model, cfg.lora_settings)
             names = set(lora.trainable_names(model, cfg.lora_settings))
-            trainable = sum(p.numel() for n, p in model.named_parameters() if n in names)
+    trained = [p.numel() for n, p in model.named_parameters() if n in names]
     params = sum(p.numel() for p in model.parameters())
-    return memory_check.footprint(cfg, params, trainable, world_size, processes_per_host, on_gpu)
+    state = memory_check.footprint(cfg, params, sum(trained), world_size, processes_per_host, on_gpu)
+    tokens = cfg.segment_len or cfg.ctx_len
+    dtype_bytes = 2 if cfg.precision in ("bf16", "fp16") else 4
+    activations = (anatomy.activation_bytes(shape, cfg.micro_bsz, tokens, dtype_bytes,
+                                            checkpointed=bool(cfg.grad_cp or cfg.state_cp),
+                                            inputs_on_device=not cfg.state_cp)
+                   + loss.head_loss_bytes(cfg.micro_bsz * tokens, vocab_size, shape.n_embd, dtype_bytes,
+                                          head_trains=any(anatomy.piece_of(n) == anatomy.HEAD for n in names)))
+    return memory_check.run_footprint(cfg, state, max(trained, default=0), activations, on_gpu, processes_per_host)
 
 
 def write_initial_files(cfg: TrainConfig, fresh_weights, data) -> list:

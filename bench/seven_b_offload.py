@@ -73,6 +73,22 @@ def run_child(args) -> int:
     return code
 
 
+def memory_check_refusal(args) -> str:
+    """train.py's memory check of this run on this machine (the card as capped, the host as it is now), or ''."""
+    import train
+    from src import memory_check
+    from src.config import parse_args
+    from src.errors import UserInputError
+
+    cfg = parse_args(fine_tune_flags(args.load_model or "base.pth", Path("tokens.npy"), Path("out"), args))
+    need = train.memory_footprint(cfg, VOCAB, world_size=1, processes_per_host=1, on_gpu=True)
+    try:
+        memory_check.check_fits(cfg, need, int(args.gpu_gib * GIB), memory_check.available_host_memory())
+    except UserInputError as e:
+        return str(e)
+    return ""
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--load_model", default="", help="bf16 .pth to fine-tune (default: random, written once)")
@@ -86,6 +102,10 @@ def main() -> int:
     if args.child:
         return run_child(args)
 
+    refusal = memory_check_refusal(args)
+    if refusal:  # before a 15 GB base is written: the run cannot fit this machine
+        print(f"train.py: error: {refusal}\nRESULT " + json.dumps({"exit": 2, "refused": refusal}))
+        return 2
     if not args.load_model:
         args.load_model = str(random_base_path(args.n_layer, args.n_embd))
         if not Path(args.load_model).exists():

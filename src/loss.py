@@ -80,6 +80,15 @@ def language_model_loss(logits: torch.Tensor, targets: torch.Tensor, targets_in_
     return L2Wrap.apply(loss, logits, positions)
 
 
+def head_loss_bytes(tokens: int, vocab: int, width: int, dtype_bytes: int, head_trains: bool) -> int:
+    """head_loss's working memory for `tokens` tokens, in bytes: one chunk of logits (fp32, and its gradient in the
+    compute dtype), the gradient of x, and with a trained head its gradient (fp32 sums, then in the weight's dtype)."""
+    padded = math.ceil(vocab / VOCAB_ALIGNMENT) * VOCAB_ALIGNMENT
+    chunk = min(tokens, max(1, LOGITS_PER_CHUNK // padded)) * padded * (4 + dtype_bytes)
+    grad_w = padded * width * (4 + dtype_bytes) if head_trains else 0
+    return chunk + tokens * width * dtype_bytes + grad_w
+
+
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The dtype of the head's products: autocast's where it is on (as F.linear's would be), else the inputs'."""
     device = x.device.type

@@ -1,21 +1,30 @@
-"""Before training: can this machine hold the run's weights, gradients and optimizer state at all?
+"""Before training: can this machine hold the run? Refused in one line, before anything large is allocated.
 
-A run that plainly cannot fit is refused with one line naming the numbers and the ways out, instead of an
-out-of-memory traceback from inside DeepSpeed minutes later. Activations (which depend on ctx_len,
---grad_cp, --state_cp) come on top of the estimate, so passing the check is no promise; failing it is
-certain. Bytes per parameter (P all parameters, T the trainable ones, W GPUs; DeepSpeed's own ZeRO figures):
+A run that cannot fit is refused with one line naming the numbers and the ways out, instead of an out-of-memory
+traceback from inside DeepSpeed minutes later, or the kernel killing the process when the host runs out.
+
+The state (`footprint`): bytes per parameter (P all parameters, T the trainable ones, W GPUs):
 
     strategy                      GPU, per process                         host, per machine
     auto/ddp                      4 P + 4 T + 8 T  (weights, grads, Adam)  -
     auto/ddp, bf16                2 P + 2 T + 12 T (bf16 weights and grads, fp32 masters, Adam) + 4 x one group
     deepspeed_stage_1, 16-bit     2 P + 2 T + 12 T / W                     -
     deepspeed_stage_2, 16-bit     2 P + (2 + 12) T / W                     -
-    deepspeed_stage_2_offload     2 P                                      16 T (fp32 master, Adam, grads)
+    deepspeed_stage_2_offload     2 P                                      18 T (fp32 master, Adam, fp32 grads, and
+                                                                           a 16-bit copy the weights are staged in)
     deepspeed_stage_3, 16-bit     (2 P + 14 T) / W                         -
     deepspeed_stage_3_offload     -                                        2 P + 16 T
 (DeepSpeed's partitions are per process: a machine holds its processes' share, processes / W of the total.)
 DeepSpeed with fp32 weights keeps 4 bytes where the table says 2. On a CPU-only run the host holds what
-the first row puts on the GPU.
+the first row puts on the GPU. The 18 bytes of ZeRO-1/2 offload are those of DeepSpeed's stage_1_and_2.py
+(single_partition_of_fp32_groups, their .grad, Adam's two moments, param_buffer_of_bit16_for_cpu_offload_groups);
+a 7.39e9-parameter model needs 123.9 GiB there, which the 125 GiB of a 128 GiB machine cannot hold next to
+the process itself (measured: the kernel killed such a run at 125.8 GiB in use, in its first optimizer step).
+
+The whole run (`run_footprint`) adds what training holds beside the state: on the GPU the activations (the
+model's estimate for the samples, --grad_cp and --state_cp) and DeepSpeed's buffers (two gradient buckets;
+with offload a 16-bit and an fp64 copy of the largest gradient, the latter for its norm); on the host each
+process's own memory (Python, torch, the CUDA runtime). BENCHMARKS.md puts these estimates beside measured peaks.
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -31,10 +40,17 @@ GIB = 2 ** 30
 OPTIMIZER_GROUP_NUMEL = 2 ** 28
 
 
+# Host memory of one training process beside the weights and optimizer state: Python, torch, Lightning and, on a
+# GPU, the CUDA runtime's host side (BENCHMARKS.md: measured before DeepSpeed's set-up, 4-6 GiB on the H200 machine).
+PROCESS_HOST_BYTES = {True: 5 * GIB, False: 1 * GIB}  # a GPU process, a CPU-only process
+
+
 @dataclass(frozen=True)
 class Footprint:
     gpu: int  # bytes on each GPU (0 for a CPU run)
     host: int  # bytes on each machine, all its processes together
+    gpu_parts: str = "the weights, gradients and optimizer state alone"  # what `gpu` counts, for messages
+    host_parts: str = ""
 
 
 def footprint(cfg: TrainConfig, params: int, trainable: int, world_size: int, processes_per_host: int,
@@ -53,25 +69,55 @@ def footprint(cfg: TrainConfig, params: int, trainable: int, world_size: int, pr
             return Footprint(gpu=0, host=(weight * params + 16 * trainable) * processes_per_host // world_size)
         return Footprint(gpu=(weight * params + (weight + 12) * trainable) // world_size, host=0)
     if offload:
-        return Footprint(gpu=weight * params, host=16 * trainable * processes_per_host // world_size)
+        return Footprint(gpu=weight * params, host=18 * trainable * processes_per_host // world_size)
     grads = weight * trainable if stage == 1 else weight * trainable // world_size
     return Footprint(gpu=weight * params + grads + 12 * trainable // world_size, host=0)
 
 
+def deepspeed_gpu_buffers(cfg: TrainConfig, largest_trainable: int) -> int:
+    """GPU bytes DeepSpeed ZeRO 1/2 allocates beside the weights: two gradient buckets of --ds_bucket_mb
+    (contiguous gradients) and, with the optimizer offloaded, a 16-bit copy of the largest gradient on its way to
+    the host and an fp64 copy of it for its norm (stage_1_and_2.py set_norm_for_param_grad_in_gpu)."""
+    if cfg.deepspeed is None or cfg.deepspeed[0] == 3:
+        return 0
+    buckets = 2 * cfg.ds_bucket_mb * 1000 * 1000
+    return buckets + ((2 + 8) * largest_trainable if cfg.deepspeed[1] else 0)
+
+
+def run_footprint(cfg: TrainConfig, state: Footprint, largest_trainable: int, activations: int, on_gpu: bool,
+                  processes_per_host: int) -> Footprint:
+    """The whole run: the state, plus on the GPU the activations (bytes, the model's estimate) and DeepSpeed's
+    buffers, plus on the host each process's own memory (see the module docstring)."""
+    buffers = deepspeed_gpu_buffers(cfg, largest_trainable)
+    process = PROCESS_HOST_BYTES[on_gpu] * processes_per_host
+    if not on_gpu:  # the host is the device
+        return Footprint(gpu=0, host=state.host + activations + process,
+                         host_parts=f"{state.host / GIB:.1f} GiB of weights, gradients and optimizer state, "
+                                    f"{activations / GIB:.1f} GiB of activations, {process / GIB:.0f} GiB per process")
+    return Footprint(
+        gpu=state.gpu + activations + buffers, host=state.host + process,
+        gpu_parts=f"{state.gpu / GIB:.1f} GiB of weights, gradients and optimizer state, {activations / GIB:.1f} GiB "
+                  f"of activations" + (f", {buffers / GIB:.1f} GiB of DeepSpeed buffers" if buffers else ""),
+        host_parts=(f"{state.host / GIB:.1f} GiB of offloaded optimizer state, " if state.host else "")
+        + f"{process / GIB:.0f} GiB per process")
+
+
 def check_fits(cfg: TrainConfig, need: Footprint, gpu_free: Optional[int], host_available: Optional[int]) -> None:
-    """Refuse the run when the footprint alone exceeds the free GPU memory or the host's available memory
-    (None: not known here, not checked)."""
+    """Refuse the run when it needs more than the free GPU memory or the host's available memory (None: not known
+    here, not checked)."""
     if gpu_free is not None and need.gpu > gpu_free:
         raise UserInputError(
-            f"--strategy {cfg.strategy} --precision {cfg.precision}: the weights, gradients and optimizer state "
-            f"alone need {need.gpu / GIB:.1f} GiB per GPU, and this GPU has {gpu_free / GIB:.1f} GiB free; use "
-            f"deepspeed_stage_2_offload (optimizer in host memory), --lora, more GPUs, or a smaller model.")
+            f"--strategy {cfg.strategy} --precision {cfg.precision}: this run needs {need.gpu / GIB:.1f} GiB per GPU "
+            f"({need.gpu_parts}), and this GPU has {gpu_free / GIB:.1f} GiB free; use deepspeed_stage_2_offload "
+            f"(optimizer in host memory), --grad_cp 1, a smaller --micro_bsz or --ctx_len (or --state_cp 1), --lora, "
+            f"more GPUs, or a smaller model.")
     if host_available is not None and need.host > host_available:
         where = "the optimizer state offloaded to host memory" if need.gpu else "the weights, gradients and Adam state"
+        parts = f" ({need.host_parts})" if need.host_parts else ""
         raise UserInputError(
-            f"--strategy {cfg.strategy}: {where} need {need.host / GIB:.1f} GiB of host memory on this machine, and "
-            f"{host_available / GIB:.1f} GiB are available; use a machine with more memory, more machines, --lora, "
-            f"or a smaller model.")
+            f"--strategy {cfg.strategy}: {where} need {need.host / GIB:.1f} GiB of host memory on this machine"
+            f"{parts}, and {host_available / GIB:.1f} GiB are available; use a machine with more memory, more "
+            f"machines, --lora, or a smaller model.")
 
 
 def available_host_memory() -> Optional[int]:

@@ -80,13 +80,6 @@ class RWKVModule(pl.LightningModule):
         optimizer_class = torch.optim.AdamW if adamw else torch.optim.Adam
         return optimizer_class(groups, **settings, fused=fused or None)
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        """MasterWeightAdam clips in fp32 inside its step (the bf16 gradients would be clipped in bf16 here)."""
-        if isinstance(optimizer, MasterWeightAdam):
-            return
-        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
-                            gradient_clip_algorithm=gradient_clip_algorithm)
-
 
 def build_trainer(cfg: TrainConfig, callbacks: list, max_epochs: int, progress_bar: bool) -> pl.Trainer:
     return pl.Trainer(
@@ -99,7 +92,8 @@ def build_trainer(cfg: TrainConfig, callbacks: list, max_epochs: int, progress_b
         max_steps=cfg.max_steps,
         # under a schedule, callbacks.AccumulationSchedule sets it per epoch (Lightning wants 1 here then)
         accumulate_grad_batches=1 if cfg.accumulate_grad_batches_dict else cfg.accumulate_grad_batches,
-        gradient_clip_val=cfg.gradient_clip_val,
+        # MasterWeightAdam clips in fp32 inside its step (Lightning would clip the bf16 gradients)
+        gradient_clip_val=None if cfg.master_weights else cfg.gradient_clip_val,
         callbacks=callbacks,
         logger=False,
         enable_checkpointing=False,

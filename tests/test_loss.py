@@ -10,11 +10,11 @@ from src.loss import IGNORE_INDEX, head_loss, head_token_losses, language_model_
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
-def inputs(B, T, C, V, dtype, masked=()):
+def inputs(B, T, C, V, dtype, masked=(), device="cpu"):
     torch.manual_seed(0)
-    x = torch.randn(B, T, C, dtype=torch.float64).to(dtype).requires_grad_()
-    weight = (torch.randn(V, C, dtype=torch.float64) / C ** 0.5).to(dtype).requires_grad_()
-    targets = torch.randint(0, V, (B, T))
+    x = torch.randn(B, T, C, dtype=torch.float64).to(device, dtype).requires_grad_()
+    weight = (torch.randn(V, C, dtype=torch.float64) / C ** 0.5).to(device, dtype).requires_grad_()
+    targets = torch.randint(0, V, (B, T)).to(device)
     for b, t in masked:
         targets[b, t] = IGNORE_INDEX
     return x, weight, targets
@@ -99,3 +99,15 @@ def test_padding_leaves_the_vocabulary_alone(monkeypatch):
     for other in results[1:]:
         for a, b in zip(other, results[0]):
             assert relative(a, b) <= 1e-13
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_loss_on_the_gpu_with_an_unaligned_vocabulary(dtype):
+    """On CUDA the padded products take cuBLAS's aligned kernels; the results are those of the whole logits."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    x, weight, targets = inputs(3, 1000, 256, 50277, dtype, masked=[(0, 3), (2, 999)], device="cuda")
+    expected = loss_and_grads(lambda: language_model_loss(F.linear(x, weight), targets), x, weight)
+    got = loss_and_grads(lambda: head_loss(x, weight, targets, logits_per_chunk=2 ** 24), x, weight)  # 4 chunks
+    for name, a, b in zip(("loss", "dL/dx", "dL/dweight"), got, expected):
+        assert relative(a, b) <= TOLERANCE[dtype], (name, relative(a, b))

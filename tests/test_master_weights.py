@@ -14,21 +14,23 @@ from test_stopping import stopped_by_one_sigint
 SETTINGS = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8)
 
 
-def bf16_model_and_masters():
-    model = tiny_model(n_layer=1).to(torch.bfloat16)
+def bf16_model_and_masters(device="cpu"):
+    model = tiny_model(n_layer=1).to(device, torch.bfloat16)
     masters = [p.detach().float().clone().requires_grad_() for p in model.parameters()]
     return model, masters
 
 
 def backward(model, seed):
     torch.manual_seed(seed)
-    idx, targets = torch.randint(0, 37, (2, 8)), torch.randint(0, 37, (2, 8))
+    device = next(model.parameters()).device
+    idx, targets = torch.randint(0, 37, (2, 8)).to(device), torch.randint(0, 37, (2, 8)).to(device)
     model.loss(idx, targets).backward()
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])  # fused Adam on CUDA
 @pytest.mark.parametrize("max_grad_norm", [0.0, 1e-3])  # no clipping; clipping every step
-def test_steps_equal_adam_on_fp32_masters_with_the_global_clip(max_grad_norm):
-    model, masters = bf16_model_and_masters()
+def test_steps_equal_adam_on_fp32_masters_with_the_global_clip(max_grad_norm, device):
+    model, masters = bf16_model_and_masters(device)
     params = list(model.parameters())
     # two groups with their own LR, as the layer-wise LR makes them
     groups = [{"params": params[:3], "lr": 2e-2, "lr_scale": 2.0}, {"params": params[3:], "lr": 1e-2, "lr_scale": 1.0}]

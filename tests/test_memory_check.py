@@ -14,7 +14,8 @@ def flags(strategy, precision="bf16"):
 
 
 @pytest.mark.parametrize("strategy, gpu_gib, host_gib", [
-    ("deepspeed_stage_2_offload", 13.8, 110.3),  # the fork's 7B full fine-tune: bf16 weights on the card
+    # the fork's 7B full fine-tune: bf16 weights on the card; DeepSpeed's 18 bytes per parameter on the host
+    ("deepspeed_stage_2_offload", 13.8, 124.1),
     ("deepspeed_stage_2", 110.3, 0),
     ("deepspeed_stage_1", 110.3, 0),  # on one GPU every stage keeps all 16 bytes per parameter
     ("deepspeed_stage_3_offload", 0, 124.1),
@@ -35,7 +36,7 @@ def test_zero_partitions_are_shared_by_the_gpus():
     assert four.gpu == 2 * SEVEN_B + 14 * SEVEN_B // 4 < one.gpu
     offload = footprint(flags("deepspeed_stage_2_offload"), SEVEN_B, SEVEN_B, world_size=4, processes_per_host=2,
                         on_gpu=True)
-    assert offload.host == 16 * SEVEN_B * 2 // 4  # this machine's two of the four partitions
+    assert offload.host == 18 * SEVEN_B * 2 // 4  # this machine's two of the four partitions
 
 
 def test_lora_needs_little_beyond_the_weights():

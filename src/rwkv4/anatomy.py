@@ -8,6 +8,7 @@ them). Nothing outside src/rwkv4/ names a parameter of this model; training, LoR
     trained_whole_part(name)    the LoRA part that trains a tensor whole (time_* -> "time", block norms -> "ln")
     config_of_weights(weights)  the RWKVConfig whose state dict has these keys and shapes
     identity(cfg)               what tells one base model's shape from another's (stored with a LoRA)
+    activation_bytes(cfg, ...)  an estimate of the memory the blocks keep for their backward
 No torch import: weights are read through their .shape only.
 """
 import re
@@ -105,3 +106,22 @@ def config_of_weights(weights: dict, path="base") -> RWKVConfig:
             my_pos_emb=weights["blocks.0.pos_emb_x"].shape[1] if "blocks.0.pos_emb_x" in weights else 0)
     except KeyError as e:
         raise UserInputError(f"{path} is not a full RWKV-4 model (it has no {e.args[0]}).")
+
+
+def activation_bytes(cfg: RWKVConfig, batch: int, tokens: int, dtype_bytes: int, checkpointed: bool,
+                     inputs_on_device: bool = True) -> int:
+    """An estimate of what the blocks keep for their backward over batch x tokens, in bytes.
+
+    Per block and token the tensors its backward reads: 13 C + 5 A + 2 F values (the norms' inputs and outputs,
+    the token shifts, the mixed inputs of the seven projections, k and v of the WKV operator, the sigmoid gates,
+    y, the squared ReLU; the rest is rebuilt from these). Measured on the H200: L24 D1024 B4 x 4096 kept 0.98x
+    of this (BENCHMARKS.md). Without checkpointing every block keeps them; with it (--grad_cp, and --state_cp's
+    block by block backward) one block at a time does, plus each block's input where the inputs stay on the
+    device (--grad_cp; --state_cp keeps them in host memory).
+    """
+    C, A, F = cfg.n_embd, cfg.dim_att, cfg.dim_ffn
+    one_block = batch * tokens * (13 * C + 5 * A + 2 * F) * dtype_bytes
+    if not checkpointed:
+        return cfg.n_layer * one_block
+    inputs = cfg.n_layer * batch * tokens * C * dtype_bytes if inputs_on_device else 0
+    return inputs + one_block
