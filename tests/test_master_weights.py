@@ -48,11 +48,12 @@ def test_steps_equal_adam_on_fp32_masters_with_the_global_clip(max_grad_norm, de
         reference.step()
         optimizer.step()
         optimizer.zero_grad()
-        for got, master in zip(optimizer.masters[0] + optimizer.masters[1], masters):
+        ours = optimizer.masters[0] + optimizer.masters[1]
+        for got, master in zip(ours, masters):  # CUDA's fused Adam rounds apart from the reference's foreach Adam
             torch.testing.assert_close(got, master.detach(), rtol=1e-6, atol=1e-7)
-        for p, master in zip(params, masters):
+        for p, master in zip(params, ours):
             assert p.dtype == torch.bfloat16 and p.grad is None
-            assert torch.equal(p.detach(), master.detach().to(torch.bfloat16))  # the weights are the rounded masters
+            assert torch.equal(p.detach(), master.to(torch.bfloat16))  # the weights are the rounded masters
 
 
 def test_state_dict_restores_masters_and_moments_exactly():
