@@ -174,7 +174,7 @@ class TrainConfig:
     valid_data_file: str = flag("", "valid", "Held-out data: its loss after every --valid_every mini-epochs and after "
                                 "the last one, computed as evaluate.py computes it (windows of --ctx_len, the "
                                 "training's masks), into valid.tsv in --proj_dir, the console and W&B.")
-    valid_data_type: Optional[str] = flag(None, "valid", "Format of --valid_data_file (default: --data_type). "
+    valid_data_type: Optional[str] = flag(None, "valid", "Format of --valid_data_file (default: --data_type; utf-8 for dummy). "
                                           "Character-level text is numbered by the training text's characters.",
                                           choices=tuple(t for t in DATA_TYPES if t != "dummy"))
     valid_every: int = flag(1, "valid", "Evaluate --valid_data_file after every N-th mini-epoch (and after the "
@@ -240,8 +240,8 @@ class TrainConfig:
             self.lora_settings = LoraSettings.from_flags(self.lora_r, self.lora_alpha, self.lora_dropout,
                                                          self.lora_parts, self.lora_layers, self.n_layer)
         self.dim_att, self.dim_ffn = default_widths(self.n_embd, self.dim_att, self.dim_ffn)
-        if self.valid_data_file and self.valid_data_type is None:
-            self.valid_data_type = self.data_type
+        if self.valid_data_file and self.valid_data_type is None:  # a file of the built-in data's kind is text
+            self.valid_data_type = "utf-8" if self.data_type == "dummy" else self.data_type
         if not self.timestamp:
             self.timestamp = datetime.datetime.today().strftime("%Y-%m-%d-%H-%M-%S")
         if self.my_pile_stage > 0:  # the original's Pile defaults; a mini-epoch is 40320 samples on any hardware

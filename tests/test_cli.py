@@ -3,13 +3,15 @@ import re
 
 import pytest
 
+import evaluate
 import merge_lora
 import merge_lora_plus
+import plot_run
 import preprocess_data
 import train
 
 CLIS = {"train.py": train, "merge_lora.py": merge_lora, "merge_lora_plus.py": merge_lora_plus,
-        "preprocess_data.py": preprocess_data}
+        "preprocess_data.py": preprocess_data, "evaluate.py": evaluate, "plot_run.py": plot_run}
 
 
 @pytest.mark.parametrize("prog", CLIS)
