@@ -338,6 +338,18 @@ def test_the_table_and_the_json_line(files, capsys):
     assert {"loss", "perplexity", "tokens", "loss_by_position"} <= summary.keys() and summary["tokens"] == 800
 
 
+def test_the_gpu_benchmarks_windows_on_the_cpu(tmp_path):
+    """bench/evaluate_speed.py runs on a GPU only; its window flags and data are checked here."""
+    from bench import evaluate_speed
+
+    assert evaluate_speed.window_flags(4096) == {"ctx_len": 4096, "ctx_parts": None, "state_cp": 0}
+    assert evaluate_speed.window_flags(131072) == {"ctx_len": 131072, "ctx_parts": 32, "state_cp": 1}
+    cfg = TrainConfig(data_type="numpy", data_file=str(evaluate_speed.random_tokens(100, 3, tmp_path)),
+                      vocab_size=50277, **evaluate_speed.window_flags(100)).finalize()
+    windows = eval_data.load_windows(cfg)
+    assert len(windows) == 3 and cfg.segment_len is None
+
+
 @pytest.mark.gpu
 def test_bf16_on_the_gpu_with_the_kernel_is_close_to_fp32(files, capsys):
     cpu = run(capsys, *numpy_args(files, "--ctx_len", "150", "--accelerator", "cpu"))
