@@ -338,6 +338,14 @@ def test_the_table_and_the_json_line(files, capsys):
     assert {"loss", "perplexity", "tokens", "loss_by_position"} <= summary.keys() and summary["tokens"] == 800
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_16_bit_weights_under_autocast_are_close_to_fp32(files, capsys, precision):
+    full = run(capsys, *numpy_args(files, "--ctx_len", "100", "--micro_bsz", "9"))
+    half = run(capsys, *numpy_args(files, "--ctx_len", "100", "--micro_bsz", "9", "--precision", precision,
+                                   "--state_cp", "1", "--ctx_parts", "2"))
+    assert abs(half["loss"] - full["loss"]) <= 0.02 and half["tokens"] == full["tokens"]
+
+
 def test_the_gpu_benchmarks_windows_on_the_cpu(tmp_path):
     """bench/evaluate_speed.py runs on a GPU only; its window flags and data are checked here."""
     from bench import evaluate_speed
