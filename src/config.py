@@ -409,8 +409,8 @@ def _validate_sampling_features(cfg: TrainConfig) -> None:
     if cfg.data_type == "jsonl" and not cfg.vocab_file:
         raise UserInputError(f"--data_type jsonl needs --vocab_file, the tokenizer of the text: {_TOKENIZER_HINT}.")
     if cfg.vocab_file and "jsonl" not in (cfg.data_type, cfg.valid_data_type) and not cfg.instruct_data_file:
-        raise UserInputError(f"--vocab_file applies to --data_type jsonl, --valid_data_type jsonl and "
-                             f"--instruct_data_file only (this run reads {cfg.data_type}).")
+        raise UserInputError(f"--vocab_file applies to --data_type jsonl and --instruct_data_file only (and to "
+                             f"--valid_data_type jsonl; this run reads {cfg.data_type}).")
     for name, value in jsonl_only.items():
         if value is not None and cfg.data_type != "jsonl":
             raise UserInputError(f"--{name} applies to --data_type jsonl only (this run reads {cfg.data_type}).")
