@@ -27,11 +27,8 @@ import numpy as np
 
 from src import dataset, sampling
 from src.binidx import MMapIndexedDataset
-from src.config import CHARACTER_DATA_TYPES, TrainConfig, parse_script_mask
+from src.config import TrainConfig, parse_script_mask
 from src.errors import UserInputError
-
-# data types read a document at a time, each from an empty state
-DOCUMENT_DATA_TYPES = ("jsonl", "uint16")
 
 
 @dataclass
@@ -117,8 +114,4 @@ def renumber(tokens: np.ndarray, own_chars: list, model_chars: list, source: str
                              f"knows only the {len(model_chars)} characters of its training text")
     mapping = np.array([model_id[c] for c in own_chars], dtype=np.int64)
     return mapping[np.asarray(tokens, dtype=np.int64)]
-
-
-def is_character_level(data_type: str) -> bool:
-    return data_type in CHARACTER_DATA_TYPES
 

@@ -37,9 +37,10 @@ def files(tmp_path_factory, model):
 
 
 def run(capsys, *argv) -> dict:
-    """evaluate.main(argv) succeeds; its last stdout line, parsed."""
+    """evaluate.main(argv) succeeds (on the CPU, where the references run, unless argv says otherwise); its last
+    stdout line, parsed."""
     capsys.readouterr()
-    assert evaluate.main(list(argv)) == 0
+    assert evaluate.main(["--accelerator", "cpu", *argv]) == 0
     return json.loads(capsys.readouterr().out.splitlines()[-1])
 
 
@@ -79,14 +80,15 @@ def test_loss_equals_the_models_own_forward(files, model, capsys):
     assert result["tokens"] == 6 * 150 and result["windows"] == 6
 
 
-@pytest.mark.parametrize("flags", [["--state_cp", "1", "--ctx_parts", "4"], ["--state_cp", "1"],
-                                   ["--ctx_parts", "3"], ["--state_cp", "1", "--ctx_parts", "7", "--micro_bsz", "3"]],
-                         ids=["segments", "one segment", "wkv parts", "segments batched"])
-def test_state_cp_segments_equal_the_plain_pass(files, capsys, flags):
-    plain = run(capsys, *numpy_args(files, "--ctx_len", "150"))
-    segmented = run(capsys, *numpy_args(files, "--ctx_len", "150", *flags))
-    assert abs(segmented["loss"] - plain["loss"]) <= 1e-5 and segmented["tokens"] == plain["tokens"]
-    assert max(abs(a[2] - b[2]) for a, b in zip(segmented["loss_by_position"], plain["loss_by_position"])) <= 1e-5
+def test_state_cp_segments_equal_the_plain_pass(files, capsys):
+    plain = run(capsys, *numpy_args(files, "--ctx_len", "150", "--micro_bsz", "6"))
+    for flags in (["--state_cp", "1", "--ctx_parts", "4"],  # segments of 38 tokens, the last one 36
+                  ["--state_cp", "1"],  # one segment
+                  ["--ctx_parts", "3"],  # the WKV operator in pieces, one segment
+                  ["--state_cp", "1", "--ctx_parts", "7", "--micro_bsz", "4"]):  # segments of 22, batches of 4 and 2
+        segmented = run(capsys, *numpy_args(files, "--ctx_len", "150", "--micro_bsz", "6", *flags))
+        assert abs(segmented["loss"] - plain["loss"]) <= 1e-5 and segmented["tokens"] == plain["tokens"], flags
+        assert max(abs(a[2] - b[2]) for a, b in zip(segmented["loss_by_position"], plain["loss_by_position"])) <= 1e-5
 
 
 def test_position_buckets_double_up_to_ctx_len():
@@ -308,7 +310,8 @@ def bad_files(files):
     (["--load_model", "{f}/model.pth", "--data_file", "{f}/text.txt"], ["vocab.json not found", "--vocab_file"]),
     (["--load_model", "{f}/char-run/model.pth", "--data_file", "{f}/text.txt", "--ctx_len", "2"],
      ["never seen ('ä')"]),
-    (["--load_model", "{f}/model.pth", "--data_type", "jsonl", "--data_file", "{f}/tokens.npy"], ["needs --vocab_file"]),
+    (["--load_model", "{f}/model.pth", "--data_type", "jsonl", "--data_file", "{f}/tokens.npy"],
+     ["needs --vocab_file"]),
     (["--load_model", "{f}/model.pth", "--data_type", "numpy", "--data_file", "{f}/tokens.npy", "--select_name", "A"],
      ["--select_name applies to --data_type jsonl only"]),
     (["--load_model", "{f}/model.pth", "--data_type", "numpy", "--data_file", "{f}/tokens.npy", "--my_script_mask",
@@ -328,7 +331,7 @@ def test_bad_input_is_one_line(bad_files, lora_files, capsys, case, words):
 
 def test_the_table_and_the_json_line(files, capsys):
     capsys.readouterr()
-    assert evaluate.main(numpy_args(files, "--ctx_len", "200")) == 0
+    assert evaluate.main(numpy_args(files, "--ctx_len", "200", "--accelerator", "cpu")) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("evaluate.py: ") and "4 windows of up to 200 tokens, fp32 on cpu" in lines[0]
     assert lines[1].split() == ["positions", "targets", "loss", "perplexity"]
