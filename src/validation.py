@@ -31,8 +31,8 @@ def held_out_windows(cfg: TrainConfig, training_chars, vocab_size: int) -> EvalW
     present = (all(Path(path + suffix).is_file() for suffix in (".bin", ".idx")) if cfg.valid_data_type == "binidx"
                else Path(path).is_file())
     if not present:
-        raise UserInputError(f"--valid_data_file {path}: file not found" + (" (binidx: give the prefix without "
-                             f".bin/.idx)" if cfg.valid_data_type == "binidx" else ""))
+        hint = " (binidx: give the prefix, without .bin/.idx)" if cfg.valid_data_type == "binidx" else ""
+        raise UserInputError(f"--valid_data_file {path}: file not found{hint}")
     held_out = dataclasses.replace(cfg, data_file=path, data_type=cfg.valid_data_type, vocab_size=vocab_size)
     return load_windows(held_out, cfg.valid_tokens, training_chars)
 
