@@ -86,8 +86,7 @@ class EvalResult:
     def table(self) -> str:
         """The loss by position and in total as aligned text, for a person."""
         lines = [f"{'positions':>20}  {'targets':>12}  {'loss':>8}  {'perplexity':>12}"]
-        for start, end, loss in self.loss_by_position:
-            count = self.counts[self.edges.index(start)]
+        for (start, end, loss), count in zip(self.loss_by_position, self.counts):
             shown = "-" if loss is None else f"{loss:8.4f}  {math.exp(min(loss, 700.0)):12.3f}"
             lines.append(f"{f'[{start:,}, {end:,})':>20}  {count:>12,}  {shown}")
         lines.append(f"{'all':>20}  {self.tokens:>12,}  {self.loss:8.4f}  {self.perplexity:12.3f}")
@@ -105,7 +104,7 @@ def evaluate(model: torch.nn.Module, windows: Sequence, ctx_len: int, micro_bsz:
     micro-batches of `micro_bsz`, each window cut into segments of `segment_len` (None: whole).
 
     The model runs in eval mode (no dropout: nothing random is drawn) and goes back to its mode afterwards.
-    `reduce` adds a tensor over all ranks (in place or returned; every rank must call evaluate). `progress`
+    `reduce` returns the sum of a tensor over all ranks (every rank must call evaluate then). `progress`
     is called after each micro-batch with (this rank's windows done, its windows). The caller chooses the
     precision (autocast) around the call.
     """
@@ -134,8 +133,7 @@ def evaluate(model: torch.nn.Module, windows: Sequence, ctx_len: int, micro_bsz:
     finally:
         model.train(was_training)
     if reduce is not None:
-        reduced = reduce(totals)
-        totals = totals if reduced is None else reduced
+        totals = reduce(totals)
     values = totals.tolist()  # waits for the device
     return EvalResult(edges=edges, loss_sums=values[:n_buckets], counts=[round(c) for c in values[n_buckets:-2]],
                       windows=round(values[-2]), input_tokens=round(values[-1]), seconds=time.perf_counter() - started)
