@@ -318,6 +318,8 @@ def bad_files(files):
       "1_0"], ["cut=1 needs the document boundaries"]),
     (["--load_model", "{f}/model.pth", "--data_type", "numpy", "--data_file", "{f}/tokens.npy", "--max_tokens", "-1"],
      ["--max_tokens must not be negative"]),
+    (["--load_model", "{f}/model.pth", "--data_type", "numpy", "--data_file", "{f}/tokens.npy", "--accelerator",
+      "cpu", "--wkv_backend", "cuda"], ["--wkv_backend cuda is the GPU kernel"]),
     (["--load_model", "{f}/model.pth", "--data_type", "numpy", "--data_file", "{f}/tokens.npy", "--ctx_len", "0"],
      ["--ctx_len must be at least 1"]),
     (["--load_model", "{f}/model.pth", "--data_type", "numpy", "--data_file", "{f}/tokens.npy", "--accelerator",
