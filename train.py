@@ -40,7 +40,7 @@ def run_training(cfg: TrainConfig, stop, extra_callbacks: list, write_weights: b
     # torch and Lightning load here, after the command line is known to be valid
     import lightning.pytorch as pl
 
-    from src import callbacks, console, dataset, lora, outputs, sampling, stopping, strategy, trainer
+    from src import callbacks, console, dataset, lora, outputs, sampling, stopping, strategy, trainer, validation
     from src.rwkv4.model import count_parameters
 
     outputs.check_writable(cfg.proj_dir)
@@ -66,6 +66,7 @@ def run_training(cfg: TrainConfig, stop, extra_callbacks: list, write_weights: b
 
     data = dataset.load_token_data(cfg)
     dataset.check_against_model(data, cfg, data.vocab_size)
+    held_out = validation.held_out_windows(cfg, data.chars, data.vocab_size) if cfg.valid_data_file else None
     check_memory(cfg, data.vocab_size, lightning_trainer)
     model, fresh_weights = build_model(cfg, data.vocab_size, save_dtype)
     lora_summary = lora.prepare_lora_training(model, cfg) if cfg.lora else ""  # wraps the base, freezes the rest
@@ -79,6 +80,8 @@ def run_training(cfg: TrainConfig, stop, extra_callbacks: list, write_weights: b
     samples = dataset.TrainingSamples(data, cfg, seed=seed, rank=lightning_trainer.global_rank,
                                       world_size=lightning_trainer.world_size)
     lightning_trainer.callbacks.append(stopping.ResumeGuard(cfg, samples))
+    if held_out is not None:  # after TrainingLog: its line and W&B step come first
+        lightning_trainer.callbacks.append(validation.Validation(cfg, held_out, log))
     if rank_zero:
         for line in (lora_summary, pile_resume):
             if line:

@@ -14,12 +14,10 @@ from src.accumulation import lightning_schedule, optimizer_steps_before
 from src.checkpoint import save_weights
 from src.config import TrainConfig
 from src.dataset import context_length
-from src.outputs import FINAL_NAME, epoch_file_name, saves_epoch
+from src.outputs import FINAL_NAME, STEP_LOG_COLUMNS, STEP_LOG_NAME, epoch_file_name, saves_epoch
 from src.stopping import completes_optimizer_step
 from src.strategy import full_state_dict, is_deepspeed
 
-STEP_LOG_NAME = "train_steps.tsv"
-STEP_LOG_COLUMNS = ("step", "epoch", "loss", "lr", "ctx_len", "Gtokens", "kt/s")
 _FLUSH_EVERY = 20  # optimizer steps between writes of the step log (each write waits for the GPU once)
 
 

@@ -38,6 +38,7 @@ GROUP_TITLES = {
     "run": "run length, saving and logging",
     "long": "long context",
     "lora": "LoRA",
+    "valid": "held-out evaluation",
     "lightning": "Lightning trainer (same names as Lightning's Trainer arguments)",
     "internal": "BlinkDL-internal experiments of the original (accepted, refused when set)",
 }
@@ -169,6 +170,17 @@ class TrainConfig:
     lora_parts: str = flag("att,ln,time", "lora", "Comma list of att, ffn, time, ln.")
     lora_layers: Optional[str] = flag(None, "lora", "Layers that get LoRA, e.g. '0-3 25-31' (default: all).")
 
+    # ---- held-out evaluation
+    valid_data_file: str = flag("", "valid", "Held-out data: its loss after every --valid_every mini-epochs and after "
+                                "the last one, computed as evaluate.py computes it (windows of --ctx_len, the "
+                                "training's masks), into valid.tsv in --proj_dir, the console and W&B.")
+    valid_data_type: Optional[str] = flag(None, "valid", "Format of --valid_data_file (default: --data_type; utf-8 for dummy). "
+                                          "Character-level text is numbered by the training text's characters.",
+                                          choices=tuple(t for t in DATA_TYPES if t != "dummy"))
+    valid_every: int = flag(1, "valid", "Evaluate --valid_data_file after every N-th mini-epoch (and after the "
+                            "last one).")
+    valid_tokens: int = flag(0, "valid", "Evaluate the first N tokens of --valid_data_file only (0 = all of it).")
+
     # ---- Lightning
     accelerator: str = flag("auto", "lightning", "cpu, gpu or auto.")
     devices: str = flag("auto", "lightning", "Number of devices per node (or 'auto').")
@@ -242,6 +254,8 @@ class TrainConfig:
             self.lora_settings = LoraSettings.from_flags(self.lora_r, self.lora_alpha, self.lora_dropout,
                                                          self.lora_parts, self.lora_layers, self.n_layer)
         self.dim_att, self.dim_ffn = default_widths(self.n_embd, self.dim_att, self.dim_ffn)
+        if self.valid_data_file and self.valid_data_type is None:  # a file of the built-in data's kind is text
+            self.valid_data_type = "utf-8" if self.data_type == "dummy" else self.data_type
         if not self.timestamp:
             self.timestamp = datetime.datetime.today().strftime("%Y-%m-%d-%H-%M-%S")
         if self.my_pile_stage > 0:  # the original's Pile defaults; a mini-epoch is 40320 samples on any hardware
@@ -343,6 +357,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.state_cp:
         _validate_state_cp(cfg)
     _validate_instruct_mixing(cfg)
+    _validate_held_out_data(cfg)
     if cfg.accumulate_grad_batches_dict is not None:
         parse_accumulation_schedule(cfg.accumulate_grad_batches_dict)
         if cfg.deepspeed:
@@ -407,9 +422,9 @@ def _validate_sampling_features(cfg: TrainConfig) -> None:
                   "train_data_sort": cfg.train_data_sort}
     if cfg.data_type == "jsonl" and not cfg.vocab_file:
         raise UserInputError(f"--data_type jsonl needs --vocab_file, the tokenizer of the text: {_TOKENIZER_HINT}.")
-    if cfg.vocab_file and cfg.data_type != "jsonl" and not cfg.instruct_data_file:
-        raise UserInputError(f"--vocab_file applies to --data_type jsonl and --instruct_data_file only (this run "
-                             f"reads {cfg.data_type}).")
+    if cfg.vocab_file and "jsonl" not in (cfg.data_type, cfg.valid_data_type) and not cfg.instruct_data_file:
+        raise UserInputError(f"--vocab_file applies to --data_type jsonl and --instruct_data_file only (and to "
+                             f"--valid_data_type jsonl; this run reads {cfg.data_type}).")
     for name, value in jsonl_only.items():
         if value is not None and cfg.data_type != "jsonl":
             raise UserInputError(f"--{name} applies to --data_type jsonl only (this run reads {cfg.data_type}).")
@@ -453,6 +468,43 @@ def _validate_sampling_features(cfg: TrainConfig) -> None:
     if cfg.my_pile_stage == 2 and cfg.lr_final != cfg.lr_init:
         raise UserInputError(f"--my_pile_stage 2 trains at a constant LR: set --lr_final to --lr_init "
                              f"({cfg.lr_init}).")
+
+
+def _validate_held_out_data(cfg: TrainConfig) -> None:
+    """--valid_* flags: the held-out data must be readable with the training's masks and numbered like its data."""
+    if not cfg.valid_data_file:
+        defaults = {"valid_data_type": None, "valid_every": 1, "valid_tokens": 0}
+        given = [name for name, default in defaults.items() if getattr(cfg, name) != default]
+        if given:
+            raise UserInputError(f"--{given[0]} applies to --valid_data_file, the held-out data; add it or remove "
+                                 f"--{given[0]}.")
+        return
+    kind = cfg.valid_data_type or cfg.data_type
+    if cfg.valid_every < 1 or cfg.valid_tokens < 0:
+        raise UserInputError(f"--valid_every must be at least 1 and --valid_tokens must not be negative (got "
+                             f"{cfg.valid_every}, {cfg.valid_tokens}).")
+    if (kind in CHARACTER_DATA_TYPES) != (cfg.data_type in CHARACTER_DATA_TYPES):
+        raise UserInputError(f"--valid_data_type {kind} cannot hold out data for --data_type {cfg.data_type}: "
+                             f"character-level text ({', '.join(CHARACTER_DATA_TYPES)}) and token ids mean different "
+                             f"things to the model; give held-out data of the training's kind.")
+    if kind == "jsonl" and not cfg.vocab_file:
+        raise UserInputError(f"--valid_data_type jsonl needs --vocab_file, the tokenizer of the text: "
+                             f"{_TOKENIZER_HINT}.")
+    if kind == "uint16" and cfg.my_sample_len < 2:
+        raise UserInputError("--valid_data_type uint16 needs --my_sample_len (the row length, at least 2).")
+    if cfg.select_name is not None and kind != "jsonl":
+        raise UserInputError(f"--select_name masks jsonl documents; the held-out data (--valid_data_type {kind}) has "
+                             f"no speakers to mask: hold out jsonl data too.")
+    if cfg.my_script_mask is not None:
+        cut, _ = parse_script_mask(cfg.my_script_mask)
+        if kind not in WINDOW_DATA_TYPES or (cut and kind != "binidx"):
+            raise UserInputError(f"--my_script_mask {cfg.my_script_mask} cannot mask the held-out data "
+                                 f"(--valid_data_type {kind}); hold out data of --data_type {cfg.data_type}.")
+    if cfg.strategy.startswith("deepspeed_stage_3"):
+        raise UserInputError(f"--valid_data_file cannot be evaluated under --strategy {cfg.strategy} (the "
+                             f"evaluation reads the head's weight outside the module hooks where ZeRO-3 gathers it); "
+                             f"use deepspeed_stage_2, or leave --valid_data_file out and run evaluate.py on the saved "
+                             f"files.")
 
 
 def _validate_instruct_mixing(cfg: TrainConfig) -> None:

@@ -62,6 +62,19 @@ def write_char_vocab(chars: list, proj_dir: str) -> None:
         f.write(json.dumps(dict(enumerate(chars)), ensure_ascii=False).encode("utf-16le"))
 
 
+def read_char_vocab(path) -> list:
+    """The characters of a vocab.json that write_char_vocab wrote (token id -> character)."""
+    try:
+        table = json.loads(Path(path).read_bytes().decode("utf-16le"))
+        chars = [table[str(i)] for i in range(len(table))]
+    except (OSError, ValueError, KeyError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise UserInputError(f"{path} is not the vocab.json of a character-level run ({type(e).__name__}: {e})")
+    if not all(isinstance(c, str) and len(c) == 1 for c in chars):
+        raise UserInputError(f"{path} is not the vocab.json of a character-level run (its values are not single "
+                             f"characters)")
+    return chars
+
+
 def load_token_data(cfg: TrainConfig) -> TokenData:
     """Open --data_file per --data_type (char-level types compute the vocabulary), and the chats to mix in."""
     data = _read_data_file(cfg)
@@ -131,18 +144,22 @@ def check_against_model(data: TokenData, cfg: TrainConfig, vocab_size: int) -> N
                              f"least ctx_len + 1 = {cfg.ctx_len + 1}; lower --ctx_len or use more data")
     if cfg.my_pile_stage > 0 and cfg.my_pile_stage != 4:
         sampling.check_magic_prime(cfg.magic_prime, len(data.tokens), cfg.ctx_len, cfg.my_pile_shift, data.source)
-    flat = data.tokens.reshape(-1)
+    check_token_ids(data.tokens.reshape(-1), data.source, vocab_size)
+    if data.chats is not None and data.chats.tokenizer.vocab_size > vocab_size:
+        raise UserInputError(f"--vocab_file {cfg.vocab_file} has {data.chats.tokenizer.vocab_size} tokens, more than "
+                             f"the model's vocabulary of {vocab_size}; pass the tokenizer that made --data_file")
+
+
+def check_token_ids(flat: np.ndarray, source: str, vocab_size: int) -> None:
+    """Refuse token ids outside 0..vocab_size-1 in the 1-D `flat` (read a chunk at a time)."""
     largest = max((int(flat[i:i + _SCAN_CHUNK].max()) for i in range(0, len(flat), _SCAN_CHUNK)), default=0)
     if largest >= vocab_size:
-        raise UserInputError(f"{data.source} contains token id {largest}, but the model's vocabulary has "
+        raise UserInputError(f"{source} contains token id {largest}, but the model's vocabulary has "
                              f"{vocab_size} entries (ids 0..{vocab_size - 1}); pass the --vocab_size of the "
                              f"tokenizer that made the data")
     smallest = min((int(flat[i:i + _SCAN_CHUNK].min()) for i in range(0, len(flat), _SCAN_CHUNK)), default=0)
     if smallest < 0:
-        raise UserInputError(f"{data.source} contains the negative token id {smallest}")
-    if data.chats is not None and data.chats.tokenizer.vocab_size > vocab_size:
-        raise UserInputError(f"--vocab_file {cfg.vocab_file} has {data.chats.tokenizer.vocab_size} tokens, more than "
-                             f"the model's vocabulary of {vocab_size}; pass the tokenizer that made --data_file")
+        raise UserInputError(f"{source} contains the negative token id {smallest}")
 
 
 def context_length(step: int, cfg: TrainConfig) -> int:

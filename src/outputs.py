@@ -4,8 +4,8 @@ A run writes rwkv-init.pth (a fresh model only), rwkv-<epoch>.pth for the mini-e
 when it reaches --epoch_count, and on a Ctrl+C / SIGTERM stop rwkv-last.pth and the resume bundle. It refuses to
 start when one of those files is already there (unless --overwrite_proj_dir 1). Files it does not write, such as
 the rwkv-0..N.pth a hand-continued run (--load_model out/rwkv-N.pth --epoch_begin N+1) starts after, never count;
-nor does that run's rwkv-final.pth while rwkv-N.pth keeps a copy of its weights. train_log.txt and
-train_steps.tsv are appended to, as the original's.
+nor does that run's rwkv-final.pth while rwkv-N.pth keeps a copy of its weights. train_log.txt,
+train_steps.tsv and valid.tsv (src/valid_log.py) are appended to, as the original's log.
 
 No torch import: these checks run before the heavy imports matter.
 """
@@ -19,6 +19,9 @@ INIT_NAME = "rwkv-init.pth"
 FINAL_NAME = "rwkv-final.pth"
 LAST_NAME = "rwkv-last.pth"
 BUNDLE_NAME = "rwkv-resume.ckpt"
+# logs appended to by every run in the folder (src/callbacks.py, src/validation.py write them; plot_run.py reads them)
+STEP_LOG_NAME = "train_steps.tsv"
+STEP_LOG_COLUMNS = ("step", "epoch", "loss", "lr", "ctx_len", "Gtokens", "kt/s")
 
 
 def epoch_file_name(real_epoch: int) -> str:

@@ -1,3 +1,5 @@
+import contextlib
+import io
 import shutil
 from pathlib import Path
 
@@ -42,3 +44,21 @@ def finished_run(tmp_path_factory):
 def finished_copy(finished_run, tmp_path):
     """A copy of the finished run for one test to change or try to damage."""
     return shutil.copytree(finished_run, tmp_path / "out")
+
+
+@pytest.fixture(scope="session")
+def validated_run(tmp_path_factory):
+    """TINY_RUN with held-out data (the last 2000 characters of the built-in text, as a utf-8 file) and offline W&B:
+    (its --proj_dir, the held-out file, what it printed on stdout)."""
+    import train
+    from src.dataset import dummy_text
+
+    folder = tmp_path_factory.mktemp("validated")
+    held_out = folder / "held_out.txt"
+    held_out.write_text(dummy_text()[-2000:], encoding="utf-8")
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as env, contextlib.redirect_stdout(printed):
+        env.setenv("WANDB_MODE", "offline")
+        assert train.main([*TINY_RUN, "--proj_dir", str(folder / "out"), "--valid_data_file", str(held_out),
+                           "--valid_data_type", "utf-8", "--wandb", "rwkv-test"]) == 0
+    return folder / "out", held_out, printed.getvalue()

@@ -3,15 +3,18 @@ import re
 
 import pytest
 
+import evaluate
 import export_hf
 import import_hf
 import merge_lora
 import merge_lora_plus
+import plot_run
 import preprocess_data
 import train
 
 CLIS = {"train.py": train, "merge_lora.py": merge_lora, "merge_lora_plus.py": merge_lora_plus,
-        "preprocess_data.py": preprocess_data, "export_hf.py": export_hf, "import_hf.py": import_hf}
+        "preprocess_data.py": preprocess_data, "export_hf.py": export_hf, "import_hf.py": import_hf,
+        "evaluate.py": evaluate, "plot_run.py": plot_run}
 
 
 @pytest.mark.parametrize("prog", CLIS)

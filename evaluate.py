@@ -1,0 +1,142 @@
+"""The loss of an RWKV-4 model on held-out data: in total, by position in the window, as a table and as JSON.
+
+    python evaluate.py --load_model out/rwkv-final.pth --data_type binidx --data_file data/valid_text_document \\
+        --ctx_len 4096 --precision bf16
+    python evaluate.py --load_model RWKV-4-Pile-7B.pth --lora_load out/rwkv-final.pth ... --ctx_len 131072 \\
+        --ctx_parts 32 --state_cp 1
+
+The data is cut into consecutive windows of --ctx_len inputs, each evaluated from an empty state
+(src/eval_data.py, src/evaluation.py). The last line of stdout is one JSON object: loss, perplexity, tokens,
+loss_by_position ([[start, end, loss], ...]), windows, input_tokens, seconds, tokens_per_s.
+Exit code 0 when done, 2 for bad input (one line on stderr).
+"""
+import argparse
+import dataclasses
+import json
+import sys
+import time
+
+from src import cli
+from src.config import CHARACTER_DATA_TYPES, DATA_TYPES, PRECISIONS, WKV_BACKENDS, TrainConfig
+from src.errors import UserInputError
+
+PROG = "evaluate.py"
+PROGRESS_EVERY_S = 10.0  # seconds between progress lines on stderr
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=cli.FlagHelpFormatter)
+    group = parser.add_argument_group("model")
+    group.add_argument("--load_model", required=True,
+                       help="The .pth to evaluate: a file train.py wrote, or a released RWKV-4 (Pile, Raven, World); "
+                            "its shape is read from its weights.")
+    group.add_argument("--lora_load", default="", help="A LoRA checkpoint to apply on top of --load_model (its base).")
+    group.add_argument("--lora_alpha", type=float, default=None,
+                       help="The alpha of a --lora_load file of the original toolkit (files of this toolkit store it).")
+    group = parser.add_argument_group("data")
+    group.add_argument("--data_file", default="", help="Held-out data, as train.py's --data_file.")
+    group.add_argument("--data_type", default="utf-8", choices=DATA_TYPES, help="Format of --data_file.")
+    group.add_argument("--vocab_size", type=int, default=0,
+                       help="Vocabulary size of token data; 0 = the model's (a different value is refused).")
+    group.add_argument("--vocab_file", default="",
+                       help="jsonl: the tokenizer of the text (as train.py's). Character-level data (utf-8, utf-16le, "
+                            "dummy): the vocab.json of the model's run (default: the one beside --load_model).")
+    group.add_argument("--my_sample_len", type=int, default=0, help="Row length of uint16 data (a row per document).")
+    group.add_argument("--select_name", default=None,
+                       help="jsonl: count only what this speaker says, as train.py --select_name trains it.")
+    group.add_argument("--my_script_mask", default=None,
+                       help="'<cut>_<n>' as train.py's: mask the first n targets of each window and, with cut 1, "
+                            "targets past the end of the window's first document (binidx).")
+    group.add_argument("--max_tokens", type=int, default=0,
+                       help="Evaluate the first N tokens of the data only (0 = all of it).")
+    group = parser.add_argument_group("windows")
+    group.add_argument("--ctx_len", type=int, default=1024, help="Inputs per window.")
+    group.add_argument("--ctx_parts", type=int, default=None,
+                       help="Run the WKV operator (and with --state_cp, the model) in pieces of "
+                            "ceil(ctx_len/ctx_parts) tokens.")
+    group.add_argument("--state_cp", type=int, default=0, choices=(0, 1),
+                       help="1 = run each window a segment of ceil(ctx_len/ctx_parts) tokens at a time, carrying the "
+                            "state: the same result in the memory of one segment.")
+    group.add_argument("--micro_bsz", type=int, default=1, help="Windows evaluated together.")
+    group = parser.add_argument_group("hardware")
+    group.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                       help="fp32, tf32 (TF32 matmuls), bf16 or fp16 (weights in that dtype, autocast).")
+    group.add_argument("--accelerator", default="auto", help="cpu, gpu or auto (the GPU when there is one).")
+    group.add_argument("--wkv_backend", default="auto", choices=WKV_BACKENDS,
+                       help="WKV operator: cuda kernel, torch reference, or auto (kernel for CUDA tensors).")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = evaluate(args)
+    except UserInputError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    print(result.table())
+    print(json.dumps(result.summary()), flush=True)
+    return 0
+
+
+def evaluate(args: argparse.Namespace):
+    """The EvalResult of the parsed command line; prints a heading line first."""
+    if args.max_tokens < 0:
+        raise UserInputError(f"--max_tokens must not be negative (got {args.max_tokens}).")
+    data_flags = {name: getattr(args, name) for name in (
+        "data_file", "data_type", "vocab_size", "my_sample_len", "select_name", "my_script_mask", "ctx_len",
+        "ctx_parts", "state_cp", "micro_bsz", "precision", "accelerator", "wkv_backend")}
+    char_level = args.data_type in CHARACTER_DATA_TYPES
+    # train.py's checks of these flags (data types, masks, ranges); the model's shape comes from its file
+    cfg = TrainConfig(**data_flags, vocab_file="" if char_level else args.vocab_file).finalize()
+
+    import torch  # after the command line is known to be valid
+
+    from src import eval_data, eval_model, evaluation, strategy
+    from src.rwkv4.config import ForwardOptions
+
+    if args.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserInputError(f"--accelerator {args.accelerator}: torch sees no CUDA GPU here; use --accelerator cpu "
+                             f"(or auto)")
+    device = torch.device(strategy.training_device(cfg))
+    if args.wkv_backend == "cuda" and device.type != "cuda":
+        raise UserInputError(f"--wkv_backend cuda is the GPU kernel, and this evaluation runs on {device} "
+                             f"(--accelerator {args.accelerator}); use --wkv_backend auto or torch")
+    dtype = strategy.SAVE_DTYPE[cfg.precision]  # the weights' dtype: what a run of this precision saves
+    strategy.set_float_precision(cfg)
+    model = eval_model.load_model(args.load_model, args.lora_load, args.lora_alpha, device, dtype,
+                                  ForwardOptions.from_flags(cfg))
+    if args.state_cp and model.cfg.windowed_features:
+        raise UserInputError(f"--state_cp 1: {args.load_model} has {model.cfg.windowed_features[0]}, which attends "
+                             f"over the whole window at once and cannot continue from a state; leave --state_cp out")
+    if args.vocab_size and args.vocab_size != model.cfg.vocab_size:
+        raise UserInputError(f"--vocab_size {args.vocab_size} differs from the vocabulary of {args.load_model} "
+                             f"({model.cfg.vocab_size}); leave --vocab_size out")
+    cfg = dataclasses.replace(cfg, vocab_size=model.cfg.vocab_size)
+    chars = eval_model.characters_of(args.load_model, args.vocab_file) if char_level else None
+    windows = eval_data.load_windows(cfg, args.max_tokens, chars)
+    print(f"{PROG}: {args.load_model}{f' + {args.lora_load}' if args.lora_load else ''} on {windows.source} "
+          f"({args.data_type}): {len(windows):,} windows of up to {args.ctx_len:,} tokens"
+          f"{f' in segments of {cfg.segment_len:,}' if cfg.segment_len else ''}, {cfg.precision} on {device}",
+          flush=True)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        result = evaluation.evaluate(model, windows, cfg.ctx_len, cfg.micro_bsz, cfg.segment_len, device=device,
+                                     progress=ProgressLines())
+    return result
+
+
+class ProgressLines:
+    """evaluation.evaluate's progress callback: a line on stderr at most every PROGRESS_EVERY_S seconds."""
+
+    def __init__(self):
+        self.started = self.last = time.perf_counter()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if now - self.last >= PROGRESS_EVERY_S and done < total:
+            self.last = now
+            print(f"{done:,} / {total:,} windows, {now - self.started:.0f} s", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""The model evaluate.py evaluates: a whole-model .pth (this toolkit's, or a released RWKV-4: Pile, Raven, World)
+whose shape is read from its weights, optionally with a LoRA checkpoint on top, on a device in one dtype.
+
+The LoRA is applied as training applies it, not merged: each lora_A/lora_B pair of the file wraps its Linear
+(src/lora.py LoraLinear, scale alpha / r) and the time_* / ln tensors it trained replace the base's. So the
+model computes what the LoRA run's model computed, and a LoRA run's validation rows (src/validation.py) are
+reproduced exactly. Files of the original toolkit, which store no settings, need their alpha (--lora_alpha).
+"""
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from src.checkpoint import compare_weights, load_weights
+from src.dataset import read_char_vocab
+from src.errors import UserInputError
+from src.lora import SETTINGS_KEY, attach_lora
+from src.lora_merge import LoraCheckpoint, check_fits_base
+from src.rwkv4 import anatomy
+from src.rwkv4.config import ForwardOptions
+from src.rwkv4.model import RWKV
+
+
+def is_lora_file(weights: dict) -> bool:
+    """A LoRA checkpoint holds lora_A/lora_B pairs or LoRA settings (and no embedding of its own)."""
+    return SETTINGS_KEY in weights or any(k.endswith((".lora_A", ".lora_B")) for k in weights)
+
+
+def load_model(path, lora_path: str = "", lora_alpha: Optional[float] = None, device="cpu",
+               dtype: torch.dtype = torch.float32, options: Optional[ForwardOptions] = None) -> RWKV:
+    """The model of `path` (+ the LoRA of `lora_path`) on `device` in `dtype`, in eval mode."""
+    weights = load_weights(path, what="--load_model")
+    if is_lora_file(weights):
+        raise UserInputError(f"--load_model {path} is a LoRA checkpoint, not a whole model: pass the base model it "
+                             f"was trained on as --load_model and {path} as --lora_load")
+    cfg = anatomy.config_of_weights(weights, f"--load_model {path}")
+    lora = None
+    if lora_path:
+        lora = LoraCheckpoint.from_weights(load_weights(lora_path, what="--lora_load"), lora_path)
+        check_fits_base(lora, weights, cfg, path)
+        lora_alpha = _alpha(lora, lora_alpha)
+        weights = {**weights, **lora.replaced}
+    elif lora_alpha is not None:
+        raise UserInputError("--lora_alpha is the alpha of a --lora_load file; pass the file too, or leave it out")
+    with torch.device("meta"):  # no memory or initialisation for values about to be replaced
+        model = RWKV(cfg, options or ForwardOptions())
+    differences = compare_weights(model.state_dict(), weights)
+    if differences:
+        raise UserInputError(f"--load_model {path} is not an RWKV-4 model this toolkit knows (unknown keys: "
+                             f"{differences.unexpected[:4]}, missing: {differences.missing[:4]}, other shapes: "
+                             f"{differences.mismatched[:4]})")
+    model.load_state_dict({k: v.to(device, dtype, copy=True) for k, v in weights.items()}, assign=True)
+    if lora is not None:
+        with torch.no_grad():
+            for prefix, (lora_A, lora_B) in lora.pairs.items():
+                module = attach_lora(model, prefix, lora_A.shape[0], lora_alpha / lora_A.shape[0])
+                module.lora_A.copy_(lora_A)
+                module.lora_B.copy_(lora_B)
+    return model.eval()
+
+
+def _alpha(lora: LoraCheckpoint, given: Optional[float]) -> float:
+    """The LoRA's alpha: the one the file stores, or --lora_alpha for a file of the original toolkit."""
+    stored = lora.settings.alpha if lora.settings is not None else None
+    if stored is None and given is None:
+        raise UserInputError(f"--lora_load {lora.path} stores no LoRA settings (a file of the original toolkit): "
+                             f"pass --lora_alpha, the alpha it was trained with")
+    if stored is not None and given is not None and given != stored:
+        raise UserInputError(f"--lora_alpha {given:g} disagrees with lora_alpha {stored:g} stored in {lora.path}; "
+                             f"leave --lora_alpha out")
+    return float(stored if stored is not None else given)
+
+
+def characters_of(path, vocab_file: str = "") -> list:
+    """The characters of a character-level model: `vocab_file`, or the vocab.json its run wrote beside it."""
+    vocab = Path(vocab_file) if vocab_file else Path(path).parent / "vocab.json"
+    if not vocab.is_file():
+        raise UserInputError(f"character-level data is numbered by the characters of the model's training text: "
+                             f"{vocab} not found; pass the vocab.json of the run that trained {path} with "
+                             f"--vocab_file")
+    return read_char_vocab(vocab)
