@@ -8,6 +8,7 @@ Writers whose files live longer than one block (the binidx builder) take `tempor
 `publish` or `discard`.
 """
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -17,30 +18,71 @@ from src.errors import UserInputError
 
 # Temporary files and folders being written right now.
 _IN_FLIGHT: set = set()
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def check_output_file(path, replace: bool, what: str, replace_flag: str = "--overwrite") -> None:
     """Before any work: refuse an output file that cannot be written (a folder, under a file, in a folder that
     refuses new files) or that already exists and `replace` is False. `what` names the output in the message
     ("the output", "--output-prefix data/x"); `replace_flag` is the flag that allows replacing. Nothing is
-    created: the nearest existing folder is probed with a temporary file that deletes itself."""
+    created (see check_can_create)."""
     path = Path(path)
-    try:  # exists() itself raises under a folder that may not be searched
+    try:  # is_dir() itself raises under a folder that may not be searched
         if path.is_dir():
             raise UserInputError(f"{what} {path} is a folder; give a file name.")
-        if path.exists() and not replace:
-            raise UserInputError(f"{what} {path} already exists; choose another name, or pass {replace_flag} to "
-                                 f"replace it.")
-        folder = path.parent
+        exists = path.exists()
+    except OSError as e:
+        raise UserInputError(f"{what} {path}: cannot look at it ({e.strerror}); choose a folder you can write to.")
+    if exists and not replace:
+        raise UserInputError(f"{what} {path} already exists; choose another name, or pass {replace_flag} to "
+                             f"replace it.")
+    check_can_create(path.parent, f"{what} {path}")
+
+
+def check_can_create(folder, what: str) -> None:
+    """Refuse a folder where no file can be created: it lies under a file, or its nearest existing folder refuses
+    new files (read-only, /proc, no permission). That folder is probed with a temporary file that deletes itself:
+    no folder is created, nothing is left. `what` starts the message ("--proj_dir out")."""
+    folder = Path(folder)
+    try:  # exists() itself raises under a folder that may not be searched
         while not folder.exists() and folder != folder.parent:
             folder = folder.parent
         if not folder.is_dir():
-            raise UserInputError(f"{what} {path}: {folder} is a file, not a folder; choose another path.")
+            raise UserInputError(f"{what}: {folder} is a file, not a folder; choose another path.")
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
-        raise UserInputError(f"{what} {path}: cannot create files in {folder} ({e.strerror}); choose a folder you "
-                             f"can write to.")
+        raise UserInputError(f"{what}: cannot create files in {folder} ({e.strerror}); choose a folder you can "
+                             f"write to.")
+
+
+def is_disk_full(error) -> bool:
+    """Whether `error` is a write refused for lack of space (a full disk or an exhausted quota)."""
+    return isinstance(error, OSError) and error.errno in _NO_SPACE
+
+
+def disk_full_error(path, needed_bytes: int, lower_bound: bool = False) -> UserInputError:
+    """The one line for a write that ran out of space: the folder, what `path` needs (`needed_bytes`, or more than
+    that with `lower_bound`) and what is free. The temporary file is deleted, so earlier files are whole."""
+    path = Path(path)
+    try:
+        free = f", {_size_text(shutil.disk_usage(path.parent).free)} free"
+    except OSError:
+        free = ""
+    needed = f"{'more than' if lower_bound else 'about'} {_size_text(needed_bytes)} needed"
+    return UserInputError(f"no space left on the device of {path.parent} for {path.name} ({needed}{free}); make "
+                          f"room there or choose another folder. Files written before are whole.")
+
+
+def _size_text(n_bytes: float) -> str:
+    """1234567 -> "1.23 MB"."""
+    if n_bytes < 1000:
+        return f"{n_bytes:.0f} bytes"
+    for unit in ("kB", "MB", "GB"):
+        n_bytes /= 1000
+        if n_bytes < 999.5:  # what rounds to 1000 reads better as 1 of the next unit
+            return f"{n_bytes:.3g} {unit}"
+    return f"{n_bytes:,.0f} GB"
 
 
 def temporary_path(path) -> Path:
@@ -87,14 +129,46 @@ def atomic_path(path):
 
 
 @contextlib.contextmanager
-def atomic_file(path):
-    """Yield a binary file to write; on success it is flushed to disk and renamed to `path`."""
+def atomic_file(path, size: int = 0):
+    """Yield a binary file to write; on success it is flushed to disk and renamed to `path`. A full disk is one
+    line (disk_full_error) naming the folder and `size`, the bytes the file needs."""
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        watched = None
+        try:
+            with open(tmp, "wb") as f:
+                watched = _WatchedFile(f)
+                yield watched
+                f.flush()
+                os.fsync(f.fileno())
+        except Exception as e:
+            if is_disk_full(e) or (watched is not None and is_disk_full(watched.error)):
+                raise disk_full_error(path, size) from e
+            raise
         publish(tmp, path)
+
+
+class _WatchedFile:
+    """The file object atomic_file yields. It keeps the first write error, because torch.save reports a failed
+    write as a RuntimeError of its own, which does not say that the disk was full."""
+
+    def __init__(self, file):
+        self.file = file
+        self.error = None
+
+    def write(self, data) -> int:
+        try:
+            return _write(self.file, data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _write(file, data) -> int:
+    """Every byte of an atomic file passes here (the one place a test makes the disk full)."""
+    return file.write(data)
 
 
 def remove_path(path: Path) -> None:

@@ -55,6 +55,9 @@ class MMapIndexedDataset:
             raise UserInputError(f"{idx_path}: index version {version}, only version {VERSION} is known")
         if code not in DTYPES:
             raise UserInputError(f"{idx_path}: unknown dtype code {code}")
+        if not np.issubdtype(DTYPES[code], np.integer):
+            raise UserInputError(f"{idx_path} says its tokens are {np.dtype(DTYPES[code]).name} (dtype code {code}); "
+                                 f"token ids are integers: preprocess the data with preprocess_data.py")
         expected = HEADER.size + 12 * length + 8 * doc_count
         if idx_size != expected:
             raise UserInputError(f"{idx_path} is {idx_size} bytes but its header ({length} items, {doc_count} "
@@ -69,6 +72,9 @@ class MMapIndexedDataset:
         if bin_size < needed:
             raise UserInputError(f"{bin_path} is {bin_size} bytes but {idx_path} points to {needed}: the .bin is "
                                  f"truncated or belongs to another index")
+        if bin_size > needed:  # training windows would be drawn from bytes no item describes
+            raise UserInputError(f"{bin_path} is {bin_size} bytes but {idx_path} describes only {needed}: the .bin "
+                                 f"was appended to or belongs to another index; preprocess the data again")
         self.tokens = (np.memmap(bin_path, mode="r", dtype=self.dtype, shape=(bin_size // self.dtype.itemsize,))
                        if bin_size else np.zeros(0, self.dtype))
         self.bin_path = bin_path

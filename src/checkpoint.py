@@ -16,11 +16,14 @@ from src.errors import UserInputError
 
 # Prefixes that Lightning / DeepSpeed wrappers put in front of the model's own keys.
 _WRAPPER_PREFIXES = ("_forward_module.", "module.", "model.")
+# The keys of LoRA adapter pairs (blocks.3.att.key.lora_A): files of the original toolkit and of this one.
+_LORA_SUFFIXES = (".lora_A", ".lora_B")
 
 
-def atomic_save(obj, path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
-    with atomic_file(path) as f:
+def atomic_save(obj, path, size: int = 0) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`; `size` (bytes) is what a
+    full disk's message says the file needs."""
+    with atomic_file(path, size) as f:
         torch.save(obj, f)
 
 
@@ -32,7 +35,7 @@ def save_weights(state_dict: dict, path, dtype: torch.dtype = None) -> None:
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         out[key] = tensor.contiguous()
-    atomic_save(out, path)
+    atomic_save(out, path, size=sum(t.numel() * t.element_size() for t in out.values()))
 
 
 def load_weights(path, what: str = "--load_model") -> dict:
@@ -100,6 +103,10 @@ def strip_wrapper_prefix(weights: dict) -> dict:
 
 def check_compatible(expected: dict, weights: dict, path, allow_missing: bool = False) -> None:
     """Refuse `weights` unless its keys and shapes match `expected` (a model's state dict), listing every difference."""
+    if any(key.endswith(_LORA_SUFFIXES) for key in weights):
+        raise UserInputError(f"--load_model {path} is a LoRA file (adapters only, no base model); pass the base model "
+                             f"to --load_model and this file to --lora_load, with --lora (or merge the two with "
+                             f"merge_lora.py)")
     problems = weight_mismatches(expected, weights, allow_missing)
     if problems:
         raise UserInputError(

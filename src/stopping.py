@@ -1,6 +1,8 @@
 """Ctrl+C and SIGTERM: finish the optimizer step, save rwkv-last.pth and a resume bundle, exit 130 / 143.
 
-The first signal only sets a flag. At the next optimizer-step boundary every rank agrees (any rank that
+Before training starts (loading, checks, set-up) a signal ends the run at once: nothing has been written into
+--proj_dir yet, so there is nothing to save. From the start of training the first signal only sets a flag. At the
+next optimizer-step boundary every rank agrees (any rank that
 got a signal stops them all), rank 0 writes rwkv-last.pth, all ranks write the resume bundle (a
 Lightning checkpoint: weights in fp32, optimizer, step and epoch counters, data position, RNG, the
 TrainingLog sums; a folder under DeepSpeed), and training ends. A second Ctrl+C quits at once: writes
@@ -22,8 +24,10 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
+from src import run_lock
 from src.atomic import atomic_path, publish, remove_partial_files, remove_path
 from src.checkpoint import is_resume_bundle, read_pytorch_file, strip_wrapper_prefix, weight_mismatches
+from src.cli import Interrupted
 from src.config import TrainConfig
 from src.errors import UserInputError
 from src.outputs import BUNDLE_NAME, LAST_NAME
@@ -35,10 +39,12 @@ RESUME_FREE_FLAGS = {"resume", "load_model", "lora_load", "proj_dir", "wandb", "
 
 
 class StopSignal:
-    """Signal handler: the first SIGINT/SIGTERM asks the run to stop; a second one exits immediately."""
+    """Signal handler: before training starts a SIGINT/SIGTERM raises Interrupted; during training the first one
+    asks the run to stop at the next optimizer step, a second one exits immediately."""
 
     def __init__(self):
         self.signum = None
+        self.training = False  # set by StartOfTraining
         self.previous = {}
 
     def install(self) -> None:
@@ -53,6 +59,8 @@ class StopSignal:
             signal.signal(signum, handler)
 
     def _handle(self, signum, frame) -> None:
+        if not self.training:
+            raise Interrupted(signum)
         if self.signum is None:
             self.signum = signum
             print(f"\n{signal.Signals(signum).name}: finishing this optimizer step, then saving rwkv-last.pth and "
@@ -60,6 +68,7 @@ class StopSignal:
             return
         print("\nQuitting now; files already written are intact.", file=sys.stderr, flush=True)
         remove_partial_files()
+        run_lock.release_all()
         os._exit(128 + signum)
 
     @property
@@ -80,6 +89,18 @@ def agreed_signal(trainer: pl.Trainer, local_signum) -> int:
     return int(flag.item())
 
 
+class StartOfTraining(pl.Callback):
+    """The first callback of the run: its on_train_start, before any other callback writes a file, switches the
+    signal handling from start-up (stop at once) to training (stop at a step boundary, StopOnSignal)."""
+
+    def __init__(self, stop: StopSignal):
+        self.stop = stop
+
+    def on_train_start(self, trainer, pl_module):
+        self.stop.install()  # again: Lightning installs its own SIGTERM handler when fit starts
+        self.stop.training = True
+
+
 class StopOnSignal(pl.Callback):
     """Checks for a stop request at each optimizer-step boundary; saves and stops when there is one."""
 
@@ -88,9 +109,6 @@ class StopOnSignal(pl.Callback):
         self.saver = saver  # callbacks.WeightSaver: saver.save(trainer, pl_module, name), collective under ZeRO-3
         self.bundle_path = Path(bundle_path)
         self.exit_code = 0
-
-    def on_train_start(self, trainer, pl_module):
-        self.stop.install()  # again: Lightning installs its own SIGTERM handler when fit starts
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if not completes_optimizer_step(trainer, batch_idx) or batch_idx + 1 == trainer.num_training_batches:

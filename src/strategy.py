@@ -5,6 +5,7 @@ import lightning.pytorch as pl
 import torch
 
 from src.config import TrainConfig
+from src.errors import UserInputError
 
 # --precision of the original -> Lightning precision. bf16/fp16 are mixed: weights and Adam stay fp32.
 LIGHTNING_PRECISION = {"fp32": "32-true", "tf32": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed"}
@@ -15,6 +16,22 @@ SAVE_DTYPE = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float1
 def training_device(cfg: TrainConfig) -> str:
     """Where one process trains: its GPU when there is one (and --accelerator allows it), else the CPU."""
     return "cuda:0" if torch.cuda.is_available() and cfg.accelerator != "cpu" else "cpu"
+
+
+def check_device_flags(cfg: TrainConfig) -> None:
+    """Refuse flags that need a GPU when there is none to train on: Lightning would train something else than the
+    banner says (fp16 becomes bf16 on a CPU) or fail deep inside the first step (the CUDA kernel)."""
+    if cfg.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserInputError(f"--accelerator {cfg.accelerator}: torch sees no CUDA GPU here; use --accelerator cpu "
+                             f"(or auto)")
+    if training_device(cfg) != "cpu":
+        return
+    if cfg.precision == "fp16":
+        raise UserInputError("--precision fp16 needs a CUDA GPU, and this run trains on the CPU (where Lightning "
+                             "would train bf16 instead); use --precision bf16 or fp32")
+    if cfg.wkv_backend == "cuda":
+        raise UserInputError("--wkv_backend cuda runs the WKV kernel on a CUDA GPU, and this run trains on the CPU; "
+                             "use --wkv_backend torch (or auto)")
 
 
 def set_float_precision(cfg: TrainConfig) -> None:

@@ -26,7 +26,7 @@ def test_the_same_command_again_does_not_replace_the_finished_runs_files(proj_di
 
 @pytest.mark.parametrize("extra, expected", [
     (["--dim_att", "8"], ["rwkv-init.pth", "--overwrite_proj_dir 1"]),  # another model shape, same folder
-    (["--epoch_count", "0"], ["--epoch_count must be at least 1"]),
+    (["--epoch_count", "0"], ["--epoch_count 0 must be at least 1"]),
     (["--lora"], ["--lora", "--load_model"]),  # adapters on a random base
     # LoRA into its base's folder
     (["--load_model", "{proj_dir}/rwkv-final.pth", "--lora"], ["rwkv-0.pth", "rwkv-final.pth"]),

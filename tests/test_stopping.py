@@ -201,10 +201,22 @@ def test_resume_with_another_model_shape_lists_the_flags(stopped, capsys):
 
 
 def test_resume_after_the_data_changed_lists_the_shape_mismatches(stopped, capsys):
+    """Into another --proj_dir, which holds no vocab.json to compare the characters with."""
     (stopped / "text.txt").write_text("HELLO world, " * 40)  # three more characters: a larger vocabulary
     before = folder_snapshot(stopped)
-    refused_in_one_line([*TEXT_RUN, "--resume", BUNDLE], capsys, f"--resume {BUNDLE} does not fit the model",
-            "emb.weight: file (9, 16) vs model (11, 16)", "the stopped run's data")
+    refused_in_one_line([*TEXT_RUN, "--resume", BUNDLE, "--proj_dir", "elsewhere"], capsys,
+                        f"--resume {BUNDLE} does not fit the model", "emb.weight: file (9, 16) vs model (11, 16)",
+                        "the stopped run's data")
+    assert folder_snapshot(stopped) == before and not (stopped / "elsewhere").exists()
+
+
+def test_resume_after_the_data_changed_lists_the_characters(stopped, capsys):
+    (stopped / "text.txt").write_text("HELLO world, " * 40)
+    before = folder_snapshot(stopped)
+    refused_in_one_line([*TEXT_RUN, "--resume", BUNDLE], capsys,
+                        "text.txt has other characters than out/vocab.json, the vocabulary of the checkpoints in "
+                        "--proj_dir (11 characters vs 9; only in the data: 'E' 'H' 'L' 'O'; only in vocab.json: "
+                        "'e' 'h')")
     assert folder_snapshot(stopped) == before
 
 
