@@ -79,9 +79,9 @@ def test_compressed_and_several_inputs(tmp_path):
     assert run(tmp_path, inputs=str(plain)) == 0
     expected = files(tmp_path)
     for name in ("b.jsonl.zst", "c.jsonl.gz"):
-        assert run(tmp_path, inputs=str(tmp_path / name)) == 0
+        assert run(tmp_path, "--overwrite", inputs=str(tmp_path / name)) == 0
         assert files(tmp_path) == expected
-    assert run(tmp_path, inputs=f"{plain},{tmp_path / 'b.jsonl.zst'}") == 0
+    assert run(tmp_path, "--overwrite", inputs=f"{plain},{tmp_path / 'b.jsonl.zst'}") == 0
     assert len(MMapIndexedDataset(tmp_path / "out_text_document")) == 2 * len(TEXTS)
 
 
@@ -202,7 +202,7 @@ def test_interrupt_leaves_old_outputs_and_no_partial_files(tmp_path, capsys, mon
 
     monkeypatch.setattr(preprocess.Progress, "update", interrupt)
     write_jsonl(tmp_path / "other.jsonl", ["something else"] * 10)
-    assert run(tmp_path, inputs=str(tmp_path / "other.jsonl")) == 130
+    assert run(tmp_path, "--overwrite", inputs=str(tmp_path / "other.jsonl")) == 130
     assert "interrupted; no output was written" in capsys.readouterr().err
     assert files(tmp_path) == old
     assert not list(tmp_path.glob(".*.partial"))
