@@ -141,15 +141,18 @@ def atomic_file(path, size: int = 0):
                 f.flush()
                 os.fsync(f.fileno())
         except Exception as e:
-            if is_disk_full(e) or (watched is not None and is_disk_full(watched.error)):
+            cause = watched.error if watched is not None and watched.error is not None else e
+            if is_disk_full(cause):
                 raise disk_full_error(path, size) from e
+            if cause is not e:
+                raise cause from e  # what torch.save turned into a RuntimeError of its own
             raise
         publish(tmp, path)
 
 
 class _WatchedFile:
-    """The file object atomic_file yields. It keeps the first write error, because torch.save reports a failed
-    write as a RuntimeError of its own, which does not say that the disk was full."""
+    """The file object atomic_file yields. It keeps the first exception its writes raised, because torch.save
+    turns any of them (a full disk, Ctrl+C, SIGTERM) into a RuntimeError of its own that says none of it."""
 
     def __init__(self, file):
         self.file = file
@@ -158,7 +161,7 @@ class _WatchedFile:
     def write(self, data) -> int:
         try:
             return _write(self.file, data)
-        except OSError as e:
+        except BaseException as e:
             self.error = self.error or e
             raise
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from src import run_lock
-from src.atomic import atomic_path, publish, remove_partial_files, remove_path
+from src.atomic import atomic_path, disk_full_error, is_disk_full, publish, remove_partial_files, remove_path
 from src.checkpoint import is_resume_bundle, read_pytorch_file, strip_wrapper_prefix, weight_mismatches
 from src.cli import Interrupted
 from src.config import TrainConfig
@@ -130,11 +130,21 @@ class StopOnSignal(pl.Callback):
 def save_resume_bundle(trainer: pl.Trainer, path: Path) -> None:
     """trainer.save_checkpoint into a temporary file/folder on every rank, then rank 0 renames it into place."""
     with atomic_path(path) as tmp:
-        trainer.save_checkpoint(tmp, weights_only=False)  # everything: optimizer, loops, callback states
+        try:
+            trainer.save_checkpoint(tmp, weights_only=False)  # everything: optimizer, loops, callback states
+        except OSError as e:
+            if is_disk_full(e):
+                raise disk_full_error(path, _bundle_bytes(trainer.lightning_module)) from e
+            raise
         trainer.strategy.barrier("resume bundle written")
         if trainer.is_global_zero:
             publish(tmp, path)
     trainer.strategy.barrier("resume bundle published")
+
+
+def _bundle_bytes(pl_module: pl.LightningModule) -> int:
+    """About the size of a resume bundle: fp32 weights, and Adam's two fp32 moments of the trained ones."""
+    return sum((4 + 8 * p.requires_grad) * p.numel() for p in pl_module.parameters())
 
 
 class ResumeGuard(pl.Callback):

@@ -6,24 +6,11 @@ import os
 import pytest
 import torch
 
+from helpers import full_disk_after
 from src import atomic
 from src.atomic import atomic_file, check_can_create, check_output_file
 from src.checkpoint import load_weights, save_weights
 from src.errors import UserInputError
-
-
-def full_disk_after(n_bytes: int):
-    """A stand-in for atomic._write on a disk with room for `n_bytes` more: the write that goes past it fails as the
-    kernel fails it, with ENOSPC."""
-    room = [n_bytes]
-
-    def write(file, data):
-        size = memoryview(data).nbytes
-        if size > room[0]:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        room[0] -= size
-        return file.write(data)
-    return write
 
 
 def test_an_existing_output_needs_the_replace_flag(tmp_path):
