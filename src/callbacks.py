@@ -15,11 +15,11 @@ from src.accumulation import lightning_schedule, optimizer_steps_before
 from src.checkpoint import save_weights
 from src.config import TrainConfig
 from src.dataset import context_length, write_char_vocab
-from src.outputs import FINAL_NAME, INIT_NAME, epoch_file_name, saves_epoch, writes_init_file
+from src.outputs import (FINAL_NAME, INIT_NAME, LOG_NAME, STEP_LOG_NAME, epoch_file_name, saves_epoch,
+                         writes_init_file)
 from src.stopping import completes_optimizer_step
 from src.strategy import full_state_dict, is_deepspeed
 
-STEP_LOG_NAME = "train_steps.tsv"
 STEP_LOG_COLUMNS = ("step", "epoch", "loss", "lr", "ctx_len", "Gtokens", "kt/s")
 # The step log is written every _FLUSH_EVERY optimizer steps (each write waits for the GPU once), and after the
 # first step that ends _FLUSH_SECONDS or more after the last write (slow steps: rows on disk while the run goes on).
@@ -135,7 +135,7 @@ class TrainingLog(pl.Callback):
             self.epoch_loss = self.epoch_loss.to(pl_module.device)
         if not trainer.is_global_zero:
             return
-        with open(self.proj_dir / "train_log.txt", "a", encoding="utf-8") as f:
+        with open(self.proj_dir / LOG_NAME, "a", encoding="utf-8") as f:
             f.write(f"NEW RUN {self.cfg.timestamp}\n{asdict(self.cfg)}\n")
             if is_deepspeed(trainer.strategy):
                 f.write(f"{trainer.strategy.config}\n")
@@ -236,7 +236,7 @@ class TrainingLog(pl.Callback):
         self.flush_rows(trainer)
         if trainer.is_global_zero:
             epoch = trainer.current_epoch
-            with open(self.proj_dir / "train_log.txt", "a", encoding="utf-8") as f:
+            with open(self.proj_dir / LOG_NAME, "a", encoding="utf-8") as f:
                 f.write(f"{self.cfg.epoch_begin + epoch} {mean_loss:.6f} {math.exp(min(mean_loss, 700)):.4f} "
                         f"{self.schedule.lr:.8f} {datetime.datetime.now()} {epoch}\n")
             if self.print_epochs:

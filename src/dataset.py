@@ -26,10 +26,10 @@ from src.binidx import MMapIndexedDataset
 from src.config import TrainConfig, parse_script_mask
 from src.errors import UserInputError
 from src.loss import IGNORE_INDEX
+from src.outputs import VOCAB_NAME
 
 # How many tokens np.max reads at once when checking ids against the vocabulary.
 _SCAN_CHUNK = 1 << 26
-VOCAB_NAME = "vocab.json"  # of character-level data, in --proj_dir
 
 
 @dataclass

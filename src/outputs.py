@@ -19,6 +19,9 @@ INIT_NAME = "rwkv-init.pth"
 FINAL_NAME = "rwkv-final.pth"
 LAST_NAME = "rwkv-last.pth"
 BUNDLE_NAME = "rwkv-resume.ckpt"
+LOG_NAME = "train_log.txt"
+STEP_LOG_NAME = "train_steps.tsv"
+VOCAB_NAME = "vocab.json"  # of character-level data
 
 
 def epoch_file_name(real_epoch: int) -> str:
@@ -76,6 +79,16 @@ def check_no_overwrite(cfg: TrainConfig, first_epoch: int = 0) -> None:
     raise UserInputError(f"--proj_dir {cfg.proj_dir} already holds files this run would write: "
                          f"{_short_list(existing)}{stopped_run}; move them away, choose another --proj_dir, or pass "
                          f"--overwrite_proj_dir 1 to replace them")
+
+
+def check_no_folder_in_the_way(cfg: TrainConfig, first_epoch: int = 0) -> None:
+    """Refuse a --proj_dir where a folder has the name of a file this run writes (the resume bundle may be a
+    folder: DeepSpeed writes it so)."""
+    names = [name for name in files_written(cfg, first_epoch) if name != BUNDLE_NAME]
+    folders = [name for name in [*names, LOG_NAME, STEP_LOG_NAME, VOCAB_NAME] if (Path(cfg.proj_dir) / name).is_dir()]
+    if folders:
+        raise UserInputError(f"--proj_dir {cfg.proj_dir} holds folders named as files this run writes: "
+                             f"{_short_list(folders)}; move them away, or choose another --proj_dir")
 
 
 def _final_is_kept_as_epoch_file(cfg: TrainConfig) -> bool:

@@ -159,3 +159,12 @@ def test_binidx_data_that_does_not_describe_integer_tokens(proj_dir, capsys, dam
                          "--data_file", str(prefix), "--vocab_size", "10", "--ctx_len", "4"], capsys,
                         expected.format(prefix=prefix))
     assert folder_snapshot(proj_dir) == before
+
+
+@pytest.mark.parametrize("name", ["rwkv-0.pth", "train_log.txt", "train_steps.tsv", "vocab.json"])
+def test_a_folder_where_the_run_writes_a_file(tmp_path, capsys, name):
+    proj_dir = tmp_path / "out"
+    (proj_dir / name).mkdir(parents=True)
+    refused_in_one_line([*TINY_RUN, "--proj_dir", str(proj_dir), "--overwrite_proj_dir", "1"], capsys,
+                        f"--proj_dir {proj_dir} holds folders named as files this run writes: {name}; move them away")
+    assert [p.name for p in proj_dir.iterdir()] == [name]
