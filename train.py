@@ -5,7 +5,6 @@
 import contextlib
 import dataclasses
 import secrets
-import signal
 import sys
 from pathlib import Path
 
@@ -26,9 +25,6 @@ def main(argv=None) -> int:
     except cli.Interrupted as e:
         print(f"train.py: {e} before training started: stopped; nothing was written", file=sys.stderr)
         return 128 + e.signum
-    except KeyboardInterrupt:  # Ctrl+C while Python was still starting, before any handler was installed
-        print("train.py: SIGINT before training started: stopped; nothing was written", file=sys.stderr)
-        return 128 + signal.SIGINT
 
 
 def train(cfg: TrainConfig, extra_callbacks=()) -> int:

@@ -44,9 +44,9 @@ GROUP_TITLES = {
 
 @dataclass(frozen=True)
 class Range:
-    """The values a numeric flag accepts: finite numbers from `low` to `high` (None: no bound; an open end excludes
-    the bound itself), and the `sentinels` its help documents (-1 = auto, ...)."""
-    low: Optional[float] = None
+    """The values a numeric flag accepts: finite numbers from `low` up to `high` (None: no upper bound; an open
+    end excludes the bound itself), and the `sentinels` its help documents (-1 = auto, ...)."""
+    low: float
     high: Optional[float] = None
     low_open: bool = False
     high_open: bool = False
@@ -57,17 +57,16 @@ class Range:
             return True
         if not math.isfinite(value):
             return False
-        above_low = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        above_low = value > self.low if self.low_open else value >= self.low
         below_high = self.high is None or (value < self.high if self.high_open else value <= self.high)
         return above_low and below_high
 
     def describe(self) -> str:
-        """"at least 1", "above 0", "in [0, 1)", "at least 0, or -1"."""
-        if self.high is not None:
-            text = (f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
-                    if self.low is not None else f"{'below' if self.high_open else 'at most'} {self.high}")
-        else:
+        """"at least 1", "above 0", "in [0, 1)", "at least 1, or -1"."""
+        if self.high is None:
             text = f"{'above' if self.low_open else 'at least'} {self.low}"
+        else:
+            text = f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
         return text + "".join(f", or {sentinel}" for sentinel in self.sentinels)
 
 

@@ -144,11 +144,15 @@ def _read_data_file(cfg: TrainConfig) -> TokenData:
         _require_integer(tokens.dtype, path)
         return TokenData(tokens.reshape(-1), path, cfg.vocab_size)
     if kind == "uint16":
-        flat = np.memmap(path, mode="r", dtype=np.uint16)
-        rows = len(flat) // cfg.my_sample_len
+        size = Path(path).stat().st_size
+        if size % 2:
+            raise UserInputError(f"--data_file {path} is {size} bytes, not a whole number of uint16 tokens (2 bytes "
+                                 f"each): it is truncated or not uint16 data")
+        rows = size // 2 // cfg.my_sample_len
         if rows < 1:
-            raise UserInputError(f"--data_file {path} holds {len(flat)} tokens, less than one row of "
+            raise UserInputError(f"--data_file {path} holds {size // 2} tokens, less than one row of "
                                  f"--my_sample_len {cfg.my_sample_len}")
+        flat = np.memmap(path, mode="r", dtype=np.uint16)
         return TokenData(flat[:rows * cfg.my_sample_len].reshape(rows, cfg.my_sample_len), path, cfg.vocab_size)
     raise UserInputError(f"--data_type {kind} is not supported yet")
 

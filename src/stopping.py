@@ -2,11 +2,11 @@
 
 Before training starts (loading, checks, set-up) a signal ends the run at once: nothing has been written into
 --proj_dir yet, so there is nothing to save. From the start of training the first signal only sets a flag. At the
-next optimizer-step boundary every rank agrees (any rank that
-got a signal stops them all), rank 0 writes rwkv-last.pth, all ranks write the resume bundle (a
-Lightning checkpoint: weights in fp32, optimizer, step and epoch counters, data position, RNG, the
-TrainingLog sums; a folder under DeepSpeed), and training ends. A second Ctrl+C quits at once: writes
-in progress are deleted, files already written stay whole (every write is temp file + rename).
+next optimizer-step boundary every rank agrees (any rank that got a signal stops them all), rank 0 writes
+rwkv-last.pth, all ranks write the resume bundle (a Lightning checkpoint: weights in fp32, optimizer, step and
+epoch counters, data position, RNG, the TrainingLog sums; a folder under DeepSpeed), and training ends. A second
+Ctrl+C quits at once: writes in progress are deleted, files already written stay whole (every write is temp file +
+rename), and the --proj_dir lock is released.
 
 `--resume <bundle>` continues exactly where the run stopped; the flags that shape the run must match. When the
 resumed run ends normally, the bundle is removed: its state lies behind the files that run wrote.
@@ -46,6 +46,7 @@ class StopSignal:
         self.signum = None
         self.training = False  # set by StartOfTraining
         self.previous = {}
+        self.pid = os.getpid()
 
     def install(self) -> None:
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -59,6 +60,8 @@ class StopSignal:
             signal.signal(signum, handler)
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self.pid:
+            return  # a DataLoader worker forked with this handler, before its own ignores signals: the run's to handle
         if not self.training:
             raise Interrupted(signum)
         if self.signum is None:

@@ -54,6 +54,8 @@ def test_the_same_command_again_does_not_replace_the_finished_runs_files(proj_di
      ["adapter.pth is a LoRA file (adapters only, no base model)", "--lora_load", "merge_lora.py"]),
     (["--data_type", "numpy", "--data_file", "{proj_dir}/tokens.npz", "--vocab_size", "20", "--overwrite_proj_dir",
       "1"], ["tokens.npz is an .npz archive of several arrays", "numpy.save"]),
+    (["--data_type", "uint16", "--data_file", "{proj_dir}/short.txt", "--my_sample_len", "2", "--vocab_size", "200",
+      "--overwrite_proj_dir", "1"], ["short.txt is 3 bytes, not a whole number of uint16 tokens"]),
     # a hand continuation on text of other characters would rewrite vocab.json under the earlier checkpoints
     (["--data_type", "utf-8", "--data_file", "{proj_dir}/letters.txt", "--load_model", "{proj_dir}/rwkv-1.pth",
       "--epoch_begin", "2", "--epoch_count", "4"],
