@@ -119,9 +119,9 @@ def test_fast_steps_are_written_in_batches(tmp_path):
 
 
 def test_each_mini_epoch_line_gives_its_own_rate(tmp_path, capsys):
-    """Mini-epoch 1 comes after a 2 s pause: its kt/s are its own tokens over its own seconds, not an average since
+    """Mini-epoch 1 comes after a 1 s pause: its kt/s are its own tokens over its own seconds, not an average since
     the start."""
-    watch = Watch(tmp_path, step_seconds=0.3, pause_after_epoch_0=2.0)
+    watch = Watch(tmp_path, step_seconds=0.2, pause_after_epoch_0=1.0)
     cfg = parse_args([*TINY_RUN, "--ctx_len", "32", "--micro_bsz", "4", "--epoch_steps", "3", "--proj_dir",
                       str(tmp_path)])
     assert train.train(cfg, [watch]) == 0
