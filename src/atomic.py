@@ -1,7 +1,7 @@
 """Every file and folder the toolkit writes appears whole or not at all: written under a temporary name beside
 its final path, then renamed over it. A hard exit (a second Ctrl+C) deletes the temporary names in flight.
 
-    with atomic_path("out/rwkv-3.pth") as tmp:   # tmp = out/.rwkv-3.pth.partial
+    with atomic_path("out/rwkv-3.pth") as tmp:   # tmp = out/.rwkv-3.pth.<pid>.partial
         write(tmp); fsync; publish(tmp, "out/rwkv-3.pth")
 
 Writers whose files live longer than one block (the binidx builder) take `temporary_path` and end with
@@ -85,19 +85,25 @@ def _size_text(n_bytes: float) -> str:
     return f"{n_bytes:,.0f} GB"
 
 
-def temporary_path(path) -> Path:
-    """The temporary name beside `path` (the same on every rank, for folders that several processes write)."""
+def temporary_path(path, shared: bool = False) -> Path:
+    """The temporary name beside `path`, this process's own: two commands writing the same output never write into
+    one file. `shared`: the same name in every process, for a folder that the ranks of a run write together."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
+    owner = "" if shared else f".{os.getpid()}"
+    tmp = path.with_name(f".{path.name}{owner}.partial")
     _IN_FLIGHT.add(tmp)
     return tmp
 
 
-def publish(tmp: Path, path) -> None:
-    """Move a finished temporary file or folder over `path` (an old folder is swapped out, then removed)."""
+def publish(tmp: Path, path, replace: bool = True) -> None:
+    """Move a finished temporary file or folder over `path` (an old folder is swapped out, then removed). Without
+    `replace`, a file that appeared at `path` meanwhile (another command writing the same output) stays, and this
+    one is discarded with one line."""
     path = Path(path)
-    if tmp.is_dir() and path.exists():
+    if not replace:
+        _publish_new_file(tmp, path)
+    elif tmp.is_dir() and path.exists():
         old = path.with_name(f".{path.name}.old")
         remove_path(old)
         os.replace(path, old)
@@ -108,6 +114,27 @@ def publish(tmp: Path, path) -> None:
     _IN_FLIGHT.discard(tmp)
 
 
+def _publish_new_file(tmp: Path, path: Path) -> None:
+    """A hard link fails if `path` exists, in the same atomic step that creates it (a rename would replace it)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        _refuse_a_newcomer(tmp, path)
+    except OSError:  # a file system without hard links: there the check and the rename are two steps
+        if path.exists():
+            _refuse_a_newcomer(tmp, path)
+        os.replace(tmp, path)
+    else:
+        os.unlink(tmp)
+    _IN_FLIGHT.discard(tmp)
+
+
+def _refuse_a_newcomer(tmp: Path, path: Path) -> None:
+    discard(tmp)
+    raise UserInputError(f"{path} was written by another command while this one ran; it is left as it is, and this "
+                         f"command's output was discarded.")
+
+
 def discard(tmp: Path) -> None:
     """Give up a temporary path: delete what was written there."""
     remove_path(tmp)
@@ -115,10 +142,10 @@ def discard(tmp: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary path for the caller to write and `publish`; if the block raises, it is discarded and
-    the old `path` is untouched."""
-    tmp = temporary_path(path)
+def atomic_path(path, shared: bool = False):
+    """Yield a temporary path (see temporary_path) for the caller to write and `publish`; if the block raises, it
+    is discarded and the old `path` is untouched."""
+    tmp = temporary_path(path, shared)
     try:
         yield tmp
     except BaseException:
@@ -129,9 +156,10 @@ def atomic_path(path):
 
 
 @contextlib.contextmanager
-def atomic_file(path, size: int = 0):
-    """Yield a binary file to write; on success it is flushed to disk and renamed to `path`. A full disk is one
-    line (disk_full_error) naming the folder and `size`, the bytes the file needs."""
+def atomic_file(path, size: int = 0, replace: bool = True):
+    """Yield a binary file to write; on success it is flushed to disk and renamed to `path` (see publish for
+    `replace`). A full disk is one line (disk_full_error) naming the folder and `size`, the bytes the file
+    needs."""
     with atomic_path(path) as tmp:
         watched = None
         try:
@@ -147,7 +175,7 @@ def atomic_file(path, size: int = 0):
             if cause is not e:
                 raise cause from e  # what torch.save turned into a RuntimeError of its own
             raise
-        publish(tmp, path)
+        publish(tmp, path, replace)
 
 
 class _WatchedFile:

@@ -146,7 +146,8 @@ class MMapIndexedDatasetBuilder:
         self.items += len(sizes)
         self.tokens += len(tokens)
 
-    def finalize(self) -> None:
+    def finalize(self, replace: bool = True) -> None:
+        """Write the index and publish both files (without `replace`, only where no file appeared meanwhile)."""
         self._bin.flush()
         os.fsync(self._bin.fileno())
         self._bin.close()
@@ -162,10 +163,10 @@ class MMapIndexedDatasetBuilder:
             f.write(doc_idx.tobytes(order="C"))
             f.flush()
             os.fsync(f.fileno())
-        # the old index goes first: an interruption between the renames leaves no .idx, never a mismatched pair
-        Path(self.prefix + ".idx").unlink(missing_ok=True)
-        publish(self._bin_tmp, self.prefix + ".bin")
-        publish(self._idx_tmp, self.prefix + ".idx")
+        if replace:  # the old index goes first: an interruption between the renames leaves no .idx, not a wrong pair
+            Path(self.prefix + ".idx").unlink(missing_ok=True)
+        publish(self._bin_tmp, self.prefix + ".bin", replace)
+        publish(self._idx_tmp, self.prefix + ".idx", replace)
 
     def abort(self) -> None:
         """Drop the partial output (after an error or Ctrl+C); existing .bin/.idx files stay as they were."""

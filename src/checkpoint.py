@@ -20,22 +20,23 @@ _WRAPPER_PREFIXES = ("_forward_module.", "module.", "model.")
 _LORA_SUFFIXES = (".lora_A", ".lora_B")
 
 
-def atomic_save(obj, path, size: int = 0) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`; `size` (bytes) is what a
-    full disk's message says the file needs."""
-    with atomic_file(path, size) as f:
+def atomic_save(obj, path, size: int = 0, replace: bool = True) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path` (without `replace`, only
+    if no file appeared there meanwhile); `size` (bytes) is what a full disk's message says the file needs."""
+    with atomic_file(path, size, replace) as f:
         torch.save(obj, f)
 
 
-def save_weights(state_dict: dict, path, dtype: torch.dtype = None) -> None:
-    """Save a model state dict as a plain CPU {key: tensor} file, optionally cast to `dtype`."""
+def save_weights(state_dict: dict, path, dtype: torch.dtype = None, replace: bool = True) -> None:
+    """Save a model state dict as a plain CPU {key: tensor} file, optionally cast to `dtype` (`replace`: see
+    atomic_save)."""
     out = {}
     for key, tensor in state_dict.items():
         tensor = tensor.detach().cpu()
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         out[key] = tensor.contiguous()
-    atomic_save(out, path, size=sum(t.numel() * t.element_size() for t in out.values()))
+    atomic_save(out, path, size=sum(t.numel() * t.element_size() for t in out.values()), replace=replace)
 
 
 def load_weights(path, what: str = "--load_model") -> dict:

@@ -56,7 +56,7 @@ def run(argv, prog: str, description: str, layer_filter: bool) -> int:
             lora = LoraCheckpoint.from_weights(load_weights(lora_path, what="LoRA checkpoint"), lora_path)
             alpha = resolve_alpha(alpha, lora)
             merged, report = merge_checked(base, lora, alpha, layer_coef, device, base_path)
-            save_weights(merged, out_path)
+            save_weights(merged, out_path, replace=args.overwrite)  # nor one that appeared meanwhile
     except UserInputError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2

@@ -281,7 +281,7 @@ def preprocess(options: EncodeOptions, inputs, output_prefix: str, workers: int 
                 raise UserInputError(f"no documents with text under {key!r} in {', '.join(map(str, paths))} "
                                      f"({_skip_summary(totals) or 'the input is empty'}); nothing was written")
         for builder in builders.values():
-            builder.finalize()
+            builder.finalize(replace)
     except BaseException as e:
         for builder in builders.values():
             builder.abort()

@@ -132,7 +132,7 @@ class StopOnSignal(pl.Callback):
 
 def save_resume_bundle(trainer: pl.Trainer, path: Path) -> None:
     """trainer.save_checkpoint into a temporary file/folder on every rank, then rank 0 renames it into place."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, shared=True) as tmp:  # under DeepSpeed every rank writes its part of the folder
         try:
             trainer.save_checkpoint(tmp, weights_only=False)  # everything: optimizer, loops, callback states
         except OSError as e:

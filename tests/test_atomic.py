@@ -76,3 +76,26 @@ def test_other_write_errors_pass_through(tmp_path, monkeypatch):
         with atomic_file(tmp_path / "x.bin") as f:
             f.write(b"data")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_each_process_writes_its_own_temporary_file_except_into_a_shared_folder(tmp_path):
+    """Two commands writing the same output at once never write into one temporary file; the ranks of a run that
+    write one folder together (the DeepSpeed resume bundle) share its name."""
+    own, shared = atomic.temporary_path(tmp_path / "out.pth"), atomic.temporary_path(tmp_path / "b", shared=True)
+    assert own.name == f".out.pth.{os.getpid()}.partial" and shared.name == ".b.partial"
+    atomic.discard(own)
+    atomic.discard(shared)
+
+
+def test_without_replace_an_output_that_appeared_meanwhile_is_kept(tmp_path):
+    """As when another command wrote the same output while this one ran."""
+    path = tmp_path / "merged.pth"
+    with pytest.raises(UserInputError, match=f"{path} was written by another command while this one ran; it is left "
+                                             f"as it is, and this command's output was discarded"):
+        with atomic_file(path, replace=False) as f:
+            f.write(b"this command's")
+            path.write_bytes(b"the other command's")
+    assert [p.name for p in tmp_path.iterdir()] == ["merged.pth"] and path.read_bytes() == b"the other command's"
+    with atomic_file(tmp_path / "new.pth", replace=False) as f:
+        f.write(b"new")
+    assert (tmp_path / "new.pth").read_bytes() == b"new"

@@ -377,3 +377,19 @@ def test_sigterm_while_writing_the_merge_leaves_nothing(tmp_path, files, capsys,
     err = capsys.readouterr().err
     assert err == "merge_lora.py: SIGTERM: stopped; nothing was written\n", err
     assert not list((tmp_path / "out").iterdir())
+
+
+def test_an_output_written_by_another_merge_meanwhile_is_kept(tmp_path, files, capsys, monkeypatch):
+    base, lora, _ = files
+    out = tmp_path / "merged.pth"
+
+    def other_merge_finishes_first(file, data):
+        if not out.exists():
+            out.write_bytes(b"the other merge's")
+        return file.write(data)
+
+    monkeypatch.setattr(src.atomic, "_write", other_merge_finishes_first)
+    assert merge(base, lora, out) == 2
+    err = capsys.readouterr().err
+    assert f"{out} was written by another command while this one ran; it is left as it is" in err, err
+    assert out.read_bytes() == b"the other merge's" and not list(tmp_path.glob(".*"))

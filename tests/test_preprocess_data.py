@@ -323,3 +323,16 @@ def test_sigterm_removes_the_partial_outputs(tmp_path, capsys, monkeypatch):
     assert run(tmp_path, "--overwrite") == 143
     assert "interrupted; no output was written" in capsys.readouterr().err
     assert files(tmp_path) == old and not list(tmp_path.glob(".*"))
+
+
+def test_outputs_that_appear_while_it_runs_are_kept(tmp_path, capsys, monkeypatch):
+    """As when another preprocess_data.py with the same --output-prefix finished first."""
+    def other_command_finishes(self, totals):
+        for suffix in (".bin", ".idx"):
+            (tmp_path / f"out_text_document{suffix}").write_bytes(b"the other command's")
+
+    monkeypatch.setattr(preprocess.Progress, "update", other_command_finishes)
+    assert run(tmp_path, "--log-interval", "1") == 2
+    err = capsys.readouterr().err
+    assert "out_text_document.bin was written by another command while this one ran" in err and err.count("\n") == 1
+    assert files(tmp_path) == (b"the other command's", b"the other command's") and not list(tmp_path.glob(".*"))
