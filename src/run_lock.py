@@ -51,8 +51,12 @@ def acquire(proj_dir) -> Path:
                 _remove_if_stale(path)
                 continue
             _HELD[path] = created
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(_this_run(), f)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump(_this_run(), f)
+            except BaseException:  # a full disk, a signal: no half-written lock is left behind
+                release(path)
+                raise
             return path
         raise _in_use(path, _owner(path))
     except OSError as e:
