@@ -8,6 +8,7 @@ A drop-in for the gpt-neox preprocess_data.py that the ChatGal fork ships: same 
 """
 import argparse
 import importlib.util
+import signal
 import sys
 
 from src import cli
@@ -50,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Output path without suffix; writes {prefix}_{key}_document.bin/.idx.")
     group.add_argument("--dataset-impl", default="mmap", choices=("lazy", "cached", "mmap"),
                        help="Index format; train.py reads mmap only.")
+    group.add_argument("--overwrite", action="store_true",
+                       help="Replace output files that exist (without it, existing outputs are refused before any "
+                            "work).")
     group = parser.add_argument_group("runtime")
     group.add_argument("--workers", type=int, default=1,
                        help="Tokenizing processes, one thread each (about one per CPU core); 1 = this process, "
@@ -82,19 +86,21 @@ def main(argv=None) -> int:
     from src import preprocess
 
     try:
-        args = parse_args(argv)
-        options = preprocess.EncodeOptions(
-            tokenizer=TokenizerSpec(args.tokenizer_type, args.vocab_file, args.merge_file,
-                                    args.special_tokens_dict_path),
-            keys=tuple(args.jsonl_keys), append_eod=args.append_eod, ftfy=args.ftfy, skip_bad=args.skip_bad)
-        progress = preprocess.Progress(sys.stderr, args.log_interval, args.num_docs)
-        totals = preprocess.preprocess(options, args.input.split(","), args.output_prefix, args.workers, progress)
+        with cli.signals_interrupt():  # SIGTERM too removes the partial outputs
+            args = parse_args(argv)
+            options = preprocess.EncodeOptions(
+                tokenizer=TokenizerSpec(args.tokenizer_type, args.vocab_file, args.merge_file,
+                                        args.special_tokens_dict_path),
+                keys=tuple(args.jsonl_keys), append_eod=args.append_eod, ftfy=args.ftfy, skip_bad=args.skip_bad)
+            progress = preprocess.Progress(sys.stderr, args.log_interval, args.num_docs)
+            totals = preprocess.preprocess(options, args.input.split(","), args.output_prefix, args.workers, progress,
+                                           replace=args.overwrite)
     except UserInputError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, cli.Interrupted) as e:
         print(f"\n{PROG}: interrupted; no output was written", file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", signal.SIGINT)
     print(preprocess.summary(totals, args.output_prefix, args.workers))
     return 0
 

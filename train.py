@@ -2,45 +2,53 @@
 
     python train.py --help
 """
+import contextlib
 import dataclasses
 import secrets
 import sys
 from pathlib import Path
 
+from src import cli
 from src.config import TrainConfig, parse_args
 from src.errors import UserInputError
 
 
 def main(argv=None) -> int:
-    """Exit code: 0 when done, 2 for bad input, 130 / 143 after a Ctrl+C / SIGTERM stop (state saved)."""
+    """Exit code: 0 when done, 2 for bad input, 130 / 143 after a Ctrl+C / SIGTERM (the state saved when training
+    had started; nothing written when it had not)."""
     try:
-        cfg = parse_args(argv)
-        return train(cfg)
+        with cli.signals_interrupt():  # until training starts, Ctrl+C / SIGTERM end the run at once
+            return train(parse_args(argv))
     except UserInputError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
+    except cli.Interrupted as e:
+        print(f"train.py: {e} before training started: stopped; nothing was written", file=sys.stderr)
+        return 128 + e.signum
 
 
 def train(cfg: TrainConfig, extra_callbacks=(), write_weights: bool = True) -> int:
     """Run the training `cfg` describes. `extra_callbacks` (Lightning callbacks) watch it, e.g. in benchmarks;
     `write_weights` False trains without writing any .pth (a benchmark never reads them: 15-30 GB for 7B)."""
-    from src import console, stopping
+    from src import console, stopping  # torch and Lightning load here, after the command line is known to be valid
 
     stop = stopping.StopSignal()
-    stop.install()  # from here on, Ctrl+C / SIGTERM finish the current step and save
+    stop.install()  # Ctrl+C / SIGTERM: at once during start-up; once training runs, after the current step
     try:
-        with console.library_chatter_silenced():
-            return run_training(cfg, stop, list(extra_callbacks), write_weights)
+        with console.library_chatter_silenced(), contextlib.ExitStack() as held_until_the_end:
+            return run_training(cfg, stop, list(extra_callbacks), held_until_the_end, write_weights)
     finally:
         stop.restore()
 
 
-def run_training(cfg: TrainConfig, stop, extra_callbacks: list, write_weights: bool = True) -> int:
-    """Every check that can refuse the run comes before the first file is written into --proj_dir."""
-    # torch and Lightning load here, after the command line is known to be valid
+def run_training(cfg: TrainConfig, stop, extra_callbacks: list, held_until_the_end: contextlib.ExitStack,
+                 write_weights: bool = True) -> int:
+    """Every check that can refuse the run comes before training starts, and nothing is written into --proj_dir
+    before then. `held_until_the_end` keeps the --proj_dir lock until the run has ended, however it ends."""
     import lightning.pytorch as pl
 
-    from src import callbacks, console, dataset, lora, outputs, sampling, stopping, strategy, trainer, validation
+    from src import (callbacks, console, dataset, lora, outputs, run_lock, sampling, stopping, strategy, trainer,
+                     validation)
     from src.rwkv4.model import count_parameters
 
     outputs.check_writable(cfg.proj_dir)
@@ -57,26 +65,29 @@ def run_training(cfg: TrainConfig, stop, extra_callbacks: list, write_weights: b
     schedule = callbacks.LearningRateSchedule(cfg)
     progress_bar = console.shows_progress_bar(cfg)
     log = callbacks.TrainingLog(cfg, schedule, print_epochs=not progress_bar)
-    lightning_trainer = build_lightning_trainer(cfg, [schedule, log, saver, stopper, *extra_callbacks], progress_bar)
+    lightning_trainer = build_lightning_trainer(
+        cfg, [stopping.StartOfTraining(stop), schedule, log, saver, stopper, *extra_callbacks], progress_bar)
     if cfg.accumulate_grad_batches_dict:
         lightning_trainer.callbacks.append(callbacks.AccumulationSchedule(cfg))
     rank_zero = lightning_trainer.is_global_zero
-    if rank_zero:  # the other ranks start when rank 0 has passed this and written files
+    if rank_zero:  # the other ranks start later, in fit, while rank 0 holds the folder
+        held_until_the_end.enter_context(run_lock.proj_dir_lock(cfg.proj_dir))
         outputs.check_no_overwrite(cfg, first_epoch=bundle.epoch if bundle else 0)
+        outputs.check_no_folder_in_the_way(cfg, first_epoch=bundle.epoch if bundle else 0)
 
     data = dataset.load_token_data(cfg)
     dataset.check_against_model(data, cfg, data.vocab_size)
     held_out = validation.held_out_windows(cfg, data.chars, data.vocab_size) if cfg.valid_data_file else None
+    if rank_zero and data.chars is not None:
+        dataset.check_char_vocab(data.chars, cfg)
+    saver.char_vocab = data.chars
     check_memory(cfg, data.vocab_size, lightning_trainer)
-    model, fresh_weights = build_model(cfg, data.vocab_size, save_dtype)
+    model = build_model(cfg, data.vocab_size, save_dtype)
     lora_summary = lora.prepare_lora_training(model, cfg) if cfg.lora else ""  # wraps the base, freezes the rest
     if bundle:
         stopping.check_bundle_fits(bundle, model, cfg)
     del bundle
 
-    # nothing was written into --proj_dir before this point
-    initial_files = write_initial_files(cfg, fresh_weights if write_weights else None, data) if rank_zero else []
-    del fresh_weights
     samples = dataset.TrainingSamples(data, cfg, seed=seed, rank=lightning_trainer.global_rank,
                                       world_size=lightning_trainer.world_size)
     lightning_trainer.callbacks.append(stopping.ResumeGuard(cfg, samples))
@@ -95,17 +106,15 @@ def run_training(cfg: TrainConfig, stop, extra_callbacks: list, write_weights: b
     if rank_zero:
         if cfg.resume and not stopped:
             stopping.retire_bundle(cfg.resume)
-        saved = initial_files + saver.saved + ([outputs.BUNDLE_NAME] if stopped else [])
+        saved = saver.saved + ([outputs.BUNDLE_NAME] if stopped else [])
         console.print_summary(cfg, saved, log.tokens_trained, log.seconds, log.last_mean_loss, stopped,
                               log.steady_speed())
     return stopper.exit_code
 
 
 def build_model(cfg: TrainConfig, vocab_size: int, save_dtype):
-    """(the model with its starting weights, the fresh weights to save as rwkv-init.pth or None).
-
-    The weights come from --load_model, or from a fresh initialisation (in the run's dtype, the values rwkv-init.pth
-    will hold); a resumed run takes them from its bundle later.
+    """The model with its starting weights: from --load_model, or a fresh initialisation in the run's dtype (the
+    values rwkv-init.pth will hold, written when training starts); a resumed run takes them from its bundle later.
     """
     import torch
 
@@ -118,7 +127,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, save_dtype):
     with torch.device("meta" if replaced_whole else "cpu"):
         model = RWKV(RWKVConfig.from_flags(cfg, vocab_size), ForwardOptions.from_flags(cfg))
     if cfg.resume:
-        return model, None
+        return model
     if cfg.load_model:
         weights = checkpoint.load_weights(cfg.load_model)
         checkpoint.check_compatible(model.state_dict(), weights, cfg.load_model, allow_missing=bool(cfg.load_partial))
@@ -130,10 +139,10 @@ def build_model(cfg: TrainConfig, vocab_size: int, save_dtype):
             model.load_state_dict({k: v.to(dtype) for k, v in weights.items()}, assign=True)
         else:
             model.load_state_dict(weights, strict=not cfg.load_partial)
-        return model, None
-    fresh_weights = generate_init_weights(model, cfg.lr_init, device=strategy.training_device(cfg), dtype=save_dtype)
-    model.load_state_dict(fresh_weights)
-    return model, fresh_weights
+        return model
+    model.load_state_dict(generate_init_weights(model, cfg.lr_init, device=strategy.training_device(cfg),
+                                                dtype=save_dtype))
+    return model
 
 
 def check_memory(cfg: TrainConfig, vocab_size: int, lightning_trainer) -> None:
@@ -180,28 +189,13 @@ def memory_footprint(cfg: TrainConfig, vocab_size: int, world_size: int, process
     return memory_check.run_footprint(cfg, state, max(trained, default=0), activations, on_gpu, processes_per_host)
 
 
-def write_initial_files(cfg: TrainConfig, fresh_weights, data) -> list:
-    """rwkv-init.pth of a fresh model and vocab.json of character-level data (rank 0); returns what was saved."""
-    from src import checkpoint, dataset, outputs
-
-    if data.chars is not None:
-        dataset.write_char_vocab(data.chars, cfg.proj_dir)
-    if fresh_weights is None:
-        return []
-    checkpoint.save_weights(fresh_weights, Path(cfg.proj_dir) / outputs.INIT_NAME)
-    return [outputs.INIT_NAME]
-
-
 def build_lightning_trainer(cfg: TrainConfig, callbacks: list, progress_bar: bool):
     """The Trainer, with Lightning's refusals of the hardware flags as one line each."""
-    import torch
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    from src import outputs, trainer
+    from src import outputs, strategy, trainer
 
-    if cfg.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise UserInputError(f"--accelerator {cfg.accelerator}: torch sees no CUDA GPU here; use --accelerator cpu "
-                             f"(or auto)")
+    strategy.check_device_flags(cfg)
     try:
         return trainer.build_trainer(cfg, callbacks, max_epochs=outputs.run_epochs(cfg), progress_bar=progress_bar)
     except MisconfigurationException as e:

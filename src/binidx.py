@@ -55,6 +55,9 @@ class MMapIndexedDataset:
             raise UserInputError(f"{idx_path}: index version {version}, only version {VERSION} is known")
         if code not in DTYPES:
             raise UserInputError(f"{idx_path}: unknown dtype code {code}")
+        if not np.issubdtype(DTYPES[code], np.integer):
+            raise UserInputError(f"{idx_path} says its tokens are {np.dtype(DTYPES[code]).name} (dtype code {code}); "
+                                 f"token ids are integers: preprocess the data with preprocess_data.py")
         expected = HEADER.size + 12 * length + 8 * doc_count
         if idx_size != expected:
             raise UserInputError(f"{idx_path} is {idx_size} bytes but its header ({length} items, {doc_count} "
@@ -69,6 +72,9 @@ class MMapIndexedDataset:
         if bin_size < needed:
             raise UserInputError(f"{bin_path} is {bin_size} bytes but {idx_path} points to {needed}: the .bin is "
                                  f"truncated or belongs to another index")
+        if bin_size > needed:  # training windows would be drawn from bytes no item describes
+            raise UserInputError(f"{bin_path} is {bin_size} bytes but {idx_path} describes only {needed}: the .bin "
+                                 f"was appended to or belongs to another index; preprocess the data again")
         self.tokens = (np.memmap(bin_path, mode="r", dtype=self.dtype, shape=(bin_size // self.dtype.itemsize,))
                        if bin_size else np.zeros(0, self.dtype))
         self.bin_path = bin_path
@@ -140,7 +146,8 @@ class MMapIndexedDatasetBuilder:
         self.items += len(sizes)
         self.tokens += len(tokens)
 
-    def finalize(self) -> None:
+    def finalize(self, replace: bool = True) -> None:
+        """Write the index and publish both files (without `replace`, only where no file appeared meanwhile)."""
         self._bin.flush()
         os.fsync(self._bin.fileno())
         self._bin.close()
@@ -156,10 +163,10 @@ class MMapIndexedDatasetBuilder:
             f.write(doc_idx.tobytes(order="C"))
             f.flush()
             os.fsync(f.fileno())
-        # the old index goes first: an interruption between the renames leaves no .idx, never a mismatched pair
-        Path(self.prefix + ".idx").unlink(missing_ok=True)
-        publish(self._bin_tmp, self.prefix + ".bin")
-        publish(self._idx_tmp, self.prefix + ".idx")
+        if replace:  # the old index goes first: an interruption between the renames leaves no .idx, not a wrong pair
+            Path(self.prefix + ".idx").unlink(missing_ok=True)
+        publish(self._bin_tmp, self.prefix + ".bin", replace)
+        publish(self._idx_tmp, self.prefix + ".idx", replace)
 
     def abort(self) -> None:
         """Drop the partial output (after an error or Ctrl+C); existing .bin/.idx files stay as they were."""

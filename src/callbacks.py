@@ -1,4 +1,5 @@
 """Everything that happens around the training steps: LR schedule, logs, progress bar, saving."""
+import contextlib
 import datetime
 import math
 import time
@@ -13,12 +14,17 @@ from src import lora
 from src.accumulation import lightning_schedule, optimizer_steps_before
 from src.checkpoint import save_weights
 from src.config import TrainConfig
-from src.dataset import context_length
-from src.outputs import FINAL_NAME, STEP_LOG_COLUMNS, STEP_LOG_NAME, epoch_file_name, saves_epoch
+from src.dataset import context_length, write_char_vocab
+from src.errors import UserInputError
+from src.outputs import (FINAL_NAME, INIT_NAME, LOG_NAME, STEP_LOG_COLUMNS, STEP_LOG_NAME, epoch_file_name,
+                         saves_epoch, writes_init_file)
 from src.stopping import completes_optimizer_step
 from src.strategy import full_state_dict, is_deepspeed
 
-_FLUSH_EVERY = 20  # optimizer steps between writes of the step log (each write waits for the GPU once)
+# The step log is written every _FLUSH_EVERY optimizer steps (each write waits for the GPU once), and after the
+# first step that ends _FLUSH_SECONDS or more after the last write (slow steps: rows on disk while the run goes on).
+_FLUSH_EVERY = 20
+_FLUSH_SECONDS = 30.0
 
 
 def real_step(step: int, cfg: TrainConfig) -> int:
@@ -94,9 +100,9 @@ class TrainingLog(pl.Callback):
       `epoch mean_loss exp(mean_loss) lr time epoch_in_this_run` (the loss averaged over all GPUs);
     - train_steps.tsv: one row per optimizer step (rank 0's loss), for loss curves without W&B;
     - W&B (--wandb PROJECT) per optimizer step: loss, lr, Gtokens, kt/s, at step real_step + log_add_step;
-    - the progress bar: loss (mean of this mini-epoch so far), lr, kt/s (all GPUs), ctx_len;
+    - the progress bar: loss (mean of this mini-epoch so far), lr, kt/s (all GPUs, this mini-epoch so far), ctx_len;
     - without a progress bar (--enable_progress_bar 0, or output that is not a terminal): one plain line per
-      mini-epoch on stdout.
+      mini-epoch on stdout, with the mini-epoch's own kt/s.
     The running sums travel in the resume bundle, so a resumed run continues its mini-epoch's mean.
     """
 
@@ -110,24 +116,26 @@ class TrainingLog(pl.Callback):
         self.epoch_batches = 0
         self.tokens = 0  # tokens trained on so far, all GPUs, earlier runs included
         self.tokens_at_start = 0  # `tokens` when this run started training (a resumed run's earlier ones)
+        self.tokens_at_epoch_start = 0  # `tokens` when this run started the current mini-epoch
         self.started = self.epoch_started = time.perf_counter()  # reset when training starts
         self.after_first_step = None  # (time, tokens) when this run's first optimizer step ended
         self.step_loss = None
         self.step_batches = 0
         self.pending_rows = []
+        self.last_flush = self.started
         self.wandb = None
 
     # ---- run start and end
     def on_train_start(self, trainer, pl_module):
-        self.started = self.epoch_started = time.perf_counter()
-        self.tokens_at_start = self.tokens
+        self.started = self.epoch_started = self.last_flush = time.perf_counter()
+        self.tokens_at_start = self.tokens_at_epoch_start = self.tokens
         if self.epoch_loss is None:
             self.epoch_loss = torch.zeros((), device=pl_module.device)
         else:  # restored from a resume bundle
             self.epoch_loss = self.epoch_loss.to(pl_module.device)
         if not trainer.is_global_zero:
             return
-        with open(self.proj_dir / "train_log.txt", "a", encoding="utf-8") as f:
+        with open(self.proj_dir / LOG_NAME, "a", encoding="utf-8") as f:
             f.write(f"NEW RUN {self.cfg.timestamp}\n{asdict(self.cfg)}\n")
             if is_deepspeed(trainer.strategy):
                 f.write(f"{trainer.strategy.config}\n")
@@ -145,7 +153,8 @@ class TrainingLog(pl.Callback):
             self.wandb.finish()
 
     def on_exception(self, trainer, pl_module, exception):
-        self.flush_rows(trainer)
+        with contextlib.suppress(OSError):  # the exception may be a full disk: losing rows must not hide it
+            self.flush_rows(trainer)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         self.flush_rows(trainer)  # rows up to the saved step are on disk before the bundle is
@@ -155,6 +164,7 @@ class TrainingLog(pl.Callback):
         self.epoch_loss = torch.zeros((), device=pl_module.device)
         self.epoch_batches = 0
         self.epoch_started = time.perf_counter()
+        self.tokens_at_epoch_start = self.tokens
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = outputs["token_loss"].float()
@@ -173,12 +183,15 @@ class TrainingLog(pl.Callback):
             self.step_loss, self.step_batches = None, 0
             if self.after_first_step is None:
                 self.after_first_step = (time.perf_counter(), self.tokens)
-            if len(self.pending_rows) >= _FLUSH_EVERY:
+            if (len(self.pending_rows) >= _FLUSH_EVERY
+                    or time.perf_counter() - self.last_flush >= _FLUSH_SECONDS):
                 self.flush_rows(trainer)
 
     def speed(self) -> float:
-        """Thousands of tokens per second over this run so far, all GPUs."""
-        return self.tokens_trained / max(self.seconds, 1e-9) / 1000
+        """Thousands of tokens per second in the current mini-epoch so far, all GPUs (its own rate: earlier
+        mini-epochs, start-up and saving between mini-epochs left out)."""
+        seconds = time.perf_counter() - self.epoch_started
+        return (self.tokens - self.tokens_at_epoch_start) / max(seconds, 1e-9) / 1000
 
     def steady_speed(self):
         """Tokens per second after this run's first optimizer step (start-up and warm-up left out; None before a
@@ -200,6 +213,7 @@ class TrainingLog(pl.Callback):
     def flush_rows(self, trainer) -> None:
         """Write pending step rows (one device-to-host copy for all of them) to the step log and W&B."""
         rows, self.pending_rows = self.pending_rows, []
+        self.last_flush = time.perf_counter()
         if not rows or not trainer.is_global_zero:
             return
         losses = torch.stack([row[2] for row in rows]).tolist()
@@ -220,9 +234,14 @@ class TrainingLog(pl.Callback):
         mean_loss = (totals[0] / totals[1].clamp(min=1)).item()
         self.last_mean_loss = mean_loss
         self.flush_rows(trainer)
+        epoch = trainer.current_epoch
+        if not math.isfinite(mean_loss):  # every rank sees the reduced mean, so every rank stops here
+            raise UserInputError(
+                f"the training loss became {mean_loss} in mini-epoch {self.cfg.epoch_begin + epoch} (train_steps.tsv "
+                f"has each step's): the run diverged, so this mini-epoch's weights were not saved; the files saved "
+                f"before it are whole. Lower --lr_init ({self.cfg.lr_init:g}), or look for broken samples in the data.")
         if trainer.is_global_zero:
-            epoch = trainer.current_epoch
-            with open(self.proj_dir / "train_log.txt", "a", encoding="utf-8") as f:
+            with open(self.proj_dir / LOG_NAME, "a", encoding="utf-8") as f:
                 f.write(f"{self.cfg.epoch_begin + epoch} {mean_loss:.6f} {math.exp(min(mean_loss, 700)):.4f} "
                         f"{self.schedule.lr:.8f} {datetime.datetime.now()} {epoch}\n")
             if self.print_epochs:
@@ -242,16 +261,24 @@ class TrainingLog(pl.Callback):
 
 
 class WeightSaver(pl.Callback):
-    """Writes rwkv-<epoch>.pth every --epoch_save mini-epochs and for the last one, and rwkv-final.pth when
-    --epoch_count is reached; `save` also writes rwkv-last.pth for a stopped run. `saved` lists the names
-    written, for the run's summary."""
+    """Writes, when training starts, vocab.json of character-level data and rwkv-init.pth of a fresh model (not
+    before: a run that stops or fails during start-up leaves --proj_dir as it was); rwkv-<epoch>.pth every
+    --epoch_save mini-epochs and for the last one, and rwkv-final.pth when --epoch_count is reached; `save` also
+    writes rwkv-last.pth for a stopped run. `saved` lists the .pth names written, for the run's summary."""
 
     def __init__(self, cfg: TrainConfig, dtype: torch.dtype, write: bool = True):
         self.cfg = cfg
         self.dtype = dtype  # of the .pth files (the run's precision)
-        self.write = write  # False: a benchmark's run, which saves nothing
+        self.write = write  # False: a benchmark's run, which saves no weights
+        self.char_vocab = None  # character-level data: the character of each token id, for vocab.json
         self.finished = False
         self.saved = []
+
+    def on_train_start(self, trainer, pl_module):
+        if trainer.is_global_zero and self.char_vocab is not None:
+            write_char_vocab(self.char_vocab, self.cfg.proj_dir)
+        if writes_init_file(self.cfg):
+            self.save(trainer, pl_module, INIT_NAME)
 
     def save(self, trainer, pl_module, name: str) -> None:
         """The whole model, or in a LoRA run only what LoRA trains (+ its settings), as --proj_dir/name.

@@ -16,23 +16,27 @@ from src.errors import UserInputError
 
 # Prefixes that Lightning / DeepSpeed wrappers put in front of the model's own keys.
 _WRAPPER_PREFIXES = ("_forward_module.", "module.", "model.")
+# The keys of LoRA adapter pairs (blocks.3.att.key.lora_A): files of the original toolkit and of this one.
+_LORA_SUFFIXES = (".lora_A", ".lora_B")
 
 
-def atomic_save(obj, path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
-    with atomic_file(path) as f:
+def atomic_save(obj, path, size: int = 0, replace: bool = True) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path` (without `replace`, only
+    if no file appeared there meanwhile); `size` (bytes) is what a full disk's message says the file needs."""
+    with atomic_file(path, size, replace) as f:
         torch.save(obj, f)
 
 
-def save_weights(state_dict: dict, path, dtype: torch.dtype = None) -> None:
-    """Save a model state dict as a plain CPU {key: tensor} file, optionally cast to `dtype`."""
+def save_weights(state_dict: dict, path, dtype: torch.dtype = None, replace: bool = True) -> None:
+    """Save a model state dict as a plain CPU {key: tensor} file, optionally cast to `dtype` (`replace`: see
+    atomic_save)."""
     out = {}
     for key, tensor in state_dict.items():
         tensor = tensor.detach().cpu()
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         out[key] = tensor.contiguous()
-    atomic_save(out, path)
+    atomic_save(out, path, size=sum(t.numel() * t.element_size() for t in out.values()), replace=replace)
 
 
 def load_weights(path, what: str = "--load_model") -> dict:
@@ -100,6 +104,10 @@ def strip_wrapper_prefix(weights: dict) -> dict:
 
 def check_compatible(expected: dict, weights: dict, path, allow_missing: bool = False) -> None:
     """Refuse `weights` unless its keys and shapes match `expected` (a model's state dict), listing every difference."""
+    if any(key.endswith(_LORA_SUFFIXES) for key in weights):
+        raise UserInputError(f"--load_model {path} is a LoRA file (adapters only, no base model); pass the base model "
+                             f"to --load_model and this file to --lora_load, with --lora (or merge the two with "
+                             f"merge_lora.py)")
     problems = weight_mismatches(expected, weights, allow_missing)
     if problems:
         raise UserInputError(

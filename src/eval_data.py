@@ -27,7 +27,7 @@ import numpy as np
 
 from src import dataset, sampling
 from src.binidx import MMapIndexedDataset
-from src.config import TrainConfig, parse_script_mask
+from src.config import CHARACTER_DATA_TYPES, TrainConfig, parse_script_mask
 from src.errors import UserInputError
 
 
@@ -77,7 +77,9 @@ def load_windows(cfg: TrainConfig, max_tokens: int = 0, chars: Optional[list] = 
     """The evaluation windows of cfg.data_file read as cfg.data_type, cfg.ctx_len inputs long, within the first
     `max_tokens` tokens (0: all), masked per cfg's mask flags. `chars`: the model's characters, for
     character-level data. cfg.vocab_size is the model's: ids outside it are refused."""
-    data_cfg = dataclasses.replace(cfg, instruct_data_file="", train_split_ratio=None, train_data_sort=None)
+    # character-level data: the file's own characters are read (renumbered to the model's below), whatever the vocabulary
+    data_cfg = dataclasses.replace(cfg, instruct_data_file="", train_split_ratio=None, train_data_sort=None,
+                                   vocab_size=0 if cfg.data_type in CHARACTER_DATA_TYPES else cfg.vocab_size)
     data = dataset.load_token_data(data_cfg)
     if data.chars is not None:
         if chars is None:

@@ -1,8 +1,9 @@
 """The command line of merge_lora.py and merge_lora_plus.py (the latter adds --layer_filter):
 
-    PROG [--use-gpu] [--layer_filter SPEC] [lora_alpha] base_model lora_checkpoint output
+    PROG [--use-gpu] [--overwrite] [--layer_filter SPEC] [lora_alpha] base_model lora_checkpoint output
 
-Exit code 0 when the checked merge is written, 2 for bad input (nothing written then).
+Exit code 0 when the checked merge is written, 2 for bad input (nothing written then), 130 / 143 after Ctrl+C /
+SIGTERM (nothing written either: the output appears whole or not at all).
 """
 import argparse
 import math
@@ -12,7 +13,8 @@ from pathlib import Path
 import torch
 
 from src import cli
-from src.checkpoint import atomic_save, load_weights
+from src.atomic import check_output_file
+from src.checkpoint import load_weights, save_weights
 from src.errors import UserInputError
 from src.lora_merge import LoraCheckpoint, merge_checked, resolve_alpha
 from src.lora_settings import format_layers, parse_layer_spec
@@ -20,9 +22,12 @@ from src.lora_settings import format_layers, parse_layer_spec
 
 def build_parser(prog: str, description: str, layer_filter: bool) -> argparse.ArgumentParser:
     parser = cli.ArgumentParser(prog=prog, description=description,
-                                usage=f"{prog} [-h] [--use-gpu]{' [--layer_filter SPEC]' if layer_filter else ''} "
+                                usage=f"{prog} [-h] [--use-gpu] [--overwrite]"
+                                      f"{' [--layer_filter SPEC]' if layer_filter else ''} "
                                       f"[lora_alpha] base_model lora_checkpoint output")
     parser.add_argument("--use-gpu", action="store_true", help="Compute the merge and its check on the GPU.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Replace the output file if it exists (without it, an existing output is refused).")
     if layer_filter:
         parser.add_argument("--layer_filter", default=None,
                             help="Layers to merge, each with an optional coefficient for its LoRA update, e.g. "
@@ -37,22 +42,27 @@ def run(argv, prog: str, description: str, layer_filter: bool) -> int:
     """Parse `argv` (None = sys.argv[1:]), merge, check, write; returns the exit code."""
     args = build_parser(prog, description, layer_filter).parse_args(argv)
     try:
-        alpha, base_path, lora_path, out_path = split_positionals(args.paths)
-        layer_coef = None
-        if layer_filter and args.layer_filter is not None:
-            layer_coef = parse_layer_spec(args.layer_filter, what="--layer_filter", coefficients=True)
-        device = pick_device(args.use_gpu)
-        for name, path in (("base model", base_path), ("LoRA checkpoint", lora_path)):
-            if Path(out_path).resolve() == Path(path).resolve():
-                raise UserInputError(f"the output {out_path} is the {name}; choose another output file.")
-        base = load_weights(base_path, what="base model")
-        lora = LoraCheckpoint.from_weights(load_weights(lora_path, what="LoRA checkpoint"), lora_path)
-        alpha = resolve_alpha(alpha, lora)
-        merged, report = merge_checked(base, lora, alpha, layer_coef, device, base_path)
-        atomic_save(merged, out_path)
+        with cli.signals_interrupt():  # SIGTERM too deletes the output being written
+            alpha, base_path, lora_path, out_path = split_positionals(args.paths)
+            layer_coef = None
+            if layer_filter and args.layer_filter is not None:
+                layer_coef = parse_layer_spec(args.layer_filter, what="--layer_filter", coefficients=True)
+            device = pick_device(args.use_gpu)
+            for name, path in (("base model", base_path), ("LoRA checkpoint", lora_path)):
+                if Path(out_path).resolve() == Path(path).resolve():
+                    raise UserInputError(f"the output {out_path} is the {name}; choose another output file.")
+            check_output_file(out_path, args.overwrite, "the output", "--overwrite")
+            base = load_weights(base_path, what="base model")
+            lora = LoraCheckpoint.from_weights(load_weights(lora_path, what="LoRA checkpoint"), lora_path)
+            alpha = resolve_alpha(alpha, lora)
+            merged, report = merge_checked(base, lora, alpha, layer_coef, device, base_path)
+            save_weights(merged, out_path, replace=args.overwrite)  # nor one that appeared meanwhile
     except UserInputError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except cli.Interrupted as e:
+        print(f"{prog}: {e}: stopped; nothing was written", file=sys.stderr)
+        return 128 + e.signum
     source = "stored in the LoRA file" if lora.settings is not None else "from the command line"
     layers = "" if layer_coef is None else f" (layers {format_layers(layer_coef)})"
     print(f"{prog}: merged {report.merged} LoRA pairs and {report.replaced} time/ln tensors{layers} with alpha "

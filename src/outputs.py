@@ -1,17 +1,17 @@
 """What a run writes into --proj_dir, and the checks that keep earlier work safe before anything is written.
 
-A run writes rwkv-init.pth (a fresh model only), rwkv-<epoch>.pth for the mini-epochs it saves, rwkv-final.pth
-when it reaches --epoch_count, and on a Ctrl+C / SIGTERM stop rwkv-last.pth and the resume bundle. It refuses to
-start when one of those files is already there (unless --overwrite_proj_dir 1). Files it does not write, such as
+A run writes rwkv-init.pth (a fresh model only, when training starts), rwkv-<epoch>.pth for the mini-epochs it
+saves, rwkv-final.pth when it reaches --epoch_count, and on a Ctrl+C / SIGTERM stop rwkv-last.pth and the resume
+bundle. It refuses to start when one of those files is already there (unless --overwrite_proj_dir 1). Files it does not write, such as
 the rwkv-0..N.pth a hand-continued run (--load_model out/rwkv-N.pth --epoch_begin N+1) starts after, never count;
 nor does that run's rwkv-final.pth while rwkv-N.pth keeps a copy of its weights. train_log.txt,
 train_steps.tsv and valid.tsv (src/valid_log.py) are appended to, as the original's log.
 
 No torch import: these checks run before the heavy imports matter.
 """
-import tempfile
 from pathlib import Path
 
+from src.atomic import check_can_create
 from src.config import TrainConfig
 from src.errors import UserInputError
 
@@ -19,9 +19,11 @@ INIT_NAME = "rwkv-init.pth"
 FINAL_NAME = "rwkv-final.pth"
 LAST_NAME = "rwkv-last.pth"
 BUNDLE_NAME = "rwkv-resume.ckpt"
-# logs appended to by every run in the folder (src/callbacks.py, src/validation.py write them; plot_run.py reads them)
+# files appended to by every run in the folder (src/callbacks.py, src/validation.py write them; plot_run.py reads them)
+LOG_NAME = "train_log.txt"
 STEP_LOG_NAME = "train_steps.tsv"
 STEP_LOG_COLUMNS = ("step", "epoch", "loss", "lr", "ctx_len", "Gtokens", "kt/s")
+VOCAB_NAME = "vocab.json"  # of character-level data
 
 
 def epoch_file_name(real_epoch: int) -> str:
@@ -44,7 +46,7 @@ def saves_epoch(epoch: int, cfg: TrainConfig) -> bool:
 def files_written(cfg: TrainConfig, first_epoch: int = 0) -> list:
     """Names of the files this run may write into --proj_dir, starting at mini-epoch `first_epoch` of the run
     (a resumed run starts in the mini-epoch its bundle stopped in)."""
-    names = [INIT_NAME] if not (cfg.load_model or cfg.resume) else []
+    names = [INIT_NAME] if writes_init_file(cfg) else []
     names += [epoch_file_name(cfg.epoch_begin + epoch) for epoch in range(first_epoch, run_epochs(cfg))
               if saves_epoch(epoch, cfg)]
     if cfg.epoch_begin + run_epochs(cfg) == cfg.epoch_count:
@@ -52,21 +54,14 @@ def files_written(cfg: TrainConfig, first_epoch: int = 0) -> list:
     return names + [LAST_NAME, BUNDLE_NAME]  # written only if the run is stopped, but they replace what is there
 
 
+def writes_init_file(cfg: TrainConfig) -> bool:
+    """A fresh model is saved as rwkv-init.pth when training starts; loaded and resumed weights are not."""
+    return not (cfg.load_model or cfg.resume)
+
+
 def check_writable(proj_dir: str) -> None:
-    """Refuse a --proj_dir where no file can be created: under a file, read-only, in /proc. The nearest folder
-    that exists is probed with a temporary file that deletes itself: no folder is created, nothing is left."""
-    folder = Path(proj_dir)
-    try:  # exists() itself raises under a folder that may not be searched
-        while not folder.exists() and folder != folder.parent:
-            folder = folder.parent
-        if not folder.is_dir():
-            raise UserInputError(f"--proj_dir {proj_dir}: {folder} is a file, not a folder; choose another "
-                                 f"--proj_dir")
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise UserInputError(f"--proj_dir {proj_dir}: cannot create files in {folder} ({e.strerror}); choose a "
-                             f"folder you can write to")
+    """Refuse a --proj_dir where no file can be created: under a file, read-only, in /proc. Nothing is created."""
+    check_can_create(proj_dir, f"--proj_dir {proj_dir}")
 
 
 def check_no_overwrite(cfg: TrainConfig, first_epoch: int = 0) -> None:
@@ -86,6 +81,16 @@ def check_no_overwrite(cfg: TrainConfig, first_epoch: int = 0) -> None:
     raise UserInputError(f"--proj_dir {cfg.proj_dir} already holds files this run would write: "
                          f"{_short_list(existing)}{stopped_run}; move them away, choose another --proj_dir, or pass "
                          f"--overwrite_proj_dir 1 to replace them")
+
+
+def check_no_folder_in_the_way(cfg: TrainConfig, first_epoch: int = 0) -> None:
+    """Refuse a --proj_dir where a folder has the name of a file this run writes (the resume bundle may be a
+    folder: DeepSpeed writes it so)."""
+    names = [name for name in files_written(cfg, first_epoch) if name != BUNDLE_NAME]
+    folders = [name for name in [*names, LOG_NAME, STEP_LOG_NAME, VOCAB_NAME] if (Path(cfg.proj_dir) / name).is_dir()]
+    if folders:
+        raise UserInputError(f"--proj_dir {cfg.proj_dir} holds folders named as files this run writes: "
+                             f"{_short_list(folders)}; move them away, or choose another --proj_dir")
 
 
 def _final_is_kept_as_epoch_file(cfg: TrainConfig) -> bool:

@@ -19,6 +19,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from src.atomic import check_output_file, disk_full_error, is_disk_full
 from src.binidx import MMapIndexedDatasetBuilder, token_dtype
 from src.errors import UserInputError
 from src.jsonl_lines import UTF8_BOM, BadLine, open_input, parse_record, read_errors
@@ -149,7 +150,8 @@ _worker_encoder = None
 
 
 def _start_worker(options: EncodeOptions) -> None:
-    """Worker initializer: Ctrl+C is the main process's to handle; a failure is reported with the first block."""
+    """Worker initializer: Ctrl+C is the main process's to handle; a failure is reported with the first block.
+    (SIGTERM stays the default: it is how the pool ends its workers.)"""
     global _worker_encoder
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # one tokenizing thread per worker, so that --workers N uses N cores: the `tokenizers` library takes this
@@ -249,12 +251,16 @@ class Progress:
 
 
 def preprocess(options: EncodeOptions, inputs, output_prefix: str, workers: int = 1, progress: Progress = None,
-               block_bytes: int = BLOCK_BYTES) -> Totals:
+               block_bytes: int = BLOCK_BYTES, replace: bool = False) -> Totals:
     """Tokenize `inputs` into `{output_prefix}_{key}_document.bin/.idx` for each key; returns the totals.
 
-    The outputs appear only if everything succeeded; on any error or Ctrl+C the partial files are removed.
+    Outputs that exist are refused before any work unless `replace`. The outputs appear only if everything
+    succeeded; on any error or stop the partial files are removed, and a full disk is one line.
     """
     paths = check_inputs([str(path) for path in inputs if str(path)])
+    for key in options.keys:
+        for suffix in (".bin", ".idx"):
+            check_output_file(output_prefix_for(output_prefix, key) + suffix, replace, "the output", "--overwrite")
     tokenizer = options.tokenizer.build()  # here first: a bad tokenizer fails before any worker starts
     if options.append_eod and tokenizer.eod_id is None:
         raise UserInputError(f"--append-eod: the {tokenizer.name} vocabulary has no {'<|endoftext|>'} token")
@@ -275,10 +281,14 @@ def preprocess(options: EncodeOptions, inputs, output_prefix: str, workers: int 
                 raise UserInputError(f"no documents with text under {key!r} in {', '.join(map(str, paths))} "
                                      f"({_skip_summary(totals) or 'the input is empty'}); nothing was written")
         for builder in builders.values():
-            builder.finalize()
-    except BaseException:
+            builder.finalize(replace)
+    except BaseException as e:
         for builder in builders.values():
             builder.abort()
+        if is_disk_full(e):
+            written = sum(builder.tokens for builder in builders.values()) * np.dtype(dtype).itemsize
+            raise disk_full_error(output_prefix_for(output_prefix, options.keys[0]) + ".bin", written,
+                                  lower_bound=True) from e
         raise
     return totals
 

@@ -1,10 +1,12 @@
 """Ctrl+C and SIGTERM: finish the optimizer step, save rwkv-last.pth and a resume bundle, exit 130 / 143.
 
-The first signal only sets a flag. At the next optimizer-step boundary every rank agrees (any rank that
-got a signal stops them all), rank 0 writes rwkv-last.pth, all ranks write the resume bundle (a
-Lightning checkpoint: weights in fp32, optimizer, step and epoch counters, data position, RNG, the
-TrainingLog sums; a folder under DeepSpeed), and training ends. A second Ctrl+C quits at once: writes
-in progress are deleted, files already written stay whole (every write is temp file + rename).
+Before training starts (loading, checks, set-up) a signal ends the run at once: nothing has been written into
+--proj_dir yet, so there is nothing to save. From the start of training the first signal only sets a flag. At the
+next optimizer-step boundary every rank agrees (any rank that got a signal stops them all), rank 0 writes
+rwkv-last.pth, all ranks write the resume bundle (a Lightning checkpoint: weights in fp32, optimizer, step and
+epoch counters, data position, RNG, the TrainingLog sums; a folder under DeepSpeed), and training ends. A second
+Ctrl+C quits at once: writes in progress are deleted, files already written stay whole (every write is temp file +
+rename), and the --proj_dir lock is released.
 
 `--resume <bundle>` continues exactly where the run stopped; the flags that shape the run must match. When the
 resumed run ends normally, the bundle is removed: its state lies behind the files that run wrote.
@@ -22,8 +24,10 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from src.atomic import atomic_path, publish, remove_partial_files, remove_path
+from src import run_lock
+from src.atomic import atomic_path, disk_full_error, is_disk_full, publish, remove_partial_files, remove_path
 from src.checkpoint import is_resume_bundle, read_pytorch_file, strip_wrapper_prefix, weight_mismatches
+from src.cli import Interrupted
 from src.config import TrainConfig
 from src.errors import UserInputError
 from src.outputs import BUNDLE_NAME, LAST_NAME
@@ -37,11 +41,14 @@ RESUME_FREE_FLAGS = {"resume", "load_model", "lora_load", "proj_dir", "wandb", "
 
 
 class StopSignal:
-    """Signal handler: the first SIGINT/SIGTERM asks the run to stop; a second one exits immediately."""
+    """Signal handler: before training starts a SIGINT/SIGTERM raises Interrupted; during training the first one
+    asks the run to stop at the next optimizer step, a second one exits immediately."""
 
     def __init__(self):
         self.signum = None
+        self.training = False  # set by StartOfTraining
         self.previous = {}
+        self.pid = os.getpid()
 
     def install(self) -> None:
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -55,6 +62,10 @@ class StopSignal:
             signal.signal(signum, handler)
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self.pid:
+            return  # a DataLoader worker forked with this handler, before its own ignores signals: the run's to handle
+        if not self.training:
+            raise Interrupted(signum)
         if self.signum is None:
             self.signum = signum
             print(f"\n{signal.Signals(signum).name}: finishing this optimizer step, then saving rwkv-last.pth and "
@@ -62,6 +73,7 @@ class StopSignal:
             return
         print("\nQuitting now; files already written are intact.", file=sys.stderr, flush=True)
         remove_partial_files()
+        run_lock.release_all()
         os._exit(128 + signum)
 
     @property
@@ -82,6 +94,18 @@ def agreed_signal(trainer: pl.Trainer, local_signum) -> int:
     return int(flag.item())
 
 
+class StartOfTraining(pl.Callback):
+    """The first callback of the run: its on_train_start, before any other callback writes a file, switches the
+    signal handling from start-up (stop at once) to training (stop at a step boundary, StopOnSignal)."""
+
+    def __init__(self, stop: StopSignal):
+        self.stop = stop
+
+    def on_train_start(self, trainer, pl_module):
+        self.stop.install()  # again: Lightning installs its own SIGTERM handler when fit starts
+        self.stop.training = True
+
+
 class StopOnSignal(pl.Callback):
     """Checks for a stop request at each optimizer-step boundary; saves and stops when there is one."""
 
@@ -90,9 +114,6 @@ class StopOnSignal(pl.Callback):
         self.saver = saver  # callbacks.WeightSaver: saver.save(trainer, pl_module, name), collective under ZeRO-3
         self.bundle_path = Path(bundle_path)
         self.exit_code = 0
-
-    def on_train_start(self, trainer, pl_module):
-        self.stop.install()  # again: Lightning installs its own SIGTERM handler when fit starts
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if not completes_optimizer_step(trainer, batch_idx) or batch_idx + 1 == trainer.num_training_batches:
@@ -113,12 +134,22 @@ class StopOnSignal(pl.Callback):
 
 def save_resume_bundle(trainer: pl.Trainer, path: Path) -> None:
     """trainer.save_checkpoint into a temporary file/folder on every rank, then rank 0 renames it into place."""
-    with atomic_path(path) as tmp:
-        trainer.save_checkpoint(tmp, weights_only=False)  # everything: optimizer, loops, callback states
+    with atomic_path(path, shared=True) as tmp:  # under DeepSpeed every rank writes its part of the folder
+        try:
+            trainer.save_checkpoint(tmp, weights_only=False)  # everything: optimizer, loops, callback states
+        except OSError as e:
+            if is_disk_full(e):
+                raise disk_full_error(path, _bundle_bytes(trainer.lightning_module)) from e
+            raise
         trainer.strategy.barrier("resume bundle written")
         if trainer.is_global_zero:
             publish(tmp, path)
     trainer.strategy.barrier("resume bundle published")
+
+
+def _bundle_bytes(pl_module: pl.LightningModule) -> int:
+    """About the size of a resume bundle: fp32 weights, and Adam's two fp32 moments of the trained ones."""
+    return sum((4 + 8 * p.requires_grad) * p.numel() for p in pl_module.parameters())
 
 
 class ResumeGuard(pl.Callback):

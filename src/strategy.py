@@ -5,6 +5,7 @@ import lightning.pytorch as pl
 import torch
 
 from src.config import TrainConfig
+from src.errors import UserInputError
 
 # --precision of the original -> Lightning precision. fp16 is mixed (fp32 weights, autocast, loss scaling); bf16
 # runs bf16 weights with fp32 masters: DeepSpeed's own ("bf16-mixed" tells DeepSpeed), or src/master_weights.py
@@ -28,6 +29,22 @@ def parameter_dtype(cfg: TrainConfig) -> torch.dtype:
 def training_device(cfg: TrainConfig) -> str:
     """Where one process trains: its GPU when there is one (and --accelerator allows it), else the CPU."""
     return "cuda:0" if torch.cuda.is_available() and cfg.accelerator != "cpu" else "cpu"
+
+
+def check_device_flags(cfg: TrainConfig) -> None:
+    """Refuse flags that need a GPU when there is none to train on: Lightning would train something else than the
+    banner says (fp16 becomes bf16 on a CPU) or fail deep inside the first step (the CUDA kernel)."""
+    if cfg.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserInputError(f"--accelerator {cfg.accelerator}: torch sees no CUDA GPU here; use --accelerator cpu "
+                             f"(or auto)")
+    if training_device(cfg) != "cpu":
+        return
+    if cfg.precision == "fp16":
+        raise UserInputError("--precision fp16 needs a CUDA GPU, and this run trains on the CPU (where Lightning "
+                             "would train bf16 instead); use --precision bf16 or fp32")
+    if cfg.wkv_backend == "cuda":
+        raise UserInputError("--wkv_backend cuda runs the WKV kernel on a CUDA GPU, and this run trains on the CPU; "
+                             "use --wkv_backend torch (or auto)")
 
 
 def set_float_precision(cfg: TrainConfig) -> None:

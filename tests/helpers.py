@@ -1,4 +1,5 @@
 """Shared test utilities: tiny models, packaged tokenizer files, the `rwkv` pip package as the inference oracle."""
+import errno
 import importlib.util
 import os
 from pathlib import Path
@@ -66,3 +67,17 @@ def refused_in_one_line(argv, capsys, *expected) -> str:
     for text in expected:
         assert text in err, (text, err)
     return err
+
+
+def full_disk_after(n_bytes: int):
+    """A stand-in for atomic._write on a disk with room for `n_bytes` more: the write that goes past it fails as the
+    kernel fails it, with ENOSPC."""
+    room = [n_bytes]
+
+    def write(file, data):
+        size = memoryview(data).nbytes
+        if size > room[0]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        room[0] -= size
+        return file.write(data)
+    return write

@@ -1,14 +1,16 @@
 """train.py's command line: the golden flag set with the fork's defaults, help, validation."""
+import dataclasses
 import re
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 
 import preprocess_data
 import train
-from src.config import build_parser, flag_names, parse_args
+from src.config import TrainConfig, build_parser, flag_names, parse_args
 from src.errors import UserInputError
 
 # Every flag of the fork's RWKV-v4neo-lora/train.py with its default, as the fork's argparse declares it.
@@ -134,10 +136,10 @@ def test_unknown_precision_names_the_flag_and_choices(capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--data_type", "binidx"], "--data_file is required"),
-    (["--data_type", "dummy", "--micro_bsz", "0"], "--micro_bsz must be at least 1"),
+    (["--data_type", "dummy", "--micro_bsz", "0"], "--micro_bsz 0 must be at least 1"),
     (["--data_type", "dummy", "--initial_ctx_len", "4096", "--ctx_len", "1024"], "--initial_ctx_len 4096"),
     (["--data_type", "dummy", "--epoch_begin", "5", "--epoch_count", "5"], "nothing left to train"),
-    (["--data_type", "dummy", "--epoch_count", "0"], "--epoch_count must be at least 1"),
+    (["--data_type", "dummy", "--epoch_count", "0"], "--epoch_count 0 must be at least 1"),
     (["--data_type", "dummy", "--lora"], "--lora trains adapters on a base model: pass the base with --load_model"),
     (["--data_type", "dummy", "--devices", "two"], "--devices"),
     (["--data_type", "uint16", "--data_file", "x.bin"], "--my_sample_len"),
@@ -151,3 +153,62 @@ def test_readme_flag_table_lists_every_flag():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     missing = [name for name in flag_names() if f"| `--{name}` |" not in readme]
     assert not missing, f"README.md flag table lacks {missing}"
+
+
+# Values the issue saw trained as nonsense, crash, or silently reinterpreted; each is refused before anything runs.
+@pytest.mark.parametrize("argv, message", [
+    (["--lr_init", "nan"], "--lr_init nan is not a finite number: it must be above 0."),
+    (["--lr_init", "inf"], "--lr_init inf is not a finite number: it must be above 0."),
+    (["--lr_final", "nan"], "--lr_final nan is not a finite number: it must be at least 0."),
+    (["--adam_eps", "nan"], "--adam_eps nan is not a finite number: it must be above 0."),
+    (["--adam_eps", "0"], "--adam_eps 0.0 must be above 0."),
+    (["--beta2", "1"], r"--beta2 1.0 must be in \[0, 1\)."),
+    (["--gradient_clip_val", "-1"], "--gradient_clip_val -1.0 must be at least 0."),
+    (["--weight_decay", "-0.1"], "--weight_decay -0.1 must be at least 0."),
+    (["--previous_step", "-3"], "--previous_step -3 must be at least 0."),
+    (["--dim_att", "-8"], "--dim_att -8 must be at least 0."),
+    (["--random_seed", "-5"], r"--random_seed -5 must be in \[0, 4294967295\], or -1."),
+    (["--random_seed", "4294967296"], r"--random_seed 4294967296 must be in \[0, 4294967295\], or -1."),
+    (["--max_epochs", "0"], "--max_epochs 0 must be at least 1."),
+    (["--max_steps", "0"], "--max_steps 0 must be at least 1, or -1."),
+    (["--my_pile_stage", "5"], r"--my_pile_stage 5 must be in \[0, 4\]."),
+    (["--instruct_data_ratio", "nan"], "--instruct_data_ratio nan is not a finite number"),
+    (["--devices", "0"], "--devices must be a number of devices \\(at least 1\\)"),
+    (["--tiny_att_dim", "8", "--tiny_att_layer", "6", "--n_layer", "6"],
+     r"--tiny_att_layer 6 must name a block of the model \(0 to 5 with --n_layer 6\) to host --tiny_att_dim 8"),
+    (["--tiny_att_dim", "8"], "--tiny_att_layer -999 must name a block of the model"),
+    (["--my_pile_edecay", "3", "--epoch_count", "3"], "--my_pile_edecay 3 leaves none of the --epoch_count 3"),
+])
+def test_numbers_out_of_range_are_refused(argv, message, capsys):
+    assert train.main(["--data_type", "dummy", *argv]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"train.py: error: {message}.*\n", err), err
+
+
+def test_sentinels_and_bounds_are_accepted():
+    cfg = parse_args(["--data_type", "dummy", "--random_seed", "-1", "--max_steps", "-1", "--my_pile_shift", "-1",
+                      "--random_seed", "4294967295", "--beta1", "0", "--gradient_clip_val", "0", "--tiny_att_dim", "4",
+                      "--tiny_att_layer", "5"])
+    assert (cfg.random_seed, cfg.max_steps, cfg.gradient_clip_val, cfg.tiny_att_layer) == (4294967295, -1, 0.0, 5)
+
+
+def test_every_numeric_flag_declares_its_range():
+    """Flags with few values list them as choices; the --lora_* flags are checked by LoraSettings (with --lora);
+    the internal experiments' flags are refused whenever set."""
+    hints = typing.get_type_hints(TrainConfig)
+    unchecked = [f.name for f in dataclasses.fields(TrainConfig)
+                 if not f.metadata.get("derived") and f.metadata["group"] not in ("lora", "internal")
+                 and _numeric(hints[f.name])
+                 and f.metadata["valid"] is None and "choices" not in f.metadata]
+    assert not unchecked, unchecked
+
+
+def _numeric(hint) -> bool:
+    types = [t for t in (typing.get_args(hint) or (hint,)) if t is not type(None)]
+    return types[0] in (int, float)
+
+
+def test_lora_load_without_lora_is_refused():
+    with pytest.raises(UserInputError, match="--lora_load adapter.pth continues LoRA adapters, which only a --lora "
+                                             "run trains; add --lora"):
+        parse_args(["--data_type", "dummy", "--lora_load", "adapter.pth"])

@@ -321,7 +321,7 @@ def bad_files(files):
     (["--load_model", "{f}/model.pth", "--data_type", "numpy", "--data_file", "{f}/tokens.npy", "--accelerator",
       "cpu", "--wkv_backend", "cuda"], ["--wkv_backend cuda is the GPU kernel"]),
     (["--load_model", "{f}/model.pth", "--data_type", "numpy", "--data_file", "{f}/tokens.npy", "--ctx_len", "0"],
-     ["--ctx_len must be at least 1"]),
+     ["--ctx_len 0 must be at least 1"]),
     (["--load_model", "{f}/model.pth", "--data_type", "numpy", "--data_file", "{f}/tokens.npy", "--accelerator",
       "tpu"], ["--accelerator must be cpu, gpu or auto"]),
 ])

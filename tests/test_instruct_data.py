@@ -172,8 +172,8 @@ def test_bad_chat_and_names_files(tmp_path, capsys, chats, names, extra, message
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--instruct_data_ratio", "1.5"], r"--instruct_data_ratio 1.5 is a probability: it must lie in \[0, 1\]"),
-    (["--instruct_data_ratio", "-0.1"], r"must lie in \[0, 1\]"),
+    (["--instruct_data_ratio", "1.5"], r"--instruct_data_ratio 1.5 must be in \[0, 1\]"),
+    (["--instruct_data_ratio", "-0.1"], r"--instruct_data_ratio -0.1 must be in \[0, 1\]"),
     (["--instruct_data_ratio", "0.5"], "needs --instruct_data_file"),
     (["--instruct_data_file", "c.jsonl"], "needs --instruct_data_ratio"),
     (["--names_data_file", "n.json"], "add --instruct_data_file or remove --names_data_file"),

@@ -1,14 +1,17 @@
 """merge_lora.py / merge_lora_plus.py end to end: merged == base + LoRA, the rwkv pip package, bad input."""
 import copy
+import os
+import signal
 
 import pytest
 import torch
 
 import merge_lora
 import merge_lora_plus
+import src.atomic
 import src.lora
 import src.lora_merge
-from helpers import rwkv_pip_logits, tiny_model
+from helpers import full_disk_after, rwkv_pip_logits, tiny_model
 from src.checkpoint import load_weights, save_weights
 from src.lora import SETTINGS_KEY, apply_lora, lora_state_dict, trainable_names
 from src.lora_merge import delta_weight
@@ -322,3 +325,72 @@ def test_a_wrong_merge_is_refused_by_the_logit_check(tmp_path, files, capsys, mo
     err = capsys.readouterr().err
     assert "merge check failed: merged and unmerged logits differ" in err and "nothing written" in err
     assert not (tmp_path / "out.pth").exists()
+
+
+# ---------------------------------------------------------------- the output: never replaced unasked, checked first
+
+
+def test_an_existing_output_is_refused_unless_overwrite(tmp_path, files, capsys):
+    base, lora, _ = files
+    out = tmp_path / "rwkv-3.pth"  # e.g. a training checkpoint
+    out.write_bytes(b"earlier work")
+    for plus in (False, True):
+        assert merge(base, lora, out, plus=plus) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"the output {out} already exists" in err and "--overwrite" in err, err
+        assert out.read_bytes() == b"earlier work"
+    assert merge("--overwrite", base, lora, out) == 0
+    assert list(load_weights(out)) == list(load_weights(base))
+
+
+@pytest.mark.parametrize("output, message", [
+    ("{tmp}", "is a folder; give a file name"),
+    ("{tmp}/base.pth/merged.pth", "is a file, not a folder"),
+    ("/proc/rwkv-infctx-test.pth", "cannot create files in /proc ("),
+])
+def test_an_output_that_cannot_be_written_is_refused_before_the_merge(tmp_path, files, capsys, output, message):
+    base, lora, _ = files
+    assert merge("--overwrite", base, lora, output.format(tmp=tmp_path), plus=True) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("merge_lora_plus.py: error: the output ") and err.count("\n") == 1 and message in err, err
+
+
+def test_a_full_disk_while_writing_the_merge_is_one_line(tmp_path, files, capsys, monkeypatch):
+    base, lora, _ = files
+    monkeypatch.setattr(src.atomic, "_write", full_disk_after(1000))
+    assert merge(base, lora, tmp_path / "out" / "merged.pth") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"merge_lora.py: error: no space left on the device of {tmp_path / 'out'} for merged.pth "
+                          f"(about ") and err.count("\n") == 1, err
+    assert not list((tmp_path / "out").iterdir())
+
+
+def test_sigterm_while_writing_the_merge_leaves_nothing(tmp_path, files, capsys, monkeypatch):
+    """A real SIGTERM arriving while torch.save writes (torch turns exceptions inside its writes into its own)."""
+    base, lora, _ = files
+
+    def terminated(file, data):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return file.write(data)
+
+    monkeypatch.setattr(src.atomic, "_write", terminated)
+    assert merge(base, lora, tmp_path / "out" / "merged.pth") == 143
+    err = capsys.readouterr().err
+    assert err == "merge_lora.py: SIGTERM: stopped; nothing was written\n", err
+    assert not list((tmp_path / "out").iterdir())
+
+
+def test_an_output_written_by_another_merge_meanwhile_is_kept(tmp_path, files, capsys, monkeypatch):
+    base, lora, _ = files
+    out = tmp_path / "merged.pth"
+
+    def other_merge_finishes_first(file, data):
+        if not out.exists():
+            out.write_bytes(b"the other merge's")
+        return file.write(data)
+
+    monkeypatch.setattr(src.atomic, "_write", other_merge_finishes_first)
+    assert merge(base, lora, out) == 2
+    err = capsys.readouterr().err
+    assert f"{out} was written by another command while this one ran; it is left as it is" in err, err
+    assert out.read_bytes() == b"the other merge's" and not list(tmp_path.glob(".*"))

@@ -1,11 +1,14 @@
-"""Which files a run writes into --proj_dir, and the runs that may write where files already are."""
+"""Which files a run writes into --proj_dir, and the runs that may write where files already are; a full disk."""
+import errno
+import os
 
 import pytest
 import torch
 
 import train
 from conftest import TINY_RUN
-from helpers import folder_snapshot
+from helpers import folder_snapshot, refused_in_one_line
+from src import atomic
 from src.checkpoint import load_weights
 from src.config import parse_args
 from src.outputs import files_written
@@ -57,3 +60,24 @@ def test_continuing_by_hand_in_the_same_proj_dir(out):
     after = folder_snapshot(out)
     assert {name: after[name] for name in earlier} == earlier
     assert torch.equal(load_weights(out / "rwkv-final.pth")["head.weight"], load_weights(out / "rwkv-3.pth")["head.weight"])
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_every_earlier_file_stays_whole(out, capsys, monkeypatch):
+    """A hand continuation saves rwkv-2.pth, then the disk is full when rwkv-3.pth is written."""
+    earlier = folder_snapshot(out)
+
+    def full_at_rwkv_3(file, data):
+        if os.path.basename(file.name).startswith(".rwkv-3.pth."):  # its temporary file
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return file.write(data)
+
+    monkeypatch.setattr(atomic, "_write", full_at_rwkv_3)
+    refused_in_one_line([*TINY_RUN, "--proj_dir", str(out), "--load_model", str(out / "rwkv-1.pth"), "--epoch_begin",
+                         "2", "--epoch_count", "4"], capsys,
+                        f"no space left on the device of {out} for rwkv-3.pth (about ", " kB needed, ",
+                        "free); make room there or choose another folder. Files written before are whole.")
+    after = folder_snapshot(out)
+    assert {name: after[name] for name in earlier if not name.endswith((".txt", ".tsv"))} == \
+           {name: data for name, data in earlier.items() if not name.endswith((".txt", ".tsv"))}
+    assert sorted(set(after) - set(earlier)) == ["rwkv-2.pth"]  # no partial file, no lock left
+    load_weights(out / "rwkv-2.pth")

@@ -1,9 +1,11 @@
 """preprocess_data.py: JSONL -> binidx read back against the tokenizer, workers, compression, bad input."""
+import errno
 import gzip
 import importlib.util
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -79,9 +81,9 @@ def test_compressed_and_several_inputs(tmp_path):
     assert run(tmp_path, inputs=str(plain)) == 0
     expected = files(tmp_path)
     for name in ("b.jsonl.zst", "c.jsonl.gz"):
-        assert run(tmp_path, inputs=str(tmp_path / name)) == 0
+        assert run(tmp_path, "--overwrite", inputs=str(tmp_path / name)) == 0
         assert files(tmp_path) == expected
-    assert run(tmp_path, inputs=f"{plain},{tmp_path / 'b.jsonl.zst'}") == 0
+    assert run(tmp_path, "--overwrite", inputs=f"{plain},{tmp_path / 'b.jsonl.zst'}") == 0
     assert len(MMapIndexedDataset(tmp_path / "out_text_document")) == 2 * len(TEXTS)
 
 
@@ -202,7 +204,7 @@ def test_interrupt_leaves_old_outputs_and_no_partial_files(tmp_path, capsys, mon
 
     monkeypatch.setattr(preprocess.Progress, "update", interrupt)
     write_jsonl(tmp_path / "other.jsonl", ["something else"] * 10)
-    assert run(tmp_path, inputs=str(tmp_path / "other.jsonl")) == 130
+    assert run(tmp_path, "--overwrite", inputs=str(tmp_path / "other.jsonl")) == 130
     assert "interrupted; no output was written" in capsys.readouterr().err
     assert files(tmp_path) == old
     assert not list(tmp_path.glob(".*.partial"))
@@ -260,3 +262,77 @@ def test_the_readme_data_example_runs_as_written_in_a_fresh_folder(tmp_path, mon
     assert train.main(train_command[2:] + small) == 0
     assert (tmp_path / "out_chatgal" / "rwkv-final.pth").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chats.jsonl", "data", "out_chatgal"]
+
+
+# ---------------------------------------------------------------- outputs: never replaced unasked, checked first
+
+
+def test_existing_outputs_are_refused_unless_overwrite(tmp_path, capsys):
+    assert run(tmp_path) == 0
+    old = files(tmp_path)
+    write_jsonl(tmp_path / "other.jsonl", ["something else"])
+    assert run(tmp_path, inputs=str(tmp_path / "other.jsonl")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"the output {tmp_path / 'out_text_document.bin'} already exists" in err, err
+    assert "pass --overwrite to replace it" in err and files(tmp_path) == old
+    assert run(tmp_path, "--overwrite", inputs=str(tmp_path / "other.jsonl")) == 0
+    assert files(tmp_path) != old
+
+
+@pytest.mark.parametrize("prefix, message", [
+    ("in.jsonl/out", "is a file, not a folder"),
+    ("/proc/rwkv-infctx-test/out", "cannot create files in /proc ("),
+])
+def test_an_output_prefix_that_cannot_be_written_is_refused_before_the_work(tmp_path, capsys, prefix, message):
+    write_jsonl(tmp_path / "in.jsonl", TEXTS)
+    assert preprocess_data.main(["--input", str(tmp_path / "in.jsonl"), "--output-prefix",
+                                 prefix if prefix.startswith("/") else str(tmp_path / prefix), "--tokenizer-type",
+                                 "CharLevelTokenizer"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("preprocess_data.py: error: the output ") and err.count("\n") == 1 and message in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_an_output_that_is_a_folder_is_refused(tmp_path, capsys):
+    (tmp_path / "out_text_document.idx").mkdir()
+    assert run(tmp_path, "--overwrite") == 2
+    assert "out_text_document.idx is a folder" in capsys.readouterr().err
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_files(tmp_path, capsys, monkeypatch):
+    def fsync(fd):  # as the kernel reports a full disk when the written blocks are committed
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert run(tmp_path) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"preprocess_data.py: error: no space left on the device of {tmp_path} for "
+                          f"out_text_document.bin (more than ") and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_sigterm_removes_the_partial_outputs(tmp_path, capsys, monkeypatch):
+    """A real SIGTERM, as a scheduler sends it, in the middle of the work."""
+    assert run(tmp_path) == 0
+    old = files(tmp_path)
+
+    def terminated(self, totals):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(preprocess.Progress, "update", terminated)
+    assert run(tmp_path, "--overwrite") == 143
+    assert "interrupted; no output was written" in capsys.readouterr().err
+    assert files(tmp_path) == old and not list(tmp_path.glob(".*"))
+
+
+def test_outputs_that_appear_while_it_runs_are_kept(tmp_path, capsys, monkeypatch):
+    """As when another preprocess_data.py with the same --output-prefix finished first."""
+    def other_command_finishes(self, totals):
+        for suffix in (".bin", ".idx"):
+            (tmp_path / f"out_text_document{suffix}").write_bytes(b"the other command's")
+
+    monkeypatch.setattr(preprocess.Progress, "update", other_command_finishes)
+    assert run(tmp_path, "--log-interval", "1") == 2
+    err = capsys.readouterr().err
+    assert "out_text_document.bin was written by another command while this one ran" in err and err.count("\n") == 1
+    assert files(tmp_path) == (b"the other command's", b"the other command's") and not list(tmp_path.glob(".*"))

@@ -4,6 +4,7 @@ import argparse
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -26,7 +27,7 @@ def test_the_same_command_again_does_not_replace_the_finished_runs_files(proj_di
 
 @pytest.mark.parametrize("extra, expected", [
     (["--dim_att", "8"], ["rwkv-init.pth", "--overwrite_proj_dir 1"]),  # another model shape, same folder
-    (["--epoch_count", "0"], ["--epoch_count must be at least 1"]),
+    (["--epoch_count", "0"], ["--epoch_count 0 must be at least 1"]),
     (["--lora"], ["--lora", "--load_model"]),  # adapters on a random base
     # LoRA into its base's folder
     (["--load_model", "{proj_dir}/rwkv-final.pth", "--lora"], ["rwkv-0.pth", "rwkv-final.pth"]),
@@ -37,13 +38,40 @@ def test_the_same_command_again_does_not_replace_the_finished_runs_files(proj_di
                                              "use --load_model"]),
     (["--data_type", "utf-8", "--data_file", "{proj_dir}/short.txt", "--overwrite_proj_dir", "1"],
      ["short.txt has 3 tokens", "--ctx_len 16"]),
+    # numbers that trained nonsense or crashed after writing rwkv-init.pth
+    (["--adam_eps", "nan", "--overwrite_proj_dir", "1"], ["--adam_eps nan is not a finite number: it must be above 0"]),
+    (["--lr_final", "nan", "--overwrite_proj_dir", "1"], ["--lr_final nan is not a finite number"]),
+    (["--max_epochs", "0", "--overwrite_proj_dir", "1"], ["--max_epochs 0 must be at least 1"]),
+    (["--tiny_att_dim", "4", "--tiny_att_layer", "1", "--overwrite_proj_dir", "1"],
+     ["--tiny_att_layer 1 must name a block of the model (0 to 0 with --n_layer 1)"]),
+    # flags that were silently ignored or lied
+    (["--load_model", "{proj_dir}/rwkv-1.pth", "--lora_load", "{proj_dir}/rwkv-0.pth", "--epoch_begin", "2",
+      "--epoch_count", "3"], ["--lora_load", "only a --lora run trains"]),
+    (["--vocab_size", "50277", "--overwrite_proj_dir", "1"],
+     ["--vocab_size 50277: the characters of the built-in dummy data set the vocabulary of --data_type dummy "
+      "(13 of them); leave --vocab_size out"]),
+    (["--load_model", "{proj_dir}/adapter.pth", "--epoch_begin", "2", "--epoch_count", "3"],
+     ["adapter.pth is a LoRA file (adapters only, no base model)", "--lora_load", "merge_lora.py"]),
+    (["--data_type", "numpy", "--data_file", "{proj_dir}/tokens.npz", "--vocab_size", "20", "--overwrite_proj_dir",
+      "1"], ["tokens.npz is an .npz archive of several arrays", "numpy.save"]),
+    (["--data_type", "uint16", "--data_file", "{proj_dir}/short.txt", "--my_sample_len", "2", "--vocab_size", "200",
+      "--overwrite_proj_dir", "1"], ["short.txt is 3 bytes, not a whole number of uint16 tokens"]),
+    # a hand continuation on text of other characters would rewrite vocab.json under the earlier checkpoints
+    (["--data_type", "utf-8", "--data_file", "{proj_dir}/letters.txt", "--load_model", "{proj_dir}/rwkv-1.pth",
+      "--epoch_begin", "2", "--epoch_count", "4"],
+     ["letters.txt has other characters than", "vocab.json, the vocabulary of the checkpoints in --proj_dir (13 "
+      "characters vs 13; only in the data: 'a' 'b'", "only in vocab.json: '+' '.' '0'"]),
 ])
 def test_bad_input_leaves_every_file_as_it_was(proj_dir, capsys, extra, expected):
     (proj_dir / "garbage.pth").write_bytes(os.urandom(3000))
     (proj_dir / "short.txt").write_text("xyz")  # characters other than the dummy data's: vocab.json must stay
+    (proj_dir / "letters.txt").write_text("abcdefghijklm" * 4)  # as many characters as the dummy data's, others
+    torch.save({"blocks.0.att.key.lora_A": torch.zeros(4, 16), "blocks.0.att.key.lora_B": torch.zeros(16, 4)},
+               proj_dir / "adapter.pth")
+    np.savez(proj_dir / "tokens.npz", tokens=np.arange(100, dtype=np.uint16) % 20)
     before = folder_snapshot(proj_dir)
     argv = [*TINY_RUN, "--proj_dir", str(proj_dir), *[arg.format(proj_dir=proj_dir) for arg in extra]]
-    err = refused_in_one_line(argv, capsys, *expected)
+    err = refused_in_one_line(argv, capsys, *[text.replace("{proj_dir}", str(proj_dir)) for text in expected])
     assert "weights_only" not in err  # never torch's advice to load an unknown file unsafely
     assert folder_snapshot(proj_dir) == before
 
@@ -98,3 +126,47 @@ def test_a_resume_bundle_given_to_load_model(proj_dir, capsys):
     refused_in_one_line([*TINY_RUN, "--proj_dir", str(proj_dir / "next"), "--load_model", str(bundle)], capsys,
                         "is a resume bundle, not weights", f"--resume {bundle}")
     assert folder_snapshot(proj_dir) == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.parametrize("extra, expected", [
+    (["--precision", "fp16"], "--precision fp16 needs a CUDA GPU, and this run trains on the CPU (where Lightning would "
+                              "train bf16 instead); use --precision bf16 or fp32"),
+    (["--wkv_backend", "cuda"], "--wkv_backend cuda runs the WKV kernel on a CUDA GPU, and this run trains on the CPU; "
+                                "use --wkv_backend torch"),
+])
+def test_gpu_only_flags_on_a_cpu(proj_dir, capsys, extra, expected):
+    before = folder_snapshot(proj_dir)
+    refused_in_one_line([*TINY_RUN, "--proj_dir", str(proj_dir), "--overwrite_proj_dir", "1", *extra], capsys,
+                        expected)
+    assert folder_snapshot(proj_dir) == before
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("appended", "d.bin is 28 bytes but {prefix}.idx describes only 20: the .bin was appended to or belongs to "
+                 "another index"),
+    ("float32", "d.idx says its tokens are float32 (dtype code 6); token ids are integers"),
+])
+def test_binidx_data_that_does_not_describe_integer_tokens(proj_dir, capsys, damage, expected):
+    from src.binidx import MMapIndexedDatasetBuilder
+    prefix = proj_dir / "d"
+    builder = MMapIndexedDatasetBuilder(prefix, np.float32 if damage == "float32" else np.uint16)
+    builder.add_documents(np.arange(10) % 5, [4, 6])
+    builder.finalize()
+    if damage == "appended":
+        with open(f"{prefix}.bin", "ab") as f:
+            f.write(np.full(4, 7, np.uint16).tobytes())
+    before = folder_snapshot(proj_dir)
+    refused_in_one_line([*TINY_RUN, "--proj_dir", str(proj_dir), "--overwrite_proj_dir", "1", "--data_type", "binidx",
+                         "--data_file", str(prefix), "--vocab_size", "10", "--ctx_len", "4"], capsys,
+                        expected.format(prefix=prefix))
+    assert folder_snapshot(proj_dir) == before
+
+
+@pytest.mark.parametrize("name", ["rwkv-0.pth", "train_log.txt", "train_steps.tsv", "vocab.json"])
+def test_a_folder_where_the_run_writes_a_file(tmp_path, capsys, name):
+    proj_dir = tmp_path / "out"
+    (proj_dir / name).mkdir(parents=True)
+    refused_in_one_line([*TINY_RUN, "--proj_dir", str(proj_dir), "--overwrite_proj_dir", "1"], capsys,
+                        f"--proj_dir {proj_dir} holds folders named as files this run writes: {name}; move them away")
+    assert [p.name for p in proj_dir.iterdir()] == [name]

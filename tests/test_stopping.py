@@ -15,6 +15,7 @@ import torch
 import train
 from helpers import folder_snapshot, refused_in_one_line
 from src.checkpoint import load_weights
+from src.run_lock import LOCK_NAME
 from src.stopping import BUNDLE_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,9 +119,37 @@ def test_second_ctrl_c_quits_at_once_leaving_files_whole(tmp_path):
     os.killpg(proc.pid, signal.SIGINT)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Quitting now" in output, output
-    assert no_temporary_files(proj_dir)
+    assert no_temporary_files(proj_dir) and not (proj_dir / LOCK_NAME).exists()
     for path in proj_dir.glob("*.pth"):
         load_weights(path)  # every file that exists is complete
+
+
+def until(condition, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("signum, moment", [
+    (signal.SIGINT, "while torch loads"),
+    (signal.SIGTERM, "while the data and the model are prepared"),
+])
+def test_a_signal_during_start_up_stops_at_once_and_writes_nothing(tmp_path, signum, moment):
+    proj_dir = tmp_path / "new" / "out"
+    proc = subprocess.Popen([sys.executable, "train.py", *RUN, "--proj_dir", str(proj_dir)], cwd=ROOT,
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if moment == "while torch loads":
+        until(lambda: "libtorch" in Path(f"/proc/{proc.pid}/maps").read_text(), proc)
+    else:  # the run holds --proj_dir from here on
+        until((proj_dir / LOCK_NAME).exists, proc)
+    os.killpg(proc.pid, signum)
+    out, err = proc.communicate(timeout=120)
+    name = signal.Signals(signum).name
+    assert proc.returncode == 128 + signum, (out, err)
+    assert err == f"train.py: {name} before training started: stopped; nothing was written\n", err
+    assert "finishing this optimizer step" not in out + err
+    assert list(tmp_path.iterdir()) == []  # not even the folder it was to write into
 
 
 def test_resume_refuses_other_flags(straight_run, tmp_path, capsys):
@@ -201,10 +230,22 @@ def test_resume_with_another_model_shape_lists_the_flags(stopped, capsys):
 
 
 def test_resume_after_the_data_changed_lists_the_shape_mismatches(stopped, capsys):
+    """Into another --proj_dir, which holds no vocab.json to compare the characters with."""
     (stopped / "text.txt").write_text("HELLO world, " * 40)  # three more characters: a larger vocabulary
     before = folder_snapshot(stopped)
-    refused_in_one_line([*TEXT_RUN, "--resume", BUNDLE], capsys, f"--resume {BUNDLE} does not fit the model",
-            "emb.weight: file (9, 16) vs model (11, 16)", "the stopped run's data")
+    refused_in_one_line([*TEXT_RUN, "--resume", BUNDLE, "--proj_dir", "elsewhere"], capsys,
+                        f"--resume {BUNDLE} does not fit the model", "emb.weight: file (9, 16) vs model (11, 16)",
+                        "the stopped run's data")
+    assert folder_snapshot(stopped) == before and not (stopped / "elsewhere").exists()
+
+
+def test_resume_after_the_data_changed_lists_the_characters(stopped, capsys):
+    (stopped / "text.txt").write_text("HELLO world, " * 40)
+    before = folder_snapshot(stopped)
+    refused_in_one_line([*TEXT_RUN, "--resume", BUNDLE], capsys,
+                        "text.txt has other characters than out/vocab.json, the vocabulary of the checkpoints in "
+                        "--proj_dir (11 characters vs 9; only in the data: 'E' 'H' 'L' 'O'; only in vocab.json: "
+                        "'e' 'h')")
     assert folder_snapshot(stopped) == before
 
 

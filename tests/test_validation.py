@@ -97,12 +97,12 @@ def test_held_out_flags_may_change_on_resume():
 
 @pytest.mark.parametrize("flags, words", [
     (["--valid_every", "2"], ["--valid_every applies to --valid_data_file"]),
-    (["--valid_data_file", "{f}", "--valid_every", "0"], ["--valid_every must be at least 1"]),
+    (["--valid_data_file", "{f}", "--valid_every", "0"], ["--valid_every 0 must be at least 1"]),
     (["--valid_data_file", "{f}", "--valid_data_type", "numpy"], ["character-level text", "token ids"]),
     (["--valid_data_file", "{f}", "--valid_data_type", "jsonl"], ["character-level text"]),
     (["--valid_data_file", "{f}", "--strategy", "deepspeed_stage_3"], ["ZeRO-3"]),
     (["--valid_data_file", "{f}", "--valid_data_type", "utf-8", "--my_script_mask", "0_2", "--valid_tokens", "-1"],
-     ["--valid_tokens must not be negative"]),
+     ["--valid_tokens -1 must be at least 0"]),
     (["--valid_data_file", "{f}.missing", "--valid_data_type", "utf-8"], ["--valid_data_file", "file not found"]),
     (["--valid_data_file", "{f}", "--valid_data_type", "utf-8", "--ctx_len", "4000"],
      ["give no window of --ctx_len 4000"]),
