@@ -17,7 +17,8 @@ import sys
 import time
 
 from src import cli
-from src.config import CHARACTER_DATA_TYPES, DATA_TYPES, PRECISIONS, WKV_BACKENDS, TrainConfig
+from src.config import PRECISIONS, WKV_BACKENDS, TrainConfig
+from src.data_types import CHARACTER_DATA_TYPES, DATA_TYPES
 from src.errors import UserInputError
 
 PROG = "evaluate.py"

@@ -47,14 +47,14 @@ def run_training(cfg: TrainConfig, stop, extra_callbacks: list, held_until_the_e
     before then. `held_until_the_end` keeps the --proj_dir lock until the run has ended, however it ends."""
     import lightning.pytorch as pl
 
-    from src import (callbacks, console, dataset, lora, outputs, run_lock, sampling, stopping, strategy, trainer,
-                     validation)
+    from src import (callbacks, console, dataset, lora, outputs, pile_mode, resuming, run_lock, stopping, strategy,
+                     trainer, validation)
     from src.rwkv4.model import count_parameters
 
     outputs.check_writable(cfg.proj_dir)
-    pile_changes, pile_resume = sampling.pile_continuation(cfg) if cfg.my_pile_stage >= 2 else ({}, "")
+    pile_changes, pile_resume = pile_mode.pile_continuation(cfg) if cfg.my_pile_stage >= 2 else ({}, "")
     cfg = dataclasses.replace(cfg, **pile_changes)  # the flags of a Pile-stage continuation, as if given
-    bundle = stopping.open_bundle(cfg) if cfg.resume else None
+    bundle = resuming.open_bundle(cfg) if cfg.resume else None
     seed = cfg.random_seed if cfg.random_seed >= 0 else secrets.randbits(31)
     pl.seed_everything(seed, verbose=False)
     strategy.set_float_precision(cfg)
@@ -85,12 +85,12 @@ def run_training(cfg: TrainConfig, stop, extra_callbacks: list, held_until_the_e
     model = build_model(cfg, data.vocab_size, save_dtype)
     lora_summary = lora.prepare_lora_training(model, cfg) if cfg.lora else ""  # wraps the base, freezes the rest
     if bundle:
-        stopping.check_bundle_fits(bundle, model, cfg)
+        resuming.check_bundle_fits(bundle, model, cfg)
     del bundle
 
     samples = dataset.TrainingSamples(data, cfg, seed=seed, rank=lightning_trainer.global_rank,
                                       world_size=lightning_trainer.world_size)
-    lightning_trainer.callbacks.append(stopping.ResumeGuard(cfg, samples))
+    lightning_trainer.callbacks.append(resuming.ResumeGuard(cfg, samples))
     if held_out is not None:  # after TrainingLog: its line and W&B step come first
         lightning_trainer.callbacks.append(validation.Validation(cfg, held_out, log))
     if rank_zero:
@@ -105,7 +105,7 @@ def run_training(cfg: TrainConfig, stop, extra_callbacks: list, held_until_the_e
     stopped = stopper.exit_code != 0
     if rank_zero:
         if cfg.resume and not stopped:
-            stopping.retire_bundle(cfg.resume)
+            resuming.retire_bundle(cfg.resume)
         saved = saver.saved + ([outputs.BUNDLE_NAME] if stopped else [])
         console.print_summary(cfg, saved, log.tokens_trained, log.seconds, log.last_mean_loss, stopped,
                               log.steady_speed())

@@ -7,7 +7,6 @@ working. Derived values are computed once, here, in `TrainConfig.finalize`.
 This module imports no torch, so command-line tests and `--help` stay fast.
 """
 import argparse
-import ast
 import dataclasses
 import datetime
 import math
@@ -16,14 +15,15 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from src import cli
+from src.accumulation import parse_accumulation_schedule
+from src.data_types import CHARACTER_DATA_TYPES, DATA_TYPES, REFUSED_DATA_TYPES, WINDOW_DATA_TYPES
 from src.errors import UserInputError
 from src.lora_settings import LoraSettings
+from src.pile_mode import PILE_DEFAULTS, PILE_SAMPLES_PER_EPOCH
 from src.rwkv4.config import default_widths, windowed_features
+from src.script_mask import parse_script_mask
 
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
-DATA_TYPES = ("utf-8", "utf-16le", "numpy", "binidx", "dummy", "uint16", "jsonl")
-# accepted by the parser so that validate() can refuse it by name; not offered in --help
-REFUSED_DATA_TYPES = ("wds_img",)
 STRATEGIES = (
     "auto", "single_device", "ddp", "ddp_find_unused_parameters_false", "ddp_find_unused_parameters_true",
     "deepspeed", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload",
@@ -429,41 +429,6 @@ def _validate_state_cp(cfg: TrainConfig) -> None:
         raise UserInputError(f"--state_cp 1 cannot run under --strategy {cfg.strategy} (ZeRO-3 gathers each parameter "
                              f"in module hooks, which the segment passes bypass); use deepspeed_stage_2 or "
                              f"deepspeed_stage_2_offload.")
-
-
-# BlinkDL's Pile mode: (magic_prime, my_pile_shift) defaults per ctx_len, and the samples of one mini-epoch.
-PILE_DEFAULTS = {1024: (324331313, 0), 2048: (162165671, 512), 4096: (81082817, 768)}
-PILE_SAMPLES_PER_EPOCH = 40320
-# data types sampled as windows of one token stream (masks and magic-prime positions apply to these)
-WINDOW_DATA_TYPES = ("binidx", "numpy", "utf-8", "utf-16le", "dummy")
-# data types whose ids index the characters of the text itself, not the entries of a tokenizer
-CHARACTER_DATA_TYPES = ("utf-8", "utf-16le", "dummy")
-
-
-def parse_script_mask(value: str) -> tuple:
-    """--my_script_mask '<cut>_<n>' -> (cut the next document: bool, masked first targets: int)."""
-    cut, separator, prefix = value.partition("_")
-    if not separator or cut not in ("0", "1") or not prefix.isdigit():
-        raise UserInputError(f"--my_script_mask {value!r} must be '<cut>_<n>' with cut 0 or 1 and n the number of "
-                             f"first targets to mask, e.g. 1_4.")
-    return cut == "1", int(prefix)
-
-
-def parse_accumulation_schedule(text: str) -> dict:
-    """--accumulate_grad_batches_dict '{mini-epoch: k, ...}' -> {int >= 0: int >= 1}."""
-    try:
-        schedule = ast.literal_eval(text)
-    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-        schedule = None
-
-    def whole(value, least: int) -> bool:
-        return type(value) is int and value >= least  # type(): True and False are ints to isinstance
-
-    if not isinstance(schedule, dict) or not schedule or not all(whole(e, 0) and whole(k, 1)
-                                                                 for e, k in schedule.items()):
-        raise UserInputError(f"--accumulate_grad_batches_dict {text!r} must be a Python dict literal of mini-epoch "
-                             f"(>= 0) -> micro-batches per optimizer step (>= 1), e.g. \"{{0: 1, 4: 2}}\".")
-    return schedule
 
 
 _TOKENIZER_HINT = "20B_tokenizer.json (Pile/Raven/Novel models) or rwkv_vocab_v20230424.txt (World models)"

@@ -19,14 +19,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from src import instruct_data, jsonl_data, sampling
+from src import instruct_data, jsonl_data, pile_mode
 from src.accumulation import accumulation_at, optimizer_steps_before
 from src.atomic import atomic_file
 from src.binidx import MMapIndexedDataset
-from src.config import TrainConfig, parse_script_mask
+from src.config import TrainConfig
 from src.errors import UserInputError
 from src.loss import IGNORE_INDEX
 from src.outputs import VOCAB_NAME
+from src.script_mask import parse_script_mask, trained_targets
 
 # How many tokens np.max reads at once when checking ids against the vocabulary.
 _SCAN_CHUNK = 1 << 26
@@ -193,7 +194,7 @@ def check_against_model(data: TokenData, cfg: TrainConfig, vocab_size: int) -> N
         raise UserInputError(f"{data.source} has {len(data.tokens)} tokens, but --ctx_len {cfg.ctx_len} needs at "
                              f"least ctx_len + 1 = {cfg.ctx_len + 1}; lower --ctx_len or use more data")
     if cfg.my_pile_stage > 0 and cfg.my_pile_stage != 4:
-        sampling.check_magic_prime(cfg.magic_prime, len(data.tokens), cfg.ctx_len, cfg.my_pile_shift, data.source)
+        pile_mode.check_magic_prime(cfg.magic_prime, len(data.tokens), cfg.ctx_len, cfg.my_pile_shift, data.source)
     check_token_ids(data.tokens.reshape(-1), data.source, vocab_size)
     if data.chats is not None and data.chats.tokenizer.vocab_size > vocab_size:
         raise UserInputError(f"--vocab_file {cfg.vocab_file} has {data.chats.tokenizer.vocab_size} tokens, more than "
@@ -263,11 +264,11 @@ class TrainingSamples(Dataset):
             ids, trained = self.data.documents.window(sample_number, self.seed, length + 1)
             return inputs_and_targets(ids, trained[1:])
         if self.cfg.my_pile_stage > 0 and self.cfg.my_pile_stage != 4:
-            start = sampling.magic_prime_start(sample_number, self.cfg.magic_prime, self.cfg.ctx_len,
+            start = pile_mode.magic_prime_start(sample_number, self.cfg.magic_prime, self.cfg.ctx_len,
                                                self.cfg.my_pile_shift)
         else:
             start = int(rng.integers(0, len(self.data.tokens) - length))  # window of length + 1 tokens
-        trained = sampling.script_mask(start, length, *self.script_mask, self.data.binidx) if self.script_mask else None
+        trained = trained_targets(start, length, *self.script_mask, self.data.binidx) if self.script_mask else None
         return inputs_and_targets(self.data.tokens[start:start + length + 1], trained)
 
 

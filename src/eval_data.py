@@ -12,7 +12,7 @@ target exactly once.
 
 N is the number of tokens read: all of them, or the first --max_tokens (documents back to back).
 
-Masks as in training: --my_script_mask through src/sampling.py script_mask (each window masked as a training
+Masks as in training: --my_script_mask through src/script_mask.py (each window masked as a training
 window starting at the same token), --select_name through the speaker mask of src/jsonl_data.py, computed
 when the documents are read (src/dataset.py load_token_data reads every type).
 
@@ -25,10 +25,12 @@ from typing import Optional
 
 import numpy as np
 
-from src import dataset, sampling
+from src import dataset
 from src.binidx import MMapIndexedDataset
-from src.config import CHARACTER_DATA_TYPES, TrainConfig, parse_script_mask
+from src.config import TrainConfig
+from src.data_types import CHARACTER_DATA_TYPES
 from src.errors import UserInputError
+from src.script_mask import parse_script_mask, trained_targets
 
 
 @dataclass
@@ -51,7 +53,7 @@ class EvalWindows:
         if self.trained is not None:
             trained = self.trained[start + 1:end]
         elif self.script_mask is not None:
-            trained = sampling.script_mask(start, end - start - 1, *self.script_mask, self.binidx)
+            trained = trained_targets(start, end - start - 1, *self.script_mask, self.binidx)
         else:
             trained = None
         return dataset.inputs_and_targets(self.tokens[start:end], trained)

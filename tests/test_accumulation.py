@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import train
-from src import stopping
+from src import outputs, stopping
 from src.accumulation import accumulation_at, lightning_schedule, optimizer_steps_before, optimizer_steps_in_epoch
 from src.callbacks import learning_rate, real_step
 from src.checkpoint import load_weights
@@ -111,7 +111,7 @@ def test_resume_is_exact_across_the_change(straight_run, tmp_path, monkeypatch, 
     assert train.main([*RUN, "--proj_dir", str(proj_dir)]) == 130
     assert len(step_rows(proj_dir)) == stop_after
     monkeypatch.undo()
-    assert train.main([*RUN, "--proj_dir", str(proj_dir), "--resume", str(proj_dir / stopping.BUNDLE_NAME)]) == 0
+    assert train.main([*RUN, "--proj_dir", str(proj_dir), "--resume", str(proj_dir / outputs.BUNDLE_NAME)]) == 0
     assert [row[:4] for row in step_rows(proj_dir)] == [row[:4] for row in step_rows(straight_run)]
     resumed, straight = load_weights(proj_dir / "rwkv-final.pth"), load_weights(straight_run / "rwkv-final.pth")
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)

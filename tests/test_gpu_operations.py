@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from src.checkpoint import load_weights
-from src.stopping import BUNDLE_NAME
+from src.outputs import BUNDLE_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")

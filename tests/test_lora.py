@@ -19,7 +19,7 @@ from src.lora import (
 )
 from src.lora_merge import delta_weight
 from src.lora_settings import LoraSettings, format_layers, parse_layer_spec
-from src.stopping import shaping_flags
+from src.resuming import shaping_flags
 
 DUMMY_VOCAB = 13  # characters of the built-in dummy data
 TINY = ["--n_layer", "2", "--n_embd", "16", "--ctx_len", "16", "--micro_bsz", "2", "--epoch_steps", "3",

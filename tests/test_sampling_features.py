@@ -8,7 +8,7 @@ import torch
 
 import train
 from helpers import TOKENIZER_20B_PARTS, WORLD_VOCAB_PARTS, package_file
-from src import sampling
+from src import pile_mode, script_mask
 from src.binidx import MMapIndexedDataset, MMapIndexedDatasetBuilder
 from src.config import parse_args
 from src.dataset import IGNORE_INDEX, TrainingSamples, load_token_data, pad_batch
@@ -147,11 +147,11 @@ def test_damaged_compressed_jsonl(tmp_path):
 def test_script_mask_cuts_at_the_document_end_and_masks_the_prefix(tmp_path):
     data = write_binidx(tmp_path / "d", [np.arange(0, 10), np.arange(10, 14), np.arange(14, 40)])
     # window from token 7: targets are tokens 8..15; document 0 ends at 10
-    assert sampling.script_mask(7, 8, True, 0, data).tolist() == [1, 1, 0, 0, 0, 0, 0, 0]
-    assert sampling.script_mask(7, 8, True, 1, data).tolist() == [0, 1, 0, 0, 0, 0, 0, 0]
-    assert sampling.script_mask(7, 8, False, 3, data).tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
+    assert script_mask.trained_targets(7, 8, True, 0, data).tolist() == [1, 1, 0, 0, 0, 0, 0, 0]
+    assert script_mask.trained_targets(7, 8, True, 1, data).tolist() == [0, 1, 0, 0, 0, 0, 0, 0]
+    assert script_mask.trained_targets(7, 8, False, 3, data).tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
     # a window in the last document: nothing to cut
-    assert sampling.script_mask(20, 8, True, 2, data).tolist() == [0, 0, 1, 1, 1, 1, 1, 1]
+    assert script_mask.trained_targets(20, 8, True, 2, data).tolist() == [0, 0, 1, 1, 1, 1, 1, 1]
 
 
 def test_script_masked_samples(tmp_path):
@@ -176,17 +176,17 @@ def test_script_masked_samples(tmp_path):
 
 def test_is_prime():
     small = [n for n in range(200) if n > 1 and all(n % d for d in range(2, int(n ** 0.5) + 1))]
-    assert [n for n in range(200) if sampling.is_prime(n)] == small
-    assert all(sampling.is_prime(p) for p in (324331313, 162165671, 81082817))
-    assert not sampling.is_prime(324331313 * 3) and not sampling.is_prime(561)  # 561: a Carmichael number
+    assert [n for n in range(200) if pile_mode.is_prime(n)] == small
+    assert all(pile_mode.is_prime(p) for p in (324331313, 162165671, 81082817))
+    assert not pile_mode.is_prime(324331313 * 3) and not pile_mode.is_prime(561)  # 561: a Carmichael number
 
 
 def test_magic_prime_positions_are_the_originals_and_visit_every_slot():
     p = 324331313
     factor = int(p * ((math.sqrt(5) - 1) / 2))  # the original's arithmetic, written out
     for s in (0, 1, 2, 40319, 10 ** 9):
-        assert sampling.magic_prime_start(s, p, 1024, 0) == ((factor * (s + 1) ** 3) % p) * 1024
-    assert sorted(sampling.magic_prime_start(s, 101, 1, 0) for s in range(101)) == list(range(101))
+        assert pile_mode.magic_prime_start(s, p, 1024, 0) == ((factor * (s + 1) ** 3) % p) * 1024
+    assert sorted(pile_mode.magic_prime_start(s, 101, 1, 0) for s in range(101)) == list(range(101))
 
 
 def test_magic_prime_samples_through_epochs_and_ranks(tmp_path):
@@ -205,7 +205,7 @@ def test_magic_prime_samples_through_epochs_and_ranks(tmp_path):
     ranks = [TrainingSamples(data, two, seed=5, rank=r, world_size=2) for r in (0, 1)]
     assert [int(ranks[s % 2][s // 2][0][0]) for s in range(11)] == starts
     # the next epoch continues the sequence (sample number = epoch * 40320 + ...)
-    assert int(samples[len(samples)][0][0]) == sampling.magic_prime_start(40320, 11, 4, 0)
+    assert int(samples[len(samples)][0][0]) == pile_mode.magic_prime_start(40320, 11, 4, 0)
 
 
 @pytest.mark.parametrize("prime,tokens,shift,message", [
@@ -214,7 +214,7 @@ def test_magic_prime_samples_through_epochs_and_ranks(tmp_path):
 ])
 def test_magic_prime_checks(prime, tokens, shift, message):
     with pytest.raises(UserInputError, match=message):
-        sampling.check_magic_prime(prime, tokens, 4, shift, "t.npy")
+        pile_mode.check_magic_prime(prime, tokens, 4, shift, "t.npy")
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -246,11 +246,11 @@ def test_continue_pile_run_picks_the_newest_epoch_file(tmp_path):
         (tmp_path / name).write_bytes(b"")
     cfg = parse_args(["--data_type", "dummy", "--proj_dir", str(tmp_path), "--my_pile_stage", "3", "--devices", "1",
                       "--micro_bsz", "8", "--ctx_len", "1024", "--epoch_count", "20"])
-    changes, line = sampling.pile_continuation(cfg)
+    changes, line = pile_mode.pile_continuation(cfg)
     assert "rwkv-10.pth at mini-epoch 11, LR warm-up 30 steps" in line
     assert changes == {"load_model": str(tmp_path / "rwkv-10.pth"), "epoch_begin": 11, "warmup_steps": 30}
     assert cfg.load_model == "" and cfg.epoch_begin == 0  # the parsed flags stay as given
-    assert sampling.latest_epoch_checkpoint(tmp_path / "empty") == (None, None)
+    assert pile_mode.latest_epoch_checkpoint(tmp_path / "empty") == (None, None)
 
 
 # ---- through train.main

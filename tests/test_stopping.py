@@ -16,7 +16,7 @@ import train
 from helpers import folder_snapshot, refused_in_one_line
 from src.checkpoint import load_weights
 from src.run_lock import LOCK_NAME
-from src.stopping import BUNDLE_NAME
+from src.outputs import BUNDLE_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 # 3 mini-epochs of 12 optimizer steps (accumulating 2 micro-batches each); fp32 on CPU is deterministic

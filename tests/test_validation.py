@@ -13,7 +13,7 @@ from src import valid_log
 from src.checkpoint import load_weights
 from src.config import parse_args
 from src.outputs import run_epochs
-from src.stopping import shaping_flags
+from src.resuming import shaping_flags
 from src.validation import evaluates_after
 
 

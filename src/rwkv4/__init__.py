@@ -1,1 +1,13 @@
-"""The RWKV-4 ("v4neo") model family: everything the toolkit knows about this architecture lives here."""
+"""The RWKV-4 ("v4neo") model family: everything the toolkit knows about this architecture lives in this package.
+
+    config.py     RWKVConfig (the shape), ForwardOptions (how the forward runs), default_widths, windowed_features
+    model.py      RWKV, built from forward pieces (embed, run_block, state_of_layers, logits, head_loss,
+                  token_losses); generate_init_weights, model_from_weights, count_parameters
+    state.py      RWKVState (per layer: token shifts and WKV sums), initial_state, empty_state
+    anatomy.py    the toolkit's questions about parameter names (forward piece, LR multiplier, LoRA targets, ...)
+    wkv.py        the WKV operator and its torch twin; wkv_cuda.py and cuda/ the kernel
+    hf_format.py  the same model in transformers' RwkvForCausalLM format
+
+Import the modules themselves: this file imports nothing, so `src.rwkv4.config` and `src.rwkv4.anatomy` load
+without torch.
+"""

@@ -1,4 +1,5 @@
-"""Where samples come from in BlinkDL's Pile mode, and which targets the fork's script mask trains.
+"""BlinkDL's Pile mode (--my_pile_stage): where its samples come from, its defaults, and how stages 2 and 3
+continue a run.
 
 Magic-prime sampling (--my_pile_stage > 0, not 4): the token stream is cut into slots of ctx_len tokens;
 sample number s of the run (counted over all ranks) starts at slot (f * (s+1)^3) mod p, with p the magic
@@ -9,12 +10,11 @@ import math
 import re
 from pathlib import Path
 
-import numpy as np
-
-from src.binidx import MMapIndexedDataset
-from src.config import TrainConfig
 from src.errors import UserInputError
 
+# BlinkDL's Pile mode: (magic_prime, my_pile_shift) defaults per ctx_len, and the samples of one mini-epoch.
+PILE_DEFAULTS = {1024: (324331313, 0), 2048: (162165671, 512), 4096: (81082817, 768)}
+PILE_SAMPLES_PER_EPOCH = 40320
 GOLDEN_RATIO_FRACTION = (math.sqrt(5) - 1) / 2  # the original's float, so positions match it exactly
 _MILLER_RABIN_BASES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)  # exact for n < 3.3e24
 
@@ -63,20 +63,6 @@ def magic_prime_start(sample_number: int, prime: int, ctx_len: int, shift: int) 
     return (factor * (sample_number + 1) ** 3) % prime * ctx_len + shift
 
 
-def script_mask(start: int, n_targets: int, cut: bool, prefix: int, data: MMapIndexedDataset) -> np.ndarray:
-    """Which of the targets (tokens start+1 .. start+n_targets) train under --my_script_mask '<cut>_<prefix>'.
-
-    cut: targets past the end of the document that holds token `start` are not trained (the window ran into
-    the next document); prefix: the first `prefix` targets are not trained.
-    """
-    trained = np.ones(n_targets, dtype=bool)
-    if cut:
-        _, document_end = data.document_bounds(start)
-        trained[max(document_end - (start + 1), 0):] = False
-    trained[:prefix] = False
-    return trained
-
-
 _EPOCH_CHECKPOINT = re.compile(r"rwkv-(\d+)\.pth")
 
 
@@ -92,8 +78,8 @@ def latest_epoch_checkpoint(proj_dir) -> tuple:
     return None, None
 
 
-def pile_continuation(cfg: TrainConfig) -> tuple:
-    """--my_pile_stage >= 2 continues from the newest rwkv-<epoch>.pth in --proj_dir, as the original does: that
+def pile_continuation(cfg) -> tuple:
+    """--my_pile_stage >= 2 (cfg: train.py's flags) continues from the newest rwkv-<epoch>.pth in --proj_dir, as the original does: that
     file is loaded, training starts at the next mini-epoch with 10 (stage 2) or 30 LR warm-up steps.
 
     Returns (the flags that change, {name: value}; a line saying so), or ({}, "") when --proj_dir holds no such
