@@ -68,3 +68,28 @@ def test_train_refuses_a_model_the_host_cannot_hold_before_building_it(tmp_path,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "GiB of host memory" in err and "--strategy auto" in err, err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_the_7b_offload_run_is_refused_on_a_128_gib_machine_before_anything_is_written(tmp_path, capsys):
+    """The H200 machine's host: 125 GiB in all, 124.8 GiB available at the start of a run. DeepSpeed's ZeRO-2
+    offload needs 18 bytes per parameter there (123.9 GiB for the 7B shape) beside the process itself: refused in
+    one line naming the parts, before a weight is read."""
+    import train
+    from src import memory_check
+
+    argv = ["--load_model", str(tmp_path / "RWKV-4-7B.pth"), "--data_type", "numpy", "--data_file",
+            str(tmp_path / "tokens.npy"), "--vocab_size", "50277", "--n_layer", "32", "--n_embd", "4096",
+            "--ctx_len", "4096", "--ctx_parts", "4", "--micro_bsz", "1", "--grad_cp", "1", "--precision", "bf16",
+            "--strategy", "deepspeed_stage_2_offload", "--proj_dir", str(tmp_path / "out")]
+    cfg = parse_args(argv)
+    need = train.memory_footprint(cfg, 50277, world_size=1, processes_per_host=1, on_gpu=True)
+    C = 4096  # a block: 13 C^2 in its projections, 11 C in norms and time_*; then emb, head, ln0 and ln_out
+    params = 32 * (13 * C ** 2 + 11 * C) + 2 * 50277 * C + 4 * C
+    assert need.host == 18 * params + memory_check.PROCESS_HOST_BYTES[True]
+    assert need.host / GIB == pytest.approx(128.9, abs=0.1) and need.gpu / GIB < 24  # the card is not the limit
+    with pytest.raises(UserInputError) as refused:
+        check_fits(cfg, need, gpu_free=24 * GIB, host_available=int(124.8 * GIB))
+    message = str(refused.value)
+    assert "\n" not in message and "need 128.9 GiB of host memory" in message and "124.8 GiB are available" in message
+    assert "123.9 GiB of offloaded optimizer state" in message
+    assert not (tmp_path / "out").exists()
