@@ -1,7 +1,10 @@
 """What the GPU benchmarks share: a card made to look smaller, step times of a real train.py run, the bf16
 matmul rate of this card (the hardware limit the tables compare against), peak memory without the filler.
 """
+import json
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -10,6 +13,7 @@ import lightning.pytorch as pl
 import torch
 
 GIB = 2 ** 30
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def cap_gpu_memory(gib: float) -> int:
@@ -141,3 +145,15 @@ class HostMemorySampler:
                 points.append(f"t={t:.0f}s {used:.1f}/{pss:.1f}")
                 next_time = t + every
         return ", ".join(points)
+
+
+def run_child(module: str, argv: list, label: str):
+    """`python -m module *argv` from the repository root in a process of its own (a card capped, DeepSpeed set up
+    once per process): its RESULT line as a dict, printed; None (and the end of its output) when it failed."""
+    child = subprocess.run([sys.executable, "-m", module, *argv], cwd=ROOT, capture_output=True, text=True)
+    found = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
+    if child.returncode != 0 or not found:
+        print(f"{label}: exit {child.returncode}\n{(child.stdout + child.stderr)[-3000:]}", flush=True)
+        return None
+    print(found[0], flush=True)
+    return json.loads(found[0][len("RESULT "):])

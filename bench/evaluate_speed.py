@@ -18,19 +18,16 @@ included), so the bf16 matmul rate measured in the same run allows rate / (2 N) 
 """
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench.common import cap_gpu_memory, matmul_tflops, peak_gib
-from bench.long_context import NON_EMBEDDING_PARAMS, SEGMENT, SHAPE, make_random_base
+from bench.common import cap_gpu_memory, matmul_tflops, peak_gib, run_child
+from bench.long_context import NON_EMBEDDING_PARAMS, SEGMENT, SHAPE, ensure_random_base, random_base_path
 
-ROOT = Path(__file__).resolve().parents[1]
 MEASURED_WINDOWS = {4096: 32, 32768: 4, 131072: 2, 1048576: 1}  # after the warm-up window: 128K-1M tokens each
 
 
@@ -87,23 +84,15 @@ def main() -> int:
     if args.ctx_len:
         return run_one_length(args)
 
-    weights = Path(args.weights or Path(tempfile.gettempdir()) / "rwkv-7b-random-bf16.pth")
-    if not weights.exists():
-        started = time.time()
-        make_random_base(weights)
-        print(f"random 7B base written to {weights} in {time.time() - started:.0f} s", flush=True)
+    weights = ensure_random_base(Path(args.weights or random_base_path()))
     tflops = matmul_tflops()
     results = []
     for ctx_len in args.lengths:
-        command = [sys.executable, "-m", "bench.evaluate_speed", "--ctx_len", str(ctx_len), "--weights", str(weights),
-                   "--gpu_gib", str(args.gpu_gib), "--micro_bsz", str(args.micro_bsz)]
-        child = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-        found = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
-        if child.returncode != 0 or not found:
-            print(f"ctx {ctx_len}: exit {child.returncode}\n{(child.stdout + child.stderr)[-3000:]}", flush=True)
-            continue
-        results.append(json.loads(found[0][len("RESULT "):]))
-        print(found[0], flush=True)
+        result = run_child("bench.evaluate_speed", ["--ctx_len", str(ctx_len), "--weights", str(weights), "--gpu_gib",
+                                                    str(args.gpu_gib), "--micro_bsz", str(args.micro_bsz)],
+                           f"ctx {ctx_len}")
+        if result:
+            results.append(result)
 
     limit = tflops * 1e12 / (2 * NON_EMBEDDING_PARAMS)
     print(f"\n{torch.cuda.get_device_name(0)}, capped at {args.gpu_gib:g} GiB; bf16 matmul {tflops:.0f} TFLOP/s "

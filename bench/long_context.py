@@ -20,7 +20,6 @@ not fit in host memory adds a forward.
 """
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,9 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import StepTimes, cap_gpu_memory, matmul_tflops, peak_gib
+from bench.common import StepTimes, cap_gpu_memory, matmul_tflops, peak_gib, run_child
 
-ROOT = Path(__file__).resolve().parents[1]
 SEGMENT = 4096
 SHAPE = dict(n_layer=32, n_embd=4096, vocab_size=50277)
 NON_EMBEDDING_PARAMS = 32 * 13 * 4096 ** 2 + 4096 * 50277  # blocks + head
@@ -53,6 +51,15 @@ def lora_flags(weights: Path, tokens: Path, proj_dir: Path, ctx_len: int, steps:
 def random_base_path(n_layer: int = SHAPE["n_layer"], n_embd: int = SHAPE["n_embd"]) -> Path:
     """Where the benchmarks keep the random base of a shape between runs (written once, in the temporary folder)."""
     return Path(tempfile.gettempdir()) / f"rwkv-L{n_layer}-D{n_embd}-random-bf16.pth"
+
+
+def ensure_random_base(path: Path) -> Path:
+    """`path`, written as a random 7B base first if it does not exist yet."""
+    if not path.exists():
+        started = time.time()
+        make_random_base(path)
+        print(f"random 7B base written to {path} in {time.time() - started:.0f} s", flush=True)
+    return path
 
 
 def make_random_base(path: Path, n_layer: int = SHAPE["n_layer"], n_embd: int = SHAPE["n_embd"]) -> None:
@@ -107,23 +114,14 @@ def main() -> int:
     if args.ctx_len:
         return run_one_length(args)
 
-    weights = Path(args.weights or random_base_path())
-    if not weights.exists():
-        started = time.time()
-        make_random_base(weights)
-        print(f"random 7B base written to {weights} in {time.time() - started:.0f} s", flush=True)
+    weights = ensure_random_base(Path(args.weights or random_base_path()))
     tflops = matmul_tflops()
     results = []
     for ctx_len in args.lengths:
-        command = [sys.executable, "-m", "bench.long_context", "--ctx_len", str(ctx_len), "--weights", str(weights),
-                   "--gpu_gib", str(args.gpu_gib)]
-        child = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-        found = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
-        if child.returncode != 0 or not found:
-            print(f"ctx {ctx_len}: exit {child.returncode}\n{(child.stdout + child.stderr)[-3000:]}", flush=True)
-            continue
-        results.append(json.loads(found[0][len("RESULT "):]))
-        print(found[0], flush=True)
+        result = run_child("bench.long_context", ["--ctx_len", str(ctx_len), "--weights", str(weights),
+                                                  "--gpu_gib", str(args.gpu_gib)], f"ctx {ctx_len}")
+        if result:
+            results.append(result)
 
     limit = tflops * 1e12 / (6 * NON_EMBEDDING_PARAMS)
     print(f"\n{torch.cuda.get_device_name(0)}, capped at {args.gpu_gib:g} GiB; bf16 matmul {tflops:.0f} TFLOP/s "

@@ -180,10 +180,8 @@ def main() -> int:
         tokens_per_step = train_throughput.CTX * train_throughput.SHAPES[shape][2]
     else:
         ctx_len = int(args.what[0])
-        weights = Path(args.weights or long_context.random_base_path())
-        if not weights.exists():
-            long_context.make_random_base(weights)
-            torch.cuda.empty_cache()
+        weights = long_context.ensure_random_base(Path(args.weights or long_context.random_base_path()))
+        torch.cuda.empty_cache()
         flags = long_context.lora_flags(weights, long_context.random_tokens(ctx_len, proj_dir), proj_dir, ctx_len,
                                         steps)
         tokens_per_step = ctx_len

@@ -15,7 +15,6 @@ optimizer step) were measured by this project on one H200 on 2026-12-01.
 """
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -23,9 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import StepTimes, matmul_tflops, peak_gib
+from bench.common import StepTimes, matmul_tflops, peak_gib, run_child
 
-ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 50277
 CTX = 4096
 STEPS, WARMUP = 8, 2
@@ -90,15 +88,9 @@ def main() -> int:
     results = []
     for shape in args.shapes:
         for strategy in args.strategies:
-            command = [sys.executable, "-m", "bench.train_throughput", "--child", shape, strategy]
-            child = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-            found = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
-            if child.returncode != 0 or not found:
-                tail = (child.stdout + child.stderr)[-3000:]
-                print(f"{shape} {strategy}: exit {child.returncode}\n{tail}", flush=True)
-                continue
-            results.append(json.loads(found[0][len("RESULT "):]))
-            print(found[0], flush=True)
+            result = run_child("bench.train_throughput", ["--child", shape, strategy], f"{shape} {strategy}")
+            if result:
+                results.append(result)
 
     print(f"\n{torch.cuda.get_device_name(0)}; bf16 matmul {tflops:.0f} TFLOP/s (8192^3); vocab {VOCAB}, ctx {CTX}, "
           f"bf16; {STEPS} optimizer steps, median after {WARMUP}")

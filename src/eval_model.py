@@ -15,7 +15,7 @@ from src.checkpoint import compare_weights, load_weights
 from src.dataset import read_char_vocab
 from src.errors import UserInputError
 from src.lora import SETTINGS_KEY, attach_lora
-from src.lora_merge import LoraCheckpoint, check_fits_base
+from src.lora_merge import LoraCheckpoint, check_fits_base, resolve_alpha
 from src.rwkv4 import anatomy
 from src.rwkv4.config import ForwardOptions
 from src.rwkv4.model import RWKV
@@ -38,7 +38,7 @@ def load_model(path, lora_path: str = "", lora_alpha: Optional[float] = None, de
     if lora_path:
         lora = LoraCheckpoint.from_weights(load_weights(lora_path, what="--lora_load"), lora_path)
         check_fits_base(lora, weights, cfg, path)
-        lora_alpha = _alpha(lora, lora_alpha)
+        lora_alpha = resolve_alpha(lora_alpha, lora, given_as="--lora_alpha")
         weights = {**weights, **lora.replaced}
     elif lora_alpha is not None:
         raise UserInputError("--lora_alpha is the alpha of a --lora_load file; pass the file too, or leave it out")
@@ -57,18 +57,6 @@ def load_model(path, lora_path: str = "", lora_alpha: Optional[float] = None, de
                 module.lora_A.copy_(lora_A)
                 module.lora_B.copy_(lora_B)
     return model.eval()
-
-
-def _alpha(lora: LoraCheckpoint, given: Optional[float]) -> float:
-    """The LoRA's alpha: the one the file stores, or --lora_alpha for a file of the original toolkit."""
-    stored = lora.settings.alpha if lora.settings is not None else None
-    if stored is None and given is None:
-        raise UserInputError(f"--lora_load {lora.path} stores no LoRA settings (a file of the original toolkit): "
-                             f"pass --lora_alpha, the alpha it was trained with")
-    if stored is not None and given is not None and given != stored:
-        raise UserInputError(f"--lora_alpha {given:g} disagrees with lora_alpha {stored:g} stored in {lora.path}; "
-                             f"leave --lora_alpha out")
-    return float(stored if stored is not None else given)
 
 
 def characters_of(path, vocab_file: str = "") -> list:

@@ -90,15 +90,17 @@ class LoraCheckpoint:
         return cls(str(path), pairs, replaced, settings, base)
 
 
-def resolve_alpha(alpha: Optional[float], lora: LoraCheckpoint) -> float:
-    """alpha from the command line and/or the file's settings; both given must agree."""
+def resolve_alpha(alpha: Optional[float], lora: LoraCheckpoint,
+                  given_as: str = "the lora_alpha argument (e.g. merge_lora.py 32 BASE.pth LORA.pth OUT.pth)") -> float:
+    """alpha from the command line and/or the file's settings; both given must agree. `given_as` says how the
+    command line gives it, for the messages."""
     stored = lora.settings.alpha if lora.settings is not None else None
     if alpha is None and stored is None:
         raise UserInputError(f"{lora.path} stores no LoRA settings (it comes from the original toolkit): give the "
-                             f"lora_alpha it was trained with, e.g. merge_lora.py 32 BASE.pth LORA.pth OUT.pth.")
+                             f"lora_alpha it was trained with as {given_as}.")
     if alpha is not None and stored is not None and alpha != stored:
-        raise UserInputError(f"lora_alpha {alpha:g} on the command line disagrees with lora_alpha {stored:g} stored in "
-                             f"{lora.path}; drop the alpha argument to use the stored value.")
+        raise UserInputError(f"the lora_alpha {alpha:g} given disagrees with lora_alpha {stored:g} stored in "
+                             f"{lora.path}; leave it out to use the stored value.")
     return float(alpha if alpha is not None else stored)
 
 
