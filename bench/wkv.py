@@ -80,7 +80,7 @@ def bench_shape(shape, dtype, bandwidth, l2_bytes):
         ext.forward(w, u, k, v, s)
         ext.backward(w, u, k, v, s, gy, gs)
 
-    # the autograd op as src/model.py calls it: raw time_decay (any values do), u, k, v requiring grad
+    # the autograd op as src/rwkv4/model.py calls it: raw time_decay (any values do), u, k, v requiring grad
     leaves = [[x.clone().requires_grad_() for x in st[:4]] + [st[4], st[5]] for st in sets]
 
     def op_fwd_bwd(i):

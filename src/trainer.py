@@ -1,5 +1,5 @@
 """Lightning glue: the training step (src/loss.py through src/state_cp.py), the optimizer and its parameter
-groups, and the Trainer itself. The model (src/model.py) knows nothing of this module.
+groups, and the Trainer itself. The model (src/rwkv4/model.py) knows nothing of this module.
 """
 import lightning.pytorch as pl
 import torch

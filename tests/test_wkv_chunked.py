@@ -54,7 +54,7 @@ def wkv_chunked(w, u, k, v, state, gy, gstate, chunk=16, rows=8):
     """Forward and backward of the kernels' algorithm: returns y, state_out, gw, gu, gk, gv, gstate_in.
 
     w, u (C,) raw; k, v, gy (B, T, C); state, gstate (B, C, 3); gstate[..., 2] is ignored (see the
-    contract in src/wkv_cuda.py). Computes in the dtype of k. `chunk` tokens per thread and `rows`
+    contract in src/rwkv4/wkv_cuda.py). Computes in the dtype of k. `chunk` tokens per thread and `rows`
     chunks per tile are the kernel's kChunk and kRows (16, 8); small values exercise partial tiles.
     Each block of code below is one kernel of src/rwkv4/cuda/wkv_cuda.cu, every thread at once.
     """
@@ -171,7 +171,7 @@ def wkv_chunked(w, u, k, v, state, gy, gstate, chunk=16, rows=8):
         gw_sum = torch.where(m, gw_sum + f * (ga * p[0] + gb * p[1]), gw_sum)
         ga = torch.where(m, f * ga + q * e1, ga)
         gb = torch.where(m, f * gb - q * e1 * yi, gb)
-    # (6) sums over (B, tiles, rows); the chain rule through w_eff = -exp(w) is autograd's in src/wkv_cuda.py
+    # (6) sums over (B, tiles, rows); the chain rule through w_eff = -exp(w) is autograd's in src/rwkv4/wkv_cuda.py
     gw = gw_sum.sum((0, 1, 2)) * w_eff
     gu = gu_sum.sum((0, 1, 2))
     gk, gv = (x.reshape(B, -1, C)[:, :T] for x in (gk, gv))
