@@ -60,7 +60,7 @@ def run_training(cfg: TrainConfig, stop, extra_callbacks: list, held_until_the_e
     strategy.set_float_precision(cfg)
 
     save_dtype = strategy.SAVE_DTYPE[cfg.precision]
-    saver = callbacks.WeightSaver(cfg, save_dtype, write_weights)  # every .pth of the run, rwkv-last.pth of a stop included
+    saver = callbacks.WeightSaver(cfg, save_dtype, write_weights)  # every .pth, rwkv-last.pth of a stop included
     stopper = stopping.StopOnSignal(stop, saver, Path(cfg.proj_dir) / outputs.BUNDLE_NAME)
     schedule = callbacks.LearningRateSchedule(cfg)
     progress_bar = console.shows_progress_bar(cfg)

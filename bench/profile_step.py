@@ -64,7 +64,8 @@ class PhaseTimer(pl.Callback):
         torch.cuda.synchronize()
         steps = [m for m in self.marks[first:end + 1] if {"start", "forward", "backward", "end"} <= set(m)]
         gpu, host = collections.defaultdict(list), collections.defaultdict(list)
-        bounds = (("forward", "start", "forward"), ("backward", "forward", "backward"), ("optimizer", "backward", "end"))
+        bounds = (("forward", "start", "forward"), ("backward", "forward", "backward"),
+                  ("optimizer", "backward", "end"))
         for i, marks in enumerate(steps[:end - first]):
             for phase, a, b in bounds:
                 gpu[phase].append(marks[a][0].elapsed_time(marks[b][0]))
@@ -73,7 +74,8 @@ class PhaseTimer(pl.Callback):
                 following = steps[i + 1]["start"]
                 gpu["between steps"].append(marks["end"][0].elapsed_time(following[0]))
                 host["between steps"].append(1000 * (following[1] - marks["end"][1]))
-        return {phase: (statistics.median(gpu[phase]), statistics.median(host[phase])) for phase in PHASES if gpu[phase]}
+        return {phase: (statistics.median(gpu[phase]), statistics.median(host[phase]))
+                for phase in PHASES if gpu[phase]}
 
 
 class KernelProfile(pl.Callback):

@@ -132,15 +132,18 @@ def main() -> int:
     steps = len(result["losses"])
     print("\n| what | measured | memory check's estimate |\n|---|---|---|")
     print(f"| card | {torch.cuda.get_device_name(0)}, capped at {args.gpu_gib:g} GiB | |")
-    print(f"| model | L{args.n_layer} D{args.n_embd} vocab {VOCAB}, ctx {args.ctx_len}, bf16, deepspeed_stage_2_offload, "
+    print(f"| model | L{args.n_layer} D{args.n_embd} vocab {VOCAB}, ctx {args.ctx_len}, bf16, "
+          f"deepspeed_stage_2_offload, "
           f"grad_cp, ctx_parts 4, --load_model {args.load_model} | |")
     print(f"| exit code; optimizer steps | {result['exit']}; {steps} (losses "
           f"{', '.join(f'{x:.3f}' for x in result['losses'])}) | |")
-    print(f"| peak GPU allocated / reserved | {result['peak_allocated_gib']:.2f} / {result['peak_reserved_gib']:.2f} GiB "
+    print(f"| peak GPU allocated / reserved | {result['peak_allocated_gib']:.2f} / "
+          f"{result['peak_reserved_gib']:.2f} GiB "
           f"| {result['estimate_gpu_gib']:.2f} GiB (weights, gradients, optimizer) |")
     print(f"| peak host memory: process tree RSS / PSS / pinned | {result['rss_gib']:.1f} / {result['pss_gib']:.1f} / "
           f"{result['pinned_gib']:.1f} GiB | {result['estimate_host_gib']:.1f} GiB |")
-    print(f"| peak host memory in use on the machine (MemTotal - MemAvailable) | {result['machine_used_gib']:.1f} GiB | |")
+    print(f"| peak host memory in use on the machine (MemTotal - MemAvailable) | "
+          f"{result['machine_used_gib']:.1f} GiB | |")
     if result["seconds_per_step"]:
         print(f"| seconds per optimizer step (median after the first) | {result['seconds_per_step']:.1f} | |")
     print(f"| wall time including start-up | {wall:.0f} s | |")

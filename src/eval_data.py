@@ -79,7 +79,7 @@ def load_windows(cfg: TrainConfig, max_tokens: int = 0, chars: Optional[list] = 
     """The evaluation windows of cfg.data_file read as cfg.data_type, cfg.ctx_len inputs long, within the first
     `max_tokens` tokens (0: all), masked per cfg's mask flags. `chars`: the model's characters, for
     character-level data. cfg.vocab_size is the model's: ids outside it are refused."""
-    # character-level data: the file's own characters are read (renumbered to the model's below), whatever the vocabulary
+    # character-level data: the file's own characters are read (renumbered to the model's below)
     data_cfg = dataclasses.replace(cfg, instruct_data_file="", train_split_ratio=None, train_data_sort=None,
                                    vocab_size=0 if cfg.data_type in CHARACTER_DATA_TYPES else cfg.vocab_size)
     data = dataset.load_token_data(data_cfg)

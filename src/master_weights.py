@@ -41,26 +41,27 @@ class MasterWeightAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        with_grads = [[p for p in group["params"] if p.grad is not None] for group in self.param_groups]
-        grads = [p.grad for params in with_grads for p in params]
+        # per group, (16-bit parameter, its fp32 master) for the parameters that received a gradient
+        stepped = [[(p, m) for p, m in zip(group["params"], masters) if p.grad is not None]
+                   for group, masters in zip(self.param_groups, self.masters)]
+        grads = [p.grad for pairs in stepped for p, _ in pairs]
         if not grads:
             return loss
         clip = self._clip_coefficient(grads)
-        for group, inner, params, masters in zip(self.param_groups, self.inner.param_groups, with_grads, self.masters):
-            if not params:
+        for group, inner, pairs in zip(self.param_groups, self.inner.param_groups, stepped):
+            if not pairs:
                 continue
+            params, masters = map(list, zip(*pairs))
             inner["lr"], inner["weight_decay"] = group["lr"], group.get("weight_decay", 0.0)
-            by_param = dict(zip(map(id, group["params"]), masters))
-            group_masters = [by_param[id(p)] for p in params]
             master_grads = [p.grad.float() for p in params]  # this group's fp32 gradients only
             if clip is not None:
                 torch._foreach_mul_(master_grads, clip)
-            for master, grad in zip(group_masters, master_grads):
+            for master, grad in zip(masters, master_grads):
                 master.grad = grad
             self.inner.step()  # updates the masters that have a gradient: this group's
-            for master in group_masters:
+            for master in masters:
                 master.grad = None
-            torch._foreach_copy_(params, group_masters)  # the bf16 weights the next forward uses
+            torch._foreach_copy_(params, masters)  # the bf16 weights the next forward uses
         return loss
 
     def _clip_coefficient(self, grads: List[torch.Tensor]):

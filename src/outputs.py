@@ -2,10 +2,10 @@
 
 A run writes rwkv-init.pth (a fresh model only, when training starts), rwkv-<epoch>.pth for the mini-epochs it
 saves, rwkv-final.pth when it reaches --epoch_count, and on a Ctrl+C / SIGTERM stop rwkv-last.pth and the resume
-bundle. It refuses to start when one of those files is already there (unless --overwrite_proj_dir 1). Files it does not write, such as
-the rwkv-0..N.pth a hand-continued run (--load_model out/rwkv-N.pth --epoch_begin N+1) starts after, never count;
-nor does that run's rwkv-final.pth while rwkv-N.pth keeps a copy of its weights. train_log.txt,
-train_steps.tsv and valid.tsv (src/valid_log.py) are appended to, as the original's log.
+bundle. It refuses to start when one of those files is already there (unless --overwrite_proj_dir 1). Files it
+does not write, such as the rwkv-0..N.pth a hand-continued run (--load_model out/rwkv-N.pth --epoch_begin N+1)
+starts after, never count; nor does that run's rwkv-final.pth while rwkv-N.pth keeps a copy of its weights.
+train_log.txt, train_steps.tsv and valid.tsv (src/valid_log.py) are appended to, as the original's log.
 
 No torch import: these checks run before the heavy imports matter.
 """

@@ -79,8 +79,9 @@ def latest_epoch_checkpoint(proj_dir) -> tuple:
 
 
 def pile_continuation(cfg) -> tuple:
-    """--my_pile_stage >= 2 (cfg: train.py's flags) continues from the newest rwkv-<epoch>.pth in --proj_dir, as the original does: that
-    file is loaded, training starts at the next mini-epoch with 10 (stage 2) or 30 LR warm-up steps.
+    """--my_pile_stage >= 2 (cfg: train.py's flags) continues from the newest rwkv-<epoch>.pth in --proj_dir, as
+    the original does: that file is loaded, training starts at the next mini-epoch with 10 (stage 2) or 30 LR
+    warm-up steps.
 
     Returns (the flags that change, {name: value}; a line saying so), or ({}, "") when --proj_dir holds no such
     file and the run starts from --load_model or fresh weights.

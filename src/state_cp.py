@@ -53,8 +53,8 @@ the moment it arrives, asserting it happens once per backward ("Gradient compute
 partition"), which is why the original toolkit's state checkpointing only ran under ZeRO stage 1. Here
 the whole procedure is one autograd Function whose inputs are the trainable parameters. Inside it, the
 model runs on aliases of those parameters (the same storage under other tensor objects, swapped into
-the modules for the duration by src/parameter_aliases.py), so the pieces accumulate into the aliases and reach no hook of DDP or
-DeepSpeed; the Function's backward returns the sums, and the outer backward (Lightning's or DeepSpeed's
+the modules for the duration by src/parameter_aliases.py), so the pieces accumulate into the aliases and
+reach no hook of DDP or DeepSpeed; the Function's backward returns the sums, and the outer backward (Lightning's or DeepSpeed's
 own) hands each parameter its gradient once. So ZeRO stage 1 and 2 (with offload) and DDP all work, and
 ranks whose samples have different segment counts run no collective inside the Function: none waits for
 another. ZeRO-3 is refused: it gathers parameters in module hooks, which the aliases bypass.
@@ -204,7 +204,8 @@ def _layer_state(state, layer: int) -> tuple:
     return (None, None, None) if state is None else state.layer(layer)
 
 
-def _forward_segment(model: nn.Module, idx: torch.Tensor, state, keep: bool, replay_rng: Optional[list] = None) -> tuple:
+def _forward_segment(model: nn.Module, idx: torch.Tensor, state, keep: bool,
+                     replay_rng: Optional[list] = None) -> tuple:
     """One segment without a graph: (last block's output, state after it, RNG state before each block,
     block inputs [x_0 .. x_L] in host memory if `keep`, else None).
 

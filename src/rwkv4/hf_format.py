@@ -101,7 +101,8 @@ def config_from_hf(config: dict, where) -> RWKVConfig:
         value = config.get(field)
         optional = field in ("attention_hidden_size", "intermediate_size")  # None: hidden_size, 4 * hidden_size
         if not (value is None and optional) and not (isinstance(value, int) and value > 0):
-            raise UserInputError(f"{where}: {field} is {value!r}; an RWKV-4 config.json gives it as a positive integer.")
+            raise UserInputError(f"{where}: {field} is {value!r}; an RWKV-4 config.json gives it as a positive "
+                                 f"integer.")
         sizes[field] = value or 0  # 0: RWKVConfig's default
     epsilon = config.get("layer_norm_epsilon", LAYER_NORM_EPSILON)
     if epsilon != LAYER_NORM_EPSILON:

@@ -243,8 +243,8 @@ class RWKV(nn.Module):
 
     @torch.no_grad()
     def token_losses(self, x: torch.Tensor, targets: torch.Tensor, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Each target's cross-entropy (B, T), fp32 (fp64 for fp64), 0 where masked, from the last block's output x (B, T, C):
-        evaluation, without autograd and a chunk of tokens at a time (head_qk makes the whole logits)."""
+        """Each target's cross-entropy (B, T), fp32 (fp64 for fp64), 0 where masked, from the last block's output
+        x (B, T, C): evaluation, without autograd and a chunk of tokens at a time (head_qk makes the whole logits)."""
         if self.cfg.head_qk > 0:
             logits = self.logits(x, idx)
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
