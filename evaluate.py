@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--accelerator", default="auto", help="cpu, gpu or auto (the GPU when there is one).")
     group.add_argument("--wkv_backend", default="auto", choices=WKV_BACKENDS,
                        help="WKV operator: cuda kernel, torch reference, or auto (kernel for CUDA tensors).")
+    group.add_argument("--compile", type=int, default=1, choices=(0, 1),
+                       help="1 = on a GPU, the elementwise work as fused kernels compiled by torch.compile; 0 = "
+                            "one PyTorch kernel per operation (the CPU always runs the latter).")
     return parser
 
 
@@ -86,7 +89,7 @@ def evaluate(args: argparse.Namespace):
         raise UserInputError(f"--max_tokens must not be negative (got {args.max_tokens}).")
     data_flags = {name: getattr(args, name) for name in (
         "data_file", "data_type", "vocab_size", "my_sample_len", "select_name", "my_script_mask", "ctx_len",
-        "ctx_parts", "state_cp", "micro_bsz", "precision", "accelerator", "wkv_backend")}
+        "ctx_parts", "state_cp", "micro_bsz", "precision", "accelerator", "wkv_backend", "compile")}
     char_level = args.data_type in CHARACTER_DATA_TYPES
     # train.py's checks of these flags (data types, masks, ranges); the model's shape comes from its file
     cfg = TrainConfig(**data_flags, vocab_file="" if char_level else args.vocab_file).finalize()

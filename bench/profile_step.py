@@ -163,6 +163,7 @@ def main() -> int:
     parser.add_argument("--profile_steps", type=int, default=2)
     parser.add_argument("--memory", action="store_true", help="record the allocator history of one step")
     parser.add_argument("--gpu_gib", type=float, default=0, help="cap the card to this many GiB (0: no cap)")
+    parser.add_argument("--compile", type=int, default=1, choices=(0, 1), help="train.py's --compile")
     parser.add_argument("--weights", default="", help="long_context: the 7B base .pth (default: random, made once)")
     parser.add_argument("workload", choices=("throughput", "long_context"))
     parser.add_argument("what", nargs="+", help="throughput: SHAPE STRATEGY; long_context: CTX_LEN")
@@ -177,15 +178,15 @@ def main() -> int:
     steps = args.warmup + 3 + args.profile_steps + 3
     if args.workload == "throughput":
         shape, strategy = args.what
-        flags = train_throughput.train_flags(shape, strategy, train_throughput.random_tokens(shape, proj_dir), proj_dir,
-                                             steps)
+        tokens = train_throughput.random_tokens(shape, proj_dir)
+        flags = train_throughput.train_flags(shape, strategy, tokens, proj_dir, steps, compile=args.compile)
         tokens_per_step = train_throughput.CTX * train_throughput.SHAPES[shape][2]
     else:
         ctx_len = int(args.what[0])
         weights = long_context.ensure_random_base(Path(args.weights or long_context.random_base_path()))
         torch.cuda.empty_cache()
         flags = long_context.lora_flags(weights, long_context.random_tokens(ctx_len, proj_dir), proj_dir, ctx_len,
-                                        steps)
+                                        steps) + ["--compile", str(args.compile)]
         tokens_per_step = ctx_len
     filler = cap_gpu_memory(args.gpu_gib) if args.gpu_gib else 0  # after the base is made: that needs the whole card
     timed = 3  # steps timed by phases, before the profiler and the memory recording, which slow the steps they watch
@@ -197,9 +198,9 @@ def main() -> int:
     table = phases.table(args.warmup, args.warmup + timed)
     step_ms = sum(gpu for gpu, _ in table.values())
     allocated, reserved = peak_gib(filler)
-    lines = [f"{' '.join(args.what)} ({args.workload}): exit {code}; {torch.cuda.get_device_name(0)}; median of "
-             f"{timed} steps after {args.warmup}: {step_ms:.1f} ms per step, "
-             f"{tokens_per_step / step_ms * 1000:,.0f} tokens/s; peak allocated / reserved {allocated:.2f} / "
+    lines = [f"{' '.join(args.what)} ({args.workload}, --compile {args.compile}): exit {code}; "
+             f"{torch.cuda.get_device_name(0)}; median of {timed} steps after {args.warmup}: {step_ms:.1f} ms per "
+             f"step, {tokens_per_step / step_ms * 1000:,.0f} tokens/s; peak allocated / reserved {allocated:.2f} / "
              f"{reserved:.2f} GiB", "", "| phase | GPU ms | share | host ms |", "|---|---|---|---|"]
     lines += [f"| {phase} | {gpu:.1f} | {gpu / step_ms:.0%} | {host:.1f} |" for phase, (gpu, host) in table.items()]
     report = "\n".join(lines)

@@ -150,6 +150,10 @@ class TrainConfig:
                         choices=(0, 1))
     wkv_backend: str = flag("auto", "model", "WKV operator: cuda kernel, torch reference, or auto (kernel for "
                             "CUDA tensors).", choices=WKV_BACKENDS)
+    compile: int = flag(1, "model", "1 = on a GPU, run each block's elementwise work (token shift and mixing, "
+                        "gates, squared ReLU) as fused kernels compiled by torch.compile (about a minute of "
+                        "compilation at the start); 0 = one PyTorch kernel per operation. The CPU always runs "
+                        "the latter.", choices=(0, 1))
 
     # ---- optimisation and schedule
     lr_init: float = flag(6e-4, "optim", "Initial learning rate (6e-4 for L12-D768, 4e-4 L24-D1024, "

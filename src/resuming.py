@@ -20,7 +20,7 @@ from src.outputs import BUNDLE_NAME
 
 # Flags that may change between a run and its resumption (they do not change the training maths).
 RESUME_FREE_FLAGS = {"resume", "load_model", "lora_load", "proj_dir", "wandb", "enable_progress_bar", "max_epochs",
-                     "max_steps", "random_seed", "debug", "timestamp", "wkv_backend", "log_add_step",
+                     "max_steps", "random_seed", "debug", "timestamp", "wkv_backend", "compile", "log_add_step",
                      "overwrite_proj_dir",
                      "lora_settings",  # derived from --lora_* flags, which are compared
                      "valid_data_file", "valid_data_type", "valid_every", "valid_tokens"}  # held-out loss: reads only

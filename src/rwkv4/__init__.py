@@ -6,6 +6,7 @@
     state.py      RWKVState (per layer: token shifts and WKV sums), initial_state, empty_state
     anatomy.py    the toolkit's questions about parameter names (forward piece, LR multiplier, LoRA targets, ...)
     wkv.py        the WKV operator and its torch twin; wkv_cuda.py and cuda/ the kernel
+    elementwise.py  the elementwise work between a block's projections, and its fused (torch.compile) twin
     hf_format.py  the same model in transformers' RwkvForCausalLM format
 
 Import the modules themselves: this file imports nothing, so `src.rwkv4.config` and `src.rwkv4.anatomy` load

@@ -2,8 +2,9 @@
 command-line checks can ask the model's rules without loading torch.
 
 RWKVConfig is the shape: it decides every state-dict key and tensor shape (src/rwkv4/model.py lists them).
-ForwardOptions change how the forward is computed, never what: activation checkpointing, the WKV backend, and
-the length of the pieces the WKV operator runs in. A training knob therefore never changes the model.
+ForwardOptions change how the forward is computed, never what: activation checkpointing, the WKV backend, the
+length of the pieces the WKV operator runs in, and whether the elementwise work runs as fused kernels. A training
+knob therefore never changes the model.
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -60,8 +61,10 @@ class ForwardOptions:
     grad_cp: bool = False  # recompute each block's activations in the backward pass instead of keeping them
     wkv_backend: str = "auto"  # "cuda" kernel, "torch" reference, "auto": the kernel for CUDA tensors
     ctx_part_len: Optional[int] = None  # run the WKV operator on pieces of at most this many tokens
+    fused: bool = False  # on CUDA tensors, the elementwise work between the projections as compiled fused kernels
 
     @classmethod
     def from_flags(cls, flags) -> "ForwardOptions":
-        """--grad_cp, --wkv_backend and --ctx_parts (as its part length) of train.py's flags."""
-        return cls(grad_cp=bool(flags.grad_cp), wkv_backend=flags.wkv_backend, ctx_part_len=flags.ctx_part_len)
+        """--grad_cp, --wkv_backend, --ctx_parts (as its part length) and --compile of train.py's flags."""
+        return cls(grad_cp=bool(flags.grad_cp), wkv_backend=flags.wkv_backend, ctx_part_len=flags.ctx_part_len,
+                   fused=bool(flags.compile))

@@ -35,15 +35,10 @@ from torch.utils.checkpoint import checkpoint
 from src.checkpoint import compare_weights
 from src.errors import UserInputError
 from src.loss import IGNORE_INDEX, head_loss, head_token_losses, language_model_loss
+from src.rwkv4 import elementwise
 from src.rwkv4.config import ForwardOptions, RWKVConfig
 from src.rwkv4.state import RWKVState, empty_state
 from src.rwkv4.wkv import wkv
-
-
-def token_shift(x: torch.Tensor, last: Optional[torch.Tensor]) -> torch.Tensor:
-    """x delayed by one step: (B, T, C) -> (B, T, C), with `last` (B, C) (or zeros) at t = 0."""
-    first = torch.zeros_like(x[:, :1]) if last is None else last.unsqueeze(1).to(x.dtype)
-    return torch.cat([first, x[:, :-1]], dim=1)
 
 
 def _layer_ratios(layer_id: int, n_layer: int) -> tuple:
@@ -81,20 +76,20 @@ class TimeMix(nn.Module):
 
     def forward(self, x, shift, wkv_state):
         """x (B, T, C); shift (B, C) or None; wkv_state (B, A, 3) or None -> (out, new shift, new wkv state)."""
-        xx = token_shift(x, shift)
-        # x * mix + xx * (1 - mix), as one lerp (one kernel and one saved tensor instead of four)
-        xk, xv, xr = (torch.lerp(xx, x, mix.to(x.dtype)) for mix in (self.time_mix_k, self.time_mix_v, self.time_mix_r))
+        ops = elementwise.ops(self.options.fused, x)
+        xk, xv, xr = ops.shifted_mixes(x, shift, (self.time_mix_k, self.time_mix_v, self.time_mix_r))
         k, v, r = self.key(xk), self.value(xv), self.receptance(xr)  # (B, T, A)
         y, wkv_state = wkv(self.time_decay, self.time_first, k, v, wkv_state,
                            backend=self.options.wkv_backend, part_len=self.options.ctx_part_len)
-        return self.output(torch.sigmoid(r) * y), x[:, -1], wkv_state
+        return self.output(ops.gate(r, y)), x[:, -1], wkv_state
 
 
 class ChannelMix(nn.Module):
     """RWKV-4 feed-forward: token shift, squared-ReLU key, sigmoid receptance gate."""
 
-    def __init__(self, cfg: RWKVConfig, layer_id: int):
+    def __init__(self, cfg: RWKVConfig, layer_id: int, options: ForwardOptions):
         super().__init__()
+        self.options = options  # the model's, shared: whether the elementwise work runs fused
         C = cfg.n_embd
         _, ratio_1_to_almost0 = _layer_ratios(layer_id, cfg.n_layer)
         ddd = _channel_ramp(C)
@@ -104,12 +99,13 @@ class ChannelMix(nn.Module):
         self.receptance = nn.Linear(C, C, bias=False)
         self.value = nn.Linear(cfg.dim_ffn, C, bias=False)
 
-    def forward(self, x, shift):
-        """x (B, T, C); shift (B, C) or None -> (out, new shift)."""
-        xx = token_shift(x, shift)
-        xk, xr = (torch.lerp(xx, x, mix.to(x.dtype)) for mix in (self.time_mix_k, self.time_mix_r))
-        k = torch.square(torch.relu(self.key(xk)))  # (B, T, F)
-        return torch.sigmoid(self.receptance(xr)) * self.value(k), x[:, -1]
+    def forward(self, residual, x, shift):
+        """residual: the block's stream (B, T, C), x: its normalised copy (B, T, C); shift (B, C) or None
+        -> (residual + this layer's output, new shift)."""
+        ops = elementwise.ops(self.options.fused, x)
+        xk, xr = ops.shifted_mixes(x, shift, (self.time_mix_k, self.time_mix_r))
+        k = ops.squared_relu(self.key(xk))  # (B, T, F)
+        return ops.gated_residual(residual, self.receptance(xr), self.value(k)), x[:, -1]
 
 
 class Block(nn.Module):
@@ -126,10 +122,10 @@ class Block(nn.Module):
                 self.pos_emb_x = nn.Parameter(torch.zeros(1, cfg.my_pos_emb, C))
                 self.pos_emb_y = nn.Parameter(torch.zeros(cfg.my_pos_emb, 1, C))
         if layer_id == 0 and cfg.pre_ffn > 0:
-            self.ffnPre = ChannelMix(cfg, 0)
+            self.ffnPre = ChannelMix(cfg, 0, options)
         else:
             self.att = TimeMix(cfg, layer_id, options)
-        self.ffn = ChannelMix(cfg, layer_id)
+        self.ffn = ChannelMix(cfg, layer_id, options)
         if cfg.has_tiny_att and layer_id == cfg.tiny_att_layer:
             self.tiny_ln = nn.LayerNorm(C)
             self.tiny_q = nn.Linear(C, cfg.tiny_att_dim, bias=False)
@@ -147,14 +143,13 @@ class Block(nn.Module):
                     raise ValueError(f"--my_pos_emb {self.cfg.my_pos_emb} covers {grid} positions, fewer than {T}")
                 x = x + (self.pos_emb_x + self.pos_emb_y).reshape(grid, C)[:T]
         if hasattr(self, "ffnPre"):
-            dx, att_shift = self.ffnPre(self.ln1(x), att_shift)
+            x, att_shift = self.ffnPre(x, self.ln1(x), att_shift)
             if wkv_state is None:
                 wkv_state = empty_state(B, self.cfg.dim_att, x.device)
         else:
             dx, att_shift, wkv_state = self.att(self.ln1(x), att_shift, wkv_state)
-        x = x + dx
-        dx, ffn_shift = self.ffn(self.ln2(x), ffn_shift)
-        x = x + dx
+            x = x + dx
+        x, ffn_shift = self.ffn(x, self.ln2(x), ffn_shift)
         if hasattr(self, "tiny_ln"):
             xx = self.tiny_ln(x)
             q, k = self.tiny_q(xx), self.tiny_k(xx)  # (B, T, D)
