@@ -81,12 +81,18 @@ def language_model_loss(logits: torch.Tensor, targets: torch.Tensor, targets_in_
 
 
 def head_loss_bytes(tokens: int, vocab: int, width: int, dtype_bytes: int, head_trains: bool) -> int:
-    """head_loss's working memory for `tokens` tokens, in bytes: one chunk of logits (fp32, and its gradient in the
-    compute dtype), the gradient of x, and with a trained head its gradient (fp32 sums, then in the weight's dtype)."""
+    """The most head_loss's forward holds at once beyond its inputs, in bytes, for `tokens` tokens: the padded head
+    in the compute dtype (16-bit: dtype_bytes), the gradient of x, with a trained head and more than one chunk the
+    fp32 sum of the head's gradient, and the largest of: a chunk's logits (the product in the compute dtype and
+    its fp32 copy, which becomes their gradient), the logits' gradient in the compute dtype with its product
+    with x (the head's gradient from that chunk), and at the end the head's gradient in the compute dtype."""
     padded = math.ceil(vocab / VOCAB_ALIGNMENT) * VOCAB_ALIGNMENT
-    chunk = min(tokens, max(1, LOGITS_PER_CHUNK // padded)) * padded * (4 + dtype_bytes)
-    grad_w = padded * width * (4 + dtype_bytes) if head_trains else 0
-    return chunk + tokens * width * dtype_bytes + grad_w
+    chunk_tokens = min(tokens, max(1, LOGITS_PER_CHUNK // padded))
+    head = padded * width * dtype_bytes
+    sums = padded * width * 4 if head_trains and tokens > chunk_tokens else 0
+    logits = chunk_tokens * padded * (4 + dtype_bytes)
+    product = chunk_tokens * padded * dtype_bytes + head if head_trains else 0
+    return head + tokens * width * dtype_bytes + sums + max(logits, product, head if sums else 0)
 
 
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -151,6 +157,25 @@ def head_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                            wants_grads)
 
 
+def _chunk_loss(x_chunk, w, vocab, targets, count, positions, accumulate, gradient_dtype) -> tuple:
+    """(summed cross-entropy of a chunk of tokens, the gradient of the loss (the sum / count, plus L2Wrap) for its
+    logits (n, padded) in gradient_dtype, or None without one). The fp32 logits become their gradient in place
+    and are freed on return."""
+    z = _chunk_logits(x_chunk, w, vocab, accumulate)  # (n, padded)
+    lse = torch.logsumexp(z, dim=-1)
+    unmasked = targets != IGNORE_INDEX
+    safe_targets = targets.clamp(min=0).unsqueeze(1)  # masked targets read column 0, weighted 0
+    ce = ((lse - z.gather(1, safe_targets).squeeze(1)) * unmasked).sum()
+    if gradient_dtype is None:
+        return ce, None
+    top, top_ids = z.max(dim=-1, keepdim=True)
+    weights = (unmasked.to(accumulate) / count).unsqueeze(1)  # (n, 1)
+    grad_z = z.sub_(lse.unsqueeze(1)).exp_().mul_(weights)  # softmax / count, in z's memory
+    grad_z.scatter_add_(1, safe_targets, -weights)
+    grad_z.scatter_add_(1, top_ids, top * (L2WRAP_COEF / positions))
+    return ce, grad_z.to(gradient_dtype)
+
+
 class _HeadLoss(torch.autograd.Function):
     """Summed cross-entropy of x @ weight.T over a normaliser, and its gradients, a chunk of tokens at a time.
 
@@ -172,30 +197,27 @@ class _HeadLoss(torch.autograd.Function):
         want_x = wants_grads and ctx.needs_input_grad[0]
         want_w = wants_grads and ctx.needs_input_grad[1]
         grad_x = torch.empty_like(flat_x) if want_x else None
-        grad_w = torch.zeros(padded, C, dtype=accumulate, device=x.device) if want_w else None
+        grad_w = None  # (padded, C): the one chunk's product, or the fp32 sum of the chunks' products
         ce_sum = torch.zeros((), dtype=accumulate, device=x.device)
         step = max(1, logits_per_chunk // padded)
         with torch.autocast(x.device.type, enabled=False):  # the dtypes above are chosen explicitly
             for start in range(0, flat_x.shape[0], step):
                 x_chunk = flat_x[start:start + step].to(compute_dtype)
-                t_chunk = flat_targets[start:start + step]
-                z = _chunk_logits(x_chunk, w, vocab, accumulate)  # (n, padded)
-                lse = torch.logsumexp(z, dim=-1)
-                unmasked = t_chunk != IGNORE_INDEX
-                safe_targets = t_chunk.clamp(min=0).unsqueeze(1)  # masked targets read column 0, weighted 0
-                ce_sum += ((lse - z.gather(1, safe_targets).squeeze(1)) * unmasked).sum()
-                if not (want_x or want_w):
+                ce, grad_z = _chunk_loss(x_chunk, w, vocab, flat_targets[start:start + step], count, positions,
+                                         accumulate, compute_dtype if want_x or want_w else None)
+                ce_sum += ce
+                if grad_z is None:
                     continue
-                top, top_ids = z.max(dim=-1, keepdim=True)
-                weights = (unmasked.to(accumulate) / count).unsqueeze(1)  # (n, 1)
-                grad_z = z.sub_(lse.unsqueeze(1)).exp_().mul_(weights)  # softmax / count, in z's memory
-                grad_z.scatter_add_(1, safe_targets, -weights)
-                grad_z.scatter_add_(1, top_ids, top * (L2WRAP_COEF / positions))
-                grad_z = grad_z.to(compute_dtype)
                 if want_x:
                     grad_x[start:start + step] = grad_z @ w
                 if want_w:
-                    grad_w += (grad_z.T @ x_chunk).to(accumulate)
+                    partial = grad_z.T @ x_chunk  # (padded, C) in the compute dtype (the product sums in fp32)
+                    if grad_w is None:
+                        grad_w = partial if step >= flat_x.shape[0] else partial.to(accumulate)
+                    else:
+                        grad_w += partial  # promoted inside the in-place add: no fp32 copy of `partial`
+                    del partial
+                del grad_z  # both freed before the next chunk's logits, as head_loss_bytes counts
         ctx.save_for_backward(None if grad_x is None else grad_x.view_as(x),
                               None if grad_w is None else grad_w[:vocab].to(weight.dtype))
         return ce_sum / count

@@ -111,3 +111,19 @@ def test_head_loss_on_the_gpu_with_an_unaligned_vocabulary(dtype):
     got = loss_and_grads(lambda: head_loss(x, weight, targets, logits_per_chunk=2 ** 24), x, weight)  # 4 chunks
     for name, a, b in zip(("loss", "dL/dx", "dL/dweight"), got, expected):
         assert relative(a, b) <= TOLERANCE[dtype], (name, relative(a, b))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1000, 4096])  # one chunk of logits; four chunks, summed in fp32
+def test_head_loss_working_memory_stays_within_its_estimate(tokens):
+    """What the forward allocates beyond its inputs (its working memory and the gradients it keeps for backward)
+    is at most head_loss_bytes, the figure the memory check counts, and not much less (the estimate is tight)."""
+    x, weight, targets = inputs(1, tokens, 1024, 50277, torch.bfloat16, device="cuda")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    head_loss(x, weight, targets)
+    used = torch.cuda.max_memory_allocated() - before
+    estimate = loss.head_loss_bytes(tokens, 50277, 1024, 2, head_trains=True)
+    print(f"\n[head_loss] {tokens} tokens: peak {used / 2**20:.0f} MiB, estimate {estimate / 2**20:.0f} MiB")
+    assert 0.95 * estimate <= used <= estimate + 2 ** 20  # + small tensors: per-token maxima, masks, sums
