@@ -106,6 +106,7 @@ def evaluate(args: argparse.Namespace):
     if args.wkv_backend == "cuda" and device.type != "cuda":
         raise UserInputError(f"--wkv_backend cuda is the GPU kernel, and this evaluation runs on {device} "
                              f"(--accelerator {args.accelerator}); use --wkv_backend auto or torch")
+    strategy.check_fused_kernels(cfg)
     dtype = strategy.SAVE_DTYPE[cfg.precision]  # the weights' dtype: what a run of this precision saves
     strategy.set_float_precision(cfg)
     model = eval_model.load_model(args.load_model, args.lora_load, args.lora_alpha, device, dtype,

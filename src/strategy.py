@@ -1,6 +1,8 @@
 """How a run uses its hardware: --precision and --strategy as Lightning objects, the device, and the weights
 gathered from wherever the strategy keeps them (all of them on one rank under ZeRO-3).
 """
+import importlib.util
+
 import lightning.pytorch as pl
 import torch
 
@@ -38,6 +40,7 @@ def check_device_flags(cfg: TrainConfig) -> None:
         raise UserInputError(f"--accelerator {cfg.accelerator}: torch sees no CUDA GPU here; use --accelerator cpu "
                              f"(or auto)")
     if training_device(cfg) != "cpu":
+        check_fused_kernels(cfg)
         return
     if cfg.precision == "fp16":
         raise UserInputError("--precision fp16 needs a CUDA GPU, and this run trains on the CPU (where Lightning "
@@ -45,6 +48,14 @@ def check_device_flags(cfg: TrainConfig) -> None:
     if cfg.wkv_backend == "cuda":
         raise UserInputError("--wkv_backend cuda runs the WKV kernel on a CUDA GPU, and this run trains on the CPU; "
                              "use --wkv_backend torch (or auto)")
+
+
+def check_fused_kernels(cfg: TrainConfig) -> None:
+    """--compile 1 on a GPU: torch.compile writes the fused kernels in Triton, which a CUDA build of torch brings
+    along but another install may lack; say so before anything runs, not in the first step."""
+    if cfg.compile and training_device(cfg) != "cpu" and importlib.util.find_spec("triton") is None:
+        raise UserInputError("--compile 1 fuses the elementwise work into kernels that torch.compile writes in "
+                             "Triton, which is not installed here; pip install triton, or pass --compile 0")
 
 
 def set_float_precision(cfg: TrainConfig) -> None:

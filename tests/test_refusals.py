@@ -142,6 +142,24 @@ def test_gpu_only_flags_on_a_cpu(proj_dir, capsys, extra, expected):
     assert folder_snapshot(proj_dir) == before
 
 
+def test_compile_on_a_gpu_without_triton(monkeypatch):
+    """--compile 1 needs Triton where it trains on a GPU; refused before anything runs, with both ways out."""
+    import importlib.util
+
+    from src import strategy
+    from src.config import parse_args
+    from src.errors import UserInputError
+
+    cfg = parse_args(TINY_RUN)
+    monkeypatch.setattr(strategy, "training_device", lambda cfg: "cuda:0")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else find_spec(name, *a))
+    with pytest.raises(UserInputError, match=r"--compile 1 .* Triton, which is not installed here; pip install "
+                                             r"triton, or pass --compile 0"):
+        strategy.check_fused_kernels(cfg)
+    strategy.check_fused_kernels(parse_args([*TINY_RUN, "--compile", "0"]))
+
+
 @pytest.mark.parametrize("damage, expected", [
     ("appended", "d.bin is 28 bytes but {prefix}.idx describes only 20: the .bin was appended to or belongs to "
                  "another index"),
