@@ -159,18 +159,21 @@ def head_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
 
 def _chunk_loss(x_chunk, w, vocab, targets, count, positions, accumulate, gradient_dtype) -> tuple:
     """(summed cross-entropy of a chunk of tokens, the gradient of the loss (the sum / count, plus L2Wrap) for its
-    logits (n, padded) in gradient_dtype, or None without one). The fp32 logits become their gradient in place
-    and are freed on return."""
+    logits (n, padded) in gradient_dtype, or None without one). The fp32 logits turn into e^(z - max), then into
+    their gradient, in their own memory (torch.logsumexp would make a copy as large), and are freed on return."""
     z = _chunk_logits(x_chunk, w, vocab, accumulate)  # (n, padded)
-    lse = torch.logsumexp(z, dim=-1)
     unmasked = targets != IGNORE_INDEX
     safe_targets = targets.clamp(min=0).unsqueeze(1)  # masked targets read column 0, weighted 0
-    ce = ((lse - z.gather(1, safe_targets).squeeze(1)) * unmasked).sum()
+    picked = z.gather(1, safe_targets)  # (n, 1): the targets' logits
+    top, top_ids = z.max(dim=-1, keepdim=True)  # (n, 1): for a stable exponential, and L2Wrap's
+    exp = z.sub_(top).exp_()  # e^(z - max), in z's memory
+    total = exp.sum(dim=-1, keepdim=True)
+    lse = top + total.log()  # (n, 1): logsumexp(z)
+    ce = ((lse - picked).squeeze(1) * unmasked).sum()
     if gradient_dtype is None:
         return ce, None
-    top, top_ids = z.max(dim=-1, keepdim=True)
     weights = (unmasked.to(accumulate) / count).unsqueeze(1)  # (n, 1)
-    grad_z = z.sub_(lse.unsqueeze(1)).exp_().mul_(weights)  # softmax / count, in z's memory
+    grad_z = exp.mul_(weights / total)  # softmax / count
     grad_z.scatter_add_(1, safe_targets, -weights)
     grad_z.scatter_add_(1, top_ids, top * (L2WRAP_COEF / positions))
     return ce, grad_z.to(gradient_dtype)

@@ -51,13 +51,41 @@ REFERENCE = SimpleNamespace(shifted_mixes=shifted_mixes, gate=gate, squared_relu
                             gated_residual=gated_residual)
 
 
+# The compiled functions take each mix as an argument of its own, and a separate function per number of mixes
+# (time-mix three, channel-mix two): torch.compile keeps its compiled variants per function (one per grad mode,
+# and per inputs that do or do not require gradients), up to a limit of 8 per function.
+def _three_mixes(x, last, mix_1, mix_2, mix_3):
+    return shifted_mixes(x, last, (mix_1, mix_2, mix_3))
+
+
+def _two_mixes(x, last, mix_1, mix_2):
+    return shifted_mixes(x, last, (mix_1, mix_2))
+
+
+@functools.cache
+def _compiled() -> dict:
+    """The functions compiled, once per process. dynamic=True: one compiled kernel serves every batch size and
+    length (the last segment of --state_cp is shorter, evaluation windows differ), instead of a compilation per
+    shape. Without fullgraph, a function past torch.compile's limit of variants runs uncompiled (the same
+    results, slower) instead of stopping the run."""
+    functions = dict(three_mixes=_three_mixes, two_mixes=_two_mixes, gate=gate, squared_relu=squared_relu,
+                     gated_residual=gated_residual)
+    return {name: torch.compile(function, dynamic=True) for name, function in functions.items()}
+
+
+def _fused_shifted_mixes(x: torch.Tensor, last: Optional[torch.Tensor], mixes: tuple) -> tuple:
+    """shifted_mixes by the compiled functions, with `last` always a contiguous tensor in x's dtype (zeros at the
+    start), so that the start, a state carried on the GPU and one brought back from the host share one variant."""
+    last = x.new_zeros(x.shape[0], x.shape[2]) if last is None else last.to(x.dtype).contiguous()
+    compiled = _compiled()["three_mixes" if len(mixes) == 3 else "two_mixes"]
+    return compiled(x, last, *mixes)
+
+
 @functools.cache
 def _fused() -> SimpleNamespace:
-    """REFERENCE's functions compiled, once per process. dynamic=True: one compiled kernel serves every batch
-    size and length (the last segment of --state_cp is shorter, evaluation windows differ), instead of a
-    compilation per shape. fullgraph=True: a function that cannot be compiled whole fails loudly."""
-    return SimpleNamespace(**{name: torch.compile(function, dynamic=True, fullgraph=True)
-                              for name, function in vars(REFERENCE).items()})
+    compiled = _compiled()
+    return SimpleNamespace(shifted_mixes=_fused_shifted_mixes, gate=compiled["gate"],
+                           squared_relu=compiled["squared_relu"], gated_residual=compiled["gated_residual"])
 
 
 def ops(fused: bool, x: torch.Tensor) -> SimpleNamespace:
