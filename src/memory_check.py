@@ -22,9 +22,9 @@ a 7.39e9-parameter model needs 123.9 GiB there, which the 125 GiB of a 128 GiB m
 the process itself (measured: the kernel killed such a run at 125.8 GiB in use, in its first optimizer step).
 
 The whole run (`run_footprint`) adds what training holds beside the state: on the GPU the activations (the
-model's estimate for the samples, --grad_cp and --state_cp) and DeepSpeed's buffers (two gradient buckets;
-with offload a 16-bit and an fp64 copy of the largest gradient, the latter for its norm); on the host each
-process's own memory (Python, torch, the CUDA runtime). BENCHMARKS.md puts these estimates beside measured peaks.
+model's estimate for the samples, --grad_cp and --state_cp), DeepSpeed's buffers (two gradient buckets;
+with offload a 16-bit and an fp64 copy of the largest gradient, the latter for its norm) and the CUDA libraries'
+memory outside PyTorch's allocator; on the host each process's own memory (Python, torch, the CUDA runtime). BENCHMARKS.md puts these estimates beside measured peaks.
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -43,6 +43,11 @@ OPTIMIZER_GROUP_NUMEL = 2 ** 28
 # Host memory of one training process beside the weights and optimizer state: Python, torch, Lightning and, on a
 # GPU, the CUDA runtime's host side (BENCHMARKS.md: measured before DeepSpeed's set-up, 4-6 GiB on the H200 machine).
 PROCESS_HOST_BYTES = {True: 5 * GIB, False: 1 * GIB}  # a GPU process, a CPU-only process
+# GPU memory a training process takes outside PyTorch's allocator after the check has read the free memory: cuBLAS
+# handles and workspaces (one per stream and per autograd thread), NCCL's buffers, loaded kernels. Measured on the
+# H200 in a ZeRO-2 offload run that ran out of memory: 1.6 GiB outside the allocator, of which the CUDA context
+# (about 0.5 GiB) already exists when the check runs.
+PROCESS_GPU_RUNTIME_BYTES = 1 * GIB
 
 
 @dataclass(frozen=True)
@@ -94,10 +99,12 @@ def run_footprint(cfg: TrainConfig, state: Footprint, largest_trainable: int, ac
         return Footprint(gpu=0, host=state.host + activations + process,
                          host_parts=f"{state.host / GIB:.1f} GiB of weights, gradients and optimizer state, "
                                     f"{activations / GIB:.1f} GiB of activations, {process / GIB:.0f} GiB per process")
+    runtime = PROCESS_GPU_RUNTIME_BYTES
     return Footprint(
-        gpu=state.gpu + activations + buffers, host=state.host + process,
+        gpu=state.gpu + activations + buffers + runtime, host=state.host + process,
         gpu_parts=f"{state.gpu / GIB:.1f} GiB of weights, gradients and optimizer state, {activations / GIB:.1f} GiB "
-                  f"of activations" + (f", {buffers / GIB:.1f} GiB of DeepSpeed buffers" if buffers else ""),
+                  f"of activations" + (f", {buffers / GIB:.1f} GiB of DeepSpeed buffers" if buffers else "")
+                  + f", {runtime / GIB:.0f} GiB for the CUDA libraries",
         host_parts=(f"{state.host / GIB:.1f} GiB of offloaded optimizer state, " if state.host else "")
         + f"{process / GIB:.0f} GiB per process")
 

@@ -2,8 +2,10 @@
 
 DeepSpeed's ZeRO-2 set-up copies each optimizer parameter group whole on the GPU (src/memory_check.py,
 OPTIMIZER_GROUP_NUMEL). L32 D2560 (2.7B parameters, 5.5 GB in bf16) in one group would need 11 GB at that
-moment; a 9 GiB card holds the weights, DeepSpeed's buckets and the activations of ctx 1024 only when the
-groups are bounded. Run on a CUDA machine with deepspeed: `python -m pytest -m gpu -s tests/test_gpu_memory.py`.
+moment; a 10 GiB card holds the weights, DeepSpeed's buffers, the activations of ctx 1024 and the CUDA
+libraries' own memory (the memory check's estimate: 9.0 GiB) only when the groups are bounded. (A 9 GiB cap,
+this test's first choice, ran out of memory in cuBLAS's set-up: 1.6 GiB of the card are outside PyTorch's
+allocator, which the check did not count then.) Run on a CUDA machine with deepspeed: `python -m pytest -m gpu -s tests/test_gpu_memory.py`.
 """
 import importlib.util
 import json
@@ -16,7 +18,7 @@ import pytest
 from conftest import ROOT
 
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")
-CAP_GIB = 9.0
+CAP_GIB = 10.0
 
 
 @needs_deepspeed
