@@ -151,8 +151,8 @@ class TrainConfig:
     wkv_backend: str = flag("auto", "model", "WKV operator: cuda kernel, torch reference, or auto (kernel for "
                             "CUDA tensors).", choices=WKV_BACKENDS)
     compile: int = flag(1, "model", "1 = on a GPU, run each block's elementwise work (token shift and mixing, "
-                        "gates, squared ReLU) as fused kernels compiled by torch.compile (about a minute of "
-                        "compilation at the start); 0 = one PyTorch kernel per operation. The CPU always runs "
+                        "gates, squared ReLU) as fused kernels compiled by torch.compile (compiled in the first "
+                        "step: about 10 s on the H200); 0 = one PyTorch kernel per operation. The CPU always runs "
                         "the latter.", choices=(0, 1))
 
     # ---- optimisation and schedule
