@@ -24,7 +24,8 @@ the process itself (measured: the kernel killed such a run at 125.8 GiB in use, 
 The whole run (`run_footprint`) adds what training holds beside the state: on the GPU the activations (the
 model's estimate for the samples, --grad_cp and --state_cp), DeepSpeed's buffers (two gradient buckets;
 with offload a 16-bit and an fp64 copy of the largest gradient, the latter for its norm) and the CUDA libraries'
-memory outside PyTorch's allocator; on the host each process's own memory (Python, torch, the CUDA runtime). BENCHMARKS.md puts these estimates beside measured peaks.
+memory outside PyTorch's allocator; on the host each process's own memory (Python, torch, the CUDA runtime).
+BENCHMARKS.md puts these estimates beside measured peaks.
 """
 from dataclasses import dataclass
 from typing import Optional
