@@ -5,7 +5,8 @@ OPTIMIZER_GROUP_NUMEL). L32 D2560 (2.7B parameters, 5.5 GB in bf16) in one group
 moment; a 10 GiB card holds the weights, DeepSpeed's buffers, the activations of ctx 1024 and the CUDA
 libraries' own memory (the memory check's estimate: 9.0 GiB) only when the groups are bounded. (A 9 GiB cap,
 this test's first choice, ran out of memory in cuBLAS's set-up: 1.6 GiB of the card are outside PyTorch's
-allocator, which the check did not count then.) Run on a CUDA machine with deepspeed: `python -m pytest -m gpu -s tests/test_gpu_memory.py`.
+allocator, which the check did not count then.) Run on a CUDA machine with deepspeed:
+`python -m pytest -m gpu -s tests/test_gpu_memory.py`.
 """
 import importlib.util
 import json
