@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import cap_gpu_memory, matmul_tflops, peak_gib, run_child
-from bench.long_context import NON_EMBEDDING_PARAMS, SEGMENT, SHAPE, ensure_random_base, random_base_path
+from bench.common import cap_gpu_memory, peak_gib
+from bench.long_context import NON_EMBEDDING_PARAMS, SEGMENT, SHAPE, run_each_length
 
 MEASURED_WINDOWS = {4096: 32, 32768: 4, 131072: 2, 1048576: 1}  # after the warm-up window: 128K-1M tokens each
 
@@ -84,16 +84,7 @@ def main() -> int:
     if args.ctx_len:
         return run_one_length(args)
 
-    weights = ensure_random_base(Path(args.weights or random_base_path()))
-    tflops = matmul_tflops()
-    results = []
-    for ctx_len in args.lengths:
-        result = run_child("bench.evaluate_speed", ["--ctx_len", str(ctx_len), "--weights", str(weights), "--gpu_gib",
-                                                    str(args.gpu_gib), "--micro_bsz", str(args.micro_bsz)],
-                           f"ctx {ctx_len}")
-        if result:
-            results.append(result)
-
+    tflops, results = run_each_length("bench.evaluate_speed", args, ("--micro_bsz", str(args.micro_bsz)))
     limit = tflops * 1e12 / (2 * NON_EMBEDDING_PARAMS)
     print(f"\n{torch.cuda.get_device_name(0)}, capped at {args.gpu_gib:g} GiB; bf16 matmul {tflops:.0f} TFLOP/s "
           f"(8192^3), so the matmul limit of an evaluation forward is {limit:,.0f} tokens/s")

@@ -104,6 +104,21 @@ def run_one_length(args) -> int:
     return code
 
 
+def run_each_length(module: str, args, extra_argv: tuple = ()) -> tuple:
+    """The parent's part of a 7B benchmark: the random base made once (unless --weights), the matmul rate, then
+    `python -m module --ctx_len L ...` in a process of its own for each of args.lengths.
+    Returns (TFLOP/s, the children's RESULT dicts, failed ones left out)."""
+    weights = ensure_random_base(Path(args.weights or random_base_path()))
+    tflops = matmul_tflops()
+    results = []
+    for ctx_len in args.lengths:
+        result = run_child(module, ["--ctx_len", str(ctx_len), "--weights", str(weights), "--gpu_gib",
+                                    str(args.gpu_gib), *extra_argv], f"ctx {ctx_len}")
+        if result:
+            results.append(result)
+    return tflops, results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 32768, 131072, 1048576])
@@ -114,15 +129,7 @@ def main() -> int:
     if args.ctx_len:
         return run_one_length(args)
 
-    weights = ensure_random_base(Path(args.weights or random_base_path()))
-    tflops = matmul_tflops()
-    results = []
-    for ctx_len in args.lengths:
-        result = run_child("bench.long_context", ["--ctx_len", str(ctx_len), "--weights", str(weights),
-                                                  "--gpu_gib", str(args.gpu_gib)], f"ctx {ctx_len}")
-        if result:
-            results.append(result)
-
+    tflops, results = run_each_length("bench.long_context", args)
     limit = tflops * 1e12 / (6 * NON_EMBEDDING_PARAMS)
     print(f"\n{torch.cuda.get_device_name(0)}, capped at {args.gpu_gib:g} GiB; bf16 matmul {tflops:.0f} TFLOP/s "
           f"(8192^3), so the matmul limit of a --state_cp LoRA step is {limit:,.0f} tokens/s")

@@ -63,29 +63,23 @@ def _two_mixes(x, last, mix_1, mix_2):
 
 
 @functools.cache
-def _compiled() -> dict:
-    """The functions compiled, once per process. dynamic=True: one compiled kernel serves every batch size and
-    length (the last segment of --state_cp is shorter, evaluation windows differ), instead of a compilation per
-    shape. Without fullgraph, a function past torch.compile's limit of variants runs uncompiled (the same
-    results, slower) instead of stopping the run."""
-    functions = dict(three_mixes=_three_mixes, two_mixes=_two_mixes, gate=gate, squared_relu=squared_relu,
-                     gated_residual=gated_residual)
-    return {name: torch.compile(function, dynamic=True) for name, function in functions.items()}
-
-
-def _fused_shifted_mixes(x: torch.Tensor, last: Optional[torch.Tensor], mixes: tuple) -> tuple:
-    """shifted_mixes by the compiled functions, with `last` always a contiguous tensor in x's dtype (zeros at the
-    start), so that the start, a state carried on the GPU and one brought back from the host share one variant."""
-    last = x.new_zeros(x.shape[0], x.shape[2]) if last is None else last.to(x.dtype).contiguous()
-    compiled = _compiled()["three_mixes" if len(mixes) == 3 else "two_mixes"]
-    return compiled(x, last, *mixes)
-
-
-@functools.cache
 def _fused() -> SimpleNamespace:
-    compiled = _compiled()
-    return SimpleNamespace(shifted_mixes=_fused_shifted_mixes, gate=compiled["gate"],
-                           squared_relu=compiled["squared_relu"], gated_residual=compiled["gated_residual"])
+    """REFERENCE's functions compiled, once per process. dynamic=True: one compiled kernel serves every batch size
+    and length (the last segment of --state_cp is shorter, evaluation windows differ), instead of a compilation
+    per shape. Without fullgraph, a function past torch.compile's limit of variants runs uncompiled (the same
+    results, slower) instead of stopping the run."""
+    three_mixes, two_mixes, fused_gate, fused_squared_relu, fused_gated_residual = (
+        torch.compile(function, dynamic=True)
+        for function in (_three_mixes, _two_mixes, gate, squared_relu, gated_residual))
+
+    def fused_shifted_mixes(x: torch.Tensor, last: Optional[torch.Tensor], mixes: tuple) -> tuple:
+        # `last` always a contiguous tensor in x's dtype (zeros at the start), so that the start, a state carried
+        # on the GPU and one brought back from the host share one compiled variant
+        last = x.new_zeros(x.shape[0], x.shape[2]) if last is None else last.to(x.dtype).contiguous()
+        return (three_mixes if len(mixes) == 3 else two_mixes)(x, last, *mixes)
+
+    return SimpleNamespace(shifted_mixes=fused_shifted_mixes, gate=fused_gate, squared_relu=fused_squared_relu,
+                           gated_residual=fused_gated_residual)
 
 
 def ops(fused: bool, x: torch.Tensor) -> SimpleNamespace:
