@@ -9,8 +9,9 @@ with three watchers:
   16-bit weights) and between steps (data loader, Lightning, our callbacks); medians over the steps after
   --warmup, each phase's share of the step, and host milliseconds per phase (where the CPU, not the GPU, waits);
 - kernels: torch.profiler over --profile_steps steps, a table of the operators by GPU time and one by CPU time;
-- memory (--memory): the CUDA allocator's history over one step, replayed to its peak; the live allocations
-  at the peak grouped by the line of this repository that made them.
+- memory (--memory): the CUDA allocator's history over one step (--memory_step; 0 is the first, where optimizer
+  state is created), replayed to its peak; the live allocations at the peak grouped by the line of this repository
+  that made them.
 
     python -m bench.profile_step --out prof throughput L24-D1024 deepspeed_stage_2
     python -m bench.profile_step --out prof --memory long_context 8192 --weights /tmp/rwkv-7b-random-bf16.pth
@@ -162,6 +163,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3, help="optimizer steps before measuring")
     parser.add_argument("--profile_steps", type=int, default=2)
     parser.add_argument("--memory", action="store_true", help="record the allocator history of one step")
+    parser.add_argument("--memory_step", type=int, help="the optimizer step --memory records (default: the one "
+                        "after the profiled steps)")
     parser.add_argument("--gpu_gib", type=float, default=0, help="cap the card to this many GiB (0: no cap)")
     parser.add_argument("--compile", type=int, default=1, choices=(0, 1), help="train.py's --compile")
     parser.add_argument("--weights", default="", help="long_context: the 7B base .pth (default: random, made once)")
@@ -193,7 +196,8 @@ def main() -> int:
     phases = PhaseTimer()
     watchers = [phases, KernelProfile(args.warmup + timed, args.profile_steps, out)]
     if args.memory:
-        watchers.append(MemoryPeak(args.warmup + timed + args.profile_steps + 1, out))
+        default_step = args.warmup + timed + args.profile_steps + 1
+        watchers.append(MemoryPeak(default_step if args.memory_step is None else args.memory_step, out))
     code = train.train(parse_args(flags), watchers, write_weights=False)
     table = phases.table(args.warmup, args.warmup + timed)
     step_ms = sum(gpu for gpu, _ in table.values())
