@@ -78,8 +78,9 @@ def wait_for_rows(proc, proj_dir, rows, timeout=600):
         time.sleep(0.2)
 
 
-def interrupt_and_resume(tmp_path, argv):
-    """Ctrl+C (SIGINT to the whole process group) after the first logged rows, then --resume to the end."""
+def interrupt_and_resume(tmp_path, argv) -> bool:
+    """Ctrl+C (SIGINT to the whole process group) after the first logged rows, then --resume to the end.
+    Returns whether the bundle the stop saved was a folder (DeepSpeed's sharded checkpoint) rather than a file."""
     proc = train_py(tmp_path, *argv, wait=False)
     wait_for_rows(proc, tmp_path, 0)  # header: training started
     time.sleep(3)
@@ -90,19 +91,21 @@ def interrupt_and_resume(tmp_path, argv):
     stopped = len(step_log(tmp_path))
     assert 0 < stopped < 40 and (tmp_path / BUNDLE_NAME).exists() and (tmp_path / "rwkv-last.pth").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    bundle_is_folder = (tmp_path / BUNDLE_NAME).is_dir()
     returncode, output = train_py(tmp_path, *argv, "--resume", str(tmp_path / BUNDLE_NAME))
     assert returncode == 0, output[-3000:]
     steps = [s for s, _, _ in step_log(tmp_path)]
     assert steps == list(range(1, 41)), steps  # continues at the next step, nothing repeated or skipped
+    assert not (tmp_path / BUNDLE_NAME).exists()  # the finished run retired the bundle it resumed from
     print(f"\n[ctrl-c] {' '.join(argv[-4:])}: stopped after step {stopped}, resumed to step 40")
+    return bundle_is_folder
 
 
 @needs_deepspeed
 @pytest.mark.gpu
 def test_ctrl_c_under_deepspeed_stage_2_saves_and_resumes(tmp_path):
     argv = [*L12, "--epoch_steps", "40", "--micro_bsz", "8", "--devices", "1", "--strategy", "deepspeed_stage_2"]
-    interrupt_and_resume(tmp_path, argv)
-    assert (tmp_path / BUNDLE_NAME).is_dir()  # DeepSpeed's sharded checkpoint folder
+    assert interrupt_and_resume(tmp_path, argv)  # DeepSpeed's sharded checkpoint folder
 
 
 def two_gpu_argv(strategy, devices, micro_bsz):

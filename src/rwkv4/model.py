@@ -81,7 +81,14 @@ class TimeMix(nn.Module):
         k, v, r = self.key(xk), self.value(xv), self.receptance(xr)  # (B, T, A)
         y, wkv_state = wkv(self.time_decay, self.time_first, k, v, wkv_state,
                            backend=self.options.wkv_backend, part_len=self.options.ctx_part_len)
-        return self.output(ops.gate(r, y)), x[:, -1], wkv_state
+        return self.output(ops.gate(r, y)), last_token(x), wkv_state
+
+
+def last_token(x: torch.Tensor) -> torch.Tensor:
+    """x (B, T, C) -> its last token (B, C), the shift state a block passes on, as a tensor of its own: a view
+    x[:, -1] would keep all of x alive for as long as the state lives (a segment's forward holds every layer's
+    state until the last block: at 7B and 4096 tokens, 2 GiB of normalised inputs)."""
+    return x[:, -1].clone()
 
 
 class ChannelMix(nn.Module):
@@ -105,7 +112,7 @@ class ChannelMix(nn.Module):
         ops = elementwise.ops(self.options.fused, x)
         xk, xr = ops.shifted_mixes(x, shift, (self.time_mix_k, self.time_mix_r))
         k = ops.squared_relu(self.key(xk))  # (B, T, F)
-        return ops.gated_residual(residual, self.receptance(xr), self.value(k)), x[:, -1]
+        return ops.gated_residual(residual, self.receptance(xr), self.value(k)), last_token(x)
 
 
 class Block(nn.Module):
