@@ -70,10 +70,15 @@ def completes_optimizer_step(trainer: pl.Trainer, batch_idx: int) -> bool:
 
 
 def agreed_signal(trainer: pl.Trainer, local_signum) -> int:
-    """The largest signal number any rank received (0 for none): every rank takes the same decision."""
+    """The largest signal number any rank received (0 for none): every rank takes the same decision.
+
+    Asked after every optimizer step. With one process the answer is its own signal, read without touching the
+    GPU: a flag on the device read back with .item() would make the host wait for the whole step's GPU work,
+    after which the GPU idles while the host prepares the next step."""
+    if trainer.world_size == 1:
+        return local_signum or 0
     flag = torch.tensor([local_signum or 0], dtype=torch.int32, device=trainer.strategy.root_device)
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and trainer.world_size > 1:
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return int(flag.item())
 
 
