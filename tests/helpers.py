@@ -2,10 +2,13 @@
 import errno
 import importlib.util
 import os
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from src.rwkv4.config import ForwardOptions, RWKVConfig
 from src.rwkv4.model import RWKV, generate_init_weights
@@ -81,3 +84,33 @@ def full_disk_after(n_bytes: int):
         room[0] -= size
         return file.write(data)
     return write
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """The most bytes of tensor storage alive at once among the tensors that operators create while it is active
+    (weights and inputs made before it are not counted): a device-independent view of what a GPU's allocator
+    would hold, for memory tests on the CPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = {}  # storage address -> bytes
+        self.bytes = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                self._count(tensor.untyped_storage())
+        return out
+
+    def _count(self, storage) -> None:
+        address = storage.data_ptr()
+        if address in self.live or storage.nbytes() == 0:
+            return  # a view of a counted storage, or nothing
+        self.live[address] = storage.nbytes()
+        self.bytes += storage.nbytes()
+        self.peak = max(self.peak, self.bytes)
+        weakref.finalize(storage, self._release, address)
+
+    def _release(self, address: int) -> None:
+        self.bytes -= self.live.pop(address, 0)
