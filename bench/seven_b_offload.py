@@ -10,8 +10,9 @@ at filler + 24 GiB. This process samples the child's host memory (RSS, PSS, pinn
 machine's use) twice a second. Printed: losses, seconds per step, peak GPU allocated / reserved (without the
 filler), peak host memory, and the memory check's estimates beside them.
 
-DeepSpeed's CPU Adam keeps 16 bytes per parameter in host memory (fp32 master weights, fp32 gradients, two
-moments): 110 GiB for the 7B shape.
+DeepSpeed's ZeRO-2 offload keeps 18 bytes per parameter in host memory (fp32 master weights, fp32 gradients, two
+moments, a 16-bit staging copy): 123.9 GiB for the 7B shape; the memory check counts 2 more, measured
+(src/memory_check.py).
 
     python -m bench.seven_b_offload --gpu_gib 24 --steps 3
     python -m bench.seven_b_offload --load_model RWKV-4-Pile-7B.pth

@@ -10,16 +10,18 @@ The state (`footprint`): bytes per parameter (P all parameters, T the trainable 
     auto/ddp, bf16                2 P + 2 T + 12 T (bf16 weights and grads, fp32 masters, Adam) + 4 x one group
     deepspeed_stage_1, 16-bit     2 P + 2 T + 12 T / W                     -
     deepspeed_stage_2, 16-bit     2 P + (2 + 12) T / W                     -
-    deepspeed_stage_2_offload     2 P                                      18 T (fp32 master, Adam, fp32 grads, and
-                                                                           a 16-bit copy the weights are staged in)
+    deepspeed_stage_2_offload     2 P                                      20 T (fp32 master, Adam, fp32 grads, a
+                                                                           16-bit copy the weights are staged in: 18;
+                                                                           2 more measured, not yet attributed)
     deepspeed_stage_3, 16-bit     (2 P + 14 T) / W                         -
     deepspeed_stage_3_offload     -                                        2 P + 16 T
 (DeepSpeed's partitions are per process: a machine holds its processes' share, processes / W of the total.)
 DeepSpeed with fp32 weights keeps 4 bytes where the table says 2. On a CPU-only run the host holds what
-the first row puts on the GPU. The 18 bytes of ZeRO-1/2 offload are those of DeepSpeed's stage_1_and_2.py
+the first row puts on the GPU. 18 of the 20 bytes of ZeRO-1/2 offload are DeepSpeed's stage_1_and_2.py buffers
 (single_partition_of_fp32_groups, their .grad, Adam's two moments, param_buffer_of_bit16_for_cpu_offload_groups);
-a 7.39e9-parameter model needs 123.9 GiB there, which the 125 GiB of a 128 GiB machine cannot hold next to
-the process itself (measured: the kernel killed such a run at 125.8 GiB in use, in its first optimizer step).
+the other 2 are a measured margin (OFFLOAD_UNATTRIBUTED_BYTES). With 18 a 7.39e9-parameter model needs 123.9 GiB,
+which the 125 GiB of a 128 GiB machine cannot hold next to the process itself (measured: the kernel killed such a
+run at 125.8 GiB in use, in its first optimizer step).
 
 The whole run (`run_footprint`) adds what training holds beside the state: on the GPU the activations (the
 model's estimate for the samples, --grad_cp and --state_cp), DeepSpeed's buffers (two gradient buckets;
@@ -51,6 +53,15 @@ PROCESS_HOST_BYTES = {True: 5 * GIB, False: 1 * GIB}  # a GPU process, a CPU-onl
 PROCESS_GPU_RUNTIME_BYTES = 1 * GIB
 
 
+# Host bytes per trained parameter that a ZeRO-1/2 offload run held beyond DeepSpeed's 18 and the process's own
+# memory, not yet attributed to an allocation: an L32 D3840 run (6.52e9 parameters), estimated at 114.3 GiB with 18,
+# was killed by the kernel in its first optimizer step on the H200 machine with 123 GiB available, so it held at
+# least 1.4 bytes per parameter more (BENCHMARKS.md). Counted so that the check refuses such a run instead.
+OFFLOAD_UNATTRIBUTED_BYTES = 2
+# DeepSpeed ZeRO-1/2 offload's host bytes per trained parameter (see the module docstring)
+OFFLOAD_HOST_BYTES = 18 + OFFLOAD_UNATTRIBUTED_BYTES
+
+
 @dataclass(frozen=True)
 class Footprint:
     gpu: int  # bytes on each GPU (0 for a CPU run)
@@ -75,7 +86,8 @@ def footprint(cfg: TrainConfig, params: int, trainable: int, world_size: int, pr
             return Footprint(gpu=0, host=(weight * params + 16 * trainable) * processes_per_host // world_size)
         return Footprint(gpu=(weight * params + (weight + 12) * trainable) // world_size, host=0)
     if offload:
-        return Footprint(gpu=weight * params, host=18 * trainable * processes_per_host // world_size)
+        return Footprint(gpu=weight * params,
+                         host=OFFLOAD_HOST_BYTES * trainable * processes_per_host // world_size)
     grads = weight * trainable if stage == 1 else weight * trainable // world_size
     return Footprint(gpu=weight * params + grads + 12 * trainable // world_size, host=0)
 

@@ -30,7 +30,7 @@ def test_zero2_offload_set_up_and_steps_stay_under_the_cap():
     child = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     found = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
     assert child.returncode == 0 and found, (child.stdout + child.stderr)[-4000:]
-    result = json.loads(found[0][len("RESULT "):])
+    result = json.loads(found[-1][len("RESULT "):])  # the bench's own line, after its child's (no host figures)
     print(f"\n[offload] L32 D2560 capped at {CAP_GIB:g} GiB: peak {result['peak_allocated_gib']:.2f} / "
           f"{result['peak_reserved_gib']:.2f} GiB (estimate {result['estimate_gpu_gib']:.2f}), host PSS "
           f"{result['pss_gib']:.1f} GiB (estimate {result['estimate_host_gib']:.1f}), "
