@@ -87,9 +87,9 @@ def full_disk_after(n_bytes: int):
 
 
 class LiveTensorBytes(TorchDispatchMode):
-    """The most bytes of tensor storage alive at once among the tensors that operators create while it is active
-    (weights and inputs made before it are not counted): a device-independent view of what a GPU's allocator
-    would hold, for memory tests on the CPU."""
+    """The most bytes of tensor storage alive at once while it is active, each storage counted from the first
+    operator output that uses it (so a weight counts once a view of it is taken): a device-independent view of what
+    a GPU's allocator holds, for comparing two runs' memory on the CPU."""
 
     def __init__(self):
         super().__init__()
