@@ -106,13 +106,14 @@ def _process_memory(pid: int) -> tuple:
 
 
 class HostMemorySampler:
-    """Samples, every `interval` seconds on a thread, the host memory of a process tree (RSS, PSS, pinned) and of
-    the machine (MemTotal - MemAvailable); keeps the peaks and a timeline of the machine's use."""
+    """Samples, every `interval` seconds on a thread, the host memory of a process tree (RSS, PSS, pinned), the
+    PSS of the root's helper processes (its descendants: DataLoader workers, torch.compile's compiler workers) apart,
+    and the machine's use (MemTotal - MemAvailable); keeps the peaks and a timeline."""
 
     def __init__(self, pid: int, interval: float = 0.5):
         self.pid, self.interval = pid, interval
-        self.peak = {"rss": 0, "pss": 0, "pinned": 0, "machine_used": 0}
-        self.timeline = []  # (seconds since start, machine used GiB, tree PSS GiB)
+        self.peak = {"rss": 0, "pss": 0, "helpers_pss": 0, "pinned": 0, "machine_used": 0}
+        self.timeline = []  # (seconds since start, {the sample's keys: GiB}, helper processes)
         self.started = time.time()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -127,22 +128,28 @@ class HostMemorySampler:
 
     def _run(self):
         while not self._stop.wait(self.interval):
-            rss = pss = pinned = 0
-            for pid in _process_tree(self.pid):
-                a, b, c = _process_memory(pid)
-                rss, pss, pinned = rss + a, pss + b, pinned + c
+            sample = dict.fromkeys(self.peak, 0)
+            tree = _process_tree(self.pid)
+            for pid in tree:
+                rss, pss, pinned = _process_memory(pid)
+                sample["rss"] += rss
+                sample["pss"] += pss
+                sample["pinned"] += pinned
+                if pid != self.pid:
+                    sample["helpers_pss"] += pss
             info = _meminfo()
-            used = info["MemTotal"] - info["MemAvailable"]
-            sample = {"rss": rss, "pss": pss, "pinned": pinned, "machine_used": used}
+            sample["machine_used"] = info["MemTotal"] - info["MemAvailable"]
             self.peak = {k: max(self.peak[k], sample[k]) for k in self.peak}
-            self.timeline.append((time.time() - self.started, used / GIB, pss / GIB))
+            self.timeline.append((time.time() - self.started, {k: v / GIB for k, v in sample.items()}, len(tree) - 1))
 
     def timeline_text(self, every: float = 5.0) -> str:
-        """'t=5s 12.3/10.1 GiB, t=10s ...': the machine's used / the tree's PSS, one point per `every` seconds."""
+        """'t=5s 12.3 | 10.1 + 0.4 (16) | 2.0, ...' one point per `every` seconds: GiB the machine uses | PSS of the
+        training process + of its helper processes (how many) | pinned in the tree."""
         points, next_time = [], 0.0
-        for t, used, pss in self.timeline:
+        for t, gib, helpers in self.timeline:
             if t >= next_time:
-                points.append(f"t={t:.0f}s {used:.1f}/{pss:.1f}")
+                points.append(f"t={t:.0f}s {gib['machine_used']:.1f} | {gib['pss'] - gib['helpers_pss']:.1f} + "
+                              f"{gib['helpers_pss']:.1f} ({helpers}) | {gib['pinned']:.1f}")
                 next_time = t + every
         return ", ".join(points)
 

@@ -34,6 +34,7 @@ from bench.long_context import make_random_base, random_base_path
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 50277
+TIMELINE_KEY = "machine used | PSS of the training process + of its helper processes (count) | pinned"
 
 
 def fine_tune_flags(weights: str, tokens: Path, proj_dir: Path, args) -> list:
@@ -124,7 +125,7 @@ def main() -> int:
     found = [line for line in output.splitlines() if line.startswith("RESULT ")]
     if not found:
         print(output[-4000:])
-        print(f"exit {code}; host memory used over time (machine / tree PSS, GiB): {host.timeline_text()}")
+        print(f"exit {code}; host memory over time (GiB: {TIMELINE_KEY}): {host.timeline_text()}")
         return code or 1
     result = json.loads(found[0][len("RESULT "):])
     result.update({k + "_gib": v / GIB for k, v in host.peak.items()}, wall_s=wall)
@@ -143,12 +144,14 @@ def main() -> int:
           f"| {result['estimate_gpu_gib']:.2f} GiB (weights, gradients, optimizer) |")
     print(f"| peak host memory: process tree RSS / PSS / pinned | {result['rss_gib']:.1f} / {result['pss_gib']:.1f} / "
           f"{result['pinned_gib']:.1f} GiB | {result['estimate_host_gib']:.1f} GiB |")
+    print(f"| of which its helper processes (compiler workers, data loader), PSS | {result['helpers_pss_gib']:.1f} GiB "
+          f"| |")
     print(f"| peak host memory in use on the machine (MemTotal - MemAvailable) | "
           f"{result['machine_used_gib']:.1f} GiB | |")
     if result["seconds_per_step"]:
         print(f"| seconds per optimizer step (median after the first) | {result['seconds_per_step']:.1f} | |")
     print(f"| wall time including start-up | {wall:.0f} s | |")
-    print(f"\nhost memory over time (machine used / tree PSS, GiB): {host.timeline_text()}")
+    print(f"\nhost memory over time (GiB: {TIMELINE_KEY}): {host.timeline_text()}")
     return result["exit"]
 
 

@@ -1,0 +1,25 @@
+"""bench/common.py's host-memory sampler, on the CPU: it is what a benchmark's host-memory figures come from."""
+import subprocess
+import sys
+
+from bench.common import GIB, HostMemorySampler
+
+# a parent holding 300 MiB that starts a helper holding 200 MiB, both written so the pages are resident
+PARENT = """
+import subprocess, sys, time
+held = bytearray(300 * 2**20)
+helper = subprocess.Popen([sys.executable, "-c", "import time; held = bytearray(200 * 2**20); time.sleep(2.5)"])
+time.sleep(2.5)
+helper.wait()
+"""
+
+
+def test_the_sampler_separates_the_training_process_from_its_helpers():
+    process = subprocess.Popen([sys.executable, "-c", PARENT])
+    with HostMemorySampler(process.pid, interval=0.1) as host:
+        process.wait()
+    peak_mib = {key: value * 1024 / GIB for key, value in host.peak.items()}
+    assert 200 <= peak_mib["helpers_pss"] < 300  # the helper alone
+    assert peak_mib["pss"] >= 500 and peak_mib["rss"] >= peak_mib["pss"]
+    assert max(helpers for _, _, helpers in host.timeline) == 1
+    assert " + 0.2 (1) | " in host.timeline_text(every=0.1)  # training process + its helper (count), GiB
