@@ -224,7 +224,8 @@ class TrainConfig:
                                 "the last one, computed as evaluate.py computes it (windows of --ctx_len, the "
                                 "training's masks), into valid.tsv in --proj_dir, the console and W&B.")
     valid_data_type: Optional[str] = flag(None, "valid", "Format of --valid_data_file (default: --data_type; utf-8 "
-                                          "for dummy). Character-level text is numbered by the training text's characters.",
+                                          "for dummy). Character-level text is numbered by the training text's "
+                                          "characters.",
                                           choices=tuple(t for t in DATA_TYPES if t != "dummy"))
     valid_every: int = flag(1, "valid", "Evaluate --valid_data_file after every N-th mini-epoch (and after the "
                             "last one).", valid=Range(1))

@@ -54,8 +54,8 @@ partition"), which is why the original toolkit's state checkpointing only ran un
 the whole procedure is one autograd Function whose inputs are the trainable parameters. Inside it, the
 model runs on aliases of those parameters (the same storage under other tensor objects, swapped into
 the modules for the duration by src/parameter_aliases.py), so the pieces accumulate into the aliases and
-reach no hook of DDP or DeepSpeed; the Function's backward returns the sums, and the outer backward (Lightning's or DeepSpeed's
-own) hands each parameter its gradient once. So ZeRO stage 1 and 2 (with offload) and DDP all work, and
+reach no hook of DDP or DeepSpeed; the Function's backward returns the sums, and the outer backward
+(Lightning's or DeepSpeed's own) hands each parameter its gradient once. So ZeRO stage 1 and 2 (with offload) and DDP all work, and
 ranks whose samples have different segment counts run no collective inside the Function: none waits for
 another. ZeRO-3 is refused: it gathers parameters in module hooks, which the aliases bypass.
 
