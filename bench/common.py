@@ -1,6 +1,7 @@
 """What the GPU benchmarks share: a card made to look smaller, step times of a real train.py run, the bf16
 matmul rate of this card (the hardware limit the tables compare against), peak memory without the filler.
 """
+import collections
 import json
 import statistics
 import subprocess
@@ -105,15 +106,50 @@ def _process_memory(pid: int) -> tuple:
     return kib(rollup, "Rss"), kib(rollup, "Pss"), kib(status, "VmPin") + kib(status, "VmLck")
 
 
+def _mapping_kind(header: str) -> str:
+    """A /proc/PID/smaps mapping header -> the kind of memory it is: the file it maps (libraries together), the
+    CUDA driver's mappings (pinned host memory), or anonymous memory, private or shared."""
+    fields = header.split(maxsplit=5)
+    path = fields[5].strip() if len(fields) > 5 else ""
+    shared = fields[1][3] == "s"
+    if path.startswith("/dev/nvidia"):
+        return "CUDA driver (pinned host memory)"
+    if ".so" in path:
+        return "libraries (.so)"
+    if not path or path in ("[heap]", "[stack]") or path.startswith("[anon"):
+        return f"anonymous, {'shared' if shared else 'private'}"
+    return f"{path} ({'shared' if shared else 'private'})"
+
+
+def mapping_breakdown(pids: list) -> dict:
+    """{kind of memory: PSS bytes} summed over the processes' mappings (/proc/PID/smaps), largest first."""
+    totals = collections.Counter()
+    for pid in pids:
+        try:
+            lines = Path(f"/proc/{pid}/smaps").read_text().splitlines()
+        except OSError:
+            continue
+        kind = None
+        for line in lines:
+            if not line[:1].isupper() or ":" not in line.split()[0]:  # a mapping's header: "start-end perms ..."
+                kind = _mapping_kind(line)
+            elif line.startswith("Pss:"):
+                totals[kind] += int(line.split()[1]) * 1024
+    return dict(totals.most_common())
+
+
 class HostMemorySampler:
     """Samples, every `interval` seconds on a thread, the host memory of a process tree (RSS, PSS, pinned), the
     PSS of the root's helper processes (its descendants: DataLoader workers, torch.compile's compiler workers) apart,
-    and the machine's use (MemTotal - MemAvailable); keeps the peaks and a timeline."""
+    and the machine's use (MemTotal - MemAvailable); keeps the peaks, a timeline, and where the memory was by kind
+    (mapping_breakdown) when the machine's use last rose to a new high by a GiB: a run the kernel kills leaves the
+    breakdown of its last second or so."""
 
     def __init__(self, pid: int, interval: float = 0.5):
         self.pid, self.interval = pid, interval
         self.peak = {"rss": 0, "pss": 0, "helpers_pss": 0, "pinned": 0, "machine_used": 0}
         self.timeline = []  # (seconds since start, {the sample's keys: GiB}, helper processes)
+        self.peak_breakdown, self.breakdown_at = {}, 0  # mapping_breakdown, and the machine's use it was taken at
         self.started = time.time()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -140,6 +176,8 @@ class HostMemorySampler:
             info = _meminfo()
             sample["machine_used"] = info["MemTotal"] - info["MemAvailable"]
             self.peak = {k: max(self.peak[k], sample[k]) for k in self.peak}
+            if sample["machine_used"] >= self.breakdown_at + GIB:
+                self.peak_breakdown, self.breakdown_at = mapping_breakdown(tree), sample["machine_used"]
             self.timeline.append((time.time() - self.started, {k: v / GIB for k, v in sample.items()}, len(tree) - 1))
 
     def timeline_text(self, every: float = 5.0) -> str:
@@ -152,6 +190,10 @@ class HostMemorySampler:
                               f"{gib['helpers_pss']:.1f} ({helpers}) | {gib['pinned']:.1f}")
                 next_time = t + every
         return ", ".join(points)
+
+
+def breakdown_text(breakdown: dict, top: int = 8) -> str:
+    return ", ".join(f"{kind} {size / GIB:.1f}" for kind, size in list(breakdown.items())[:top])
 
 
 def run_child(module: str, argv: list, label: str):

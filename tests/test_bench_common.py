@@ -23,3 +23,14 @@ def test_the_sampler_separates_the_training_process_from_its_helpers():
     assert peak_mib["pss"] >= 500 and peak_mib["rss"] >= peak_mib["pss"]
     assert max(helpers for _, _, helpers in host.timeline) == 1
     assert " + 0.2 (1) | " in host.timeline_text(every=0.1)  # training process + its helper (count), GiB
+
+
+def test_the_breakdown_finds_where_a_process_holds_its_memory():
+    holder = "import time; held = bytearray(300 * 2**20); print('held', flush=True); time.sleep(1)"
+    process = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "held\n"  # sampled from the first sample on, while it holds them
+    with HostMemorySampler(process.pid, interval=0.1) as host:
+        process.wait()
+    assert host.breakdown_at > 0
+    kind, size = next(iter(host.peak_breakdown.items()))  # the largest first
+    assert kind == "anonymous, private" and 300 * 2**20 <= size < 400 * 2**20
