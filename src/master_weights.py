@@ -4,19 +4,17 @@ The model's parameters are bf16: the forward and backward run on bf16 weights (n
 activation bytes of an fp32 model under autocast). The optimizer keeps an fp32 copy of every trained parameter
 and Adam's moments in fp32, as DeepSpeed's bf16 optimizers do, without DeepSpeed's per-parameter bookkeeping:
 
-    step:  clip = min(1, max_norm / ||grad||)   (one fp32 norm over all parameters' bf16 gradients)
-           per parameter (src/adam_step.py): master = Adam(master, fp32(grad) * clip);  param = bf16(master)
+    step:  g32 = grad (bf16 -> fp32);  g32 *= min(1, max_norm / ||g32||)   (one norm over all parameters)
+           master = Adam(master, g32);  param = bf16(master)
 
 The gradients accumulate in the parameters' bf16 .grad over micro-batches (Lightning's accumulation), and the
 clipping is done here, in fp32, instead of by Lightning (src/trainer.py routes --gradient_clip_val to it).
-Memory per trained parameter: 2 (bf16 weight) + 2 (bf16 gradient) + 4 (master) + 8 (moments); on CUDA the step
-adds nothing (one kernel per parameter, its intermediates in registers). Nothing here waits for the GPU.
+Memory per trained parameter: 2 (bf16 weight) + 2 (bf16 gradient) + 4 (master) + 8 (moments), plus an fp32
+gradient for one parameter group at a time during the step. Nothing here waits for the GPU.
 """
-from typing import List, Optional
+from typing import List
 
 import torch
-
-from src.adam_step import step_function
 
 
 class MasterWeightAdam(torch.optim.Optimizer):
@@ -24,24 +22,18 @@ class MasterWeightAdam(torch.optim.Optimizer):
 
     The groups keep the model's parameters, so whoever sets group["lr"] (the LR schedule) steers the step;
     each group may carry "lr_scale" and "weight_decay" like the groups of src/trainer.py build_param_groups.
-    torch's Adam over the masters holds the moments and step counts (its state_dict is the format resume bundles
-    keep); the step itself is src/adam_step.py's, one fused kernel per parameter on CUDA.
     """
 
     def __init__(self, param_groups: List[dict], lr: float, betas: tuple, eps: float, adamw: bool,
-                 max_grad_norm: float, fused: Optional[bool] = None):
-        """fused: the compiled step (None: on CUDA, where it runs; False: the reference, for comparisons)."""
+                 max_grad_norm: float):
         super().__init__(param_groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=0.0))
         self.max_grad_norm = max_grad_norm
-        self.adamw = adamw
         self.masters = [[p.detach().float() for p in group["params"]] for group in self.param_groups]
-        self.on_cuda = all(p.is_cuda for group in self.param_groups for p in group["params"])
-        self.step_one = step_function(self.on_cuda if fused is None else fused)
+        fused = all(p.is_cuda for group in self.param_groups for p in group["params"]) or None
         inner_groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": masters}
                         for group, masters in zip(self.param_groups, self.masters)]
-        # fused: where torch keeps the step counts (on the masters' device, which the fused step reads them from)
         self.inner = (torch.optim.AdamW if adamw else torch.optim.Adam)(inner_groups, lr=lr, betas=betas, eps=eps,
-                                                                        fused=self.on_cuda or None)
+                                                                        fused=fused)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -55,33 +47,22 @@ class MasterWeightAdam(torch.optim.Optimizer):
         grads = [p.grad for pairs in stepped for p, _ in pairs]
         if not grads:
             return loss
-        device = grads[0].device
         clip = self._clip_coefficient(grads)
-        clip = torch.ones((), device=device) if clip is None else clip
         for group, inner, pairs in zip(self.param_groups, self.inner.param_groups, stepped):
             if not pairs:
                 continue
-            states = [self._state_of(master) for _, master in pairs]
-            torch._foreach_add_([state["step"] for state in states], 1.0)
-            # 0-d tensors on the device: a new LR each step costs a fill, not a copy the host waits for
-            lr = torch.full((), group["lr"], device=device)
-            weight_decay = torch.full((), group.get("weight_decay", 0.0), device=device)
-            beta1, beta2 = inner["betas"]
-            for (param, master), state in zip(pairs, states):
-                # 1-D views (view, not reshape: the step writes through them into the tensors themselves)
-                self.step_one(param.view(-1), param.grad.reshape(-1), master.view(-1), state["exp_avg"].view(-1),
-                              state["exp_avg_sq"].view(-1), state["step"], lr, weight_decay, clip,
-                              beta1=beta1, beta2=beta2, eps=inner["eps"], decoupled=self.adamw)
+            params, masters = map(list, zip(*pairs))
+            inner["lr"], inner["weight_decay"] = group["lr"], group.get("weight_decay", 0.0)
+            master_grads = [p.grad.float() for p in params]  # this group's fp32 gradients only
+            if clip is not None:
+                torch._foreach_mul_(master_grads, clip)
+            for master, grad in zip(masters, master_grads):
+                master.grad = grad
+            self.inner.step()  # updates the masters that have a gradient: this group's
+            for master in masters:
+                master.grad = None
+            torch._foreach_copy_(params, masters)  # the bf16 weights the next forward uses
         return loss
-
-    def _state_of(self, master: torch.Tensor) -> dict:
-        """torch's Adam state of one master (made at its first step, as torch's Adam makes it)."""
-        state = self.inner.state[master]
-        if not state:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=master.device)
-            state["exp_avg"] = torch.zeros_like(master, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(master, memory_format=torch.preserve_format)
-        return state
 
     def _clip_coefficient(self, grads: List[torch.Tensor]):
         """min(1, max_norm / total norm) as a device tensor (no host sync), or None without clipping."""
