@@ -81,7 +81,7 @@ def _meminfo() -> dict:
 
 
 def _process_tree(pid: int) -> list:
-    """pid and all its descendants (DataLoader workers, compiler processes), read from /proc."""
+    """pid and all its descendants (compiler processes, anything forked), read from /proc."""
     tree, frontier = [], [pid]
     while frontier:
         current = frontier.pop()
@@ -140,7 +140,7 @@ def mapping_breakdown(pids: list) -> dict:
 
 class HostMemorySampler:
     """Samples, every `interval` seconds on a thread, the host memory of a process tree (RSS, PSS, pinned), the
-    PSS of the root's helper processes (its descendants: DataLoader workers, torch.compile's compiler workers) apart,
+    PSS of the root's helper processes (its descendants: compiler workers and build processes) apart,
     and the machine's use (MemTotal - MemAvailable); keeps the peaks, a timeline, and where the memory was by kind
     (mapping_breakdown) when the machine's use last rose to a new high by a GiB: a run the kernel kills leaves the
     breakdown of its last second or so."""

@@ -146,7 +146,7 @@ def main() -> int:
           f"| {result['estimate_gpu_gib']:.2f} GiB (weights, gradients, optimizer) |")
     print(f"| peak host memory: process tree RSS / PSS / pinned | {result['rss_gib']:.1f} / {result['pss_gib']:.1f} / "
           f"{result['pinned_gib']:.1f} GiB | {result['estimate_host_gib']:.1f} GiB |")
-    print(f"| of which its helper processes (compiler workers, data loader), PSS | {result['helpers_pss_gib']:.1f} GiB "
+    print(f"| of which its helper processes (compiler workers), PSS | {result['helpers_pss_gib']:.1f} GiB "
           f"| |")
     print(f"| peak host memory in use on the machine (MemTotal - MemAvailable) | "
           f"{result['machine_used_gib']:.1f} GiB | |")

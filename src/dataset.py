@@ -1,7 +1,7 @@
 """Training samples for every --data_type, drawn by pure functions of (seed, rank, epoch, index).
 
 Nothing about sampling lives in mutable dataset attributes: a sample is a function of its global
-index, so DataLoader workers, ranks and resumed runs all draw the same windows for the same step.
+index, so ranks and resumed runs all draw the same windows for the same step.
 
 A "mini-epoch" is `epoch_steps` micro-batches per GPU (`__len__ = epoch_steps * micro_bsz`).
 Each sample is a window of L+1 tokens: x = window[:-1], y = window[1:], L = ctx_len (or the current
@@ -10,7 +10,6 @@ sample is built from chats instead with probability --instruct_data_ratio (src/i
 from the sample's own generator like everything else.
 """
 import json
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -323,7 +322,7 @@ class ResumableLoader(DataLoader):
     """A DataLoader whose position goes into Lightning checkpoints (Lightning calls state_dict/load_state_dict).
 
     `position` (samples of the current epoch already trained on) is set by whoever saves the checkpoint:
-    the loader itself cannot know it, since its workers read ahead of training.
+    the loader itself cannot know it, since Lightning fetches batches ahead of training.
     """
 
     position = 0
@@ -336,16 +335,14 @@ class ResumableLoader(DataLoader):
         self.sampler.resume_at = (state["epoch"], state["position"])
 
 
-def ignore_interrupts(worker_id: int) -> None:
-    """DataLoader worker init: Ctrl+C and a process-group SIGTERM reach the workers too, but only the main
-    process handles them (it ends the workers itself)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 def build_loader(samples: Dataset, cfg: TrainConfig) -> DataLoader:
-    """One worker process draws samples; Lightning sets the sampler's epoch."""
-    return ResumableLoader(samples, batch_size=cfg.micro_bsz, sampler=EpochSampler(len(samples)), num_workers=1,
-                           persistent_workers=True, pin_memory=torch.cuda.is_available(), drop_last=True,
-                           worker_init_fn=ignore_interrupts,
+    """The samples, drawn in the training process itself (Lightning sets the sampler's epoch).
+
+    No worker process: a sample is a slice of a memory-mapped file or a few chats, microseconds beside a training
+    step, and a worker forked from the training process keeps, for as long as it lives, the old copy of every page
+    the training changes after the fork. Measured on the H200 machine (BENCHMARKS.md): in a ZeRO-2 offload run
+    of 2.98e9 parameters the worker came to hold 29 GiB, the training process's whole memory at the fork
+    (DeepSpeed's fp32 partitions), which the first optimizer steps then rewrote."""
+    return ResumableLoader(samples, batch_size=cfg.micro_bsz, sampler=EpochSampler(len(samples)), num_workers=0,
+                           pin_memory=torch.cuda.is_available(), drop_last=True,
                            collate_fn=pad_batch if samples_vary_in_length(cfg) else None)

@@ -12,7 +12,7 @@ The state (`footprint`): bytes per parameter (P all parameters, T the trainable 
     deepspeed_stage_2, 16-bit     2 P + (2 + 12) T / W                     -
     deepspeed_stage_2_offload     2 P                                      20 T (fp32 master, Adam, fp32 grads, a
                                                                            16-bit copy the weights are staged in: 18;
-                                                                           2 more measured, not yet attributed)
+                                                                           2 more: 0.9 measured, not attributed)
     deepspeed_stage_3, 16-bit     (2 P + 14 T) / W                         -
     deepspeed_stage_3_offload     -                                        2 P + 16 T
 (DeepSpeed's partitions are per process: a machine holds its processes' share, processes / W of the total.)
@@ -53,10 +53,11 @@ PROCESS_HOST_BYTES = {True: 5 * GIB, False: 1 * GIB}  # a GPU process, a CPU-onl
 PROCESS_GPU_RUNTIME_BYTES = 1 * GIB
 
 
-# Host bytes per trained parameter that a ZeRO-1/2 offload run held beyond DeepSpeed's 18 and the process's own
-# memory, not yet attributed to an allocation: an L32 D3840 run (6.52e9 parameters), estimated at 114.3 GiB with 18,
-# was killed by the kernel in its first optimizer step on the H200 machine with 123 GiB available, so it held at
-# least 1.4 bytes per parameter more (BENCHMARKS.md). Counted so that the check refuses such a run instead.
+# Host bytes per trained parameter that a ZeRO-1/2 offload run's training process holds beyond DeepSpeed's 18 and
+# the process's own memory, not attributed to one allocation: an L32 D2560 run (2.98e9 parameters, ctx 1024)
+# peaked at 57.6 GiB (PSS) on the H200 machine, 2.6 GiB above 18 bytes and 5 GiB, 0.9 bytes per parameter
+# (BENCHMARKS.md); 2 keep a margin. (Runs before 2026-12-03 22:30 UTC also had a DataLoader worker holding old
+# copies of the training's pages, 29 GiB in that run: src/dataset.py build_loader.)
 OFFLOAD_UNATTRIBUTED_BYTES = 2
 # DeepSpeed ZeRO-1/2 offload's host bytes per trained parameter (see the module docstring)
 OFFLOAD_HOST_BYTES = 18 + OFFLOAD_UNATTRIBUTED_BYTES

@@ -46,7 +46,7 @@ class StopSignal:
 
     def _handle(self, signum, frame) -> None:
         if os.getpid() != self.pid:
-            return  # a DataLoader worker forked with this handler, before its own ignores signals: the run's to handle
+            return  # a process forked from the run with this handler installed: the run's to handle
         if not self.training:
             raise Interrupted(signum)
         if self.signum is None:

@@ -27,7 +27,7 @@ RUN = ["--data_type", "dummy", "--n_layer", "2", "--n_embd", "32", "--ctx_len", 
 
 
 def start(proj_dir, *extra):
-    """train.py in its own process group, as a terminal runs it (Ctrl+C reaches the DataLoader worker too)."""
+    """train.py in its own process group, as a terminal runs it (Ctrl+C reaches every process of the group)."""
     return subprocess.Popen([sys.executable, "train.py", *RUN, "--proj_dir", str(proj_dir), *extra], cwd=ROOT,
                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
