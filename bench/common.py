@@ -108,12 +108,12 @@ def _process_memory(pid: int) -> tuple:
 
 def _mapping_kind(header: str) -> str:
     """A /proc/PID/smaps mapping header -> the kind of memory it is: the file it maps (libraries together), the
-    CUDA driver's mappings (pinned host memory), or anonymous memory, private or shared."""
+    CUDA driver's mappings (/dev/nvidia*), or anonymous memory, private or shared."""
     fields = header.split(maxsplit=5)
     path = fields[5].strip() if len(fields) > 5 else ""
     shared = fields[1][3] == "s"
     if path.startswith("/dev/nvidia"):
-        return "CUDA driver (pinned host memory)"
+        return "CUDA driver mappings"
     if ".so" in path:
         return "libraries (.so)"
     if not path or path in ("[heap]", "[stack]") or path.startswith("[anon"):
@@ -193,6 +193,7 @@ class HostMemorySampler:
 
 
 def breakdown_text(breakdown: dict, top: int = 8) -> str:
+    """'anonymous, private 84.9, libraries (.so) 0.5, ...': the `top` largest kinds of a mapping_breakdown, GiB."""
     return ", ".join(f"{kind} {size / GIB:.1f}" for kind, size in list(breakdown.items())[:top])
 
 

@@ -56,8 +56,8 @@ PROCESS_GPU_RUNTIME_BYTES = 1 * GIB
 # Host bytes per trained parameter that a ZeRO-1/2 offload run's training process holds beyond DeepSpeed's 18 and
 # the process's own memory, not attributed to one allocation: an L32 D2560 run (2.98e9 parameters, ctx 1024)
 # peaked at 57.6 GiB (PSS) on the H200 machine, 2.6 GiB above 18 bytes and 5 GiB, 0.9 bytes per parameter
-# (BENCHMARKS.md); 2 keep a margin. (Runs before 2026-12-03 22:30 UTC also had a DataLoader worker holding old
-# copies of the training's pages, 29 GiB in that run: src/dataset.py build_loader.)
+# (BENCHMARKS.md); 2 keep a margin. (The run's whole process tree held 29 GiB more: a DataLoader worker's old copies
+# of the training's pages; samples are now drawn in the training process, src/dataset.py build_loader.)
 OFFLOAD_UNATTRIBUTED_BYTES = 2
 # DeepSpeed ZeRO-1/2 offload's host bytes per trained parameter (see the module docstring)
 OFFLOAD_HOST_BYTES = 18 + OFFLOAD_UNATTRIBUTED_BYTES
