@@ -131,9 +131,10 @@ def mapping_breakdown(pids: list) -> dict:
             continue
         kind = None
         for line in lines:
-            if not line[:1].isupper() or ":" not in line.split()[0]:  # a mapping's header: "start-end perms ..."
+            key = line.split(maxsplit=1)[0]
+            if not key.endswith(":"):  # a mapping's header, "start-end perms offset device inode path"
                 kind = _mapping_kind(line)
-            elif line.startswith("Pss:"):
+            elif key == "Pss:":
                 totals[kind] += int(line.split()[1]) * 1024
     return dict(totals.most_common())
 
@@ -191,10 +192,11 @@ class HostMemorySampler:
                 next_time = t + every
         return ", ".join(points)
 
-
-def breakdown_text(breakdown: dict, top: int = 8) -> str:
-    """'anonymous, private 84.9, libraries (.so) 0.5, ...': the `top` largest kinds of a mapping_breakdown, GiB."""
-    return ", ".join(f"{kind} {size / GIB:.1f}" for kind, size in list(breakdown.items())[:top])
+    def breakdown_text(self, top: int = 8) -> str:
+        """'at 90.0 GiB in use: anonymous, private 84.9, libraries (.so) 0.5, ...': the `top` largest kinds of the
+        last breakdown, PSS GiB, and the machine's use when it was taken."""
+        kinds = ", ".join(f"{kind} {size / GIB:.1f}" for kind, size in list(self.peak_breakdown.items())[:top])
+        return f"at {self.breakdown_at / GIB:.1f} GiB in use: {kinds}"
 
 
 def run_child(module: str, argv: list, label: str):

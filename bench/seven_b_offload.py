@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import GIB, HostMemorySampler, StepTimes, breakdown_text, cap_gpu_memory, peak_gib
+from bench.common import GIB, HostMemorySampler, StepTimes, cap_gpu_memory, peak_gib
 from bench.long_context import make_random_base, random_base_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,8 +126,7 @@ def main() -> int:
     if not found:
         print(output[-4000:])
         print(f"exit {code}; host memory over time (GiB: {TIMELINE_KEY}): {host.timeline_text()}")
-        print(f"host memory of the process tree by kind, PSS GiB, at {host.breakdown_at / GIB:.1f} GiB in use: "
-              f"{breakdown_text(host.peak_breakdown)}")
+        print(f"host memory of the process tree by kind (PSS GiB), {host.breakdown_text()}")
         return code or 1
     result = json.loads(found[0][len("RESULT "):])
     result.update({k + "_gib": v / GIB for k, v in host.peak.items()}, wall_s=wall)
@@ -154,8 +153,7 @@ def main() -> int:
         print(f"| seconds per optimizer step (median after the first) | {result['seconds_per_step']:.1f} | |")
     print(f"| wall time including start-up | {wall:.0f} s | |")
     print(f"\nhost memory over time (GiB: {TIMELINE_KEY}): {host.timeline_text()}")
-    print(f"host memory of the process tree by kind, PSS GiB, at {host.breakdown_at / GIB:.1f} GiB in use: "
-          f"{breakdown_text(host.peak_breakdown)}")
+    print(f"host memory of the process tree by kind (PSS GiB), {host.breakdown_text()}")
     return result["exit"]
 
 

@@ -34,3 +34,4 @@ def test_the_breakdown_finds_where_a_process_holds_its_memory():
     assert host.breakdown_at > 0
     kind, size = next(iter(host.peak_breakdown.items()))  # the largest first
     assert kind == "anonymous, private" and 300 * 2**20 <= size < 400 * 2**20
+    assert host.breakdown_text().startswith(f"at {host.breakdown_at / GIB:.1f} GiB in use: anonymous, private 0.")

@@ -1,10 +1,14 @@
 """Sampling: windows as pure functions of (seed, rank, epoch, index), ctx warm-up, char vocabularies."""
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
+from bench.common import HostMemorySampler
+from conftest import ROOT
 from src.accumulation import optimizer_steps_in_epoch
 from src.config import parse_args
 from src.dataset import (
@@ -111,12 +115,6 @@ def test_training_starts_no_helper_process(tmp_path):
     """A process forked from the training process (a DataLoader worker was one) keeps the old copy of every page
     the training changes after the fork: 29 GiB in a ZeRO-2 offload run on the H200 machine. A whole train.py run
     on the CPU, its process tree sampled throughout, has no other process in it."""
-    import subprocess
-    import sys
-
-    from bench.common import HostMemorySampler
-    from conftest import ROOT
-
     run = ["--data_type", "dummy", "--n_layer", "1", "--n_embd", "16", "--ctx_len", "16", "--micro_bsz", "2",
            "--epoch_steps", "20", "--epoch_count", "1", "--epoch_save", "0", "--wkv_backend", "torch",
            "--enable_progress_bar", "0", "--proj_dir", str(tmp_path)]

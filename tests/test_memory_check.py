@@ -97,8 +97,9 @@ def test_the_7b_offload_run_is_refused_on_a_128_gib_machine_before_anything_is_w
 
 
 def test_the_l32_d3840_offload_run_the_kernel_killed_is_refused():
-    """Measured on the H200 machine (123 GiB available): with 18 bytes per parameter the check let this 6.52e9-
-    parameter run through (114.3 GiB) and the kernel killed it in its first optimizer step. Now it is refused."""
+    """On the H200 machine (123 GiB available) the check let this 6.52e9-parameter run through with 18 bytes per
+    parameter (114.3 GiB) and the kernel killed it in its first optimizer step (a DataLoader worker's copies of the
+    training's pages, since removed, were part of it). With the 20 bytes the check counts, it is refused."""
     import train
 
     cfg = parse_args(["--load_model", "base.pth", "--data_type", "numpy", "--data_file", "tokens.npy", "--vocab_size",
