@@ -7,7 +7,8 @@ The state (`footprint`): bytes per parameter (P all parameters, T the trainable 
 
     strategy                      GPU, per process                         host, per machine
     auto/ddp                      4 P + 4 T + 8 T  (weights, grads, Adam)  -
-    auto/ddp, bf16                2 P + 2 T + 12 T (bf16 weights and grads, fp32 masters, Adam) + 4 x one group
+    auto/ddp, bf16                2 P + 2 T + 12 T (bf16 weights and grads, fp32 masters, Adam); on a CPU the
+                                  reference step's fp32 temporaries of one parameter too (8 x at most one group)
     deepspeed_stage_1, 16-bit     2 P + 2 T + 12 T / W                     -
     deepspeed_stage_2, 16-bit     2 P + (2 + 12) T / W                     -
     deepspeed_stage_2_offload     2 P                                      20 T (fp32 master, Adam, fp32 grads, a
@@ -39,7 +40,9 @@ GIB = 2 ** 30
 # Optimizer parameter groups are cut to at most this many elements (src/trainer.py), 512 MiB in bf16: DeepSpeed's
 # ZeRO 1/2 set-up copies each group whole on the GPU before moving its fp32 master copy to where it lives
 # (stage_1_and_2.py: `partition.detach().clone().to(device)`), so with one group of a 7B model the card would
-# briefly hold the weights twice; the master-weight optimizer converts one group's gradients to fp32 at a time.
+# briefly hold the weights twice. The size also bounds the fp32 temporaries of one parameter in the master-weight
+# optimizer's reference step (src/master_adam.py): the fork's largest parameter, the 14B's emb (50277 x 5120), is
+# smaller.
 OPTIMIZER_GROUP_NUMEL = 2 ** 28
 
 
@@ -75,8 +78,8 @@ def footprint(cfg: TrainConfig, params: int, trainable: int, world_size: int, pr
               on_gpu: bool) -> Footprint:
     """The weights, gradients and optimizer state of the run (see the module docstring)."""
     if cfg.deepspeed is None:
-        if cfg.master_weights:  # bf16 weights and gradients, fp32 masters and Adam, one group's fp32 gradients
-            state = 2 * params + 14 * trainable + 4 * min(trainable, OPTIMIZER_GROUP_NUMEL)
+        if cfg.master_weights:  # bf16 weights and gradients, fp32 masters and Adam (+ the reference step's temporaries)
+            state = 2 * params + 14 * trainable + (0 if on_gpu else 8 * min(trainable, OPTIMIZER_GROUP_NUMEL))
         else:  # fp32 weights (fp16 mixed precision keeps them too), gradients, Adam
             state = 4 * params + 12 * trainable
         return Footprint(gpu=state, host=0) if on_gpu else Footprint(gpu=0, host=state * processes_per_host)

@@ -79,6 +79,66 @@ def test_state_dict_restores_masters_and_moments_exactly():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_parameter_without_gradient_is_not_stepped_and_keeps_its_own_count(device):
+    """As torch's Adam: a parameter with no gradient in a step is left alone, and its bias correction later counts
+    only its own steps (the optimizer then steps one group in two launches, one per step number)."""
+    model, masters = bf16_model_and_masters(device)
+    params = list(model.parameters())
+    optimizer = MasterWeightAdam([{"params": params}], **SETTINGS, adamw=False, max_grad_norm=0.0)
+    reference = torch.optim.Adam(masters, **SETTINGS)
+    for step in range(3):
+        backward(model, step)
+        if step == 0:
+            params[1].grad = None  # ln0's bias sits out the first step
+        for master, p in zip(masters, params):
+            master.grad = None if p.grad is None else p.grad.float()
+        reference.step()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert optimizer.steps[0][:3] == [3, 2, 3]
+    for got, master in zip(optimizer.masters[0], masters):
+        torch.testing.assert_close(got, master.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_resume_bundles_from_before_the_kernel_load(tmp_path):
+    """Bundles written when torch's Adam over the masters held the moments (its state_dict under "inner") resume
+    to the same weights as a run that never stopped."""
+    straight, _ = bf16_model_and_masters()
+    optimizer = MasterWeightAdam([{"params": list(straight.parameters())}], **SETTINGS, adamw=False, max_grad_norm=1.0)
+    for seed in (0, 1, 2):
+        backward(straight, seed)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    # the old optimizer's state after two steps: torch's Adam over fp32 masters, its parameters numbered in order
+    old_model, old_masters = bf16_model_and_masters()
+    torch_adam = torch.optim.Adam(old_masters, **SETTINGS)
+    for seed in (0, 1):
+        backward(old_model, seed)
+        grads = [p.grad.float() for p in old_model.parameters()]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2)))
+        for master, grad in zip(old_masters, grads):
+            master.grad = grad * (1.0 / (norm + 1e-6)).clamp(max=1.0)
+        torch_adam.step()
+        with torch.no_grad():
+            for p, master in zip(old_model.parameters(), old_masters):
+                p.copy_(master)
+                p.grad = None
+    old_state = {"param_groups": [{"lr": SETTINGS["lr"], "betas": SETTINGS["betas"], "eps": SETTINGS["eps"],
+                                   "weight_decay": 0.0}],
+                 "inner": torch_adam.state_dict(), "masters": [[m.detach() for m in old_masters]]}
+    torch.save(old_state, tmp_path / "old.pt")
+
+    resumed = MasterWeightAdam([{"params": list(old_model.parameters())}], **SETTINGS, adamw=False, max_grad_norm=1.0)
+    resumed.load_state_dict(torch.load(tmp_path / "old.pt"))
+    assert resumed.steps == [[2] * len(old_masters)]
+    backward(old_model, 2)
+    resumed.step()
+    for a, b in zip(straight.parameters(), old_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 BF16_RUN = ["--data_type", "utf-8", "--data_file", "text.txt", "--proj_dir", "out", "--n_layer", "1", "--n_embd", "16",
             "--ctx_len", "16", "--micro_bsz", "2", "--epoch_steps", "40", "--epoch_count", "2", "--epoch_save", "1",
             "--wkv_backend", "torch", "--enable_progress_bar", "0", "--random_seed", "3", "--precision", "bf16",

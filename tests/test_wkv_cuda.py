@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import tiny_model
+from src import cuda_extension
 from src.rwkv4 import wkv_cuda
 from src.rwkv4.wkv import wkv, wkv_torch
 
@@ -257,7 +258,7 @@ def test_bf16_training_run():
 _BAD_INPUTS = """
 import torch
 from src.rwkv4 import wkv_cuda
-ext = wkv_cuda._module()
+ext = wkv_cuda.EXTENSION.module()
 w = torch.randn(8, device="cuda")
 k = torch.randn(2, 5, 8, device="cuda")
 state = torch.zeros(2, 8, 3, device="cuda")
@@ -292,12 +293,11 @@ def failing_build(monkeypatch):
         raise RuntimeError("Error building extension 'wkv': ...\nwkv_cuda.cu(12): error: identifier \"x\" is undefined\n"
                            "ninja: build stopped: subcommand failed.")
 
-    monkeypatch.setattr(wkv_cuda, "_build", fail)
-    for cached in (wkv_cuda._extension, wkv_cuda._warn_fallback):
-        cached.cache_clear()
+    monkeypatch.setattr(wkv_cuda.EXTENSION, "build", fail)
+    monkeypatch.setattr(wkv_cuda.EXTENSION, "_loaded", None)
+    cuda_extension._warn_fallback.cache_clear()
     yield
-    for cached in (wkv_cuda._extension, wkv_cuda._warn_fallback):
-        cached.cache_clear()
+    cuda_extension._warn_fallback.cache_clear()
 
 
 def test_failed_build_falls_back_with_one_warning(failing_build):
