@@ -13,7 +13,7 @@ The state (`footprint`): bytes per parameter (P all parameters, T the trainable 
     deepspeed_stage_2, 16-bit     2 P + (2 + 12) T / W                     -
     deepspeed_stage_2_offload     2 P                                      20 T (fp32 master, Adam, fp32 grads, a
                                                                            16-bit copy the weights are staged in: 18;
-                                                                           2 more: 0.9 measured, not attributed)
+                                                                           2 more: 0.9-1.5 measured, not attributed)
     deepspeed_stage_3, 16-bit     (2 P + 14 T) / W                         -
     deepspeed_stage_3_offload     -                                        2 P + 16 T
 (DeepSpeed's partitions are per process: a machine holds its processes' share, processes / W of the total.)
@@ -57,10 +57,9 @@ PROCESS_GPU_RUNTIME_BYTES = 1 * GIB
 
 
 # Host bytes per trained parameter that a ZeRO-1/2 offload run's training process holds beyond DeepSpeed's 18 and
-# the process's own memory, not attributed to one allocation: an L32 D2560 run (2.98e9 parameters, ctx 1024)
-# peaked at 57.6 GiB (PSS) on the H200 machine, 2.6 GiB above 18 bytes and 5 GiB, 0.9 bytes per parameter
-# (BENCHMARKS.md); 2 keep a margin. (The run's whole process tree held 29 GiB more: a DataLoader worker's old copies
-# of the training's pages; samples are now drawn in the training process, src/dataset.py build_loader.)
+# the process's own memory, not attributed to one allocation, measured on the H200 machine (PSS, BENCHMARKS.md):
+# L32 D2560 (2.98e9 parameters, ctx 1024) peaked at 57.6 GiB, 0.9 bytes per parameter above 18 bytes and 5 GiB;
+# L32 D3584 (5.7e9, ctx 4096, --ctx_parts 4) at 108.5 GiB, 1.5 bytes per parameter above. 2 keep a margin.
 OFFLOAD_UNATTRIBUTED_BYTES = 2
 # DeepSpeed ZeRO-1/2 offload's host bytes per trained parameter (see the module docstring)
 OFFLOAD_HOST_BYTES = 18 + OFFLOAD_UNATTRIBUTED_BYTES
