@@ -58,8 +58,8 @@ class RWKVModule(pl.LightningModule):
 
     def configure_optimizers(self):
         """Adam on fp32 master weights: DeepSpeed's FusedAdam (DeepSpeedCPUAdam when ZeRO offloads the optimizer),
-        MasterWeightAdam for a bf16 model (src/master_weights.py), or torch's own on fp32 weights (fused on CUDA in
-        fp32/tf32). weight_decay is decoupled (AdamW) and per group."""
+        MasterWeightAdam for a bf16 model (src/master_weights.py, one CUDA kernel per group), or torch's own on fp32
+        weights (fused on CUDA in fp32/tf32). weight_decay is decoupled (AdamW) and per group."""
         strategy = self.trainer.strategy
         bounded = is_deepspeed(strategy) or self.cfg.master_weights
         groups = build_param_groups(self.model, self.cfg, OPTIMIZER_GROUP_NUMEL if bounded else 0)

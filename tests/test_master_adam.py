@@ -90,7 +90,7 @@ def ill_conditioned(grads, masters, clip, weight_decay, adamw):
 
 
 @gpu
-@pytest.mark.parametrize("shared", [False, True])  # own allocations (aligned: 4 elements per access); odd views
+@pytest.mark.parametrize("shared", [False, True])  # allocations of their own (aligned), views at odd offsets
 @pytest.mark.parametrize("adamw, weight_decay", [(False, 0.0), (False, 0.1), (True, 0.1)])
 @pytest.mark.parametrize("clip", [None, 0.25])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
