@@ -40,7 +40,7 @@ def master_adam_torch(weights: Tensors, grads: Tensors, masters: Tensors, exp_av
     step_size = lr / (1 - beta1 ** step)
     bias2_sqrt = (1 - beta2 ** step) ** 0.5  # as torch's Adam computes it
     for weight, grad, master, exp_avg, exp_avg_sq in zip(weights, grads, masters, exp_avgs, exp_avg_sqs):
-        g = grad.float()  # a copy even for an fp32 gradient: the gradient itself stays as it was
+        g = grad.to(torch.float32, copy=True)  # a copy for an fp32 gradient too: the gradient stays as it was
         if clip is not None:
             g.mul_(clip)
         if weight_decay and adamw:
@@ -49,7 +49,7 @@ def master_adam_torch(weights: Tensors, grads: Tensors, masters: Tensors, exp_av
             g.add_(master, alpha=weight_decay)
         exp_avg.lerp_(g, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(eps)
+        denom = exp_avg_sq.sqrt().div_(bias2_sqrt).add_(eps)
         master.addcdiv_(exp_avg, denom, value=-step_size)
         weight.copy_(master)
 

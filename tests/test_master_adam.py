@@ -56,8 +56,10 @@ def test_reference_equals_torch_adam_on_the_masters(adamw, weight_decay, clip, d
         for master, grad in zip(masters, grads):
             master.grad = grad.float() * (1.0 if clip is None else clip)
         torch_adam.step()
+        given = [g.clone() for g in grads]
         run(master_adam_torch, parts, grads, step, weight_decay, adamw,
             None if clip is None else torch.tensor(clip))
+        assert all(torch.equal(g, before) for g, before in zip(grads, given))  # the gradients are left as they were
         for ours, theirs in zip(parts["master"], masters):
             torch.testing.assert_close(ours, theirs.detach(), rtol=1e-6, atol=1e-7)
         for name, key in (("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq")):
