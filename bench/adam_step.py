@@ -15,13 +15,12 @@ exceeds the GPU ms, the host bounds the step). Peak: memory the step allocates b
     python -m bench.adam_step --shapes L32-D4096
 """
 import argparse
-import datetime
 import statistics
-import sys
 import time
 
 import torch
 
+from bench.common import print_run_header
 from bench.wkv import copy_bandwidth
 from src.config import parse_args
 from src.master_weights import MasterWeightAdam
@@ -120,10 +119,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     args = parser.parse_args(argv)
-    props = torch.cuda.get_device_properties(0)
-    print(f"{props.name}; torch {torch.__version__}, CUDA {torch.version.cuda}; "
-          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
-    print(f"command: python -m bench.adam_step {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
+    print_run_header("bench.adam_step", argv)
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth (read + write): {bandwidth / 1e12:.2f} TB/s\n")
     print("| shape | parameters | optimizer | GPU ms / step | host ms / step | of the limit | step's own peak GiB |")
@@ -136,8 +132,8 @@ def main(argv=None):
             peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
             print(f"| {r['shape']} | {r['params'] / 1e9:.2f}e9 | {r['optimizer']} | {r['gpu_ms']:.1f} | {host} | "
                   f"{limit / r['gpu_ms']:.0%} | {peak} |")
-    print(f"\nlimit: {BYTES_PER_PARAMETER} bytes per parameter (read the bf16 gradient for the norm, then the gradient, "
-          f"master and moments; write master, moments and the bf16 weight) at the copy bandwidth")
+    print(f"\nlimit: {BYTES_PER_PARAMETER} bytes per parameter (read the bf16 gradient for the norm, then the "
+          f"gradient, master and moments; write master, moments and the bf16 weight) at the copy bandwidth")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 matmul rate of this card (the hardware limit the tables compare against), peak memory without the filler.
 """
 import collections
+import datetime
 import json
 import statistics
 import subprocess
@@ -197,6 +198,17 @@ class HostMemorySampler:
         last breakdown, PSS GiB, and the machine's use when it was taken."""
         kinds = ", ".join(f"{kind} {size / GIB:.1f}" for kind, size in list(self.peak_breakdown.items())[:top])
         return f"at {self.breakdown_at / GIB:.1f} GiB in use: {kinds}"
+
+
+def print_run_header(module: str, argv, card_details: bool = False) -> None:
+    """A bench table's first lines: the card (with its SM count and L2 size if `card_details`), torch and CUDA,
+    the time in UTC, and the command that printed it (`argv` None: this process's own arguments)."""
+    props = torch.cuda.get_device_properties(0)
+    card = props.name + (f", {props.multi_processor_count} SMs, L2 {props.L2_cache_size >> 20} MiB"
+                         if card_details else "")
+    print(f"{card}; torch {torch.__version__}, CUDA {torch.version.cuda}; "
+          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+    print(f"command: python -m {module} {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
 
 
 def run_child(module: str, argv: list, label: str):

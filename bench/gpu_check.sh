@@ -9,7 +9,7 @@ mkdir -p "$log_dir"
 export PYTHONUNBUFFERED=1
 status=0
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-python -c "import time; t = time.time(); from src.rwkv4 import wkv_cuda; wkv_cuda._module(); print(f'WKV kernel built in {time.time() - t:.0f} s')" \
+python -c "import time; t = time.time(); from src.rwkv4 import wkv_cuda; wkv_cuda.EXTENSION.module(); print(f'WKV kernel built in {time.time() - t:.0f} s')" \
     2>&1 | tee "$log_dir/build.txt" || status=1
 # no -q here: pytest.ini adds one, and a second hides the summary line
 python -m pytest -m gpu -rs tests/test_wkv_cuda.py 2>&1 | tee "$log_dir/tests.txt" || status=1

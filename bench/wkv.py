@@ -10,13 +10,12 @@ over back-to-back calls (median of several rounds), with inputs rotated so no ca
 L2 from the previous one.
 """
 import argparse
-import datetime
 import math
 import statistics
-import sys
 
 import torch
 
+from bench.common import print_run_header
 from src.rwkv4 import wkv_cuda
 from src.rwkv4.state import empty_state
 
@@ -69,7 +68,7 @@ def bench_shape(shape, dtype, bandwidth, l2_bytes):
     n = B * T * C
     count = max(1, math.ceil(2 * l2_bytes / (3 * n * size)))  # inputs of consecutive calls exceed 2x L2
     sets = make_sets(B, T, C, dtype, count)
-    ext = wkv_cuda._module()
+    ext = wkv_cuda.EXTENSION.module()
 
     def fwd(i):
         w, u, k, v, s, _, _ = sets[i % count]
@@ -97,7 +96,7 @@ def profile(shape, dtype):
     """Per-kernel GPU time of a few forward + backward calls."""
     B, T, C = shape
     w, u, k, v, s, gy, gs = make_sets(B, T, C, dtype, 1)[0]
-    ext = wkv_cuda._module()
+    ext = wkv_cuda.EXTENSION.module()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
             ext.forward(w, u, k, v, s)
@@ -113,10 +112,7 @@ def main(argv=None):
     parser.add_argument("--profile", action="store_true", help="also print per-kernel times for the first shape")
     args = parser.parse_args(argv)
     dtype = DTYPES[args.dtype]
-    props = torch.cuda.get_device_properties(0)
-    print(f"{props.name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size >> 20} MiB; torch "
-          f"{torch.__version__}, CUDA {torch.version.cuda}; {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
-    print(f"command: python -m bench.wkv {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
+    print_run_header("bench.wkv", argv, card_details=True)
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth (read + write): {bandwidth / 1e12:.2f} TB/s; dtype {args.dtype}\n")
     header = (f"{'B,T,C':>16} | {'fwd ms':>7} | {'fwd+bwd ms':>10} | {'floor ms':>8} | {'/floor':>6} | "
@@ -124,7 +120,7 @@ def main(argv=None):
     print(header)
     print("-" * len(header))
     for shape in SHAPES:
-        r = bench_shape(shape, dtype, bandwidth, props.L2_cache_size)
+        r = bench_shape(shape, dtype, bandwidth, torch.cuda.get_device_properties(0).L2_cache_size)
         B, T, C = shape
         original = ORIGINAL_MS.get(shape)
         original = f"{original[0]:.2f} / {original[1]:.2f} ms" if original else "-"

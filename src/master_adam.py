@@ -64,12 +64,12 @@ def master_adam_cuda(weights: Tensors, grads: Tensors, masters: Tensors, exp_avg
     device, dtype = weights[0].device, weights[0].dtype
     if device.type != "cuda":
         raise ValueError(f"master_adam_cuda: the tensors must be on a CUDA device, got {device}")
-    for index, tensors in enumerate(zip(weights, grads, masters, exp_avgs, exp_avg_sqs)):
-        _check_row(index, tensors, device, dtype)
     module = EXTENSION.module()
     chunk = module.chunk_elements()
     rows, chunks = [], 0
-    for weight, grad, master, exp_avg, exp_avg_sq in zip(weights, grads, masters, exp_avgs, exp_avg_sqs):
+    for index, tensors in enumerate(zip(weights, grads, masters, exp_avgs, exp_avg_sqs)):
+        _check_row(index, tensors, device, dtype)
+        weight, grad, master, exp_avg, exp_avg_sq = tensors
         numel = weight.numel()
         rows.append([grad.data_ptr(), weight.data_ptr(), master.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(),
                      numel, chunks])  # the kernel's column order

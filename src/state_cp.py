@@ -57,7 +57,8 @@ the modules for the duration by src/parameter_aliases.py), so the pieces accumul
 reach no hook of DDP or DeepSpeed; the Function's backward returns the sums, and the outer backward
 (Lightning's or DeepSpeed's own) hands each parameter its gradient once. So ZeRO stage 1 and 2 (with
 offload) and DDP all work, and ranks whose samples have different segment counts run no collective inside
-the Function: none waits for another. ZeRO-3 is refused: it gathers parameters in module hooks, which the aliases bypass.
+the Function: none waits for another. ZeRO-3 is refused: it gathers parameters in module hooks, which the
+aliases bypass.
 
 Gradient sums cost 4 bytes per trainable parameter: each alias's gradient moves into an fp32 sum as soon
 as autograd has accumulated it (a post-accumulate hook), so no whole set of per-piece gradients ever

@@ -101,16 +101,16 @@ def test_kernel_equals_reference(adamw, weight_decay, clip, dtype, shared):
     multiply-adds round apart from the reference's separate operations) except where weight decay cancels the
     gradient (ill_conditioned), weights exactly the rounded masters, and nothing written between the tensors."""
     (kernel_storages, kernel), (_, reference) = (random_problem(dtype, "cuda") for _ in range(2))
-    if not shared:  # the same values in allocations of their own
+    guards = {}  # per storage, the elements that belong to no tensor (set to 7 and checked at the end)
+    if shared:
+        for name, storage in kernel_storages.items():
+            guards[name] = torch.ones(storage.numel(), dtype=torch.bool, device="cuda")
+            for t in kernel[name]:
+                guards[name][t.storage_offset():t.storage_offset() + t.numel()] = False
+            storage[guards[name]] = 7.0
+    else:  # the same values in allocations of their own
         kernel = {name: [t.clone() for t in tensors] for name, tensors in kernel.items()}
         assert all(t.data_ptr() % 16 == 0 for tensors in kernel.values() for t in tensors)
-    guards = {name: torch.ones(storage.numel(), dtype=torch.bool, device="cuda")
-              for name, storage in kernel_storages.items()}
-    for name, storage in kernel_storages.items():  # mark the elements that belong to no tensor
-        for t in kernel[name] if shared else []:
-            start = t.storage_offset()
-            guards[name][start:start + t.numel()] = False
-        storage[guards[name]] = 7.0
     clip_tensor = None if clip is None else torch.tensor(clip, device="cuda")
     skipped = [torch.zeros_like(m, dtype=torch.bool) for m in reference["master"]]
     for step in (1, 2, 3):
@@ -125,5 +125,5 @@ def test_kernel_equals_reference(adamw, weight_decay, clip, dtype, shared):
             torch.testing.assert_close(got[~mask], want[~mask], rtol=1e-5, atol=1e-6 * want.abs().max().item())
     for weight, master in zip(kernel["weight"], kernel["master"]):
         assert torch.equal(weight, master.to(dtype))
-    for name, storage in kernel_storages.items():
-        assert torch.all(storage[guards[name]] == 7.0), name
+    for name, guard in guards.items():
+        assert torch.all(kernel_storages[name][guard] == 7.0), name
