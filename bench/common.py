@@ -39,6 +39,16 @@ def peak_gib(filler_bytes: int = 0) -> tuple:
             (torch.cuda.max_memory_reserved(0) - filler_bytes) / GIB)
 
 
+def pinned_host_peak_gib() -> float:
+    """Peak GiB of page-locked host memory this process's pinned-memory allocator held: what pin_memory() and
+    pin_memory=True allocate (--state_cp's stored block inputs; DeepSpeed's offload buffers where its config asks
+    for pinned memory, which Lightning's DeepSpeedStrategy does not by default). The allocator rounds blocks up to
+    powers of two and keeps freed ones, so this counts pages pinned, not bytes asked for. Older torch calls those
+    pages "reserved_bytes" and what it handed out "allocated_bytes"; newer torch calls the pages "allocated_bytes"."""
+    stats = torch.cuda.host_memory_stats()
+    return stats.get("reserved_bytes.peak", stats.get("allocated_bytes.peak", 0)) / GIB
+
+
 class StepTimes(pl.Callback):
     """Wall time of each optimizer step of a train.py run (data loading and Lightning included), GPU synced."""
 
@@ -96,15 +106,16 @@ def _process_tree(pid: int) -> list:
 
 
 def _process_memory(pid: int) -> tuple:
-    """(RSS, PSS, pinned) bytes of one process: PSS shares pages between the processes that map them, so the
-    PSS of a tree is what it holds (the RSS of forked workers counts their parent's pages again)."""
+    """(RSS, PSS) bytes of one process: PSS shares pages between the processes that map them, so the PSS of a tree
+    is what it holds (the RSS of forked workers counts their parent's pages again). Pinned pages are in both; how
+    many there are, the process itself reports (pinned_host_peak_gib): /proc's VmPin and VmLck count memory locked
+    by mlock and by some drivers, not necessarily what the CUDA driver pins."""
     try:
         rollup = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:])
-        status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
     except OSError:
-        return 0, 0, 0
-    kib = lambda table, key: int(table.get(key, "0 kB").split()[0]) * 1024  # noqa: E731
-    return kib(rollup, "Rss"), kib(rollup, "Pss"), kib(status, "VmPin") + kib(status, "VmLck")
+        return 0, 0
+    kib = lambda key: int(rollup.get(key, "0 kB").split()[0]) * 1024  # noqa: E731
+    return kib("Rss"), kib("Pss")
 
 
 def _mapping_kind(header: str) -> str:
@@ -141,7 +152,7 @@ def mapping_breakdown(pids: list) -> dict:
 
 
 class HostMemorySampler:
-    """Samples, every `interval` seconds on a thread, the host memory of a process tree (RSS, PSS, pinned), the
+    """Samples, every `interval` seconds on a thread, the host memory of a process tree (RSS, PSS), the
     PSS of the root's helper processes (its descendants: compiler workers and build processes) apart,
     and the machine's use (MemTotal - MemAvailable); keeps the peaks, a timeline, and where the memory was by kind
     (mapping_breakdown) when the machine's use last rose to a new high by a GiB: a run the kernel kills leaves the
@@ -149,7 +160,7 @@ class HostMemorySampler:
 
     def __init__(self, pid: int, interval: float = 0.5):
         self.pid, self.interval = pid, interval
-        self.peak = {"rss": 0, "pss": 0, "helpers_pss": 0, "pinned": 0, "machine_used": 0}
+        self.peak = {"rss": 0, "pss": 0, "helpers_pss": 0, "machine_used": 0}
         self.timeline = []  # (seconds since start, {the sample's keys: GiB}, helper processes)
         self.peak_breakdown, self.breakdown_at = {}, 0  # mapping_breakdown, and the machine's use it was taken at
         self.started = time.time()
@@ -169,10 +180,9 @@ class HostMemorySampler:
             sample = dict.fromkeys(self.peak, 0)
             tree = _process_tree(self.pid)
             for pid in tree:
-                rss, pss, pinned = _process_memory(pid)
+                rss, pss = _process_memory(pid)
                 sample["rss"] += rss
                 sample["pss"] += pss
-                sample["pinned"] += pinned
                 if pid != self.pid:
                     sample["helpers_pss"] += pss
             info = _meminfo()
@@ -183,13 +193,13 @@ class HostMemorySampler:
             self.timeline.append((time.time() - self.started, {k: v / GIB for k, v in sample.items()}, len(tree) - 1))
 
     def timeline_text(self, every: float = 5.0) -> str:
-        """'t=5s 12.3 | 10.1 + 0.4 (16) | 2.0, ...' one point per `every` seconds: GiB the machine uses | PSS of the
-        training process + of its helper processes (how many) | pinned in the tree."""
+        """'t=5s 12.3 | 10.1 + 0.4 (16), ...' one point per `every` seconds: GiB the machine uses | PSS of the
+        training process + of its helper processes (how many)."""
         points, next_time = [], 0.0
         for t, gib, helpers in self.timeline:
             if t >= next_time:
                 points.append(f"t={t:.0f}s {gib['machine_used']:.1f} | {gib['pss'] - gib['helpers_pss']:.1f} + "
-                              f"{gib['helpers_pss']:.1f} ({helpers}) | {gib['pinned']:.1f}")
+                              f"{gib['helpers_pss']:.1f} ({helpers})")
                 next_time = t + every
         return ", ".join(points)
 

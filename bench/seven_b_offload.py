@@ -6,9 +6,10 @@ unless --load_model names one) is fine-tuned with the fork's train.sh settings: 
 few optimizer steps on random tokens, no weights written. The training runs in a child process on a card made to
 look like a 24 GiB one: a filler allocation leaves 24 GiB free (DeepSpeed sizes its buffers from the card's free
 memory, which torch.cuda.set_per_process_memory_fraction alone does not change) and the fraction caps the process
-at filler + 24 GiB. This process samples the child's host memory (RSS, PSS, pinned of its process tree, and the
-machine's use) twice a second. Printed: losses, seconds per step, peak GPU allocated / reserved (without the
-filler), peak host memory, and the memory check's estimates beside them.
+at filler + 24 GiB. This process samples the child's host memory (RSS and PSS of its process tree, and the
+machine's use) twice a second; the child reports the peak of what torch pinned. Printed: losses, seconds per
+step, peak GPU allocated / reserved (without the filler), peak host memory, and the memory check's estimates beside
+them.
 
 DeepSpeed's ZeRO-2 offload keeps 18 bytes per parameter in host memory (fp32 master weights, fp32 gradients, two
 moments, a 16-bit staging copy): 123.9 GiB for the 7B shape; the memory check counts 2 more, measured
@@ -29,12 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import GIB, HostMemorySampler, StepTimes, cap_gpu_memory, peak_gib
+from bench.common import GIB, HostMemorySampler, StepTimes, cap_gpu_memory, peak_gib, pinned_host_peak_gib
 from bench.long_context import make_random_base, random_base_path
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 50277
-TIMELINE_KEY = "machine used | PSS of the training process + of its helper processes (count) | pinned"
+TIMELINE_KEY = "machine used | PSS of the training process + of its helper processes (count)"
 
 
 def fine_tune_flags(weights: str, tokens: Path, proj_dir: Path, args) -> list:
@@ -71,7 +72,8 @@ def run_child(args) -> int:
     print("RESULT " + json.dumps({
         "exit": code, "losses": [float(r[2]) for r in rows], "peak_allocated_gib": allocated,
         "peak_reserved_gib": reserved, "seconds_per_step": timer.steady_seconds() if len(timer.ends) > 1 else None,
-        "estimate_gpu_gib": estimate.gpu / GIB, "estimate_host_gib": estimate.host / GIB}), flush=True)
+        "pinned_gib": pinned_host_peak_gib(), "estimate_gpu_gib": estimate.gpu / GIB,
+        "estimate_host_gib": estimate.host / GIB}), flush=True)
     return code
 
 
@@ -143,8 +145,9 @@ def main() -> int:
     print(f"| peak GPU allocated / reserved | {result['peak_allocated_gib']:.2f} / "
           f"{result['peak_reserved_gib']:.2f} GiB "
           f"| {result['estimate_gpu_gib']:.2f} GiB (weights, gradients, optimizer) |")
-    print(f"| peak host memory: process tree RSS / PSS / pinned | {result['rss_gib']:.1f} / {result['pss_gib']:.1f} / "
-          f"{result['pinned_gib']:.1f} GiB | {result['estimate_host_gib']:.1f} GiB |")
+    print(f"| peak host memory: process tree RSS / PSS | {result['rss_gib']:.1f} / {result['pss_gib']:.1f} GiB "
+          f"| {result['estimate_host_gib']:.1f} GiB |")
+    print(f"| of which pinned by torch (page-locked, in both) | {result['pinned_gib']:.1f} GiB | |")
     print(f"| of which its helper processes (compiler workers), PSS | {result['helpers_pss_gib']:.1f} GiB "
           f"| |")
     print(f"| peak host memory in use on the machine (MemTotal - MemAvailable) | "

@@ -1,4 +1,5 @@
 """bench/common.py's host-memory sampler, on the CPU: it is what a benchmark's host-memory figures come from."""
+import re
 import subprocess
 import sys
 
@@ -22,7 +23,8 @@ def test_the_sampler_separates_the_training_process_from_its_helpers():
     assert 200 <= peak_mib["helpers_pss"] < 300  # the helper alone
     assert peak_mib["pss"] >= 500 and peak_mib["rss"] >= peak_mib["pss"]
     assert max(helpers for _, _, helpers in host.timeline) == 1
-    assert " + 0.2 (1) | " in host.timeline_text(every=0.1)  # training process + its helper (count), GiB
+    # each point: GiB the machine uses | the training process + its helper (count)
+    assert re.search(r"t=\d+s [\d.]+ \| 0\.3 \+ 0\.2 \(1\)(, |$)", host.timeline_text(every=0.1))
 
 
 def test_the_breakdown_finds_where_a_process_holds_its_memory():

@@ -33,7 +33,8 @@ def test_zero2_offload_set_up_and_steps_stay_under_the_cap():
     result = json.loads(found[-1][len("RESULT "):])  # the bench's own line, after its child's (no host figures)
     print(f"\n[offload] L32 D2560 capped at {CAP_GIB:g} GiB: peak {result['peak_allocated_gib']:.2f} / "
           f"{result['peak_reserved_gib']:.2f} GiB (estimate {result['estimate_gpu_gib']:.2f}), host PSS "
-          f"{result['pss_gib']:.1f} GiB (estimate {result['estimate_host_gib']:.1f}), "
+          f"{result['pss_gib']:.1f} GiB (estimate {result['estimate_host_gib']:.1f}; pinned "
+          f"{result['pinned_gib']:.1f}), "
           f"{result['seconds_per_step']:.1f} s per step, losses {result['losses']}")
     assert len(result["losses"]) == 2 and all(math.isfinite(loss) for loss in result["losses"])
     assert result["peak_reserved_gib"] <= CAP_GIB
