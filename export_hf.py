@@ -1,6 +1,7 @@
 """Export an RWKV-4 .pth to a Hugging Face transformers folder (RwkvForCausalLM), checked logit for logit.
 
-    python export_hf.py [--vocab 20B_tokenizer.json] [--dtype fp32|bf16|fp16] [--ctx_len N] [--overwrite] MODEL.pth OUT_DIR
+    python export_hf.py MODEL.pth OUT_DIR [--vocab 20B_tokenizer.json] [--dtype fp32|bf16|fp16] [--ctx_len N]
+                        [--overwrite]
 
 OUT_DIR gets config.json (read from the weights: any layer count, width, vocabulary), safetensors weights and,
 with --vocab, the tokenizer files; `RwkvForCausalLM.from_pretrained(OUT_DIR)` and AutoTokenizer load it.

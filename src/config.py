@@ -411,7 +411,8 @@ def validate(cfg: TrainConfig) -> None:
         if cfg.deepspeed:
             raise UserInputError(f"--accumulate_grad_batches_dict changes the accumulation between mini-epochs, which "
                                  f"DeepSpeed cannot (its accumulation is fixed when training starts); use --strategy "
-                                 f"auto or ddp, or a constant --accumulate_grad_batches with --strategy {cfg.strategy}.")
+                                 f"auto or ddp, or a constant --accumulate_grad_batches with --strategy "
+                                 f"{cfg.strategy}.")
 
 
 def _validate_ranges(cfg: TrainConfig) -> None:

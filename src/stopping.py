@@ -115,8 +115,9 @@ class StopOnSignal(pl.Callback):
         trainer.should_stop = True
         self.exit_code = 128 + signum
         if trainer.is_global_zero:
-            print(f"\nStopped after optimizer step {trainer.global_step}. Saved {self.bundle_path.parent}/rwkv-last.pth "
-                  f"and {self.bundle_path}; continue with the same command plus --resume {self.bundle_path}",
+            print(f"\nStopped after optimizer step {trainer.global_step}. Saved "
+                  f"{self.bundle_path.parent}/rwkv-last.pth and {self.bundle_path}; continue with the same command "
+                  f"plus --resume {self.bundle_path}",
                   file=sys.stderr, flush=True)
 
 

@@ -58,7 +58,8 @@ def test_context_warmup_counts_the_steps_of_each_mini_epoch():
     assert [len(samples[i][0]) for i in (0, 6, 8, 12)] == [4, 16, 20, 24]
     later = parse_args(["--data_type", "dummy", "--micro_bsz", "2", "--epoch_steps", "4", "--epoch_begin", "1",
                         "--accumulate_grad_batches_dict", "{1: 2}"])
-    assert [TrainingSamples(TokenData(np.arange(100), "t", 100), later, 0, 0).step_of(i) for i in (0, 4, 8)] == [0, 1, 2]
+    samples = TrainingSamples(TokenData(np.arange(100), "t", 100), later, 0, 0)
+    assert [samples.step_of(i) for i in (0, 4, 8)] == [0, 1, 2]
 
 
 @pytest.mark.parametrize("value", ["{0: 0}", "{-1: 2}", "{'a': 2}", "{0: 1.5}", "[1, 2]", "{}", "{0: True}", "4",

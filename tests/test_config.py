@@ -88,7 +88,8 @@ def test_help_tells_each_default_once(capsys):
         assert not re.search(r"\(default: (None|False|)\)", entry), entry
     assert not any("not built" in entry for entry in entries.values())  # every fork flag works
     assert "wds_img" not in text  # accepted only to be refused by name
-    assert "--epoch_steps EPOCH_STEPS Micro-batches per GPU in one mini-epoch. (default: 1000)" in entries["epoch_steps"]
+    assert ("--epoch_steps EPOCH_STEPS Micro-batches per GPU in one mini-epoch. (default: 1000)"
+            in entries["epoch_steps"])
     with pytest.raises(SystemExit):
         preprocess_data.main(["--help"])
     for entry in help_of_each_flag(capsys.readouterr().out).values():

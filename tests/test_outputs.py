@@ -54,12 +54,14 @@ def test_continuing_by_hand_in_the_same_proj_dir(out):
     """--load_model out/rwkv-1.pth --epoch_begin 2: rwkv-0/1.pth stay; rwkv-final.pth moves on (rwkv-1.pth keeps
     the weights it had)."""
     earlier = {name: data for name, data in folder_snapshot(out).items() if name in ("rwkv-0.pth", "rwkv-1.pth")}
-    assert torch.equal(load_weights(out / "rwkv-final.pth")["head.weight"], load_weights(out / "rwkv-1.pth")["head.weight"])
+    assert torch.equal(load_weights(out / "rwkv-final.pth")["head.weight"],
+                       load_weights(out / "rwkv-1.pth")["head.weight"])
     assert train.main([*TINY_RUN, "--proj_dir", str(out), "--load_model", str(out / "rwkv-1.pth"), "--epoch_begin", "2",
                        "--epoch_count", "4"]) == 0
     after = folder_snapshot(out)
     assert {name: after[name] for name in earlier} == earlier
-    assert torch.equal(load_weights(out / "rwkv-final.pth")["head.weight"], load_weights(out / "rwkv-3.pth")["head.weight"])
+    assert torch.equal(load_weights(out / "rwkv-final.pth")["head.weight"],
+                       load_weights(out / "rwkv-3.pth")["head.weight"])
 
 
 def test_a_full_disk_during_a_save_is_one_line_and_every_earlier_file_stays_whole(out, capsys, monkeypatch):

@@ -130,8 +130,9 @@ def test_a_resume_bundle_given_to_load_model(proj_dir, capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 @pytest.mark.parametrize("extra, expected", [
-    (["--precision", "fp16"], "--precision fp16 needs a CUDA GPU, and this run trains on the CPU (where Lightning would "
-                              "train bf16 instead); use --precision bf16 or fp32"),
+    (["--precision", "fp16"],
+     "--precision fp16 needs a CUDA GPU, and this run trains on the CPU (where Lightning would train bf16 instead); "
+     "use --precision bf16 or fp32"),
     (["--wkv_backend", "cuda"], "--wkv_backend cuda runs the WKV kernel on a CUDA GPU, and this run trains on the CPU; "
                                 "use --wkv_backend torch"),
 ])

@@ -56,7 +56,8 @@ EVERYTHING = 2 ** 40  # keep_bytes: every segment's block inputs are kept betwee
 def test_segment_bounds_cover_the_sample_with_a_shorter_last_segment():
     assert state_cp.segment_bounds(14, 4) == [(0, 4), (4, 8), (8, 12), (12, 14)]
     assert state_cp.segment_bounds(14, 7) == [(0, 7), (7, 14)]
-    assert state_cp.segment_bounds(14, 14) == state_cp.segment_bounds(14, 100) == state_cp.segment_bounds(14, None) == [(0, 14)]
+    assert state_cp.segment_bounds(14, 14) == state_cp.segment_bounds(14, 100) == [(0, 14)]
+    assert state_cp.segment_bounds(14, None) == [(0, 14)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -191,7 +192,8 @@ def test_one_optimizer_step_gives_the_weights_of_full_backpropagation(tmp_path):
 
     assert train.main([*STEP, "--proj_dir", str(tmp_path / "full")]) == 0
     assert train.main([*STEP, "--proj_dir", str(tmp_path / "segments"), "--state_cp", "1", "--ctx_parts", "5"]) == 0
-    full, segments = load_weights(tmp_path / "full" / "rwkv-final.pth"), load_weights(tmp_path / "segments" / "rwkv-final.pth")
+    full = load_weights(tmp_path / "full" / "rwkv-final.pth")
+    segments = load_weights(tmp_path / "segments" / "rwkv-final.pth")
     init = load_weights(tmp_path / "full" / "rwkv-init.pth")
     assert not torch.equal(full["head.weight"], init["head.weight"])  # the step changed the weights
     for name, weight in full.items():  # Adam's first step is ~lr * sign(grad): a wrong gradient moves it by ~lr

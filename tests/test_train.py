@@ -24,7 +24,8 @@ def epoch_losses(proj_dir):
 
 def test_dummy_data_loss_falls_and_files_are_written(tmp_path):
     argv = ["--n_layer", "2", "--n_embd", "32", "--ctx_len", "32", "--micro_bsz", "4", "--epoch_steps", "12",
-            "--epoch_count", "4", "--epoch_save", "2", "--lr_init", "3e-3", "--lr_final", "1e-3", "--data_type", "dummy"]
+            "--epoch_count", "4", "--epoch_save", "2", "--lr_init", "3e-3", "--lr_final", "1e-3",
+            "--data_type", "dummy"]
     assert run(tmp_path, *argv) == 0
     out = tmp_path / "out"
     losses = epoch_losses(out)
@@ -37,7 +38,8 @@ def test_dummy_data_loss_falls_and_files_are_written(tmp_path):
     assert steps[0].split("\t") == ["step", "epoch", "loss", "lr", "ctx_len", "Gtokens", "kt/s"]
     assert [int(row.split("\t")[0]) for row in steps[1:]] == list(range(1, 49))  # a row per optimizer step
     assert float(steps[-1].split("\t")[5]) == 48 * 4 * 32 / 1e9
-    assert torch.equal(load_weights(out / "rwkv-3.pth")["head.weight"], load_weights(out / "rwkv-final.pth")["head.weight"])
+    assert torch.equal(load_weights(out / "rwkv-3.pth")["head.weight"],
+                       load_weights(out / "rwkv-final.pth")["head.weight"])
     assert (out / "train_log.txt").read_text().startswith("NEW RUN ")
 
 

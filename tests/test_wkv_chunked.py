@@ -209,7 +209,8 @@ def random_inputs(B, T, C, dtype, scale=1.0, with_state=True):
 
 
 def rel_rms(got, want):
-    return ((got.double() - want.double()).pow(2).mean().sqrt() / want.double().pow(2).mean().sqrt().clamp_min(1e-30)).item()
+    error = (got.double() - want.double()).pow(2).mean().sqrt()
+    return (error / want.double().pow(2).mean().sqrt().clamp_min(1e-30)).item()
 
 
 NAMES = ("y", "state_out", "gw", "gu", "gk", "gv", "gstate")

@@ -290,7 +290,8 @@ def test_binding_rejects_bad_inputs():
 @pytest.fixture
 def failing_build(monkeypatch):
     def fail():
-        raise RuntimeError("Error building extension 'wkv': ...\nwkv_cuda.cu(12): error: identifier \"x\" is undefined\n"
+        raise RuntimeError("Error building extension 'wkv': ...\n"
+                           "wkv_cuda.cu(12): error: identifier \"x\" is undefined\n"
                            "ninja: build stopped: subcommand failed.")
 
     monkeypatch.setattr(wkv_cuda.EXTENSION, "build", fail)

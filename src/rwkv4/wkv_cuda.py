@@ -54,7 +54,8 @@ class WKVFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy, gstate):
-        gw, gu, gk, gv, gstate_in = EXTENSION.module().backward(*ctx.saved_tensors, gy.contiguous(), gstate.contiguous())
+        gw, gu, gk, gv, gstate_in = EXTENSION.module().backward(*ctx.saved_tensors, gy.contiguous(),
+                                                                gstate.contiguous())
         return gw, gu, gk, gv, gstate_in
 
 
