@@ -20,8 +20,7 @@ import time
 
 import torch
 
-from bench.common import print_run_header
-from bench.wkv import copy_bandwidth
+from bench.common import copy_bandwidth, print_run_header
 from src.config import parse_args
 from src.master_weights import MasterWeightAdam
 from src.memory_check import OPTIMIZER_GROUP_NUMEL

@@ -1,5 +1,6 @@
-"""What the GPU benchmarks share: a card made to look smaller, step times of a real train.py run, the bf16
-matmul rate of this card (the hardware limit the tables compare against), peak memory without the filler.
+"""What the GPU benchmarks share: a card made to look smaller, step times of a real train.py run, CUDA-event
+timing, the copy bandwidth and bf16 matmul rate of this card (the hardware limits the tables compare against),
+peak memory without the filler, host memory of a process tree, and the tables' header lines.
 """
 import collections
 import datetime
@@ -69,21 +70,35 @@ class StepTimes(pl.Callback):
         return statistics.median(durations[warmup:] or durations)
 
 
-def matmul_tflops(size: int = 8192) -> float:
-    """bf16 matmul rate of this card, median of 10 CUDA-event timed products of random size^3 matrices."""
-    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(10):
+def time_ms(fn, calls: int = 20, rounds: int = 5) -> float:
+    """Mean milliseconds per call of fn(i) over `calls` back-to-back calls; the median of `rounds` rounds."""
+    for i in range(3):
+        fn(i)
+    results = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        a @ b
+        for i in range(calls):
+            fn(i)
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return 2 * size ** 3 / statistics.median(times) / 1e12
+        results.append(start.elapsed_time(end) / calls)
+    return statistics.median(results)
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second moved by a 1 GiB device-to-device copy, counting the read and the write."""
+    src = torch.randn(2**28, device="cuda")
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda i: dst.copy_(src), calls=10)
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
+def matmul_tflops(size: int = 8192) -> float:
+    """bf16 matmul rate of this card: random size^3 products, each timed alone, the median of 10."""
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    return 2 * size ** 3 / (time_ms(lambda i: a @ b, calls=1, rounds=10) * 1e-3) / 1e12
 
 
 def _meminfo() -> dict:

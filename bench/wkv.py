@@ -11,11 +11,10 @@ L2 from the previous one.
 """
 import argparse
 import math
-import statistics
 
 import torch
 
-from bench.common import print_run_header
+from bench.common import copy_bandwidth, print_run_header, time_ms
 from src.rwkv4 import wkv_cuda
 from src.rwkv4.state import empty_state
 
@@ -24,30 +23,6 @@ SHAPES = [(1, 4096, 4096), (1, 4096, 2048), (8, 4096, 1024), (1, 65536, 4096)]
 # 2026-11-28 with the fork's own code
 ORIGINAL_MS = {(1, 4096, 4096): (0.73, 2.76), (1, 4096, 2048): (0.71, 2.66), (8, 4096, 1024): (0.74, 2.98)}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def time_ms(fn, calls: int = 20, rounds: int = 5) -> float:
-    """Mean milliseconds per call of fn(i) over `calls` back-to-back calls; the median of `rounds` rounds."""
-    for i in range(3):
-        fn(i)
-    results = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for i in range(calls):
-            fn(i)
-        end.record()
-        torch.cuda.synchronize()
-        results.append(start.elapsed_time(end) / calls)
-    return statistics.median(results)
-
-
-def copy_bandwidth() -> float:
-    """Bytes per second moved by a 1 GiB device-to-device copy, counting the read and the write."""
-    src = torch.randn(2**28, device="cuda")
-    dst = torch.empty_like(src)
-    ms = time_ms(lambda i: dst.copy_(src), calls=10)
-    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
 
 
 def make_sets(B, T, C, dtype, count):
