@@ -1,17 +1,19 @@
 """One run per --proj_dir: a lock file that the running train.py holds, so that a second run into the same folder
 is refused instead of replacing the first one's checkpoints and interleaving its logs.
 
-The lock, --proj_dir/rwkv-run.lock, is created atomically (O_CREAT | O_EXCL: of two runs starting together, one
-creates it and the other finds it) and names its owner: pid, host, start time, command line. The owner removes it
-when it ends: normally, on a refusal or an error, on Ctrl+C / SIGTERM, and at a hard exit (a second Ctrl+C). A
-lock left by a process that died without removing it (killed, out of memory, power cut) is recognised on the same
-host, where no process has its pid any more, and taken over with a note. A lock from another host cannot be
+The lock, --proj_dir/rwkv-run.lock, is created atomically and whole (written under a private name, then
+hard-linked into place: of two runs starting together, one creates it and the other finds it complete) and names
+its owner: pid, host, start time, command line. The owner removes it when it ends: normally, on a refusal or an
+error, on Ctrl+C / SIGTERM, and at a hard exit (a second Ctrl+C). A lock left by a process that died without
+removing it (killed, out of memory, power cut) is recognised on the same host, where no process has its pid any
+more, and taken over with a note. A lock from another host cannot be
 judged from here: it is refused, with the file to delete if that run is gone.
 
 No torch import.
 """
 import contextlib
 import datetime
+import errno
 import json
 import os
 import socket
@@ -45,19 +47,10 @@ def acquire(proj_dir) -> Path:
     try:
         created = _make_folders(folder)
         for _ in range(3):  # a stale lock removed, then taken by a run that started at the same moment: refused
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                _remove_if_stale(path)
-                continue
-            _HELD[path] = created
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    json.dump(_this_run(), f)
-            except BaseException:  # a full disk, a signal: no half-written lock is left behind
-                release(path)
-                raise
-            return path
+            if _create_whole(path, json.dumps(_this_run())):
+                _HELD[path] = created
+                return path
+            _remove_if_stale(path)
         raise _in_use(path, _owner(path))
     except OSError as e:
         raise UserInputError(f"--proj_dir {folder}: cannot create the lock file {path} ({e.strerror})")
@@ -79,6 +72,36 @@ def release_all() -> None:
     """Remove every lock this process holds (just before a hard exit, which runs no `finally`)."""
     for path in list(_HELD):
         release(path)
+
+
+def _create_whole(path: Path, text: str) -> bool:
+    """Create the file `path` holding `text` unless `path` exists (then False). Another run never sees it empty or
+    half-written: the text goes to a file of this process's own first, which is then hard-linked to `path` (a link
+    is refused when the name exists, as O_EXCL is). Where the filesystem has no hard links, `path` is created with
+    O_EXCL and written: a run that reads it in that instant is refused as by a damaged lock."""
+    private = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        private.write_text(text, encoding="utf-8")
+        os.link(private, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+    finally:
+        private.unlink(missing_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+    except BaseException:  # a full disk, a signal: no half-written lock is left behind
+        path.unlink(missing_ok=True)
+        raise
+    return True
 
 
 def _this_run() -> dict:

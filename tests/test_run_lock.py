@@ -1,6 +1,7 @@
 """One run per --proj_dir: a second run into a running run's folder is refused in one line naming that run (and the
 first one finishes whole); the lock goes when its run ends, however it ends; a lock left by a dead process on this
 host is taken over, one from another host is refused with the file to delete."""
+import errno
 import json
 import os
 import shutil
@@ -102,3 +103,20 @@ def test_one_process_holds_a_folder_once(tmp_path):
         assert (tmp_path / LOCK_NAME).is_file()
     assert not (tmp_path / LOCK_NAME).exists()
     shutil.rmtree(tmp_path)
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_the_lock_appears_whole_and_alone(tmp_path, monkeypatch, hard_links):
+    """The lock holds its owner's record from the moment it exists, and no private file is left beside it; where
+    the filesystem refuses hard links (FAT, some network mounts), it is created in place instead."""
+    if not hard_links:
+        def no_links(src, dst):
+            raise OSError(errno.EPERM, "Operation not permitted")
+        monkeypatch.setattr(run_lock.os, "link", no_links)
+    with run_lock.proj_dir_lock(tmp_path):
+        assert [p.name for p in tmp_path.iterdir()] == [LOCK_NAME]
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+        with pytest.raises(UserInputError, match="is in use by another run"):
+            run_lock.acquire(tmp_path)
+        assert [p.name for p in tmp_path.iterdir()] == [LOCK_NAME]
+    assert list(tmp_path.iterdir()) == []

@@ -111,8 +111,11 @@ def test_state_cp_run_stops_and_resumes_exactly(tmp_path):
 
 
 def test_second_ctrl_c_quits_at_once_leaving_files_whole(tmp_path):
+    """Samples of 1024 tokens make an optimizer step last about a second on a CPU, so the second Ctrl+C, 0.05 s
+    after the first, lands while the run is still finishing its step (with RUN's 32 tokens a fast machine had
+    already stopped and saved by then)."""
     proj_dir = tmp_path / "out"
-    proc = start(proj_dir)
+    proc = start(proj_dir, "--ctx_len", "1024")
     wait_for_training(proc, proj_dir)
     os.killpg(proc.pid, signal.SIGINT)
     time.sleep(0.05)
