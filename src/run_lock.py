@@ -6,8 +6,8 @@ hard-linked into place: of two runs starting together, one creates it and the ot
 its owner: pid, host, start time, command line. The owner removes it when it ends: normally, on a refusal or an
 error, on Ctrl+C / SIGTERM, and at a hard exit (a second Ctrl+C). A lock left by a process that died without
 removing it (killed, out of memory, power cut) is recognised on the same host, where no process has its pid any
-more, and taken over with a note. A lock from another host cannot be
-judged from here: it is refused, with the file to delete if that run is gone.
+more, and taken over with a note. A lock from another host cannot be judged from here: it is refused, with the
+file to delete if that run is gone.
 
 No torch import.
 """
