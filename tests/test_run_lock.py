@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -107,12 +108,20 @@ def test_one_process_holds_a_folder_once(tmp_path):
 
 @pytest.mark.parametrize("hard_links", [True, False])
 def test_the_lock_appears_whole_and_alone(tmp_path, monkeypatch, hard_links):
-    """The lock holds its owner's record from the moment it exists, and no private file is left beside it; where
-    the filesystem refuses hard links (FAT, some network mounts), it is created in place instead."""
-    if not hard_links:
-        def no_links(src, dst):
+    """The lock holds its owner's record from the moment it exists: the name appears by a hard link to a file
+    already written whole. No private file is left beside it. Where the filesystem refuses hard links (FAT, some
+    network mounts), the lock is created in place instead."""
+    linked = []
+
+    def link(src, dst):
+        assert json.loads(Path(src).read_text())["pid"] == os.getpid()  # whole before the name can appear
+        if not hard_links:
             raise OSError(errno.EPERM, "Operation not permitted")
-        monkeypatch.setattr(run_lock.os, "link", no_links)
+        real_link(src, dst)  # FileExistsError when the lock exists: the second acquire below
+        linked.append(dst)
+
+    real_link = os.link
+    monkeypatch.setattr(run_lock.os, "link", link)
     with run_lock.proj_dir_lock(tmp_path):
         assert [p.name for p in tmp_path.iterdir()] == [LOCK_NAME]
         assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
@@ -120,3 +129,4 @@ def test_the_lock_appears_whole_and_alone(tmp_path, monkeypatch, hard_links):
             run_lock.acquire(tmp_path)
         assert [p.name for p in tmp_path.iterdir()] == [LOCK_NAME]
     assert list(tmp_path.iterdir()) == []
+    assert linked == ([tmp_path / LOCK_NAME] if hard_links else [])
