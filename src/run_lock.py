@@ -13,13 +13,13 @@ No torch import.
 """
 import contextlib
 import datetime
-import errno
 import json
 import os
 import socket
 import sys
 from pathlib import Path
 
+from src.atomic import discard, temporary_path
 from src.errors import UserInputError
 
 LOCK_NAME = "rwkv-run.lock"
@@ -76,21 +76,21 @@ def release_all() -> None:
 
 def _create_whole(path: Path, text: str) -> bool:
     """Create the file `path` holding `text` unless `path` exists (then False). Another run never sees it empty or
-    half-written: the text goes to a file of this process's own first, which is then hard-linked to `path` (a link
-    is refused when the name exists, as O_EXCL is). Where the filesystem has no hard links, `path` is created with
-    O_EXCL and written: a run that reads it in that instant is refused as by a damaged lock."""
-    private = path.with_name(f".{path.name}.{os.getpid()}")
+    half-written: the text goes to this process's temporary file beside it, which is then hard-linked to `path` (a
+    link fails when the name exists, as O_EXCL does; atomic.publish without replace works the same way). Where the
+    filesystem has no hard links, `path` is created with O_EXCL and written: a run that reads it in that instant is
+    refused as by a damaged lock."""
+    tmp = temporary_path(path)
     try:
-        private.write_text(text, encoding="utf-8")
-        os.link(private, path)
+        tmp.write_text(text, encoding="utf-8")
+        os.link(tmp, path)
         return True
     except FileExistsError:
         return False
-    except OSError as e:
-        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
-            raise
+    except OSError:  # no hard links here (any other trouble recurs below, and is reported)
+        pass
     finally:
-        private.unlink(missing_ok=True)
+        discard(tmp)
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
