@@ -6,7 +6,7 @@
         --ctx_parts 32 --state_cp 1
 
 The data is cut into consecutive windows of --ctx_len inputs, each evaluated from an empty state
-(src/eval_data.py, src/evaluation.py). The last line of stdout is one JSON object: loss, perplexity, tokens,
+(src/eval/windows.py, src/eval/engine.py). The last line of stdout is one JSON object: loss, perplexity, tokens,
 loss_by_position ([[start, end, loss], ...]), windows, input_tokens, seconds, tokens_per_s.
 Exit code 0 when done, 2 for bad input (one line on stderr).
 """
@@ -18,7 +18,7 @@ import time
 
 from src import cli
 from src.config import PRECISIONS, WKV_BACKENDS, TrainConfig
-from src.data_types import CHARACTER_DATA_TYPES, DATA_TYPES
+from src.data.types import CHARACTER_DATA_TYPES, DATA_TYPES
 from src.errors import UserInputError
 
 PROG = "evaluate.py"
@@ -96,8 +96,10 @@ def evaluate(args: argparse.Namespace):
 
     import torch  # after the command line is known to be valid
 
-    from src import eval_data, eval_model, evaluation, strategy
-    from src.rwkv4.config import ForwardOptions
+    from src.eval import engine, model_loader
+    from src.eval.windows import load_windows
+
+    from src.train import strategy
 
     if args.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise UserInputError(f"--accelerator {args.accelerator}: torch sees no CUDA GPU here; use --accelerator cpu "
@@ -109,8 +111,8 @@ def evaluate(args: argparse.Namespace):
     strategy.check_fused_kernels(cfg)
     dtype = strategy.SAVE_DTYPE[cfg.precision]  # the weights' dtype: what a run of this precision saves
     strategy.set_float_precision(cfg)
-    model = eval_model.load_model(args.load_model, args.lora_load, args.lora_alpha, device, dtype,
-                                  ForwardOptions.from_flags(cfg))
+    model = model_loader.load_model(args.load_model, args.lora_load, args.lora_alpha, device, dtype,
+                                  flags=cfg)
     if args.state_cp and model.cfg.windowed_features:
         raise UserInputError(f"--state_cp 1: {args.load_model} has {model.cfg.windowed_features[0]}, which attends "
                              f"over the whole window at once and cannot continue from a state; leave --state_cp out")
@@ -118,20 +120,20 @@ def evaluate(args: argparse.Namespace):
         raise UserInputError(f"--vocab_size {args.vocab_size} differs from the vocabulary of {args.load_model} "
                              f"({model.cfg.vocab_size}); leave --vocab_size out")
     cfg = dataclasses.replace(cfg, vocab_size=model.cfg.vocab_size)
-    chars = eval_model.characters_of(args.load_model, args.vocab_file) if char_level else None
-    windows = eval_data.load_windows(cfg, args.max_tokens, chars)
+    chars = model_loader.characters_of(args.load_model, args.vocab_file) if char_level else None
+    windows = load_windows(cfg, args.max_tokens, chars)
     print(f"{PROG}: {args.load_model}{f' + {args.lora_load}' if args.lora_load else ''} on {windows.source} "
           f"({args.data_type}): {len(windows):,} windows of up to {args.ctx_len:,} tokens"
           f"{f' in segments of {cfg.segment_len:,}' if cfg.segment_len else ''}, {cfg.precision} on {device}",
           flush=True)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        result = evaluation.evaluate(model, windows, cfg.ctx_len, cfg.micro_bsz, cfg.segment_len, device=device,
+        result = engine.evaluate(model, windows, cfg.ctx_len, cfg.micro_bsz, cfg.segment_len, device=device,
                                      progress=ProgressLines())
     return result
 
 
 class ProgressLines:
-    """evaluation.evaluate's progress callback: a line on stderr at most every PROGRESS_EVERY_S seconds."""
+    """engine.evaluate's progress callback: a line on stderr at most every PROGRESS_EVERY_S seconds."""
 
     def __init__(self):
         self.started = self.last = time.perf_counter()

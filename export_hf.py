@@ -12,11 +12,11 @@ are refused in one line.
 """
 import sys
 
-from src import hf_cli
+from src.hf import cli
 
 
 def main(argv=None) -> int:
-    return hf_cli.run_export(argv, "export_hf.py", __doc__.split("\n\n")[0])
+    return cli.run_export(argv, "export_hf.py", __doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

@@ -9,11 +9,11 @@ tokens in fp32 and their logits must agree (max |difference| <= 1e-4).
 """
 import sys
 
-from src import hf_cli
+from src.hf import cli
 
 
 def main(argv=None) -> int:
-    return hf_cli.run_import(argv, "import_hf.py", __doc__.split("\n\n")[0])
+    return cli.run_import(argv, "import_hf.py", __doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ written atomically.
 """
 import sys
 
-from src import merge_cli
+from src.lora import merge_cli
 
 
 def main(argv=None) -> int:

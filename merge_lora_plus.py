@@ -9,7 +9,7 @@ The merge is checked against the unmerged model with the same coefficients befor
 """
 import sys
 
-from src import merge_cli
+from src.lora import merge_cli
 
 
 def main(argv=None) -> int:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from src import cli
-from src.atomic import check_output_file
+from src.io.atomic import check_output_file
 from src.errors import UserInputError
 
 PROG = "plot_run.py"
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from src.run_plot import PLOT_NAME, plot_run
+        from src.train.plot import PLOT_NAME, plot_run
 
         if not Path(args.proj_dir).is_dir():
             raise UserInputError(f"{args.proj_dir} is not a folder; give the --proj_dir of a train.py run")

@@ -13,7 +13,7 @@ import sys
 
 from src import cli
 from src.errors import UserInputError
-from src.tokenizer import TOKENIZER_TYPES, TokenizerSpec
+from src.data.tokenizer import TOKENIZER_TYPES, TokenizerSpec
 
 PROG = "preprocess_data.py"
 
@@ -83,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from src import preprocess
+    from src.data import preprocess
 
     try:
         with cli.signals_interrupt():  # SIGTERM too removes the partial outputs

@@ -2,7 +2,7 @@
 
 For each shape: the bf16 parameters of that RWKV-4 model with random gradients, in train.py's optimizer groups
 (--layerwise_lr 1, groups of at most 2^28 elements), stepped with gradient clipping (--gradient_clip_val 1.0). Rows:
-- ours kernel: MasterWeightAdam as train.py runs it (src/cuda/master_adam.cu: one launch per optimizer group);
+- ours kernel: MasterWeightAdam as train.py runs it (src/optim/cuda/master_adam.cu: one launch per optimizer group);
 - ours reference: the same optimizer running the reference step, one PyTorch kernel per operation and tensor;
 - torch fused Adam: torch's own fused Adam on the fp32 masters, after converting each group's gradients to fp32
   and clipping them (what MasterWeightAdam did before the kernel);
@@ -22,11 +22,11 @@ import torch
 
 from bench.common import copy_bandwidth, print_run_header
 from src.config import parse_args
-from src.master_weights import MasterWeightAdam
-from src.memory_check import OPTIMIZER_GROUP_NUMEL
-from src.rwkv4.config import RWKVConfig
-from src.rwkv4.model import RWKV
-from src.trainer import build_param_groups
+from src.optim.master_weights import MasterWeightAdam
+from src.train.memory_check import OPTIMIZER_GROUP_NUMEL
+from src.models.rwkv4.config import RWKVConfig
+from src.models.rwkv4.model import RWKV
+from src.train.trainer import build_param_groups
 
 SHAPES = {"L24-D1024": (24, 1024), "L32-D4096": (32, 4096)}
 SETTINGS = dict(lr=1e-5, betas=(0.9, 0.99), eps=1e-8)

@@ -1,6 +1,6 @@
 """Evaluation speed of the 7B shape: tokens/s and peak GPU memory for windows of 4K and 128K tokens, in 24 GiB.
 
-evaluate.py's computation (src/eval_model.py, src/eval_data.py, src/evaluation.py) on L32 D4096 vocab 50277
+evaluate.py's computation (src/eval/model_loader.py, src/eval/windows.py, src/eval/engine.py) on L32 D4096 vocab 50277
 with random weights (bench.long_context.make_random_base, bf16, made once and shared with that benchmark):
 weights in bf16 under bf16 autocast, no autograd, the WKV kernel, one window at a time (--micro_bsz 1).
 Windows of 4096 tokens run in one pass; longer ones with --state_cp in segments of 4096 tokens
@@ -47,9 +47,9 @@ def random_tokens(ctx_len: int, windows: int, folder: Path) -> Path:
 
 def run_one_length(args) -> int:
     """Child process: cap the card, evaluate a warm-up window and the measured ones, print a RESULT line."""
-    from src import eval_data, eval_model, evaluation
+    from src.eval import engine, model_loader
+    from src.eval.windows import load_windows
     from src.config import TrainConfig
-    from src.rwkv4.config import ForwardOptions
 
     filler = cap_gpu_memory(args.gpu_gib)
     measured = MEASURED_WINDOWS.get(args.ctx_len, 1)
@@ -57,13 +57,13 @@ def run_one_length(args) -> int:
     cfg = TrainConfig(data_type="numpy", data_file=str(tokens), vocab_size=SHAPE["vocab_size"],
                       micro_bsz=args.micro_bsz, precision="bf16", accelerator="gpu", wkv_backend="cuda",
                       **window_flags(args.ctx_len)).finalize()
-    model = eval_model.load_model(args.weights, device="cuda", dtype=torch.bfloat16,
-                                  options=ForwardOptions.from_flags(cfg))
-    windows = eval_data.load_windows(cfg)
+    model = model_loader.load_model(args.weights, device="cuda", dtype=torch.bfloat16,
+                                    flags=cfg)
+    windows = load_windows(cfg)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         x, y = windows[0]  # warm-up: one segment's worth of the first window (kernel build, cuBLAS)
-        evaluation.evaluate(model, [(x[:SEGMENT], y[:SEGMENT])], cfg.ctx_len, 1, cfg.segment_len, device="cuda")
-        result = evaluation.evaluate(model, [windows[k] for k in range(1, len(windows))], cfg.ctx_len,
+        engine.evaluate(model, [(x[:SEGMENT], y[:SEGMENT])], cfg.ctx_len, 1, cfg.segment_len, device="cuda")
+        result = engine.evaluate(model, [windows[k] for k in range(1, len(windows))], cfg.ctx_len,
                                      cfg.micro_bsz, cfg.segment_len, device="cuda")
     allocated, reserved = peak_gib(filler)
     print("RESULT " + json.dumps({

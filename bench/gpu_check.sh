@@ -9,7 +9,7 @@ mkdir -p "$log_dir"
 export PYTHONUNBUFFERED=1
 status=0
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-python -c "import time; t = time.time(); from src.rwkv4 import wkv_cuda; wkv_cuda.EXTENSION.module(); print(f'WKV kernel built in {time.time() - t:.0f} s')" \
+python -c "import time; t = time.time(); from src.models.rwkv4 import wkv_cuda; wkv_cuda.EXTENSION.module(); print(f'WKV kernel built in {time.time() - t:.0f} s')" \
     2>&1 | tee "$log_dir/build.txt" || status=1
 # no -q here: pytest.ini adds one, and a second hides the summary line
 python -m pytest -m gpu -rs tests/test_wkv_cuda.py 2>&1 | tee "$log_dir/tests.txt" || status=1
@@ -17,7 +17,7 @@ python -m bench.wkv --profile 2>&1 | tee "$log_dir/bench.txt" || status=1
 
 small_case='
 import torch
-from src.rwkv4.wkv import wkv
+from src.models.rwkv4.wkv import wkv
 for dtype in (torch.float32, torch.bfloat16):
     k, v = (torch.randn(2, 300, 37, device="cuda").to(dtype).requires_grad_() for _ in range(2))
     w, u = (torch.randn(37, device="cuda", requires_grad=True) for _ in range(2))

@@ -12,7 +12,7 @@ The table puts each figure beside the original toolkit's on the same card model 
 measured by this project on one H200 on 2026-12-01) and beside the hardware limit: the matmul work of a
 step at the bf16 matmul rate measured in this run. With frozen weights (LoRA) a token costs 6 N FLOPs,
 N = 7.2e9 non-embedding parameters: the forward that fills the stores, each block's recompute, and the
-backward, which only propagates through frozen weights (src/state_cp.py); a segment whose block inputs did
+backward, which only propagates through frozen weights (src/train/state_cp/engine.py); a segment whose block inputs did
 not fit in host memory adds a forward.
 
     python -m bench.long_context                          # 4096 32768 131072 1048576
@@ -65,9 +65,9 @@ def ensure_random_base(path: Path) -> Path:
 def make_random_base(path: Path, n_layer: int = SHAPE["n_layer"], n_embd: int = SHAPE["n_embd"]) -> None:
     """A model of the 7B shape (or another depth and width) with the v4neo init (made on the GPU), saved in bf16 as
     a released model would be."""
-    from src.checkpoint import save_weights
-    from src.rwkv4.config import RWKVConfig
-    from src.rwkv4.model import RWKV, generate_init_weights
+    from src.io.checkpoint import save_weights
+    from src.models.rwkv4.config import RWKVConfig
+    from src.models.rwkv4.model import RWKV, generate_init_weights
 
     with torch.device("cuda"):
         model = RWKV(RWKVConfig(vocab_size=SHAPE["vocab_size"], n_layer=n_layer, n_embd=n_embd))

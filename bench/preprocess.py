@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from src.binidx import MMapIndexedDataset
+from src.data.binidx import MMapIndexedDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ them.
 
 DeepSpeed's ZeRO-2 offload keeps 18 bytes per parameter in host memory (fp32 master weights, fp32 gradients, two
 moments, a 16-bit staging copy): 123.9 GiB for the 7B shape; the memory check counts 2 more, measured
-(src/memory_check.py).
+(src/train/memory_check.py).
 
     python -m bench.seven_b_offload --gpu_gib 24 --steps 3
     python -m bench.seven_b_offload --load_model RWKV-4-Pile-7B.pth
@@ -51,6 +51,7 @@ def fine_tune_flags(weights: str, tokens: Path, proj_dir: Path, args) -> list:
 def run_child(args) -> int:
     """The training, in its own process: cap the card, train, print a RESULT line."""
     import train
+    from src.train import memory_check
     from src.config import parse_args
     from src.errors import UserInputError
 
@@ -59,7 +60,7 @@ def run_child(args) -> int:
     tokens = proj_dir / "tokens.npy"
     np.save(tokens, np.random.default_rng(0).integers(0, VOCAB, args.ctx_len * (args.steps + 2), dtype=np.int32))
     cfg = parse_args(fine_tune_flags(args.load_model, tokens, proj_dir, args))
-    estimate = train.memory_footprint(cfg, VOCAB, world_size=1, processes_per_host=1, on_gpu=True)
+    estimate = memory_check.run_need(cfg, VOCAB, world_size=1, processes_per_host=1, on_gpu=True)
     timer = StepTimes()
     try:
         code = train.train(cfg, [timer], write_weights=False)
@@ -79,13 +80,12 @@ def run_child(args) -> int:
 
 def memory_check_refusal(args) -> str:
     """train.py's memory check of this run on this machine (the card as capped, the host as it is now), or ''."""
-    import train
-    from src import memory_check
+    from src.train import memory_check
     from src.config import parse_args
     from src.errors import UserInputError
 
     cfg = parse_args(fine_tune_flags(args.load_model or "base.pth", Path("tokens.npy"), Path("out"), args))
-    need = train.memory_footprint(cfg, VOCAB, world_size=1, processes_per_host=1, on_gpu=True)
+    need = memory_check.run_need(cfg, VOCAB, world_size=1, processes_per_host=1, on_gpu=True)
     try:
         memory_check.check_fits(cfg, need, int(args.gpu_gib * GIB), memory_check.available_host_memory())
     except UserInputError as e:

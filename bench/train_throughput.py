@@ -5,7 +5,7 @@ Three shapes at vocab 50277, ctx 4096, bf16, random tokens, each trained by trai
 tokens/s is the median after the first WARMUP steps. MFU = 6 N tokens/s over the bf16 matmul rate measured
 in this run (N = parameters without the embedding). Each shape runs under every path we offer on one GPU:
 `--strategy deepspeed_stage_2` (bf16 weights, fp32 master weights in DeepSpeed's optimizer) and
-`--strategy auto` (bf16 weights, fp32 master weights and their Adam kernel, src/master_weights.py), with the
+`--strategy auto` (bf16 weights, fp32 master weights and their Adam kernel, src/optim/master_weights.py), with the
 elementwise work fused (`--compile 1`, the default) or not (`--compiles 0 1` runs both).
 
 The original's figures (the fork's own model and kernel, bf16 weights, forward + loss + backward without an

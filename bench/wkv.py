@@ -15,8 +15,8 @@ import math
 import torch
 
 from bench.common import copy_bandwidth, print_run_header, time_ms
-from src.rwkv4 import wkv_cuda
-from src.rwkv4.state import empty_state
+from src.models.rwkv4 import wkv_cuda
+from src.models.rwkv4.state import empty_state
 
 SHAPES = [(1, 4096, 4096), (1, 4096, 2048), (8, 4096, 1024), (1, 65536, 4096)]
 # The original toolkit's bf16 kernel on one H100 80GB HBM3, fwd and fwd+bwd ms, measured by this project on
@@ -54,7 +54,7 @@ def bench_shape(shape, dtype, bandwidth, l2_bytes):
         ext.forward(w, u, k, v, s)
         ext.backward(w, u, k, v, s, gy, gs)
 
-    # the autograd op as src/rwkv4/model.py calls it: raw time_decay (any values do), u, k, v requiring grad
+    # the autograd op as src/models/rwkv4/model.py calls it: raw time_decay (any values do), u, k, v requiring grad
     leaves = [[x.clone().requires_grad_() for x in st[:4]] + [st[4], st[5]] for st in sets]
 
     def op_fwd_bwd(i):

@@ -2,7 +2,7 @@
 
 The one place that knows how many micro-batches make an optimizer step in mini-epoch e, and how many optimizer
 steps come before mini-epoch e. The LR schedule, the context warm-up, the step counts of a resumed run and
-Lightning's accumulation (src/callbacks.py AccumulationSchedule) all take their numbers from here.
+Lightning's accumulation (src/train/callbacks.py AccumulationSchedule) all take their numbers from here.
 
 Mini-epochs count from the start of the whole training, as in rwkv-<N>.pth and train_log.txt: a run started
 with --epoch_begin N is in mini-epoch N during its first Lightning epoch. Lightning steps the optimizer after

@@ -16,12 +16,12 @@ from typing import Optional
 
 from src import cli
 from src.accumulation import parse_accumulation_schedule
-from src.data_types import CHARACTER_DATA_TYPES, DATA_TYPES, REFUSED_DATA_TYPES, WINDOW_DATA_TYPES
+from src.data.types import CHARACTER_DATA_TYPES, DATA_TYPES, REFUSED_DATA_TYPES, WINDOW_DATA_TYPES
 from src.errors import UserInputError
-from src.lora_settings import LoraSettings
-from src.pile_mode import PILE_DEFAULTS, PILE_SAMPLES_PER_EPOCH
-from src.rwkv4.config import default_widths, windowed_features
-from src.script_mask import parse_script_mask
+from src.lora.settings import LoraSettings
+from src.data.pile_mode import PILE_DEFAULTS, PILE_SAMPLES_PER_EPOCH
+from src.models import ModelFamily, family_of_flags
+from src.data.script_mask import parse_script_mask
 
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 STRATEGIES = (
@@ -146,6 +146,9 @@ class TrainConfig:
                                valid=Range(0, sentinels=(-999,)))
     my_pos_emb: int = flag(0, "model", ">0: factorised learned positional embedding of P*P positions.",
                            valid=AT_LEAST_0)
+    my_testing: str = flag("", "model", "The model family of a run from scratch: empty = RWKV-4 (a --load_model "
+                           "file's family is read from its keys). The original's architecture variants ('a', 'g') "
+                           "are refused.")
     grad_cp: int = flag(0, "model", "1 = activation checkpointing per block (less memory, ~30%% slower).",
                         choices=(0, 1))
     wkv_backend: str = flag("auto", "model", "WKV operator: cuda kernel, torch reference, or auto (kernel for "
@@ -216,7 +219,8 @@ class TrainConfig:
     lora_r: int = flag(8, "lora", "LoRA rank.")
     lora_alpha: float = flag(32.0, "lora", "LoRA alpha; the update is scaled by alpha/r.")
     lora_dropout: float = flag(0.01, "lora", "Dropout on the LoRA branch input.")
-    lora_parts: str = flag("att,ln,time", "lora", "Comma list of att, ffn, time, ln.")
+    lora_parts: str = flag("att,ln,time", "lora", "Comma list of the model family's parts (RWKV-4: att, ffn, time, "
+                           "ln).")
     lora_layers: Optional[str] = flag(None, "lora", "Layers that get LoRA, e.g. '0-3 25-31' (default: all).")
 
     # ---- held-out evaluation
@@ -259,13 +263,17 @@ class TrainConfig:
     my_ffn_shift: int = flag(1, "internal", "Declared but unused by the original.")
     my_att_shift: int = flag(1, "internal", "Declared but unused by the original.")
     my_qa_mask: int = flag(0, "internal", "Pile QA-mask experiment.")
-    my_testing: str = flag("", "internal", "Architecture variants of the original ('a', 'g').")
     my_script_align: int = flag(0, "internal", "Align samples to blank lines (raises NotImplementedError in the "
                                 "original).")
 
     # ---- derived in finalize(), not flags
     timestamp: str = field(default="", metadata={"derived": True})
     lora_settings: Optional[LoraSettings] = field(default=None, metadata={"derived": True})  # None without --lora
+
+    @property
+    def family(self) -> ModelFamily:
+        """The model family of the run (src/models): picked by --my_testing (a --load_model file must match)."""
+        return family_of_flags(self.my_testing)
 
     @property
     def betas(self) -> tuple:
@@ -282,7 +290,7 @@ class TrainConfig:
     @property
     def master_weights(self) -> bool:
         """--precision bf16 without DeepSpeed: bf16 weights in the model, fp32 masters in the optimizer
-        (src/master_weights.py). DeepSpeed keeps its own fp32 masters."""
+        (src/optim/master_weights.py). DeepSpeed keeps its own fp32 masters."""
         return self.precision == "bf16" and self.deepspeed is None
 
     @property
@@ -304,8 +312,9 @@ class TrainConfig:
         validate(self)
         if self.lora:
             self.lora_settings = LoraSettings.from_flags(self.lora_r, self.lora_alpha, self.lora_dropout,
-                                                         self.lora_parts, self.lora_layers, self.n_layer)
-        self.dim_att, self.dim_ffn = default_widths(self.n_embd, self.dim_att, self.dim_ffn)
+                                                         self.lora_parts, self.lora_layers, self.n_layer,
+                                                         self.family.lora_parts)
+        self.family.fill_flag_defaults(self)
         if self.valid_data_file and self.valid_data_type is None:  # a file of the built-in data's kind is text
             self.valid_data_type = "utf-8" if self.data_type == "dummy" else self.data_type
         if not self.timestamp:
@@ -374,6 +383,7 @@ def validate(cfg: TrainConfig) -> None:
         raise UserInputError("--data_type wds_img is the image auto-encoder experiment of the original toolkit and "
                              "is not supported; use binidx, numpy, uint16, utf-8, utf-16le, jsonl or dummy.")
     _validate_ranges(cfg)
+    cfg.family.check_flags(cfg)
     if cfg.epoch_begin >= cfg.epoch_count:
         raise UserInputError(f"--epoch_begin {cfg.epoch_begin} is not below --epoch_count {cfg.epoch_count}: there is "
                              f"nothing left to train. Raise --epoch_count to the total number of mini-epochs.")
@@ -383,10 +393,6 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.initial_ctx_len is not None and cfg.initial_ctx_len > cfg.ctx_len:
         raise UserInputError(f"--initial_ctx_len {cfg.initial_ctx_len} must lie between 1 and --ctx_len "
                              f"{cfg.ctx_len}.")
-    if cfg.tiny_att_dim > 0 and not 0 <= cfg.tiny_att_layer < cfg.n_layer:
-        raise UserInputError(f"--tiny_att_layer {cfg.tiny_att_layer} must name a block of the model (0 to "
-                             f"{cfg.n_layer - 1} with --n_layer {cfg.n_layer}) to host --tiny_att_dim "
-                             f"{cfg.tiny_att_dim}.")
     if cfg.devices != "auto" and not (cfg.devices.isdigit() and int(cfg.devices) >= 1):
         raise UserInputError(f"--devices must be a number of devices (at least 1) or 'auto' (got {cfg.devices!r}).")
     if cfg.accelerator not in ("auto", "cpu", "gpu", "cuda"):
@@ -427,7 +433,7 @@ def _validate_ranges(cfg: TrainConfig) -> None:
 
 def _validate_state_cp(cfg: TrainConfig) -> None:
     """--state_cp carries the state between segments: features that see the whole window at once cannot follow."""
-    windowed = windowed_features(cfg.n_layer, cfg.head_qk, cfg.tiny_att_dim, cfg.tiny_att_layer, cfg.my_pos_emb)
+    windowed = cfg.family.windowed_features(cfg)
     if windowed:
         raise UserInputError(f"--state_cp 1 cannot train --{windowed[0]}: it attends over the whole window at once, "
                              f"so it cannot continue from the state of an earlier segment; remove one of the two.")

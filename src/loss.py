@@ -1,7 +1,7 @@
 """The training loss: mean next-token cross-entropy over the unmasked targets, plus BlinkDL's L2Wrap.
 
 Targets equal to IGNORE_INDEX (-100) are masked: they add nothing to the loss or its gradient.
-The losses take the normaliser explicitly so that a sample trained in segments (src/state_cp.py) gets
+The losses take the normaliser explicitly so that a sample trained in segments (src/train/state_cp/engine.py) gets
 exactly the loss of the whole sample: each segment divides its summed cross-entropy by the unmasked
 targets of the whole sample, and L2Wrap by all of its positions.
 

@@ -51,7 +51,7 @@ def validated_run(tmp_path_factory):
     """TINY_RUN with held-out data (the last 2000 characters of the built-in text, as a utf-8 file) and offline W&B:
     (its --proj_dir, the held-out file, what it printed on stdout)."""
     import train
-    from src.dataset import dummy_text
+    from src.data.dataset import dummy_text
 
     folder = tmp_path_factory.mktemp("validated")
     held_out = folder / "held_out.txt"

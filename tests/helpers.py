@@ -2,6 +2,9 @@
 import errno
 import importlib.util
 import os
+import signal
+import threading
+import time
 import weakref
 from pathlib import Path
 
@@ -10,8 +13,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from src.rwkv4.config import ForwardOptions, RWKVConfig
-from src.rwkv4.model import RWKV, generate_init_weights
+import train
+from src.models.rwkv4.config import ForwardOptions, RWKVConfig
+from src.models.rwkv4.model import RWKV, generate_init_weights
 
 
 def tiny_model(vocab_size=37, n_layer=2, n_embd=16, seed=0, perturb=0.1, grad_cp=False, ctx_part_len=None,
@@ -114,3 +118,19 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def _release(self, address: int) -> None:
         self.bytes -= self.live.pop(address, 0)
+
+
+def stopped_by_one_sigint(argv, proj_dir: Path) -> int:
+    """train.main in this process, stopped by a real SIGINT as soon as training has started (the step log
+    exists). The run is far longer than that, so the signal always lands while its handler is installed."""
+    def interrupt_when_training():
+        deadline = time.time() + 60
+        while not (proj_dir / "train_steps.tsv").exists() and time.time() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    thread = threading.Thread(target=interrupt_when_training, daemon=True)
+    thread.start()
+    code = train.main(argv)
+    thread.join()
+    return code

@@ -6,12 +6,13 @@ import pytest
 import torch
 
 import train
-from src import outputs, stopping
+from src.io import outputs
+from src.train import stopping
 from src.accumulation import accumulation_at, lightning_schedule, optimizer_steps_before, optimizer_steps_in_epoch
-from src.callbacks import learning_rate, real_step
-from src.checkpoint import load_weights
+from src.train.callbacks import learning_rate, real_step
+from src.io.checkpoint import load_weights
 from src.config import parse_args
-from src.dataset import TokenData, TrainingSamples
+from src.data.dataset import TokenData, TrainingSamples
 from src.errors import UserInputError
 
 

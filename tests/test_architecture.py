@@ -17,7 +17,7 @@ def listed_modules() -> list:
 
 
 def module_of(dotted: str) -> str:
-    """"src.rwkv4.model" -> "rwkv4/model"; a package ("src.rwkv4") -> its "rwkv4/__init__"."""
+    """"src.models.rwkv4.model" -> "rwkv4/model"; a package ("src.models.rwkv4") -> its "rwkv4/__init__"."""
     path = dotted.split(".")[1:]
     if (SRC.joinpath(*path) / "__init__.py").exists():
         path.append("__init__")

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.checkpoint import load_weights
-from src.outputs import BUNDLE_NAME
+from src.io.checkpoint import load_weights
+from src.io.outputs import BUNDLE_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")
@@ -145,9 +145,9 @@ def test_lora_bf16_under_deepspeed_stage_2_then_merge(tmp_path):
     """The issue's LoRA run: 20 bf16 steps under deepspeed_stage_2 on a saved base, then merge_lora.py."""
     import merge_lora
     from helpers import rwkv_pip_logits
-    from src.checkpoint import save_weights
-    from src.rwkv4.config import RWKVConfig
-    from src.rwkv4.model import RWKV, generate_init_weights
+    from src.io.checkpoint import save_weights
+    from src.models.rwkv4.config import RWKVConfig
+    from src.models.rwkv4.model import RWKV, generate_init_weights
 
     base = RWKV(RWKVConfig(vocab_size=13, n_layer=12, n_embd=768))  # the built-in data's 13 characters
     save_weights(generate_init_weights(base, 6e-4), tmp_path / "base.pth", torch.bfloat16)

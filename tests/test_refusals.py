@@ -147,7 +147,7 @@ def test_compile_on_a_gpu_without_triton(monkeypatch):
     """--compile 1 needs Triton where it trains on a GPU; refused before anything runs, with both ways out."""
     import importlib.util
 
-    from src import strategy
+    from src.train import strategy
     from src.config import parse_args
     from src.errors import UserInputError
 
@@ -167,7 +167,7 @@ def test_compile_on_a_gpu_without_triton(monkeypatch):
     ("float32", "d.idx says its tokens are float32 (dtype code 6); token ids are integers"),
 ])
 def test_binidx_data_that_does_not_describe_integer_tokens(proj_dir, capsys, damage, expected):
-    from src.binidx import MMapIndexedDatasetBuilder
+    from src.data.binidx import MMapIndexedDatasetBuilder
     prefix = proj_dir / "d"
     builder = MMapIndexedDatasetBuilder(prefix, np.float32 if damage == "float32" else np.uint16)
     builder.add_documents(np.arange(10) % 5, [4, 6])

@@ -1,0 +1,64 @@
+"""The model evaluate.py evaluates: a whole-model .pth (this toolkit's, or a released RWKV-4: Pile, Raven, World)
+whose family and shape are read from its weights, optionally with a LoRA checkpoint on top, on a device in one dtype.
+
+The LoRA is applied as training applies it, not merged: each lora_A/lora_B pair of the file wraps its Linear
+(src/lora/adapters.py LoraLinear, scale alpha / r) and the time_* / ln tensors it trained replace the base's. So the
+model computes what the LoRA run's model computed, and a LoRA run's validation rows (src/train/held_out.py) are
+reproduced exactly. Files of the original toolkit, which store no settings, need their alpha (--lora_alpha).
+"""
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from src.io.checkpoint import compare_weights, is_lora_checkpoint, load_weights
+from src.data.dataset import read_char_vocab
+from src.errors import UserInputError
+from src.lora.adapters import attach_lora
+from src.lora.merge import LoraCheckpoint, check_fits_base, resolve_alpha
+from src.models import family_of_weights
+
+
+def load_model(path, lora_path: str = "", lora_alpha: Optional[float] = None, device="cpu",
+               dtype: torch.dtype = torch.float32, flags=None) -> torch.nn.Module:
+    """The model of `path` (+ the LoRA of `lora_path`) on `device` in `dtype`, in eval mode, its forward run as
+    the flags' --grad_cp, --wkv_backend, --ctx_parts and --compile say (None: its family's defaults)."""
+    weights = load_weights(path, what="--load_model")
+    if is_lora_checkpoint(weights):
+        raise UserInputError(f"--load_model {path} is a LoRA checkpoint, not a whole model: pass the base model it "
+                             f"was trained on as --load_model and {path} as --lora_load")
+    family = family_of_weights(weights, f"--load_model {path}")
+    cfg = family.shape_of_weights(weights, f"--load_model {path}")
+    lora = None
+    if lora_path:
+        lora = LoraCheckpoint.from_weights(load_weights(lora_path, what="--lora_load"), lora_path)
+        check_fits_base(lora, weights, family, cfg, path)
+        lora_alpha = resolve_alpha(lora_alpha, lora, given_as="--lora_alpha")
+        weights = {**weights, **lora.replaced}
+    elif lora_alpha is not None:
+        raise UserInputError("--lora_alpha is the alpha of a --lora_load file; pass the file too, or leave it out")
+    with torch.device("meta"):  # no memory or initialisation for values about to be replaced
+        model = family.build(cfg, None if flags is None else family.forward_options(flags))
+    differences = compare_weights(model.state_dict(), weights)
+    if differences:
+        raise UserInputError(f"--load_model {path} is not an {family.title} model this toolkit knows (unknown keys: "
+                             f"{differences.unexpected[:4]}, missing: {differences.missing[:4]}, other shapes: "
+                             f"{differences.mismatched[:4]})")
+    model.load_state_dict({k: v.to(device, dtype, copy=True) for k, v in weights.items()}, assign=True)
+    if lora is not None:
+        with torch.no_grad():
+            for prefix, (lora_A, lora_B) in lora.pairs.items():
+                module = attach_lora(model, prefix, lora_A.shape[0], lora_alpha / lora_A.shape[0])
+                module.lora_A.copy_(lora_A)
+                module.lora_B.copy_(lora_B)
+    return model.eval()
+
+
+def characters_of(path, vocab_file: str = "") -> list:
+    """The characters of a character-level model: `vocab_file`, or the vocab.json its run wrote beside it."""
+    vocab = Path(vocab_file) if vocab_file else Path(path).parent / "vocab.json"
+    if not vocab.is_file():
+        raise UserInputError(f"character-level data is numbered by the characters of the model's training text: "
+                             f"{vocab} not found; pass the vocab.json of the run that trained {path} with "
+                             f"--vocab_file")
+    return read_char_vocab(vocab)

@@ -1,0 +1,105 @@
+"""What a run writes into --proj_dir, and the checks that keep earlier work safe before anything is written.
+
+A run writes rwkv-init.pth (a fresh model only, when training starts), rwkv-<epoch>.pth for the mini-epochs it
+saves, rwkv-final.pth when it reaches --epoch_count, and on a Ctrl+C / SIGTERM stop rwkv-last.pth and the resume
+bundle. It refuses to start when one of those files is already there (unless --overwrite_proj_dir 1). Files it
+does not write, such as the rwkv-0..N.pth a hand-continued run (--load_model out/rwkv-N.pth --epoch_begin N+1)
+starts after, never count; nor does that run's rwkv-final.pth while rwkv-N.pth keeps a copy of its weights.
+train_log.txt, train_steps.tsv and valid.tsv (src/eval/valid_tsv.py) are appended to, as the original's log.
+
+No torch import: these checks run before the heavy imports matter.
+"""
+from pathlib import Path
+
+from src.io.atomic import check_can_create
+from src.config import TrainConfig
+from src.errors import UserInputError
+
+INIT_NAME = "rwkv-init.pth"
+FINAL_NAME = "rwkv-final.pth"
+LAST_NAME = "rwkv-last.pth"
+BUNDLE_NAME = "rwkv-resume.ckpt"
+# files appended to by every run in the folder (src/train/callbacks.py, src/train/held_out.py write them; plot_run.py reads them)
+LOG_NAME = "train_log.txt"
+STEP_LOG_NAME = "train_steps.tsv"
+STEP_LOG_COLUMNS = ("step", "epoch", "loss", "lr", "ctx_len", "Gtokens", "kt/s")
+VOCAB_NAME = "vocab.json"  # of character-level data
+
+
+def epoch_file_name(real_epoch: int) -> str:
+    return f"rwkv-{real_epoch}.pth"
+
+
+def run_epochs(cfg: TrainConfig) -> int:
+    """Mini-epochs this run trains: up to --epoch_count, capped by --max_epochs."""
+    epochs = cfg.epoch_count - cfg.epoch_begin
+    return epochs if cfg.max_epochs is None else min(epochs, cfg.max_epochs)
+
+
+def saves_epoch(epoch: int, cfg: TrainConfig) -> bool:
+    """Whether mini-epoch `epoch` of this run (counted from 0) is saved: every --epoch_save-th, and the last one
+    this run trains (the last of --epoch_count, or the last before a --max_epochs cap: no trained mini-epoch
+    goes unsaved at the end of a run)."""
+    return (cfg.epoch_save > 0 and epoch % cfg.epoch_save == 0) or epoch == run_epochs(cfg) - 1
+
+
+def files_written(cfg: TrainConfig, first_epoch: int = 0) -> list:
+    """Names of the files this run may write into --proj_dir, starting at mini-epoch `first_epoch` of the run
+    (a resumed run starts in the mini-epoch its bundle stopped in)."""
+    names = [INIT_NAME] if writes_init_file(cfg) else []
+    names += [epoch_file_name(cfg.epoch_begin + epoch) for epoch in range(first_epoch, run_epochs(cfg))
+              if saves_epoch(epoch, cfg)]
+    if cfg.epoch_begin + run_epochs(cfg) == cfg.epoch_count:
+        names.append(FINAL_NAME)
+    return names + [LAST_NAME, BUNDLE_NAME]  # written only if the run is stopped, but they replace what is there
+
+
+def writes_init_file(cfg: TrainConfig) -> bool:
+    """A fresh model is saved as rwkv-init.pth when training starts; loaded and resumed weights are not."""
+    return not (cfg.load_model or cfg.resume)
+
+
+def check_writable(proj_dir: str) -> None:
+    """Refuse a --proj_dir where no file can be created: under a file, read-only, in /proc. Nothing is created."""
+    check_can_create(proj_dir, f"--proj_dir {proj_dir}")
+
+
+def check_no_overwrite(cfg: TrainConfig, first_epoch: int = 0) -> None:
+    """Refuse to start when --proj_dir already holds a file this run would write (see files_written), unless
+    the run resumes in its bundle's own folder: the files there are the stopped run's, and rewriting them is the
+    point of --resume."""
+    if cfg.resume and Path(cfg.resume).resolve().parent == Path(cfg.proj_dir).resolve():
+        return
+    proj_dir = Path(cfg.proj_dir)
+    existing = [name for name in files_written(cfg, first_epoch) if (proj_dir / name).exists()]
+    if _final_is_kept_as_epoch_file(cfg) and FINAL_NAME in existing:
+        existing.remove(FINAL_NAME)
+    if not existing or cfg.overwrite_proj_dir:
+        return
+    stopped_run = (f"; it holds a stopped run: continue it with --resume {proj_dir / BUNDLE_NAME}"
+                   if BUNDLE_NAME in existing and not cfg.resume else "")
+    raise UserInputError(f"--proj_dir {cfg.proj_dir} already holds files this run would write: "
+                         f"{_short_list(existing)}{stopped_run}; move them away, choose another --proj_dir, or pass "
+                         f"--overwrite_proj_dir 1 to replace them")
+
+
+def check_no_folder_in_the_way(cfg: TrainConfig, first_epoch: int = 0) -> None:
+    """Refuse a --proj_dir where a folder has the name of a file this run writes (the resume bundle may be a
+    folder: DeepSpeed writes it so)."""
+    names = [name for name in files_written(cfg, first_epoch) if name != BUNDLE_NAME]
+    folders = [name for name in [*names, LOG_NAME, STEP_LOG_NAME, VOCAB_NAME] if (Path(cfg.proj_dir) / name).is_dir()]
+    if folders:
+        raise UserInputError(f"--proj_dir {cfg.proj_dir} holds folders named as files this run writes: "
+                             f"{_short_list(folders)}; move them away, or choose another --proj_dir")
+
+
+def _final_is_kept_as_epoch_file(cfg: TrainConfig) -> bool:
+    """A run that ended at mini-epoch N saved rwkv-N.pth and the same weights as rwkv-final.pth (the last
+    mini-epoch is always saved). While rwkv-N.pth is there, a run continuing at --epoch_begin N+1 may replace
+    rwkv-final.pth without losing anything."""
+    return cfg.epoch_begin > 0 and (Path(cfg.proj_dir) / epoch_file_name(cfg.epoch_begin - 1)).exists()
+
+
+def _short_list(names: list, limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

@@ -1,0 +1,195 @@
+"""Before training: can this machine hold the run? Refused in one line, before anything large is allocated.
+
+A run that cannot fit is refused with one line naming the numbers and the ways out, instead of an out-of-memory
+traceback from inside DeepSpeed minutes later, or the kernel killing the process when the host runs out.
+
+The state (`footprint`): bytes per parameter (P all parameters, T the trainable ones, W GPUs):
+
+    strategy                      GPU, per process                         host, per machine
+    auto/ddp                      4 P + 4 T + 8 T  (weights, grads, Adam)  -
+    auto/ddp, bf16                2 P + 2 T + 12 T (bf16 weights and grads, fp32 masters, Adam); on a CPU the
+                                  reference step's fp32 temporaries of one parameter too (8 x at most one group)
+    deepspeed_stage_1, 16-bit     2 P + 2 T + 12 T / W                     -
+    deepspeed_stage_2, 16-bit     2 P + (2 + 12) T / W                     -
+    deepspeed_stage_2_offload     2 P                                      20 T (fp32 master, Adam, fp32 grads, a
+                                                                           16-bit copy the weights are staged in: 18;
+                                                                           2 more: 0.9-1.5 measured, not attributed)
+    deepspeed_stage_3, 16-bit     (2 P + 14 T) / W                         -
+    deepspeed_stage_3_offload     -                                        2 P + 16 T
+(DeepSpeed's partitions are per process: a machine holds its processes' share, processes / W of the total.)
+DeepSpeed with fp32 weights keeps 4 bytes where the table says 2. On a CPU-only run the host holds what
+the first row puts on the GPU. 18 of the 20 bytes of ZeRO-1/2 offload are DeepSpeed's stage_1_and_2.py buffers
+(single_partition_of_fp32_groups, their .grad, Adam's two moments, param_buffer_of_bit16_for_cpu_offload_groups);
+the other 2 are a measured margin (OFFLOAD_UNATTRIBUTED_BYTES). With 18 a 7.39e9-parameter model needs 123.9 GiB,
+which the 125 GiB of a 128 GiB machine cannot hold next to the process itself (measured: the kernel killed such a
+run at 125.8 GiB in use, in its first optimizer step).
+
+The whole run (`run_footprint`) adds what training holds beside the state: on the GPU the activations (the
+model's estimate for the samples, --grad_cp and --state_cp), DeepSpeed's buffers (two gradient buckets;
+with offload a 16-bit and an fp64 copy of the largest gradient, the latter for its norm) and the CUDA libraries'
+memory outside PyTorch's allocator; on the host each process's own memory (Python, torch, the CUDA runtime).
+BENCHMARKS.md puts these estimates beside measured peaks.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+from src.config import TrainConfig
+from src.errors import UserInputError
+
+GIB = 2 ** 30
+# Optimizer parameter groups are cut to at most this many elements (src/train/trainer.py), 512 MiB in bf16: DeepSpeed's
+# ZeRO 1/2 set-up copies each group whole on the GPU before moving its fp32 master copy to where it lives
+# (stage_1_and_2.py: `partition.detach().clone().to(device)`), so with one group of a 7B model the card would
+# briefly hold the weights twice. The size also bounds the fp32 temporaries of one parameter in the master-weight
+# optimizer's reference step (src/optim/master_adam.py): the fork's largest parameter, the 14B's emb (50277 x 5120), is
+# smaller.
+OPTIMIZER_GROUP_NUMEL = 2 ** 28
+
+
+# Host memory of one training process beside the weights and optimizer state: Python, torch, Lightning and, on a
+# GPU, the CUDA runtime's host side (BENCHMARKS.md: measured before DeepSpeed's set-up, 4-6 GiB on the H200 machine).
+PROCESS_HOST_BYTES = {True: 5 * GIB, False: 1 * GIB}  # a GPU process, a CPU-only process
+# GPU memory a training process takes outside PyTorch's allocator after the check has read the free memory: cuBLAS
+# handles and workspaces (one per stream and per autograd thread), NCCL's buffers, loaded kernels. Measured on the
+# H200 in a ZeRO-2 offload run that ran out of memory: 1.6 GiB outside the allocator, of which the CUDA context
+# (about 0.5 GiB) already exists when the check runs.
+PROCESS_GPU_RUNTIME_BYTES = 1 * GIB
+
+
+# Host bytes per trained parameter that a ZeRO-1/2 offload run's training process holds beyond DeepSpeed's 18 and
+# the process's own memory, not attributed to one allocation, measured on the H200 machine (PSS, BENCHMARKS.md):
+# L32 D2560 (2.98e9 parameters, ctx 1024) peaked at 57.6 GiB, 0.9 bytes per parameter above 18 bytes and 5 GiB;
+# L32 D3584 (5.7e9, ctx 4096, --ctx_parts 4) at 108.5 GiB, 1.5 bytes per parameter above. 2 keep a margin.
+OFFLOAD_UNATTRIBUTED_BYTES = 2
+# DeepSpeed ZeRO-1/2 offload's host bytes per trained parameter (see the module docstring)
+OFFLOAD_HOST_BYTES = 18 + OFFLOAD_UNATTRIBUTED_BYTES
+
+
+@dataclass(frozen=True)
+class Footprint:
+    gpu: int  # bytes on each GPU (0 for a CPU run)
+    host: int  # bytes on each machine, all its processes together
+    gpu_parts: str = "the weights, gradients and optimizer state alone"  # what `gpu` counts, for messages
+    host_parts: str = ""
+
+
+def footprint(cfg: TrainConfig, params: int, trainable: int, world_size: int, processes_per_host: int,
+              on_gpu: bool) -> Footprint:
+    """The weights, gradients and optimizer state of the run (see the module docstring)."""
+    if cfg.deepspeed is None:
+        if cfg.master_weights:  # bf16 weights and gradients, fp32 masters and Adam (+ the reference step's temporaries)
+            state = 2 * params + 14 * trainable + (0 if on_gpu else 8 * min(trainable, OPTIMIZER_GROUP_NUMEL))
+        else:  # fp32 weights (fp16 mixed precision keeps them too), gradients, Adam
+            state = 4 * params + 12 * trainable
+        return Footprint(gpu=state, host=0) if on_gpu else Footprint(gpu=0, host=state * processes_per_host)
+    weight = 2 if cfg.precision in ("bf16", "fp16") else 4
+    stage, offload = cfg.deepspeed
+    if stage == 3:
+        if offload:
+            return Footprint(gpu=0, host=(weight * params + 16 * trainable) * processes_per_host // world_size)
+        return Footprint(gpu=(weight * params + (weight + 12) * trainable) // world_size, host=0)
+    if offload:
+        return Footprint(gpu=weight * params,
+                         host=OFFLOAD_HOST_BYTES * trainable * processes_per_host // world_size)
+    grads = weight * trainable if stage == 1 else weight * trainable // world_size
+    return Footprint(gpu=weight * params + grads + 12 * trainable // world_size, host=0)
+
+
+def deepspeed_gpu_buffers(cfg: TrainConfig, largest_trainable: int) -> int:
+    """GPU bytes DeepSpeed ZeRO 1/2 allocates beside the weights: two gradient buckets of --ds_bucket_mb
+    (contiguous gradients) and, with the optimizer offloaded, a 16-bit copy of the largest gradient on its way to
+    the host and an fp64 copy of it for its norm (stage_1_and_2.py set_norm_for_param_grad_in_gpu)."""
+    if cfg.deepspeed is None or cfg.deepspeed[0] == 3:
+        return 0
+    buckets = 2 * cfg.ds_bucket_mb * 1000 * 1000
+    return buckets + ((2 + 8) * largest_trainable if cfg.deepspeed[1] else 0)
+
+
+def run_footprint(cfg: TrainConfig, state: Footprint, largest_trainable: int, activations: int, on_gpu: bool,
+                  processes_per_host: int) -> Footprint:
+    """The whole run: the state, plus on the GPU the activations (bytes, the model's estimate) and DeepSpeed's
+    buffers, plus on the host each process's own memory (see the module docstring)."""
+    buffers = deepspeed_gpu_buffers(cfg, largest_trainable)
+    process = PROCESS_HOST_BYTES[on_gpu] * processes_per_host
+    if not on_gpu:  # the host is the device
+        return Footprint(gpu=0, host=state.host + activations + process,
+                         host_parts=f"{state.host / GIB:.1f} GiB of weights, gradients and optimizer state, "
+                                    f"{activations / GIB:.1f} GiB of activations, {process / GIB:.0f} GiB per process")
+    runtime = PROCESS_GPU_RUNTIME_BYTES
+    return Footprint(
+        gpu=state.gpu + activations + buffers + runtime, host=state.host + process,
+        gpu_parts=f"{state.gpu / GIB:.1f} GiB of weights, gradients and optimizer state, {activations / GIB:.1f} GiB "
+                  f"of activations" + (f", {buffers / GIB:.1f} GiB of DeepSpeed buffers" if buffers else "")
+                  + f", {runtime / GIB:.0f} GiB for the CUDA libraries",
+        host_parts=(f"{state.host / GIB:.1f} GiB of offloaded optimizer state, " if state.host else "")
+        + f"{process / GIB:.0f} GiB per process")
+
+
+def check_fits(cfg: TrainConfig, need: Footprint, gpu_free: Optional[int], host_available: Optional[int]) -> None:
+    """Refuse the run when it needs more than the free GPU memory or the host's available memory (None: not known
+    here, not checked)."""
+    if gpu_free is not None and need.gpu > gpu_free:
+        raise UserInputError(
+            f"--strategy {cfg.strategy} --precision {cfg.precision}: this run needs {need.gpu / GIB:.1f} GiB per GPU "
+            f"({need.gpu_parts}), and this GPU has {gpu_free / GIB:.1f} GiB free; use deepspeed_stage_2_offload "
+            f"(optimizer in host memory), --grad_cp 1, a smaller --micro_bsz or --ctx_len (or --state_cp 1), --lora, "
+            f"more GPUs, or a smaller model.")
+    if host_available is not None and need.host > host_available:
+        where = "the optimizer state offloaded to host memory" if need.gpu else "the weights, gradients and Adam state"
+        parts = f" ({need.host_parts})" if need.host_parts else ""
+        raise UserInputError(
+            f"--strategy {cfg.strategy}: {where} need {need.host / GIB:.1f} GiB of host memory on this machine"
+            f"{parts}, and {host_available / GIB:.1f} GiB are available; use a machine with more memory, more "
+            f"machines, --lora, or a smaller model.")
+
+
+def available_host_memory() -> Optional[int]:
+    """MemAvailable of /proc/meminfo in bytes (None where the system does not tell)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def check_run(cfg: TrainConfig, vocab_size: int, lightning_trainer) -> None:
+    """Refuse a run that this machine's free GPU memory or available host memory cannot hold."""
+    import torch
+
+    device = lightning_trainer.strategy.root_device
+    on_gpu = device.type == "cuda"
+    need = run_need(cfg, vocab_size, lightning_trainer.world_size, lightning_trainer.num_devices, on_gpu)
+    gpu_free = torch.cuda.mem_get_info(device)[0] if on_gpu else None
+    check_fits(cfg, need, gpu_free, available_host_memory())
+
+
+def run_need(cfg: TrainConfig, vocab_size: int, world_size: int, processes_per_host: int, on_gpu: bool) -> Footprint:
+    """The estimate of this whole run: the state of its parameters, counted on a model built on the meta device (no
+    memory, no time), the family's estimate of the activations of a micro-batch at the full ctx_len (a --state_cp
+    segment), head_loss's working memory, DeepSpeed's buffers and the processes themselves."""
+    import torch
+
+    from src import loss
+    from src.lora import adapters
+    from src.models import HEAD
+
+    family = cfg.family
+    shape = family.shape_from_flags(cfg, vocab_size)
+    with torch.device("meta"):
+        model = family.build(shape)
+        names = {name for name, _ in model.named_parameters()}
+        if cfg.lora_settings:
+            adapters.apply_lora(model, cfg.lora_settings)
+            names = set(adapters.trainable_names(model, cfg.lora_settings))
+    trained = [p.numel() for n, p in model.named_parameters() if n in names]
+    params = sum(p.numel() for p in model.parameters())
+    state = footprint(cfg, params, sum(trained), world_size, processes_per_host, on_gpu)
+    tokens = cfg.segment_len or cfg.ctx_len
+    dtype_bytes = 2 if cfg.precision in ("bf16", "fp16") else 4
+    activations = (family.activation_bytes(shape, cfg.micro_bsz, tokens, dtype_bytes,
+                                           checkpointed=bool(cfg.grad_cp or cfg.state_cp),
+                                           inputs_on_device=not cfg.state_cp)
+                   + loss.head_loss_bytes(cfg.micro_bsz * tokens, vocab_size, shape.n_embd, dtype_bytes,
+                                          head_trains=any(family.piece_of(n) == HEAD for n in names)))
+    return run_footprint(cfg, state, max(trained, default=0), activations, on_gpu, processes_per_host)
