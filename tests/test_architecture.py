@@ -1,23 +1,41 @@
-"""The README's architecture list is the import order: every module of src/ (packages' modules included) is listed,
-and each imports only modules listed below it (so there are no cycles and nothing reaches upward)."""
+"""The README's architecture list is the layout: every module of src/ is listed once, under its folder; a folder
+imports only itself and the folders listed below it; a module imports only modules listed below it in its folder;
+src/config.py, read by every folder, reads only the rules it checks flags with; and no import runs in a circle."""
 import ast
 import re
 
 from conftest import ROOT
 
 SRC = ROOT / "src"
+CONFIG = "config"
+# what src/config.py may read: rules that need no torch (the README's architecture section says why)
+CONFIG_READS = {"cli", "errors", "accumulation", "data/types", "data/pile_mode", "data/script_mask", "lora/settings",
+                "models/__init__"}
+
+
+def architecture_block() -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    return text.split("## Architecture", 1)[1].split("```", 2)[1]
 
 
 def listed_modules() -> list:
     """src modules in the order of the README's architecture list, top first, as paths below src/ without .py
-    ("config", "rwkv4/model", "rwkv4/__init__")."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    block = text.split("## Architecture", 1)[1].split("```", 2)[1]
-    return re.findall(r"^\s*src/((?:\w+/)*\w+)\.py", block, flags=re.M)
+    ("config", "models/rwkv4/model", "models/__init__")."""
+    return re.findall(r"^\s*src/((?:\w+/)*\w+)\.py", architecture_block(), flags=re.M)
+
+
+def listed_folders() -> list:
+    """The folder headings of the README's list, top first ("hf", "train", ..., "" for the shared modules)."""
+    return [folder.rstrip("/") for folder in re.findall(r"^src/((?:\w+/)*)\s", architecture_block(), flags=re.M)]
+
+
+def folder_of(module: str) -> str:
+    """"models/rwkv4/model" -> "models", "train/state_cp/engine" -> "train", "config" -> ""."""
+    return module.split("/")[0] if "/" in module else ""
 
 
 def module_of(dotted: str) -> str:
-    """"src.models.rwkv4.model" -> "rwkv4/model"; a package ("src.models.rwkv4") -> its "rwkv4/__init__"."""
+    """"src.models.rwkv4.model" -> "models/rwkv4/model"; a package ("src.models") -> its "models/__init__"."""
     path = dotted.split(".")[1:]
     if (SRC.joinpath(*path) / "__init__.py").exists():
         path.append("__init__")
@@ -44,7 +62,13 @@ def imported_src_modules(path) -> set:
 
 
 def source_modules() -> list:
-    return sorted(str(p.relative_to(SRC).with_suffix("")) for p in SRC.rglob("*.py"))
+    """Every module of src/ but the empty __init__.py files that only make a folder a package."""
+    return sorted(str(p.relative_to(SRC).with_suffix("")) for p in SRC.rglob("*.py")
+                  if p.name != "__init__.py" or p.read_text(encoding="utf-8").strip())
+
+
+def import_graph() -> dict:
+    return {module: imported_src_modules(SRC / f"{module}.py") & set(source_modules()) for module in source_modules()}
 
 
 def test_every_module_is_listed_once():
@@ -53,10 +77,49 @@ def test_every_module_is_listed_once():
     assert sorted(listed) == source_modules()
 
 
-def test_imports_only_reach_down_the_list():
+def test_every_module_is_listed_under_its_folder():
+    block, misplaced = architecture_block(), []
+    for heading, section in zip(listed_folders(), re.split(r"^src/(?:\w+/)*\s", block, flags=re.M)[1:]):
+        misplaced += [m for m in re.findall(r"^\s*src/((?:\w+/)*\w+)\.py", section, flags=re.M)
+                      if folder_of(m) != heading]
+    assert not misplaced, misplaced
+    assert sorted(set(listed_folders())) == sorted({folder_of(m) for m in source_modules()})
+
+
+def test_folders_import_only_folders_below_them():
+    folders = listed_folders()
+    upward = [f"src/{module}.py imports src/{imported}.py"
+              for module, imported_modules in import_graph().items() if module != CONFIG
+              for imported in imported_modules if imported != CONFIG
+              if folders.index(folder_of(imported)) < folders.index(folder_of(module))]
+    assert not upward, upward
+
+
+def test_config_reads_only_the_rules_of_flags():
+    assert import_graph()[CONFIG] <= CONFIG_READS, import_graph()[CONFIG] - CONFIG_READS
+
+
+def test_modules_import_only_modules_below_them_in_their_folder():
     listed = listed_modules()
     upward = [f"src/{module}.py imports src/{imported}.py"
-              for position, module in enumerate(listed)
-              for imported in imported_src_modules(SRC / f"{module}.py")
-              if imported in listed and listed.index(imported) <= position]
+              for module, imported_modules in import_graph().items()
+              for imported in imported_modules
+              if folder_of(imported) == folder_of(module) and listed.index(imported) <= listed.index(module)]
     assert not upward, upward
+
+
+def test_no_import_runs_in_a_circle():
+    graph, done, on_path = import_graph(), set(), []
+
+    def visit(module):
+        assert module not in on_path, " -> ".join(on_path[on_path.index(module):] + [module])
+        if module in done:
+            return
+        on_path.append(module)
+        for imported in sorted(graph[module]):
+            visit(imported)
+        on_path.pop()
+        done.add(module)
+
+    for module in graph:
+        visit(module)

@@ -28,7 +28,7 @@ import torch
 
 from src.data.dataset import pad_batch
 from src.loss import IGNORE_INDEX
-from src.train.state_cp.engine import segment_bounds
+from src.segments import segment_bounds
 
 FIRST_BUCKET_END = 64  # the first position bucket is [0, 64); each next one is twice as long
 

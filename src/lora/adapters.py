@@ -28,6 +28,7 @@ from src.config import TrainConfig
 from src.errors import UserInputError
 from src.layer_spec import format_layers
 from src.lora.settings import LoraSettings
+from src.models import family_of_model
 
 SETTINGS_KEY = LORA_SETTINGS_KEY
 SETTINGS_FORMAT = "rwkv-infctx LoRA"
@@ -116,13 +117,13 @@ def trainable_names(model: nn.Module, settings: LoraSettings) -> list:
     and there the tensors the chosen parts train whole (time_* for part time, block norms for part ln)."""
     layers = set(settings.layers)
     return [name for name, _ in model.named_parameters()
-            if model.family.layer_of(name) in layers
-            and (name.endswith((".lora_A", ".lora_B")) or model.family.trained_whole_part(name) in settings.parts)]
+            if family_of_model(model).layer_of(name) in layers
+            and (name.endswith((".lora_A", ".lora_B")) or family_of_model(model).trained_whole_part(name) in settings.parts)]
 
 
 def apply_lora(model: nn.Module, settings: LoraSettings) -> list:
     """Wrap the selected Linear layers (call after the base weights are loaded); returns their names."""
-    names = model.family.lora_projections(model.cfg, settings.parts, settings.layers)
+    names = family_of_model(model).lora_projections(model.cfg, settings.parts, settings.layers)
     for name in names:
         attach_lora(model, name, settings.r, settings.scale, settings.dropout)
     return names
@@ -143,7 +144,7 @@ def lora_state_dict(model: nn.Module, settings: LoraSettings, state_dict: Option
     gathered onto the CPU), else from the model itself."""
     weights = model.state_dict() if state_dict is None else state_dict
     slim = {name: weights[name] for name in trainable_names(model, settings)}
-    slim[SETTINGS_KEY] = encode_settings(settings, model.family.identity(model.cfg))
+    slim[SETTINGS_KEY] = encode_settings(settings, family_of_model(model).identity(model.cfg))
     return slim
 
 
@@ -180,9 +181,9 @@ def load_lora_checkpoint(model: nn.Module, settings: LoraSettings, names: list, 
         if saved.alpha != settings.alpha:
             raise UserInputError(f"--lora_load {path} was trained with lora_alpha {saved.alpha:g}, but "
                                  f"--lora_alpha is {settings.alpha:g}; pass --lora_alpha {saved.alpha:g}.")
-        if identity != model.family.identity(model.cfg):
+        if identity != family_of_model(model).identity(model.cfg):
             raise UserInputError(f"--lora_load {path} was trained on another base model than this one (file vs "
-                                 f"model: {identity_differences(identity, model.family.identity(model.cfg))}).")
+                                 f"model: {identity_differences(identity, family_of_model(model).identity(model.cfg))}).")
     state = model.state_dict()
     differences = compare_weights({name: state[name] for name in names}, weights)
     unexpected = differences.unexpected

@@ -30,6 +30,11 @@ def family_named(name: str) -> ModelFamily:
     return FAMILIES[name]
 
 
+def family_of_model(model) -> ModelFamily:
+    """The family of a model that `build` made (its class names its record)."""
+    return FAMILIES[model.family_name]
+
+
 def family_of_flags(my_testing: str) -> ModelFamily:
     """The family --my_testing picks ("" for the default); other values name the original's architecture variants,
     which this toolkit does not carry."""

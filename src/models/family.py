@@ -3,7 +3,8 @@ question training, LoRA, merging, evaluation, --state_cp, the memory check and H
 Nothing outside src/models/<family>/ names a family's parameters, parts, state layout or HF class.
 
 A family's model (what `build` returns) is an nn.Module with the forward pieces the segment engine
-(src/train/state_cp/engine.py) and evaluation (src/eval/engine.py) drive, and with `family` and `cfg` attributes:
+(src/train/state_cp/engine.py) and evaluation (src/eval/engine.py) drive, and with attributes
+`family_name` (its record's name in the registry) and `cfg` (its shape):
     embed(idx)                                  token ids (B, T) -> x (B, T, C), the first block's input
     first_carry(x)                              what the blocks pass each other besides x: a tuple of tensors
                                                 (RWKV-7's v_first; () for a family with nothing to pass)

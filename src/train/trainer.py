@@ -6,6 +6,7 @@ import torch
 
 from src.train.state_cp import engine
 from src.config import TrainConfig
+from src.models import family_of_model
 from src.optim.master_weights import MasterWeightAdam
 from src.train.memory_check import OPTIMIZER_GROUP_NUMEL
 from src.train.strategy import build_strategy, is_deepspeed, lightning_precision
@@ -21,11 +22,12 @@ def build_param_groups(model: torch.nn.Module, cfg: TrainConfig, max_group_numel
     larger than that gets a group of its own). Frozen parameters are left out; empty groups are dropped.
     """
     pile_stage_2 = cfg.my_pile_stage == 2
+    family = family_of_model(model)
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        scale = model.family.lr_multiplier(name, pile_stage_2) if cfg.layerwise_lr else 1.0
+        scale = family.lr_multiplier(name, pile_stage_2) if cfg.layerwise_lr else 1.0
         decay = cfg.weight_decay if (cfg.weight_decay > 0 and p.squeeze().dim() >= 2) else 0.0
         pieces = groups.setdefault((scale, decay), [])
         if not pieces or (max_group_numel and pieces[-1]["numel"] + p.numel() > max_group_numel

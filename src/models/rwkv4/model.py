@@ -36,7 +36,6 @@ from torch.utils.checkpoint import checkpoint
 from src.loss import IGNORE_INDEX, head_loss, head_token_losses, language_model_loss
 from src.models.rwkv4 import elementwise
 from src.models.rwkv4.config import ForwardOptions, RWKVConfig
-from src.models.rwkv4.family import RWKV4
 from src.models.rwkv4.state import RWKVState, empty_state
 from src.models.rwkv4.wkv import wkv
 
@@ -172,7 +171,7 @@ def _future_mask(T: int, device) -> torch.Tensor:
 
 
 class RWKV(nn.Module):
-    family = RWKV4  # the registry's record: what the rest of the toolkit asks about this model
+    family_name = "rwkv4"  # its record in the registry (src/models), which the rest of the toolkit asks
 
     def __init__(self, cfg: RWKVConfig, options: Optional[ForwardOptions] = None):
         super().__init__()
