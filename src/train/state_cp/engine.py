@@ -1,74 +1,9 @@
-"""Exact training on samples of any length (`--state_cp 1`): backpropagation through time, segment by
-segment and block by block, with one block's activations in memory at a time. The segment engine drives the
-model's own forward pieces (embed, run_block, head_loss: src/models/rwkv4/model.py), so there is one forward.
+"""The segment engine of --state_cp: a micro-batch's training loss with its exact gradient, by backpropagation
+through time segment by segment and block by block, with one block's activations over one segment in memory at a
+time, whatever the sample's length.
 
-The problem. RWKV is recurrent: segment i of a sample maps (tokens_i, state_i) -> (logits_i, state_i+1),
-with state_0 empty and, per layer, a state of (time-mix shift, WKV sums, channel-mix shift).
-Plain backpropagation over T tokens keeps the activations of all T tokens and their [B, T, V] logits,
-so memory grows with T. Detaching the state between segments (truncated BPTT, what most peers do)
-bounds the memory but drops every gradient that crosses a segment boundary. This module does neither.
-
-The loss is that of one pass over the whole sample (src/loss.py):
-    L = sum_i CE_sum(logits_i, targets_i) / N + L2Wrap,   N = unmasked targets of the whole sample,
-with L2Wrap's mean over all B*T positions. A sample of T tokens is cut into n = ceil(T / S) segments
-of S tokens (S = ctx_len, or ceil(ctx_len / ctx_parts)); the last may be shorter.
-
-Algorithm (x_i,l is the input of block l in segment i, x_i,0 the embedding, x_i,L the last block's output).
-1. Forward, without an autograd graph, for i = 0..n-1: run segment i from state_i, keeping state_i+1, the
-   RNG state before each block (LoRA dropout must draw the same masks when a block is recomputed), the
-   summed cross-entropy (for the loss value), and, for the last `kept` segments, every block input x_i,l.
-2. Backward, for i = n-1 down to 0: if segment i's block inputs were not kept, run its forward again
-   (from state_i, without a graph) to get them. Then backpropagate through the segment one piece at a
-   time, each recomputed with autograd from its stored input and differentiated at once:
-     the head (model.head_loss: ln_out, head, loss, a chunk of tokens at a time), from x_i,L: gives
-       g = dL/dx_i,L;
-     block l = L-1..0, from x_i,l and layer l of state_i, with output gradients g and g_i+1,l
-       (dL/d(layer l of state_i+1), from segment i+1; none for the last segment): gives g = dL/dx_i,l
-       and g_i,l = dL/d(layer l of state_i);
-     the embedding, with gradient g.
-Why it is exact: L depends on the parameters through every piece of every segment, and on a piece's
-output only through the pieces after it (later blocks of the segment, the same layer of later segments),
-so by the chain rule dL/dparams is the sum of each piece's vector-Jacobian product with the gradients of
-its outputs, which is what step 2 accumulates, in an order where each output's gradient is complete before
-its piece is differentiated. Each recompute sees the inputs, parameters and dropout masks of the forward,
-so it reproduces its values. The gradients differ from full backpropagation by rounding only
-(tests/test_state_cp.py: <= 1e-10 relative in fp64). The WKV state gradient is the true one (src/models/rwkv4/wkv.py), so
-state gradients chain between segments like any other tensor's.
-
-Memory on the device: one block's activations over one segment, the logits of one chunk of tokens
-(src/loss.py LOGITS_PER_CHUNK values), a few [B, S, C] tensors, and the gradient sums below; never anything that grows
-with T. --grad_cp has nothing left to save here: a block's activations already live only while that block
-is differentiated. Block inputs and boundary states (n_layer * B * (2C + 3A) values per boundary, 2.1 MB
-for the 7B shape) wait in pinned host memory when training on a GPU, copied on a side stream. On a CPU,
-the host is the device, so nothing is kept and every segment is recomputed.
-Compute: one forward of the blocks to fill the stores, then each piece's recompute and backward: the
-same as plain training with --grad_cp (3 forwards-worth with frozen weights, as LoRA has them). A segment
-whose inputs were not kept costs one forward more. `keep_bytes` (host memory the caller allows) decides how
-many segments are kept: (L + 1) * B * S * C values each, 1.1 GB for the 7B shape and S = 4096; the kept ones
-are the last ones, which the backward reaches first.
-
-Gradients reach each parameter once per micro-batch. The pieces of step 2 would otherwise deliver one
-gradient per segment to every parameter, and DeepSpeed ZeRO-2 reduces a parameter's gradient from a hook
-the moment it arrives, asserting it happens once per backward ("Gradient computed twice for this
-partition"), which is why the original toolkit's state checkpointing only ran under ZeRO stage 1. Here
-the whole procedure is one autograd Function whose inputs are the trainable parameters. Inside it, the
-model runs on aliases of those parameters (the same storage under other tensor objects, swapped into
-the modules for the duration by src/train/state_cp/aliases.py), so the pieces accumulate into the aliases and
-reach no hook of DDP or DeepSpeed; the Function's backward returns the sums, and the outer backward
-(Lightning's or DeepSpeed's own) hands each parameter its gradient once. So ZeRO stage 1 and 2 (with
-offload) and DDP all work, and ranks whose samples have different segment counts run no collective inside
-the Function: none waits for another. ZeRO-3 is refused: it gathers parameters in module hooks, which the
-aliases bypass.
-
-Gradient sums cost 4 bytes per trainable parameter: each alias's gradient moves into an fp32 sum as soon
-as autograd has accumulated it (a post-accumulate hook), so no whole set of per-piece gradients ever
-exists beside the sums. With fp32 weights that is no extra memory (the first gradient becomes the sum,
-then the parameter's .grad); for LoRA it is negligible; for full fine-tuning of a 16-bit model it is twice
-the weights. Summing in 16 bits instead (the original under ZeRO-1 did, with a 16-bit gradient the size of
-the weights) would lose ~sqrt(pieces) * 2^-9 relative accuracy over hundreds of segments: not exact.
-Alternatives weighed and left out (by their cost on paper, not built): one engine backward per segment
-(refused by ZeRO-2, and a gradient reduction across GPUs per segment); torch.autograd.grad per segment into
-a buffer (a whole segment's gradients beside the buffer: 6 bytes per trainable parameter for a 16-bit model).
+docs/state_cp.md explains the algorithm, why it is exact, its memory and compute, and how each parameter receives
+its gradient once per micro-batch (through src/train/state_cp/aliases.py).
 """
 import contextlib
 from typing import List, Optional, Sequence, Tuple
@@ -77,7 +12,8 @@ import torch
 import torch.nn as nn
 
 from src.loss import target_count
-from src.models import EMBEDDING, HEAD
+from src.models import EMBEDDING, HEAD, family_of_model
+from src.segments import segment_bounds
 from src.train.memory_check import available_host_memory
 from src.train.state_cp.aliases import aliases_of, parameters_replaced
 
@@ -86,13 +22,6 @@ def host_memory_for_kept_segments(processes_on_this_host: int) -> int:
     """`keep_bytes` for sample_loss: half the host memory available now, shared by the training processes of
     this machine (0 where the system does not tell)."""
     return (available_host_memory() or 0) // 2 // max(processes_on_this_host, 1)
-
-
-def segment_bounds(length: int, segment_len: Optional[int]) -> List[Tuple[int, int]]:
-    """[(start, end), ...] cutting `length` tokens into segments of `segment_len` (the last may be shorter)."""
-    if not segment_len or segment_len >= length:
-        return [(0, length)]
-    return [(start, min(start + segment_len, length)) for start in range(0, length, segment_len)]
 
 
 def sample_loss(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor, segment_len: Optional[int] = None,
@@ -120,7 +49,8 @@ class _Segments:
         self.bounds = bounds
         self.keep_bytes = keep_bytes
         # the piece of the forward each trainable parameter belongs to: embedding, a block number, or head
-        self.piece_of = [model.family.piece_of(name) for name in self.names]
+        family = family_of_model(model)
+        self.piece_of = [family.piece_of(name) for name in self.names]
 
     def aliases_of(self, aliases: Sequence[torch.Tensor], piece) -> list:
         return [alias for alias, owner in zip(aliases, self.piece_of) if owner == piece]
