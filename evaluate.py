@@ -17,8 +17,8 @@ import sys
 import time
 
 from src import cli
-from src.config import PRECISIONS, WKV_BACKENDS, TrainConfig
-from src.data.types import CHARACTER_DATA_TYPES, DATA_TYPES
+from src.config import TrainConfig, add_flags
+from src.data.types import CHARACTER_DATA_TYPES
 from src.errors import UserInputError
 
 PROG = "evaluate.py"
@@ -26,8 +26,11 @@ PROGRESS_EVERY_S = 10.0  # seconds between progress lines on stderr
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """train.py's flags that mean the same here come from TrainConfig (config.add_flags), with their help; the
+    flags declared here are evaluate.py's own, or mean something else than train.py's flag of that name."""
     parser = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=cli.FlagHelpFormatter)
     group = parser.add_argument_group("model")
+    # train.py's --load_model, --lora_load and --lora_alpha start a training; here they give the model evaluated
     group.add_argument("--load_model", required=True,
                        help="The .pth to evaluate: a file train.py wrote, or a released RWKV-4 (Pile, Raven, World); "
                             "its shape is read from its weights.")
@@ -35,49 +38,31 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--lora_alpha", type=float, default=None,
                        help="The alpha of a --lora_load file of the original toolkit (files of this toolkit store it).")
     group = parser.add_argument_group("data")
-    group.add_argument("--data_file", default="", help="Held-out data, as train.py's --data_file.")
-    group.add_argument("--data_type", default="utf-8", choices=DATA_TYPES, help="Format of --data_file.")
+    add_flags(group, ["data_file", "data_type"])
+    # the vocabulary is the model's here: 0 and the character vocab.json mean that, not one built from the text
     group.add_argument("--vocab_size", type=int, default=0,
                        help="Vocabulary size of token data; 0 = the model's (a different value is refused).")
     group.add_argument("--vocab_file", default="",
                        help="jsonl: the tokenizer of the text (as train.py's). Character-level data (utf-8, utf-16le, "
                             "dummy): the vocab.json of the model's run (default: the one beside --load_model).")
-    group.add_argument("--my_sample_len", type=int, default=0, help="Row length of uint16 data (a row per document).")
-    group.add_argument("--select_name", default=None,
-                       help="jsonl: count only what this speaker says, as train.py --select_name trains it.")
-    group.add_argument("--my_script_mask", default=None,
-                       help="'<cut>_<n>' as train.py's: mask the first n targets of each window and, with cut 1, "
-                            "targets past the end of the window's first document (binidx).")
+    add_flags(group, ["my_sample_len", "select_name", "my_script_mask"])
     group.add_argument("--max_tokens", type=int, default=0,
                        help="Evaluate the first N tokens of the data only (0 = all of it).")
     group = parser.add_argument_group("windows")
-    group.add_argument("--ctx_len", type=int, default=1024, help="Inputs per window.")
-    group.add_argument("--ctx_parts", type=int, default=None,
-                       help="Run the WKV operator (and with --state_cp, the model) in pieces of "
-                            "ceil(ctx_len/ctx_parts) tokens.")
-    group.add_argument("--state_cp", type=int, default=0, choices=(0, 1),
-                       help="1 = run each window a segment of ceil(ctx_len/ctx_parts) tokens at a time, carrying the "
-                            "state: the same result in the memory of one segment.")
-    group.add_argument("--micro_bsz", type=int, default=1, help="Windows evaluated together.")
+    add_flags(group, ["ctx_len", "ctx_parts", "state_cp", "micro_bsz"])
+    parser.set_defaults(micro_bsz=1)  # evaluate.py's own default: one window at a time (train.py's is 12)
     group = parser.add_argument_group("hardware")
-    group.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                       help="fp32, tf32 (TF32 matmuls), bf16 or fp16 (weights in that dtype, autocast).")
-    group.add_argument("--accelerator", default="auto", help="cpu, gpu or auto (the GPU when there is one).")
-    group.add_argument("--wkv_backend", default="auto", choices=WKV_BACKENDS,
-                       help="WKV operator: cuda kernel, torch reference, or auto (kernel for CUDA tensors).")
-    group.add_argument("--compile", type=int, default=1, choices=(0, 1),
-                       help="1 = on a GPU, the elementwise work as fused kernels compiled by torch.compile; 0 = "
-                            "one PyTorch kernel per operation (the CPU always runs the latter).")
+    add_flags(group, ["precision", "accelerator", "wkv_backend", "compile"])
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        result = evaluate(args)
-    except UserInputError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+    return cli.run_main(PROG, lambda: report(evaluate(args)))
+
+
+def report(result) -> int:
+    """Prints the EvalResult's table and, as the last line, its JSON summary; exit code 0."""
     print(result.table())
     print(json.dumps(result.summary()), flush=True)
     return 0

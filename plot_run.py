@@ -28,17 +28,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        from src.train.plot import PLOT_NAME, plot_run
+    return cli.run_main(PROG, lambda: plot(args))
 
-        if not Path(args.proj_dir).is_dir():
-            raise UserInputError(f"{args.proj_dir} is not a folder; give the --proj_dir of a train.py run")
-        out = Path(args.out) if args.out else Path(args.proj_dir) / PLOT_NAME
-        check_output_file(out, replace=True, what="--out")
-        steps, evaluations = plot_run(args.proj_dir, out)
-    except UserInputError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+
+def plot(args: argparse.Namespace) -> int:
+    """Draws the picture of the parsed command line `args`; returns 0 once it is written."""
+    from src.train.plot import PLOT_NAME, plot_run
+
+    if not Path(args.proj_dir).is_dir():
+        raise UserInputError(f"{args.proj_dir} is not a folder; give the --proj_dir of a train.py run")
+    out = Path(args.out) if args.out else Path(args.proj_dir) / PLOT_NAME
+    check_output_file(out, replace=True, what="--out")
+    steps, evaluations = plot_run(args.proj_dir, out)
     print(f"{PROG}: wrote {out} ({steps:,} optimizer steps, {evaluations:,} held-out evaluations)")
     return 0
 

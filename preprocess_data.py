@@ -83,6 +83,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    return cli.run_main(PROG, lambda: run(argv), interrupted="\n{prog}: interrupted; no output was written")
+
+
+def run(argv) -> int:
+    """Parse `argv` (None = sys.argv[1:]), tokenize, write; returns 0 once the outputs are in place."""
     from src.data import preprocess
 
     try:
@@ -95,12 +100,8 @@ def main(argv=None) -> int:
             progress = preprocess.Progress(sys.stderr, args.log_interval, args.num_docs)
             totals = preprocess.preprocess(options, args.input.split(","), args.output_prefix, args.workers, progress,
                                            replace=args.overwrite)
-    except UserInputError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except (KeyboardInterrupt, cli.Interrupted) as e:
-        print(f"\n{PROG}: interrupted; no output was written", file=sys.stderr)
-        return 128 + getattr(e, "signum", signal.SIGINT)
+    except KeyboardInterrupt:  # raised by other code than signals_interrupt's handler: taken as a Ctrl+C
+        raise cli.Interrupted(signal.SIGINT) from None
     print(preprocess.summary(totals, args.output_prefix, args.workers))
     return 0
 

@@ -16,15 +16,12 @@ from src.errors import UserInputError
 def main(argv=None) -> int:
     """Exit code: 0 when done, 2 for bad input, 130 / 143 after a Ctrl+C / SIGTERM (the state saved when training
     had started; nothing written when it had not)."""
-    try:
+    def body():
         with cli.signals_interrupt():  # until training starts, Ctrl+C / SIGTERM end the run at once
             return train(parse_args(argv))
-    except UserInputError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
-    except cli.Interrupted as e:
-        print(f"train.py: {e} before training started: stopped; nothing was written", file=sys.stderr)
-        return 128 + e.signum
+
+    return cli.run_main("train.py", body, interrupted="{prog}: {signal} before training started: stopped; nothing "
+                                                     "was written")
 
 
 def train(cfg: TrainConfig, extra_callbacks=(), write_weights: bool = True) -> int:

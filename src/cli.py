@@ -2,11 +2,17 @@
 states a flag's default only where it informs.
 
 Exit codes of every CLI: 0 done (and --help), 2 bad input (a usage error here, or a UserInputError later),
-128 + the signal number when Ctrl+C or SIGTERM stopped it (130, 143).
+128 + the signal number when Ctrl+C or SIGTERM stopped it (130, 143). Every entry point's main() runs its work
+through run_main, which reports a UserInputError, and an Interrupted where the command stops on signals, in one line
+on stderr with its exit code.
 """
 import argparse
 import contextlib
 import signal
+import sys
+from typing import Callable, Optional
+
+from src.errors import UserInputError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -53,3 +59,24 @@ def signals_interrupt():
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def run_main(prog: str, body: Callable[[], int], interrupted: Optional[str] = None) -> int:
+    """The exit code of an entry point whose work is `body()`, which returns its exit code (a usage error and
+    --help leave through SystemExit, as argparse does). A UserInputError ends it with the one line
+    `PROG: error: MESSAGE` on stderr and exit code 2.
+
+    `interrupted`, for a body that stops on Ctrl+C and SIGTERM (it runs its work in signals_interrupt()), is the
+    line an Interrupted ends it with, on stderr: a format string of `prog` and `signal` (SIGINT, SIGTERM), e.g.
+    "{prog}: {signal}: stopped; nothing was written"; the exit code is then 128 + the signal number. Without it an
+    Interrupted passes on."""
+    try:
+        return body()
+    except UserInputError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        if interrupted is None:
+            raise
+        print(interrupted.format(prog=prog, signal=e), file=sys.stderr)
+        return 128 + e.signum

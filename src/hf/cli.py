@@ -8,7 +8,6 @@ loaded from the folder, run on CHECK_TOKENS tokens in fp32 from the same weights
 within CHECK_ATOL. Export writes the folder under a temporary name beside OUT_DIR, checks it there and only
 then renames it; import writes OUT.pth atomically. Exit code 0 when done, 2 for bad input (nothing written).
 """
-import sys
 import tempfile
 from pathlib import Path
 
@@ -59,40 +58,41 @@ def export_parser(prog: str, description: str) -> cli.ArgumentParser:
 def run_export(argv, prog: str, description: str) -> int:
     """Parse `argv` (None = sys.argv[1:]), convert, check, write; returns the exit code."""
     args = export_parser(prog, description).parse_args(argv)
-    try:
-        check_output_folder(args.out_dir, args.overwrite, args.model)
-        if args.ctx_len < 1:
-            raise UserInputError(f"--ctx_len must be at least 1 (got {args.ctx_len}).")
-        weights = load_weights(args.model, what="MODEL")
-        if is_lora_checkpoint(weights):
-            raise UserInputError(f"{args.model} is a LoRA checkpoint (adapter tensors only); merge it into its base "
-                                 f"first: python merge_lora.py BASE.pth {args.model} MERGED.pth, then export "
-                                 f"MERGED.pth.")
-        family = family_of_weights(weights, args.model)
-        hf_format = family.hf_format()
-        if hf_format is None:
-            raise UserInputError(f"{args.model} is an {family.title} model, which export_hf.py cannot write: "
-                                 f"{family.hf_refusal}.")
-        cfg = family.shape_of_weights(weights, args.model)
-        missing = hf_format.missing_in_transformers(cfg)
-        if missing:
-            raise UserInputError(f"{args.model} cannot be exported: transformers' {hf_format.CLASS_NAME} cannot hold "
-                                 f"{'; '.join(missing)}.")
-        vocabulary = read_vocabulary(args.vocab, cfg.vocab_size) if args.vocab else None
-        source_dtype = stored_dtype(weights)
-        dtype = DTYPES[args.dtype] if args.dtype else source_dtype
-        weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
-        config = hf_format.hf_config(cfg, args.ctx_len, vocabulary.end_of_text_id if vocabulary else None)
-        with atomic_path(args.out_dir) as tmp:
-            remove_path(tmp)  # a folder left by a killed earlier export
-            write_model(tmp, hf_format, config, hf_format.to_hf(weights, cfg, args.model), dtype)
-            if vocabulary:
-                write_tokenizer_files(vocabulary, tmp, args.ctx_len)
-            max_diff = check_logits(cfg, weights, tmp, args.model)
-            publish(tmp, args.out_dir)
-    except UserInputError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+    return cli.run_main(prog, lambda: export(args, prog))
+
+
+def export(args, prog: str) -> int:
+    """The export of the parsed command line `args`; returns 0 once the checked folder is in place."""
+    check_output_folder(args.out_dir, args.overwrite, args.model)
+    if args.ctx_len < 1:
+        raise UserInputError(f"--ctx_len must be at least 1 (got {args.ctx_len}).")
+    weights = load_weights(args.model, what="MODEL")
+    if is_lora_checkpoint(weights):
+        raise UserInputError(f"{args.model} is a LoRA checkpoint (adapter tensors only); merge it into its base "
+                             f"first: python merge_lora.py BASE.pth {args.model} MERGED.pth, then export "
+                             f"MERGED.pth.")
+    family = family_of_weights(weights, args.model)
+    hf_format = family.hf_format()
+    if hf_format is None:
+        raise UserInputError(f"{args.model} is an {family.title} model, which export_hf.py cannot write: "
+                             f"{family.hf_refusal}.")
+    cfg = family.shape_of_weights(weights, args.model)
+    missing = hf_format.missing_in_transformers(cfg)
+    if missing:
+        raise UserInputError(f"{args.model} cannot be exported: transformers' {hf_format.CLASS_NAME} cannot hold "
+                             f"{'; '.join(missing)}.")
+    vocabulary = read_vocabulary(args.vocab, cfg.vocab_size) if args.vocab else None
+    source_dtype = stored_dtype(weights)
+    dtype = DTYPES[args.dtype] if args.dtype else source_dtype
+    weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
+    config = hf_format.hf_config(cfg, args.ctx_len, vocabulary.end_of_text_id if vocabulary else None)
+    with atomic_path(args.out_dir) as tmp:
+        remove_path(tmp)  # a folder left by a killed earlier export
+        write_model(tmp, hf_format, config, hf_format.to_hf(weights, cfg, args.model), dtype)
+        if vocabulary:
+            write_tokenizer_files(vocabulary, tmp, args.ctx_len)
+        max_diff = check_logits(cfg, weights, tmp, args.model)
+        publish(tmp, args.out_dir)
     tokenizer = "and tokenizer files" if vocabulary else "no tokenizer files: no --vocab"
     rounded = "" if dtype == source_dtype else f" rounded to {DTYPE_NAMES[dtype]}"
     print(f"{prog}: wrote {args.out_dir} ({DTYPE_NAMES[dtype]} weights, {tokenizer}); {hf_format.CLASS_NAME} loaded "
@@ -146,19 +146,20 @@ def import_parser(prog: str, description: str) -> cli.ArgumentParser:
 def run_import(argv, prog: str, description: str) -> int:
     """Parse `argv` (None = sys.argv[1:]), convert, check, write; returns the exit code."""
     args = import_parser(prog, description).parse_args(argv)
-    try:
-        check_output_file(args.out, args.overwrite, "OUT")
-        config, config_path = read_config(args.hf_dir), Path(args.hf_dir) / "config.json"
-        hf_format = family_of_hf_config(config, config_path).hf_format()
-        cfg = hf_format.config_from_hf(config, config_path)
-        weights = hf_format.from_hf(read_weights(args.hf_dir), cfg, args.hf_dir)
-        # transformers' rescale_every would halve the residual stream at inference (see src/models/rwkv4/hf_format.py):
-        # the check compares the weights' own function, as RWKV-LM and the rwkv package compute it
-        max_diff = check_logits(cfg, weights, args.hf_dir, args.hf_dir, rescale_every=0)
-        atomic_save(weights, args.out)
-    except UserInputError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+    return cli.run_main(prog, lambda: import_folder(args, prog))
+
+
+def import_folder(args, prog: str) -> int:
+    """The import of the parsed command line `args`; returns 0 once the checked .pth is written."""
+    check_output_file(args.out, args.overwrite, "OUT")
+    config, config_path = read_config(args.hf_dir), Path(args.hf_dir) / "config.json"
+    hf_format = family_of_hf_config(config, config_path).hf_format()
+    cfg = hf_format.config_from_hf(config, config_path)
+    weights = hf_format.from_hf(read_weights(args.hf_dir), cfg, args.hf_dir)
+    # transformers' rescale_every would halve the residual stream at inference (see src/models/rwkv4/hf_format.py):
+    # the check compares the weights' own function, as RWKV-LM and the rwkv package compute it
+    max_diff = check_logits(cfg, weights, args.hf_dir, args.hf_dir, rescale_every=0)
+    atomic_save(weights, args.out)
     dtypes = ", ".join(sorted({DTYPE_NAMES.get(v.dtype, str(v.dtype)) for v in weights.values()}))
     print(f"{prog}: wrote {args.out} ({len(weights)} tensors, {dtypes}); its logits on {CHECK_TOKENS} tokens are "
           f"those of {hf_format.CLASS_NAME} loaded from {args.hf_dir} within {max_diff:.2e} (fp32, tolerance "

@@ -7,7 +7,6 @@ SIGTERM (nothing written either: the output appears whole or not at all).
 """
 import argparse
 import math
-import sys
 from pathlib import Path
 
 import torch
@@ -41,28 +40,27 @@ def build_parser(prog: str, description: str, layer_filter: bool) -> argparse.Ar
 def run(argv, prog: str, description: str, layer_filter: bool) -> int:
     """Parse `argv` (None = sys.argv[1:]), merge, check, write; returns the exit code."""
     args = build_parser(prog, description, layer_filter).parse_args(argv)
-    try:
-        with cli.signals_interrupt():  # SIGTERM too deletes the output being written
-            alpha, base_path, lora_path, out_path = split_positionals(args.paths)
-            layer_coef = None
-            if layer_filter and args.layer_filter is not None:
-                layer_coef = parse_layer_spec(args.layer_filter, what="--layer_filter", coefficients=True)
-            device = pick_device(args.use_gpu)
-            for name, path in (("base model", base_path), ("LoRA checkpoint", lora_path)):
-                if Path(out_path).resolve() == Path(path).resolve():
-                    raise UserInputError(f"the output {out_path} is the {name}; choose another output file.")
-            check_output_file(out_path, args.overwrite, "the output", "--overwrite")
-            base = load_weights(base_path, what="base model")
-            lora = LoraCheckpoint.from_weights(load_weights(lora_path, what="LoRA checkpoint"), lora_path)
-            alpha = resolve_alpha(alpha, lora)
-            merged, report = merge_checked(base, lora, alpha, layer_coef, device, base_path)
-            save_weights(merged, out_path, replace=args.overwrite)  # nor one that appeared meanwhile
-    except UserInputError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    except cli.Interrupted as e:
-        print(f"{prog}: {e}: stopped; nothing was written", file=sys.stderr)
-        return 128 + e.signum
+    return cli.run_main(prog, lambda: merge(args, prog, layer_filter),
+                        interrupted="{prog}: {signal}: stopped; nothing was written")
+
+
+def merge(args, prog: str, layer_filter: bool) -> int:
+    """The merge of the parsed command line `args`; returns 0 once the checked merge is written."""
+    with cli.signals_interrupt():  # SIGTERM too deletes the output being written
+        alpha, base_path, lora_path, out_path = split_positionals(args.paths)
+        layer_coef = None
+        if layer_filter and args.layer_filter is not None:
+            layer_coef = parse_layer_spec(args.layer_filter, what="--layer_filter", coefficients=True)
+        device = pick_device(args.use_gpu)
+        for name, path in (("base model", base_path), ("LoRA checkpoint", lora_path)):
+            if Path(out_path).resolve() == Path(path).resolve():
+                raise UserInputError(f"the output {out_path} is the {name}; choose another output file.")
+        check_output_file(out_path, args.overwrite, "the output", "--overwrite")
+        base = load_weights(base_path, what="base model")
+        lora = LoraCheckpoint.from_weights(load_weights(lora_path, what="LoRA checkpoint"), lora_path)
+        alpha = resolve_alpha(alpha, lora)
+        merged, report = merge_checked(base, lora, alpha, layer_coef, device, base_path)
+        save_weights(merged, out_path, replace=args.overwrite)  # nor one that appeared meanwhile
     source = "stored in the LoRA file" if lora.settings is not None else "from the command line"
     layers = "" if layer_coef is None else f" (layers {format_layers(layer_coef)})"
     print(f"{prog}: merged {report.merged} LoRA pairs and {report.replaced} time/ln tensors{layers} with alpha "
