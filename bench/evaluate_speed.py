@@ -1,4 +1,4 @@
-"""Evaluation speed of the 7B shape: tokens/s and peak GPU memory for windows of 4K and 128K tokens, in 24 GiB.
+"""Held-out evaluation speed of the 7B shape: tokens/s and peak GPU memory for windows of 4K and 128K tokens, in 24 GiB.
 
 evaluate.py's computation (src/eval/model_loader.py, src/eval/windows.py, src/eval/engine.py) on L32 D4096 vocab 50277
 with random weights (bench.long_context.make_random_base, bf16, made once and shared with that benchmark):

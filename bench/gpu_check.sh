@@ -12,7 +12,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 python -c "import time; t = time.time(); from src.models.rwkv4 import wkv_cuda; wkv_cuda.EXTENSION.module(); print(f'WKV kernel built in {time.time() - t:.0f} s')" \
     2>&1 | tee "$log_dir/build.txt" || status=1
 # no -q here: pytest.ini adds one, and a second hides the summary line
-python -m pytest -m gpu -rs tests/test_wkv_cuda.py 2>&1 | tee "$log_dir/tests.txt" || status=1
+python -m pytest -m gpu -rs tests/models/rwkv4/test_wkv_cuda.py 2>&1 | tee "$log_dir/tests.txt" || status=1
 python -m bench.wkv --profile 2>&1 | tee "$log_dir/bench.txt" || status=1
 
 small_case='

@@ -9,7 +9,7 @@ Two implementations of one function:
     language_model_loss(logits, targets)   from logits (B, T, V): the reference
     head_loss(x, weight, targets)          = language_model_loss(x @ weight.T, targets), computed a chunk of
                                              tokens at a time, so the [B, T, V] logits never exist
-and, for evaluation, head_token_losses(x, weight, targets): each target's cross-entropy (B, T), chunked too.
+and, for held-out evaluation, head_token_losses(x, weight, targets): each target's cross-entropy (B, T), chunked too.
 tests/test_loss.py holds them to each other (loss and every gradient, fp32/fp64/bf16, masks, odd shapes).
 """
 import math

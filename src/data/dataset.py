@@ -340,9 +340,8 @@ def build_loader(samples: Dataset, cfg: TrainConfig) -> DataLoader:
 
     No worker process: a sample is a slice of a memory-mapped file or a few chats, microseconds beside a training
     step, and a worker forked from the training process keeps, for as long as it lives, the old copy of every page
-    the training changes after the fork. Measured on the H200 machine (BENCHMARKS.md): in a ZeRO-2 offload run
-    of 2.98e9 parameters the worker came to hold 29 GiB, about the training process's whole memory at the fork
-    (after DeepSpeed's set-up), as the first optimizer steps rewrote it."""
+    the training changes after the fork: in a ZeRO-2 offload run, about the training process's whole memory at
+    the fork (BENCHMARKS.md)."""
     return ResumableLoader(samples, batch_size=cfg.micro_bsz, sampler=EpochSampler(len(samples)), num_workers=0,
                            pin_memory=torch.cuda.is_available(), drop_last=True,
                            collate_fn=pad_batch if samples_vary_in_length(cfg) else None)

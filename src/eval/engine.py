@@ -44,7 +44,7 @@ def position_edges(ctx_len: int) -> list:
 
 @dataclass
 class EvalResult:
-    """What one evaluation measured, summed over every window (and every rank)."""
+    """What one held-out evaluation measured, summed over every window (and every rank)."""
     edges: list  # position buckets, see position_edges
     loss_sums: list  # per bucket: summed cross-entropy of its targets (natural log)
     counts: list  # per bucket: unmasked targets

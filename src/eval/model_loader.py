@@ -3,7 +3,7 @@ whose family and shape are read from its weights, optionally with a LoRA checkpo
 
 The LoRA is applied as training applies it, not merged: each lora_A/lora_B pair of the file wraps its Linear
 (src/lora/adapters.py LoraLinear, scale alpha / r) and the time_* / ln tensors it trained replace the base's. So the
-model computes what the LoRA run's model computed, and a LoRA run's validation rows (src/train/held_out.py) are
+model computes what the LoRA run's model computed, and a LoRA run's held-out evaluation rows (src/train/held_out.py) are
 reproduced exactly. Files of the original toolkit, which store no settings, need their alpha (--lora_alpha).
 """
 from pathlib import Path

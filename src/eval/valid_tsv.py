@@ -14,7 +14,7 @@ VALID_LOG_COLUMNS = ("epoch", "step", "loss", "perplexity", "tokens", "seconds",
 
 
 def append_row(proj_dir, epoch: int, step: int, summary: dict) -> None:
-    """Append an evaluation's summary (EvalResult.summary()) as a row; the header first into a new file."""
+    """Append a held-out evaluation's summary (EvalResult.summary()) as a row; the header first into a new file."""
     path = Path(proj_dir) / VALID_LOG_NAME
     curve = [[start, end, None if loss is None else round(loss, 6)] for start, end, loss in summary["loss_by_position"]]
     row = (epoch, step, f"{summary['loss']:.8f}", f"{summary['perplexity']:.6f}", summary["tokens"],

@@ -1,4 +1,4 @@
-"""The windows of a data file for evaluation (src/eval/engine.py), for every --data_type train.py reads.
+"""The windows of a data file for held-out evaluation (src/eval/engine.py), for every --data_type train.py reads.
 
 Token streams are cut into consecutive windows of L = ctx_len inputs: window i has inputs data[i*L : i*L+L]
 and targets data[i*L+1 : i*L+L+1], for every i with i*L+L+1 <= N; the tail that fills no whole window is
@@ -76,7 +76,7 @@ def document_bounds(starts: np.ndarray, ctx_len: int, n_tokens: int) -> np.ndarr
 
 
 def load_windows(cfg: TrainConfig, max_tokens: int = 0, chars: Optional[list] = None) -> EvalWindows:
-    """The evaluation windows of cfg.data_file read as cfg.data_type, cfg.ctx_len inputs long, within the first
+    """The held-out evaluation windows of cfg.data_file read as cfg.data_type, cfg.ctx_len inputs long, within the first
     `max_tokens` tokens (0: all), masked per cfg's mask flags. `chars`: the model's characters, for
     character-level data. cfg.vocab_size is the model's: ids outside it are refused."""
     # character-level data: the file's own characters are read (renumbered to the model's below)

@@ -17,7 +17,7 @@ as torch's Adam and AdamW compute it:
 
 The kernel moves 28 bytes per element (reads the 16-bit gradient, master and moments; writes them and the weight)
 and allocates nothing but a table of the tensors' addresses; the reference makes fp32 temporaries of one tensor
-at a time (8 bytes per element of the largest). tests/test_master_adam.py compares the twins.
+at a time (8 bytes per element of the largest). tests/optim/test_master_adam.py compares the twins.
 """
 from pathlib import Path
 from typing import Callable, List, Optional

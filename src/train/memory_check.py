@@ -13,16 +13,15 @@ The state (`footprint`): bytes per parameter (P all parameters, T the trainable 
     deepspeed_stage_2, 16-bit     2 P + (2 + 12) T / W                     -
     deepspeed_stage_2_offload     2 P                                      20 T (fp32 master, Adam, fp32 grads, a
                                                                            16-bit copy the weights are staged in: 18;
-                                                                           2 more: 0.9-1.5 measured, not attributed)
+                                                                           2 more: a margin, not attributed)
     deepspeed_stage_3, 16-bit     (2 P + 14 T) / W                         -
     deepspeed_stage_3_offload     -                                        2 P + 16 T
 (DeepSpeed's partitions are per process: a machine holds its processes' share, processes / W of the total.)
 DeepSpeed with fp32 weights keeps 4 bytes where the table says 2. On a CPU-only run the host holds what
 the first row puts on the GPU. 18 of the 20 bytes of ZeRO-1/2 offload are DeepSpeed's stage_1_and_2.py buffers
 (single_partition_of_fp32_groups, their .grad, Adam's two moments, param_buffer_of_bit16_for_cpu_offload_groups);
-the other 2 are a measured margin (OFFLOAD_UNATTRIBUTED_BYTES). With 18 a 7.39e9-parameter model needs 123.9 GiB,
-which the 125 GiB of a 128 GiB machine cannot hold next to the process itself (measured: the kernel killed such a
-run at 125.8 GiB in use, in its first optimizer step).
+the other 2 are a margin for what the process holds beyond them (OFFLOAD_UNATTRIBUTED_BYTES). With 18 a
+7.39e9-parameter model needs 123.9 GiB, which the 125 GiB of a 128 GiB machine cannot hold next to the process itself.
 
 The whole run (`run_footprint`) adds what training holds beside the state: on the GPU the activations (the
 model's estimate for the samples, --grad_cp and --state_cp), DeepSpeed's buffers (two gradient buckets;
@@ -47,19 +46,17 @@ OPTIMIZER_GROUP_NUMEL = 2 ** 28
 
 
 # Host memory of one training process beside the weights and optimizer state: Python, torch, Lightning and, on a
-# GPU, the CUDA runtime's host side (BENCHMARKS.md: measured before DeepSpeed's set-up, 4-6 GiB on the H200 machine).
+# GPU, the CUDA runtime's host side (BENCHMARKS.md has the measured figures).
 PROCESS_HOST_BYTES = {True: 5 * GIB, False: 1 * GIB}  # a GPU process, a CPU-only process
 # GPU memory a training process takes outside PyTorch's allocator after the check has read the free memory: cuBLAS
-# handles and workspaces (one per stream and per autograd thread), NCCL's buffers, loaded kernels. Measured on the
-# H200 in a ZeRO-2 offload run that ran out of memory: 1.6 GiB outside the allocator, of which the CUDA context
-# (about 0.5 GiB) already exists when the check runs.
+# handles and workspaces (one per stream and per autograd thread), NCCL's buffers, loaded kernels; not the CUDA
+# context, which already exists when the check runs (BENCHMARKS.md has the measured figures).
 PROCESS_GPU_RUNTIME_BYTES = 1 * GIB
 
 
 # Host bytes per trained parameter that a ZeRO-1/2 offload run's training process holds beyond DeepSpeed's 18 and
-# the process's own memory, not attributed to one allocation, measured on the H200 machine (PSS, BENCHMARKS.md):
-# L32 D2560 (2.98e9 parameters, ctx 1024) peaked at 57.6 GiB, 0.9 bytes per parameter above 18 bytes and 5 GiB;
-# L32 D3584 (5.7e9, ctx 4096, --ctx_parts 4) at 108.5 GiB, 1.5 bytes per parameter above. 2 keep a margin.
+# the process's own memory, not attributed to one allocation: a margin above the 0.9-1.5 bytes measured (PSS of the
+# training process, BENCHMARKS.md).
 OFFLOAD_UNATTRIBUTED_BYTES = 2
 # DeepSpeed ZeRO-1/2 offload's host bytes per trained parameter (see the module docstring)
 OFFLOAD_HOST_BYTES = 18 + OFFLOAD_UNATTRIBUTED_BYTES

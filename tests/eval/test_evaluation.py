@@ -85,7 +85,7 @@ def test_state_cp_segments_equal_the_plain_pass(files, capsys):
     plain = run(capsys, *numpy_args(files, "--ctx_len", "150", "--micro_bsz", "6"))
     for flags in (["--state_cp", "1", "--ctx_parts", "4"],  # segments of 38 tokens, the last one 36
                   ["--state_cp", "1"],  # one segment
-                  ["--ctx_parts", "3"],  # the WKV operator in pieces, one segment
+                  ["--ctx_parts", "3"],  # the WKV operator in parts, one segment
                   ["--state_cp", "1", "--ctx_parts", "7", "--micro_bsz", "4"]):  # segments of 22, batches of 4 and 2
         segmented = run(capsys, *numpy_args(files, "--ctx_len", "150", "--micro_bsz", "6", *flags))
         assert abs(segmented["loss"] - plain["loss"]) <= 1e-5 and segmented["tokens"] == plain["tokens"], flags

@@ -6,7 +6,7 @@ moment; a 10 GiB card holds the weights, DeepSpeed's buffers, the activations of
 libraries' own memory (the memory check's estimate: 9.0 GiB) only when the groups are bounded. (A 9 GiB cap,
 this test's first choice, ran out of memory in cuBLAS's set-up: 1.6 GiB of the card are outside PyTorch's
 allocator, which the check did not count then.) Run on a CUDA machine with deepspeed:
-`python -m pytest -m gpu -s tests/test_gpu_memory.py`.
+`python -m pytest -m gpu -s tests/train/test_gpu_memory.py`.
 """
 import importlib.util
 import json

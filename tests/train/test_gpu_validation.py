@@ -1,7 +1,7 @@
 """train.py --valid_data_file on GPUs: under DeepSpeed in bf16 with --state_cp, and on two GPUs (each its share of
 the windows, the sums added), the last valid.tsv row against evaluate.py on rwkv-final.pth.
 
-Run on a CUDA machine with deepspeed installed: `python -m pytest -m gpu -s tests/test_gpu_validation.py`.
+Run on a CUDA machine with deepspeed installed: `python -m pytest -m gpu -s tests/train/test_gpu_validation.py`.
 """
 import importlib.util
 import json

@@ -28,7 +28,7 @@ def step_rows(proj_dir) -> list:
     return [row.split("\t")[:-1] for row in (proj_dir / "train_steps.tsv").read_text().splitlines()]
 
 
-def test_training_is_unchanged_by_validation(validated_run, finished_run):
+def test_training_is_unchanged_by_held_out_evaluation(validated_run, finished_run):
     """The same run without --valid_data_file (and without W&B): the same steps, losses and weights, bit for bit."""
     proj_dir, _, _ = validated_run
     assert step_rows(proj_dir) == step_rows(finished_run)

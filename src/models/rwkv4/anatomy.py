@@ -126,10 +126,10 @@ def activation_bytes(cfg: RWKVConfig, batch: int, tokens: int, dtype_bytes: int,
 
     Per block and token the tensors its backward reads: 13 C + 5 A + 2 F values (the norms' inputs and outputs,
     the token shifts, the mixed inputs of the seven projections, k and v of the WKV operator, the sigmoid gates,
-    y, the squared ReLU; the rest is rebuilt from these). Measured on the H200: L24 D1024 B4 x 4096 kept 0.98x
-    of this (BENCHMARKS.md). Without checkpointing every block keeps them; with it (--grad_cp, and --state_cp's
-    block by block backward) one block at a time does, plus each block's input where the inputs stay on the
-    device (--grad_cp; --state_cp keeps them in host memory).
+    y, the squared ReLU; the rest is rebuilt from these; BENCHMARKS.md compares it with a measured peak). Without
+    checkpointing every block keeps them; with it (--grad_cp, and --state_cp's block by block backward) one block
+    at a time does, plus each block's input where the inputs stay on the device (--grad_cp; --state_cp keeps them
+    in host memory).
     """
     C, A, F = cfg.n_embd, cfg.dim_att, cfg.dim_ffn
     one_block = batch * tokens * (13 * C + 5 * A + 2 * F) * dtype_bytes

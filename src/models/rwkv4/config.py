@@ -3,8 +3,8 @@ command-line checks can ask the model's rules without loading torch.
 
 RWKVConfig is the shape: it decides every state-dict key and tensor shape (src/models/rwkv4/model.py lists them).
 ForwardOptions change how the forward is computed, never what: activation checkpointing, the WKV backend, the
-length of the pieces the WKV operator runs in, and whether the elementwise work runs as fused kernels. A training
-knob therefore never changes the model.
+length of the parts the WKV operator runs in (--ctx_parts), and whether the elementwise work runs as fused kernels.
+A training knob therefore never changes the model.
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -60,7 +60,7 @@ class ForwardOptions:
     """How the forward runs; outputs and gradients are the same for every choice (up to rounding)."""
     grad_cp: bool = False  # recompute each block's activations in the backward pass instead of keeping them
     wkv_backend: str = "auto"  # "cuda" kernel, "torch" reference, "auto": the kernel for CUDA tensors
-    ctx_part_len: Optional[int] = None  # run the WKV operator on pieces of at most this many tokens
+    ctx_part_len: Optional[int] = None  # run the WKV operator in parts of at most this many tokens
     fused: bool = False  # on CUDA tensors, the elementwise work between the projections as compiled fused kernels
 
     @classmethod

@@ -9,8 +9,8 @@ each of them (at L24 D1024 B4 T4096 in bf16: about 25 such passes per block in t
 The functions below are the reference: plain PyTorch, the numerics the model has always had. `ops(fused, x)`
 gives either them or the same functions compiled by torch.compile, whose Inductor backend writes each one's
 forward and its backward as one fused kernel (shift and all mixes from one read of x; gate and residual in one
-pass). The fused twin runs only on CUDA tensors, where it pays; tests/test_elementwise.py holds the two together
-(outputs and every gradient, fp32 and bf16, odd shapes).
+pass). The fused twin runs only on CUDA tensors, where it pays; tests/models/rwkv4/test_elementwise.py holds the two
+together (outputs and every gradient, fp32 and bf16, odd shapes).
 """
 import functools
 from types import SimpleNamespace
@@ -65,7 +65,7 @@ def _two_mixes(x, last, mix_1, mix_2):
 @functools.cache
 def _fused() -> SimpleNamespace:
     """REFERENCE's functions compiled, once per process. dynamic=True: one compiled kernel serves every batch size
-    and length (the last segment of --state_cp is shorter, evaluation windows differ), instead of a compilation
+    and length (the last segment of --state_cp is shorter, held-out evaluation windows differ), instead of a compilation
     per shape. Without fullgraph, a function past torch.compile's limit of variants runs uncompiled (the same
     results, slower) instead of stopping the run."""
     three_mixes, two_mixes, fused_gate, fused_squared_relu, fused_gated_residual = (

@@ -20,10 +20,10 @@ The forward is built from the pieces every family's model has (src/models/family
     run_blocks(x_emb, state)               every block (with --grad_cp's checkpointing) -> (x, RWKVState)
     logits(x, idx)                         ln_out, head (and head_qk) -> (B, T, V)
     head_loss(x, targets, ...)             ln_out, head and the training loss, without [B, T, V] logits
-    token_losses(x, targets)               each target's cross-entropy for evaluation, without them either
+    token_losses(x, targets)               each target's cross-entropy for held-out evaluation, without them
     forward(idx, state) = logits(run_blocks(embed(idx), state)), with the state after the last token
     loss(idx, targets)  = head_loss(run_blocks(embed(idx)))
-Running a sequence in one call, or in pieces with the state passed on, gives the same logits.
+Running a sequence in one call, or in segments with the state passed on, gives the same logits.
 """
 import math
 from typing import Optional
@@ -252,7 +252,8 @@ class RWKV(nn.Module):
     @torch.no_grad()
     def token_losses(self, x: torch.Tensor, targets: torch.Tensor, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Each target's cross-entropy (B, T), fp32 (fp64 for fp64), 0 where masked, from the last block's output
-        x (B, T, C): evaluation, without autograd and a chunk of tokens at a time (head_qk makes the whole logits)."""
+        x (B, T, C): for held-out evaluation, without autograd and a chunk of tokens at a time (head_qk makes the
+        whole logits)."""
         if self.cfg.head_qk > 0:
             logits = self.logits(x, idx)
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))

@@ -8,7 +8,7 @@ For each batch b and channel c, with w = -exp(time_decay) < 0 and u = time_first
 i.e. y_t = (sum_{i<t} e^{(t-1-i)w + k_i} v_i + e^{u+k_t} v_t) / (sum_{i<t} e^{(t-1-i)w + k_i} + e^{u+k_t})
 when the sums start empty. The running sums are stored scaled by their largest exponent so nothing
 overflows: state (aa, bb, pp) means a = aa * e^pp, b = bb * e^pp. The empty state is (0, 0, -1e38)
-(src/wkv_state.py).
+(src/models/rwkv4/state.py).
 
 Shapes and dtypes (the contract of every backend):
     w, u:   (C,)        raw time_decay and time_first, any float dtype (used in fp32)
@@ -73,7 +73,7 @@ def wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stat
     """WKV with state: returns (y, state_out). See the module docstring for shapes.
 
     backend: "torch" (reference), "cuda" (the kernel), "auto" (the kernel for CUDA tensors).
-    part_len: run the operator on consecutive pieces of at most this many tokens, passing the state
+    part_len: run the operator in consecutive parts of at most this many tokens, passing the state
         between them (`--ctx_parts`); results are the same, peak memory of one call is smaller.
     """
     _check_inputs(w, u, k, v, state)

@@ -1,16 +1,16 @@
 """CUDA backend of the WKV operator: the kernels in src/models/rwkv4/cuda/, compiled on first use.
 
-`wkv_cuda(w, u, k, v, state)` has the contract of `src.wkv` (shapes, dtypes, fp32 state and
-accumulation) and is checked against its twin `wkv_torch` in tests/test_wkv_cuda.py. `op(fallback)`
-is what `src.wkv` calls: it builds the extension once per process (src/cuda_extension.py) and returns
-`wkv_cuda`; if the build fails it returns `fallback` after one warning naming the cause, or raises when
-there is no fallback. Nothing is compiled at import.
+`wkv_cuda(w, u, k, v, state)` has the contract of `src.models.rwkv4.wkv` (shapes, dtypes, fp32 state and
+accumulation) and is checked against its twin `wkv_torch` in tests/models/rwkv4/test_wkv_cuda.py. `op(fallback)` is
+what `src.models.rwkv4.wkv` calls: it builds the extension once per process (src/cuda_extension.py) and returns
+`wkv_cuda`; if the build fails it returns `fallback` after one warning naming the cause, or raises when there is no
+fallback. Nothing is compiled at import.
 
-Algorithm (src/models/rwkv4/cuda/wkv_cuda.cu has the details and tests/test_wkv_chunked.py a PyTorch model of it):
-the sequence is cut into chunks of 16 tokens and tiles of 8 chunks; chunks summarise their tokens
-in parallel, a short scan over tiles carries the state, and every chunk then recomputes its outputs
-from the state entering it. The backward pass does the same for the adjoint, in reverse. Any T runs
-in one build; nothing is stored between forward and backward except the inputs.
+Algorithm (src/models/rwkv4/cuda/wkv_cuda.cu has the details, tests/models/rwkv4/test_wkv_chunked.py a PyTorch
+model of it): the sequence is cut into tiles of 128 tokens, each of 8 rows of 16 tokens; rows summarise their
+tokens in parallel, a short scan over tiles carries the state, and every row then recomputes its outputs from the
+state entering it. The backward pass does the same for the adjoint, in reverse. Any T runs in one build; nothing
+is stored between forward and backward except the inputs.
 
 State gradient. The state is (aa, bb, pp) with a = aa e^pp, b = bb e^pp. The input state's gradient
 is the true one, what autograd through `wkv_torch` gives:
@@ -61,7 +61,7 @@ class WKVFunction(torch.autograd.Function):
 
 def wkv_cuda(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              state: Optional[torch.Tensor] = None) -> tuple:
-    """WKV on the GPU with the contract of `src.wkv.wkv_torch` (builds the extension on first use)."""
+    """WKV on the GPU with the contract of `src.models.rwkv4.wkv.wkv_torch` (builds the extension on first use)."""
     B, T, C = k.shape
     if state is None:
         state = empty_state(B, C, k.device)

@@ -93,7 +93,7 @@ def test_gates_and_squared_relu(dtype, B, T, C):
 
 def loss_and_gradients(model, idx, targets, halves):
     """The model's loss on idx (B, T) and every parameter's gradient; with `halves` the sample runs as two
-    segments, the second from the state the first leaves (what --state_cp and evaluation do)."""
+    segments, the second from the state the first leaves (what --state_cp and held-out evaluation do)."""
     model.zero_grad(set_to_none=True)
     if halves:
         cut = idx.shape[1] // 2

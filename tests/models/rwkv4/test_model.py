@@ -157,7 +157,7 @@ def test_frozen_embedding_still_gets_block_gradients_with_checkpointing():
     assert model.blocks[0].att.time_first.grad is not None and model.blocks[0].att.time_first.grad.abs().sum() > 0
 
 
-def test_ctx_parts_chunking_changes_nothing():
+def test_ctx_parts_change_nothing():
     idx = torch.randint(0, 37, (2, 10))
     logits_a, grads_a = _loss_and_grads(tiny_model(), idx)
     logits_b, grads_b = _loss_and_grads(tiny_model(ctx_part_len=3), idx)

@@ -1,4 +1,4 @@
-"""The torch WKV backend: the literal formula, gradcheck, chaining with state, chunked calls."""
+"""The torch WKV backend: the literal formula, gradcheck, chaining with state, calls in parts (--ctx_parts)."""
 import pytest
 import torch
 
@@ -93,9 +93,9 @@ def test_chaining_equals_one_call_in_outputs_and_every_gradient(splits):
 def test_part_len_changes_nothing(part_len):
     w, u, k, v = random_inputs(2, 10, 4, dtype=torch.float32)
     y_full, s_full = wkv(w, u, k, v, backend="torch")
-    y_chunked, s_chunked = wkv(w, u, k, v, backend="torch", part_len=part_len)
-    torch.testing.assert_close(y_chunked, y_full, rtol=0, atol=0)
-    torch.testing.assert_close(s_chunked, s_full, rtol=0, atol=0)
+    y_parts, s_parts = wkv(w, u, k, v, backend="torch", part_len=part_len)
+    torch.testing.assert_close(y_parts, y_full, rtol=0, atol=0)
+    torch.testing.assert_close(s_parts, s_full, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

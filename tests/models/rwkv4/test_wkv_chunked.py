@@ -1,7 +1,7 @@
-"""The chunked WKV algorithm of src/models/rwkv4/cuda/wkv_cuda.cu, written in PyTorch and checked on CPU.
+"""The tiled WKV algorithm of src/models/rwkv4/cuda/wkv_cuda.cu, written in PyTorch and checked on CPU.
 
 `wkv_chunked` is a line-by-line model of the CUDA kernels (same passes, same scaled variables, same
-order of operations), vectorised over chunks instead of threads. In float64 it must equal autograd
+order of operations), vectorised over rows and tiles instead of threads. In float64 it must equal autograd
 through `wkv_torch` to rounding: that proves the algebra of the kernel. In float32 its distance to the
 float32 reference is the error the kernel is expected to have, which bounds the GPU tests' tolerances.
 
@@ -54,8 +54,8 @@ def wkv_chunked(w, u, k, v, state, gy, gstate, chunk=16, rows=8):
     """Forward and backward of the kernels' algorithm: returns y, state_out, gw, gu, gk, gv, gstate_in.
 
     w, u (C,) raw; k, v, gy (B, T, C); state, gstate (B, C, 3); gstate[..., 2] is ignored (see the
-    contract in src/models/rwkv4/wkv_cuda.py). Computes in the dtype of k. `chunk` tokens per thread and `rows`
-    chunks per tile are the kernel's kChunk and kRows (16, 8); small values exercise partial tiles.
+    contract in src/models/rwkv4/wkv_cuda.py). Computes in the dtype of k. `chunk` tokens per row (one thread's) and
+    `rows` rows per tile are the kernel's kChunk and kRows (16, 8); small values exercise partial tiles.
     Each block of code below is one kernel of src/models/rwkv4/cuda/wkv_cuda.cu, every thread at once.
     """
     B, T, C = k.shape
@@ -69,19 +69,19 @@ def wkv_chunked(w, u, k, v, state, gy, gstate, chunk=16, rows=8):
 
     kt, vt, gyt = tiled(k), tiled(v), tiled(gy)
     j = torch.arange(tiles * rows).view(tiles, rows)
-    n = (T - j * chunk).clamp(max=chunk)  # (tiles, rows) tokens per chunk, <= 0 past the end
+    n = (T - j * chunk).clamp(max=chunk)  # (tiles, rows) tokens per row, <= 0 past the end
     exists = (n > 0)[None, :, :, None]  # (1, tiles, rows, 1)
     token_ok = (torch.arange(chunk)[None, None, :] < n[:, :, None])[None, :, :, :, None]
     n_f = n.clamp(min=0).to(k.dtype)[None, :, :, None]
     tile_len = n.clamp(min=0).sum(1).to(k.dtype)  # (tiles,)
 
-    def summaries():  # chunk summaries from the empty state, (B, tiles, rows, C) each
+    def summaries():  # row summaries from the empty state, (B, tiles, rows, C) each
         s = (vt[..., 0, :], torch.ones_like(vt[..., 0, :]), kt[..., 0, :])
         for i in range(1, chunk):
             s = _where(token_ok[..., i, :], _step(s, w_eff, kt[..., i, :], vt[..., i, :])[0], s)
         return s
 
-    def entering_chunks(part, tile_in):  # warp 0: states entering each chunk of each tile
+    def entering_chunks(part, tile_in):  # warp 0: states entering each row of each tile
         s, out = tile_in, []
         for r in range(rows):
             out.append(s)
@@ -109,7 +109,7 @@ def wkv_chunked(w, u, k, v, state, gy, gstate, chunk=16, rows=8):
         s = _step(s, w_eff, kt[..., i, :], vt[..., i, :])[0]
     y = y.view(B, -1, C)[:, :T]
 
-    # backward (3): per chunk G, H relative to its entering pp, and the pp it leaves with; per tile merged
+    # backward (3): per row G, H relative to its entering pp, and the pp it leaves with; per tile merged
     G = torch.zeros_like(chunk_in[0])
     H = torch.zeros_like(G)
     reach = torch.ones_like(G)
@@ -141,7 +141,7 @@ def wkv_chunked(w, u, k, v, state, gy, gstate, chunk=16, rows=8):
         decay = torch.exp(tile_len[q] * w_eff + tile_in[2][:, q] - end)
         ga, gb, end = decay * ga + tile_ga[:, q], decay * gb + tile_gb[:, q], tile_in[2][:, q]
     gstate_in = torch.stack([ga, gb, ga * state[..., 0] + gb * state[..., 1]], -1)
-    # (5) the adjoint leaving each chunk; replay the chunk's states; walk back through its tokens
+    # (5) the adjoint leaving each row; replay the row's states; walk back through its tokens
     ga, gb = leave_a, leave_b
     chunk_ga, chunk_gb = torch.zeros_like(G), torch.zeros_like(G)
     for r in reversed(range(rows)):
@@ -261,7 +261,7 @@ def test_chunked_algorithm_is_exact_with_large_values(chunk, rows):
 @pytest.mark.parametrize("scale", [1.0, 3.0])
 def test_chunked_algorithm_float32_error(scale):
     """In float32 the algorithm differs from the float32 reference only by rounding: about 1e-6 relative
-    RMS here. The CUDA kernel does the same arithmetic; tests/test_wkv_cuda.py allows 2e-5 for fp32."""
+    RMS here. The CUDA kernel does the same arithmetic; tests/models/rwkv4/test_wkv_cuda.py allows 2e-5 for fp32."""
     errors = compare(2, 600, 24, torch.float32, scale=scale)
     for name, err in errors.items():
         assert err < 1e-5, f"{name}: relative RMS error {err:.2e}"

@@ -25,9 +25,9 @@ from src.models.rwkv4.wkv import wkv, wkv_torch
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # y, gk, gv are rounded to the I/O dtype, by at most its unit roundoff per element: 2^-8 = 3.9e-3 relative
 # for bf16 and 2^-11 = 4.9e-4 for fp16, so the relative RMS error is at most that plus the fp32 part (about
-# 1.6e-3 and 2.1e-4 are typical). fp32: the kernel and the reference round differently (chunked sums, fused
-# multiply-adds): about 1e-6 in the PyTorch model of the kernel (tests/test_wkv_chunked.py, up to T = 20000);
-# the limit is 20x that.
+# 1.6e-3 and 2.1e-4 are typical). fp32: the kernel and the reference round differently (sums over rows and tiles,
+# fused multiply-adds): about 1e-6 in the PyTorch model of the kernel (tests/models/rwkv4/test_wkv_chunked.py, up to
+# T = 20000); the limit is 20x that.
 IO_TOL = {torch.float32: 2e-5, torch.float16: 6e-4, torch.bfloat16: 5e-3}
 # state_out, gw, gu and the state gradient are fp32 for every I/O dtype, computed from identical inputs.
 FP32_TOL = 2e-5
@@ -254,7 +254,7 @@ def test_bf16_training_run():
     assert losses[-1] < 0.5 * losses[0]
 
 
-# Bad inputs reaching the binding directly (src.wkv checks shapes before it); one message line each.
+# Bad inputs reaching the binding directly (src.models.rwkv4.wkv checks shapes before it); one message line each.
 _BAD_INPUTS = """
 import torch
 from src.models.rwkv4 import wkv_cuda

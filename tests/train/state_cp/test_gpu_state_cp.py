@@ -3,7 +3,7 @@ DeepSpeed hands its optimizer are those of plain backpropagation over the same s
 
 Each run is its own train.py process (DeepSpeed initialises once per process); a callback saves the first
 optimizer step's gradients as DeepSpeed assembled them. Run with
-`python -m pytest -m gpu -s tests/test_gpu_state_cp.py` on a CUDA machine with deepspeed installed.
+`python -m pytest -m gpu -s tests/train/state_cp/test_gpu_state_cp.py` on a CUDA machine with deepspeed installed.
 
 Tolerances. In fp32 (no TF32) the segmented gradients equal plain backpropagation's within 1e-4 relative
 (||a - b|| / ||b|| per parameter tensor; the splits change matmul shapes, so rounding differs). In bf16 the
@@ -33,7 +33,7 @@ RUN = ["--data_type", "dummy", "--n_layer", "6", "--n_embd", "512", "--ctx_len",
 
 def train_and_save_first_gradients(proj_dir: Path, *argv) -> tuple:
     """train.py with `argv` (this module run as a script); returns (gradients of step 1, step losses)."""
-    command = [sys.executable, "-m", "tests.test_gpu_state_cp", *RUN, *argv, "--proj_dir", str(proj_dir)]
+    command = [sys.executable, "-m", "tests.train.state_cp.test_gpu_state_cp", *RUN, *argv, "--proj_dir", str(proj_dir)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     rows = (proj_dir / "train_steps.tsv").read_text().splitlines()[1:]

@@ -21,7 +21,7 @@ int64_t backward_scratch_floats(Dims d);
 cudaError_t forward(IoType io, Dims d, const float* w, const float* u, const void* k, const void* v,
                     const float* state_in, void* y, float* state_out, float* scratch, cudaStream_t stream);
 
-// gy: (B, T, C) io; gstate_out: (B, C, 3) fp32, entry 2 ignored (see src/wkv_cuda.py).
+// gy: (B, T, C) io; gstate_out: (B, C, 3) fp32, entry 2 ignored (see src/models/rwkv4/wkv_cuda.py).
 // Writes gw, gu (C,) fp32 (gw with respect to w = -exp(time_decay)), gk, gv (B, T, C) io, gstate_in (B, C, 3).
 cudaError_t backward(IoType io, Dims d, const float* w, const float* u, const void* k, const void* v,
                      const float* state_in, const void* gy, const float* gstate_out, float* gw, float* gu,

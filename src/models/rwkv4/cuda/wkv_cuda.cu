@@ -4,17 +4,19 @@
 //     y_t = (a_{t-1} + e^{u+k_t} v_t) / (b_{t-1} + e^{u+k_t})
 //     a_t = e^w a_{t-1} + e^{k_t} v_t,   b_t = e^w b_{t-1} + e^{k_t}
 // The state is kept as (aa, bb, pp) with a = aa e^pp, b = bb e^pp, and every exponential is taken of a
-// difference to the running maximum, so nothing overflows (same numerics as wkv_torch in src/wkv.py).
+// difference to the running maximum, so nothing overflows (same numerics as wkv_torch in
+// src/models/rwkv4/wkv.py).
 // All arithmetic, the state and the gradients of w and u are fp32 whatever the I/O type.
 //
 // Parallel over time. The recurrence is linear in (a, b), so a stretch of tokens can be summarised from
 // the empty state and merged later: state after = (state before decayed by e^{n w}) + summary.
-//   chunk = kChunk tokens, walked sequentially by one thread;
-//   tile  = kRows consecutive chunks x kLanes consecutive channels = one block (one warp per chunk, so
+//   row   = kChunk tokens of one channel, walked sequentially by one thread (`chunk` in the identifiers:
+//           kChunk, chunk_summary, chunk_plane);
+//   tile  = kRows consecutive rows x kLanes consecutive channels = one block (one warp per row, so
 //           each load instruction reads kLanes consecutive channels of one token: coalesced);
 //   scan  = one thread per (b, c) walks the tiles' summaries in order: T / (kChunk kRows) steps.
 // Forward: (1) each tile summarises its tokens; (2) the scan gives the state entering every tile and the
-// final state; (3) each tile re-derives the state entering each of its chunks and writes y.
+// final state; (3) each tile re-derives the state entering each of its rows and writes y.
 //
 // Backward. With ga_t = dL/da_t e^{pp_t} and gb_t = dL/db_t e^{pp_t} (adjoints scaled like the state,
 // always finite) and, at token t, e1 = e^{pp_{t-1}-p}, e2 = e^{u+k_t-p}, p = max(pp_{t-1}, u+k_t),
@@ -22,11 +24,11 @@
 //     ga_{t-1} = f ga_t + q e1,          gb_{t-1} = f gb_t - q e1 y_t
 //     gv_t = q e2 + ga_t ek,             gk_t = q e2 (v_t - y_t) + (ga_t v_t + gb_t) ek
 //     gu  += q e2 (v_t - y_t),           gw  += f (ga_t aa_{t-1} + gb_t bb_{t-1})
-// The adjoint recurrence is linear too: over a chunk entered with pp_in and left with pp_end,
-// ga_in = F ga_end + G with F = e^{n w + pp_in - pp_end} <= 1 and G the chunk's own contribution.
-// Backward steps: (1, 2) as the forward, for the states; (3) each chunk computes G, H (for gb) walking
+// The adjoint recurrence is linear too: over a row entered with pp_in and left with pp_end,
+// ga_in = F ga_end + G with F = e^{n w + pp_in - pp_end} <= 1 and G the row's own contribution.
+// Backward steps: (1, 2) as the forward, for the states; (3) each row computes G, H (for gb) walking
 // forward, and each tile merges them; (4) the scan, in reverse, gives the adjoint leaving every tile
-// and the input state's gradient; (5) each tile re-derives the adjoint leaving each chunk, each chunk
+// and the input state's gradient; (5) each tile re-derives the adjoint leaving each row, each row
 // replays its states and walks back through its tokens writing gk, gv; (6) gw, gu partial sums (one
 // per tile) are added in a fixed order: deterministic, no atomics.
 #include "wkv.h"
@@ -38,7 +40,7 @@ namespace wkv {
 namespace {
 
 constexpr int kChunk = 16;                            // tokens per thread
-constexpr int kRows = 8;                              // chunks per tile
+constexpr int kRows = 8;                              // rows per tile
 constexpr int kLanes = 32;                            // channels per tile
 constexpr int kThreads = kRows * kLanes;              // threads per tile block
 // Tile blocks resident per SM: the register budget (64 or 128 per thread) that lets several blocks overlap
@@ -49,7 +51,7 @@ constexpr int64_t kTileTokens = int64_t(kChunk) * kRows;
 constexpr int kScanThreads = 128;
 constexpr int kScanBatch = 8;                         // tiles whose summaries one scan thread loads at once
 constexpr int kReduceRows = 8;
-constexpr float kEmptyPP = -1e38f;                    // pp of the empty state, as src/wkv.py
+constexpr float kEmptyPP = -1e38f;                    // pp of the empty state: EMPTY_PP of src/models/rwkv4/state.py
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
@@ -60,10 +62,10 @@ template <> __device__ __forceinline__ float from_float<float>(float x) { return
 template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
-// Sizes derived from (B, T, C). Buffers of per-chunk or per-tile values are planes of (B, n, C) floats.
+// Sizes derived from (B, T, C). Buffers of per-row or per-tile values are planes of (B, n, C) floats.
 struct Grid {
   int64_t B, T, C;
-  int64_t chunks;  // chunks per sequence
+  int64_t chunks;  // rows per sequence
   int64_t tiles;   // tiles per sequence
   int64_t groups;  // channel groups of kLanes
   __host__ __device__ int64_t chunk_plane() const { return B * chunks * C; }
@@ -138,16 +140,16 @@ __device__ __forceinline__ Out output(State s, float u, float k, float v) {
   return o;
 }
 
-// Where a thread of a tile block works: chunk j = s kRows + r of batch b, channel c.
+// Where a thread of a tile block works: row j = s kRows + r of batch b, channel c.
 struct Tile {
   int64_t b, s, c, j;
   int r, lane;
-  int n;         // tokens in this chunk; <= 0 past the end of the sequence
-  int rows;      // chunks in this tile (kRows except in the last tile)
+  int n;         // tokens in this row; <= 0 past the end of the sequence
+  int rows;      // rows in this tile (kRows except in the last tile)
   bool channel;  // c < C
   bool active;   // channel and n > 0
   int64_t token_at;  // offset of token (b, j kChunk, c) in (B, T, C)
-  int64_t chunk_at;  // offset of (b, j, c) in a chunk plane
+  int64_t chunk_at;  // offset of (b, j, c) in a row plane
   int64_t tile_at;   // offset of (b, s, c) in a tile plane
 };
 
@@ -172,14 +174,14 @@ __device__ __forceinline__ Tile tile_of(const Grid& g) {
   return t;
 }
 
-// A chunk's tokens of x into registers (all loads issued before any use), 0 past the chunk's end.
+// A row's tokens of x into registers (all loads issued before any use), 0 past the row's end.
 template <typename T>
 __device__ __forceinline__ void load_chunk(const T* __restrict__ x, const Tile& t, int64_t C, float (&out)[kChunk]) {
 #pragma unroll
   for (int i = 0; i < kChunk; ++i) out[i] = (t.active && i < t.n) ? to_float(x[t.token_at + i * C]) : 0.f;
 }
 
-// The chunk's own summary: its tokens run into the empty state (the first one gives exactly (v, 1, k)).
+// The row's own summary: its tokens run into the empty state (the first one gives exactly (v, 1, k)).
 __device__ __forceinline__ State chunk_summary(const float (&k)[kChunk], const float (&v)[kChunk], int n, float w) {
   State s{v[0], 1.f, k[0]};
 #pragma unroll
@@ -188,7 +190,7 @@ __device__ __forceinline__ State chunk_summary(const float (&k)[kChunk], const f
   return s;
 }
 
-// Warp 0 of a tile: replace the chunk summaries in part[0..rows) by the states entering each chunk,
+// Warp 0 of a tile: replace the row summaries in part[0..rows) by the states entering each row,
 // given the state entering the tile.
 __device__ __forceinline__ void states_entering_chunks(State (&part)[kRows][kLanes], State in, const Tile& t,
                                                        const Grid& g, float w) {
@@ -248,7 +250,7 @@ __global__ void __launch_bounds__(kScanThreads) state_scan_kernel(Grid g, const 
   state_out[3 * i + 2] = s.pp;
 }
 
-// Forward (3): the state entering each chunk, then y for its tokens.
+// Forward (3): the state entering each row, then y for its tokens.
 template <typename T>
 __global__ void __launch_bounds__(kThreads, kLightBlocks) output_kernel(Grid g, const float* __restrict__ w,
                                                           const float* __restrict__ u, const T* __restrict__ k,
@@ -274,10 +276,10 @@ __global__ void __launch_bounds__(kThreads, kLightBlocks) output_kernel(Grid g, 
     }
 }
 
-// Backward (3): per chunk, the state entering it (kept in chunk_state for step 5), its own adjoint
+// Backward (3): per row, the state entering it (kept in chunk_state for step 5), its own adjoint
 // contribution G, H and the exponent pp_end it leaves with (in chunk_adj); per tile, the merged
 // contribution in tile_adj. G = sum_t R_t q_t e1_t, H = -sum_t R_t q_t e1_t y_t, where
-// R_t = e^{(t-s)w + pp_in - pp_{t-1}} <= 1 carries token t's term back to the chunk's entry.
+// R_t = e^{(t-s)w + pp_in - pp_{t-1}} <= 1 carries token t's term back to the row's entry.
 template <typename T>
 __global__ void __launch_bounds__(kThreads, kHeavyBlocks) chunk_adjoint_kernel(
     Grid g, const float* __restrict__ w, const float* __restrict__ u, const T* __restrict__ k,
@@ -285,7 +287,7 @@ __global__ void __launch_bounds__(kThreads, kHeavyBlocks) chunk_adjoint_kernel(
     const float* __restrict__ state_out, float* __restrict__ chunk_state, float* __restrict__ chunk_adj,
     float* __restrict__ tile_adj) {
   __shared__ State part[kRows][kLanes];
-  __shared__ float3 fgh[kRows][kLanes];  // (F, G, H) of each chunk
+  __shared__ float3 fgh[kRows][kLanes];  // (F, G, H) of each row
   const Tile t = tile_of(g);
   const float ww = t.channel ? w[t.c] : 0.f, uu = t.channel ? u[t.c] : 0.f;
   float kk[kChunk], vv[kChunk], gg[kChunk];
@@ -311,7 +313,7 @@ __global__ void __launch_bounds__(kThreads, kHeavyBlocks) chunk_adjoint_kernel(
         s = st.next;
         reach *= st.f;
       }
-    // the exponent of the state leaving this chunk, as the next chunk (or the final state) has it
+    // the exponent of the state leaving this row, as the next row (or the final state) has it
     float pp_end;
     if (t.r + 1 < t.rows) pp_end = part[t.r + 1][t.lane].pp;
     else if (t.s + 1 < g.tiles) pp_end = tile_state[2 * g.tile_plane() + t.tile_at + g.C];
@@ -377,7 +379,7 @@ __global__ void __launch_bounds__(kScanThreads) adjoint_scan_kernel(
   gstate_in[3 * i + 2] = ga * state_in[3 * i] + gb * state_in[3 * i + 1];
 }
 
-// Backward (5): the adjoint leaving each chunk, then each chunk replays its states and walks back through
+// Backward (5): the adjoint leaving each row, then each row replays its states and walks back through
 // its tokens: gk, gv, and the tile's partial sums of gw, gu.
 template <typename T>
 __global__ void __launch_bounds__(kThreads, kHeavyBlocks) chunk_backward_kernel(
@@ -386,8 +388,8 @@ __global__ void __launch_bounds__(kThreads, kHeavyBlocks) chunk_backward_kernel(
     const float* __restrict__ chunk_adj, const float* __restrict__ tile_adj, T* __restrict__ gk,
     T* __restrict__ gv, float* __restrict__ partial) {
   __shared__ float3 fgh[kRows][kLanes];
-  __shared__ float2 leaving[kRows][kLanes];  // (ga, gb) leaving each chunk, relative to its pp_end
-  __shared__ float2 sums[kRows][kLanes];     // (gw, gu) of each chunk
+  __shared__ float2 leaving[kRows][kLanes];  // (ga, gb) leaving each row, relative to its pp_end
+  __shared__ float2 sums[kRows][kLanes];     // (gw, gu) of each row
   const Tile t = tile_of(g);
   const float ww = t.channel ? w[t.c] : 0.f, uu = t.channel ? u[t.c] : 0.f;
   const int64_t plane = g.chunk_plane();
@@ -422,7 +424,7 @@ __global__ void __launch_bounds__(kThreads, kHeavyBlocks) chunk_backward_kernel(
       before[i] = s;
       if (i < t.n) s = step(s, ww, kk[i], vv[i]).next;
     }
-    // the adjoint leaving the chunk, rescaled from the scan's pp_end to the replayed one (equal up to rounding)
+    // the adjoint leaving the row, rescaled from the scan's pp_end to the replayed one (equal up to rounding)
     const float rescale = expf(s.pp - pp_end);
     float ga = leaving[t.r][t.lane].x * rescale, gb = leaving[t.r][t.lane].y * rescale;
 #pragma unroll
@@ -500,8 +502,8 @@ cudaError_t backward_impl(const Grid& g, const float* w, const float* u, const T
   float* state_out = tile_state + 3 * g.tile_plane();     // (B, C, 3)
   float* tile_adj = state_out + 3 * g.B * g.C;            // 2 tile planes
   float* partial = tile_adj + 2 * g.tile_plane();         // 2 tile planes
-  float* chunk_state = partial + 2 * g.tile_plane();      // 3 chunk planes
-  float* chunk_adj = chunk_state + 3 * g.chunk_plane();   // 3 chunk planes
+  float* chunk_state = partial + 2 * g.tile_plane();      // 3 row planes
+  float* chunk_adj = chunk_state + 3 * g.chunk_plane();   // 3 row planes
   tile_summary_kernel<T><<<tile_blocks(g), kThreads, 0, stream>>>(g, w, k, v, tile_state);
   state_scan_kernel<<<scan_blocks(g), kScanThreads, 0, stream>>>(g, w, state_in, tile_state, state_out);
   chunk_adjoint_kernel<T><<<tile_blocks(g), kThreads, 0, stream>>>(g, w, u, k, v, gy, tile_state, state_out,

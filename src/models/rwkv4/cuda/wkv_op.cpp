@@ -1,5 +1,5 @@
 // Torch binding of the WKV kernels (wkv_cuda.cu): checks every input, allocates outputs and scratch on
-// the inputs' device and stream, and launches. The autograd Function around it is in src/wkv_cuda.py.
+// the inputs' device and stream, and launches. The autograd Function around it is in src/models/rwkv4/wkv_cuda.py.
 #include <torch/extension.h>
 
 #include <c10/cuda/CUDAStream.h>
