@@ -203,7 +203,7 @@ class TrainConfig:
                                    "to start when one is already there.", choices=(0, 1))
 
     # ---- long context
-    ctx_parts: Optional[int] = flag(None, "long", "Run the WKV operator in pieces of ceil(ctx_len/ctx_parts) "
+    ctx_parts: Optional[int] = flag(None, "long", "Run the WKV operator in parts of ceil(ctx_len/ctx_parts) "
                                     "tokens, carrying the state (less kernel memory, same results).", valid=AT_LEAST_1)
     state_cp: int = flag(0, "long", "1 = run each sample a segment of ceil(ctx_len/ctx_parts) tokens (ctx_len "
                          "without --ctx_parts) at a time, carrying the state between segments: exact results in the "

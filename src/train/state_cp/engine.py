@@ -29,7 +29,7 @@ def sample_loss(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor, segm
     """The training loss of a micro-batch (src/loss.py) with its exact gradient.
 
     idx, targets (B, T). segment_len None: plain backpropagation over the whole sample (model.loss). Otherwise
-    the segment-by-segment procedure of the module docstring; `keep_bytes` is the host memory it may use to
+    the segment-by-segment procedure of docs/state_cp.md; `keep_bytes` is the host memory it may use to
     keep block inputs between its forward and backward passes (0: recompute every segment).
     """
     if segment_len is None:
@@ -70,7 +70,7 @@ class _Segments:
 
 
 class _SegmentedLoss(torch.autograd.Function):
-    """loss = sample_loss(model, idx, targets, ...); inputs: the trainable parameters (see the module docstring)."""
+    """loss = sample_loss(model, idx, targets, ...); inputs: the trainable parameters (see docs/state_cp.md)."""
 
     @staticmethod
     def forward(ctx, run: _Segments, idx, targets, *params):

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT
+ROOT = Path(__file__).resolve().parents[3]  # also run as a child process (python -m tests....), without conftest
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")
 
 FP32_RTOL = 1e-4
