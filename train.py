@@ -149,7 +149,8 @@ def build_model(cfg: TrainConfig, vocab_size: int, save_dtype):
         return model
     if cfg.load_model:
         weights = checkpoint.load_weights(cfg.load_model)
-        checkpoint.check_compatible(model.state_dict(), weights, cfg.load_model, allow_missing=bool(cfg.load_partial))
+        checkpoint.check_compatible(model.state_dict(), weights, cfg.load_model, family.shape_flags,
+                                    allow_missing=bool(cfg.load_partial))
         if replaced_whole:
             # parameters in the dtype they train in (src/train/strategy.py parameter_dtype): a file in that dtype is
             # not copied at all (its memory-mapped tensors become the parameters until the strategy moves them to the

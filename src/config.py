@@ -18,9 +18,10 @@ from src import cli
 from src.accumulation import parse_accumulation_schedule
 from src.data.types import CHARACTER_DATA_TYPES, DATA_TYPES, REFUSED_DATA_TYPES, WINDOW_DATA_TYPES
 from src.errors import UserInputError
+from src.flags import ABOVE_0, AT_LEAST_0, AT_LEAST_1, Range, flag
 from src.lora.settings import LoraSettings
 from src.data.pile_mode import PILE_DEFAULTS, PILE_SAMPLES_PER_EPOCH
-from src.models import ModelFamily, family_of_flags
+from src.models import FAMILIES, ModelFamily, family_of_flags, flag_groups
 from src.data.script_mask import parse_script_mask
 
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
@@ -34,6 +35,7 @@ WKV_BACKENDS = ("auto", "cuda", "torch")
 GROUP_TITLES = {
     "data": "data",
     "model": "model shape",
+    **{family.name: f"model shape of {family.title}" for family in FAMILIES.values() if family.flag_group},
     "optim": "optimisation and schedule",
     "run": "run length, saving and logging",
     "long": "long context",
@@ -44,48 +46,8 @@ GROUP_TITLES = {
 }
 
 
-@dataclass(frozen=True)
-class Range:
-    """The values a numeric flag accepts: finite numbers from `low` up to `high` (None: no upper bound; an open
-    end excludes the bound itself), and the `sentinels` its help documents (-1 = auto, ...)."""
-    low: float
-    high: Optional[float] = None
-    low_open: bool = False
-    high_open: bool = False
-    sentinels: tuple = ()
-
-    def admits(self, value) -> bool:
-        if value in self.sentinels:
-            return True
-        if not math.isfinite(value):
-            return False
-        above_low = value > self.low if self.low_open else value >= self.low
-        below_high = self.high is None or (value < self.high if self.high_open else value <= self.high)
-        return above_low and below_high
-
-    def describe(self) -> str:
-        """"at least 1", "above 0", "in [0, 1)", "at least 1, or -1"."""
-        if self.high is None:
-            text = f"{'above' if self.low_open else 'at least'} {self.low}"
-        else:
-            text = f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
-        return text + "".join(f", or {sentinel}" for sentinel in self.sentinels)
-
-
-AT_LEAST_0 = Range(0)
-AT_LEAST_1 = Range(1)
-ABOVE_0 = Range(0, low_open=True)
-
-
-def flag(default, group: str, help: str, valid: Optional[Range] = None, **argparse_kwargs):
-    """A dataclass field that is also a command-line flag `--<field name>`. Numeric flags declare the values
-    they accept in `valid` (validate() refuses the others: NaN, infinities, out of range); flags with a few
-    values list them in argparse's `choices`."""
-    return field(default=default, metadata={"group": group, "help": help, "valid": valid, **argparse_kwargs})
-
-
 @dataclass
-class TrainConfig:
+class TrainConfig(*flag_groups()):  # the shape flags of each model family (src/models/<family>/flags.py) come first
     # ---- data
     data_file: str = flag("", "data", "Data path: binidx prefix (no .bin/.idx; a folder ending in / lists the "
                           "prefixes in it), .npy file, text file or .jsonl file.")
@@ -138,15 +100,6 @@ class TrainConfig:
                              choices=(0, 1))
     n_layer: int = flag(6, "model", "Number of blocks.", valid=AT_LEAST_1)
     n_embd: int = flag(512, "model", "Model width C.", valid=AT_LEAST_1)
-    dim_att: int = flag(0, "model", "Width of the time-mix key/value/receptance (0 = n_embd).", valid=AT_LEAST_0)
-    dim_ffn: int = flag(0, "model", "Hidden width of channel-mix (0 = 4*n_embd).", valid=AT_LEAST_0)
-    pre_ffn: int = flag(0, "model", ">0: block 0 uses a channel-mix (ffnPre) instead of time-mix.", valid=AT_LEAST_0)
-    head_qk: int = flag(0, "model", ">0: the headQK copy mechanism with this inner size.", valid=AT_LEAST_0)
-    tiny_att_dim: int = flag(0, "model", ">0: tiny attention with this q/k size at --tiny_att_layer.", valid=AT_LEAST_0)
-    tiny_att_layer: int = flag(-999, "model", "Block that hosts the tiny attention (-999 = none).",
-                               valid=Range(0, sentinels=(-999,)))
-    my_pos_emb: int = flag(0, "model", ">0: factorised learned positional embedding of P*P positions.",
-                           valid=AT_LEAST_0)
     my_testing: str = flag("", "model", "The model family of a run from scratch: empty = RWKV-4 (a --load_model "
                            "file's family is read from its keys). The original's architecture variants ('a', 'g') "
                            "are refused.")
@@ -330,8 +283,10 @@ class TrainConfig:
 
 
 def _flag_fields():
+    """(field, type hint) of every flag: TrainConfig's own in their order, then the model families' groups."""
     hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
+    fields = sorted(dataclasses.fields(TrainConfig), key=lambda f: f.name not in TrainConfig.__annotations__)
+    for f in fields:
         if not f.metadata.get("derived"):
             yield f, hints[f.name]
 

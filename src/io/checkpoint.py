@@ -109,8 +109,9 @@ def strip_wrapper_prefix(weights: dict) -> dict:
     return weights
 
 
-def check_compatible(expected: dict, weights: dict, path, allow_missing: bool = False) -> None:
-    """Refuse `weights` unless its keys and shapes match `expected` (a model's state dict), listing every difference."""
+def check_compatible(expected: dict, weights: dict, path, shape_flags, allow_missing: bool = False) -> None:
+    """Refuse `weights` unless its keys and shapes match `expected` (a model's state dict), listing every difference
+    and the flags (`shape_flags`, its family's) that decide the shapes."""
     if is_lora_checkpoint(weights):
         raise UserInputError(f"--load_model {path} is a LoRA file (adapters only, no base model); pass the base model "
                              f"to --load_model and this file to --lora_load, with --lora (or merge the two with "
@@ -119,7 +120,7 @@ def check_compatible(expected: dict, weights: dict, path, allow_missing: bool = 
     if problems:
         raise UserInputError(
             f"--load_model {path} does not fit the model built from the flags: " + "; ".join(problems)
-            + ". Check --n_layer, --n_embd, --vocab_size, --dim_att, --dim_ffn, --pre_ffn, --head_qk against the "
+            + f". Check {', '.join('--' + name for name in shape_flags)} against the "
               "checkpoint" + ("" if allow_missing else " (or pass --load_partial 1 to keep fresh values for "
                                                          "missing keys)") + ".")
 

@@ -20,6 +20,11 @@ def register(family: ModelFamily) -> ModelFamily:
 register(RWKV4)
 
 
+def flag_groups() -> tuple:
+    """The flag groups (dataclasses) of the registered families, which train.py's TrainConfig inherits."""
+    return tuple(family.flag_group for family in FAMILIES.values() if family.flag_group is not None)
+
+
 def default_family() -> ModelFamily:
     return next(iter(FAMILIES.values()))
 

@@ -34,6 +34,8 @@ class ModelFamily:
     title: str = ""  # how messages name it, e.g. "RWKV-4"
     my_testing: str = ""  # the --my_testing value that picks it for a run from scratch ("" for the default family)
     lora_parts: tuple = ()  # the --lora_parts names it understands
+    flag_group = None  # a dataclass of its own train.py flags (src/flags.py flag fields), or None
+    shape_flags: tuple = ("n_layer", "n_embd", "vocab_size")  # the flags that decide its state dict's shapes
     hf_refusal: str = "transformers has no class for it"  # why export_hf.py refuses it, where hf_format() is None
 
     # ---------------------------------------------------------------- flags (no torch)

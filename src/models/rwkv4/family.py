@@ -5,6 +5,7 @@ from src.errors import UserInputError
 from src.models.family import ModelFamily
 from src.models.rwkv4 import anatomy
 from src.models.rwkv4.config import ForwardOptions, RWKVConfig, default_widths, windowed_features
+from src.models.rwkv4.flags import Rwkv4ShapeFlags
 
 
 class Rwkv4Family(ModelFamily):
@@ -12,6 +13,8 @@ class Rwkv4Family(ModelFamily):
     title = "RWKV-4"
     my_testing = ""  # the default family: the original trains RWKV-4 when --my_testing is empty
     lora_parts = anatomy.LORA_PARTS
+    flag_group = Rwkv4ShapeFlags
+    shape_flags = ("n_layer", "n_embd", "vocab_size", "dim_att", "dim_ffn", "pre_ffn", "head_qk")
 
     def check_flags(self, flags) -> None:
         if flags.tiny_att_dim > 0 and not 0 <= flags.tiny_att_layer < flags.n_layer:
