@@ -18,10 +18,22 @@ def main(argv=None) -> int:
     had started; nothing written when it had not)."""
     def body():
         with cli.signals_interrupt():  # until training starts, Ctrl+C / SIGTERM end the run at once
-            return train(parse_args(argv))
+            cfg = parse_args(argv)
+            return estimate_memory(cfg) if cfg.estimate_memory else train(cfg)
 
     return cli.run_main("train.py", body, interrupted="{prog}: {signal} before training started: stopped; nothing "
                                                      "was written")
+
+
+def estimate_memory(cfg: TrainConfig) -> int:
+    """--estimate_memory 1: print the memory the run needs (the memory check's figures; JSON last) and exit 0.
+    Before anything touches --proj_dir, a GPU or the data: the model is built on the meta device only."""
+    from src.train import console, memory_check  # console: torch's import-time chatter stays off the output
+
+    with console.library_chatter_silenced():
+        lines = memory_check.estimate(cfg)
+    print("\n".join(lines), flush=True)
+    return 0
 
 
 def train(cfg: TrainConfig, extra_callbacks=(), write_weights: bool = True) -> int:

@@ -154,6 +154,12 @@ class TrainConfig(*flag_groups()):  # the shape flags of each model family (src/
     overwrite_proj_dir: int = flag(0, "run", "1 = replace files in --proj_dir that this run writes (rwkv-init.pth, "
                                    "rwkv-<epoch>.pth, rwkv-final.pth, rwkv-last.pth, the resume bundle); 0 = refuse "
                                    "to start when one is already there.", choices=(0, 1))
+    estimate_memory: int = flag(0, "run", "1 = print the GPU and host memory this command's flags need under its "
+                                "--strategy (what the memory check at the start of training computes, for one "
+                                "process per --devices, one device when auto) and exit: nothing is allocated or "
+                                "written; the data file and --load_model are not read (the shape flags and "
+                                "--vocab_size describe the model). The last line is JSON: strategy, gpu_gib, "
+                                "host_gib, params.", choices=(0, 1))
 
     # ---- long context
     ctx_parts: Optional[int] = flag(None, "long", "Run the WKV operator in parts of ceil(ctx_len/ctx_parts) "
@@ -364,7 +370,10 @@ def validate(cfg: TrainConfig) -> None:
         raise UserInputError(f"--devices must be a number of devices (at least 1) or 'auto' (got {cfg.devices!r}).")
     if cfg.accelerator not in ("auto", "cpu", "gpu", "cuda"):
         raise UserInputError(f"--accelerator must be cpu, gpu or auto (got {cfg.accelerator!r}).")
-    if cfg.data_type != "dummy" and not cfg.data_file:
+    if cfg.estimate_memory and not cfg.vocab_size:
+        raise UserInputError("--estimate_memory 1 needs --vocab_size (e.g. 50277 for the GPT-NeoX 20B tokenizer, "
+                             "65536 for World): the estimate reads no data file to count the vocabulary.")
+    if cfg.data_type != "dummy" and not cfg.data_file and not cfg.estimate_memory:
         raise UserInputError(f"--data_file is required for --data_type {cfg.data_type}.")
     if cfg.data_type == "uint16" and cfg.my_sample_len < 2:
         raise UserInputError("--data_type uint16 needs --my_sample_len (the row length, at least 2).")
@@ -372,7 +381,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.lora_load and not cfg.lora:
         raise UserInputError(f"--lora_load {cfg.lora_load} continues LoRA adapters, which only a --lora run trains; "
                              f"add --lora (with the base model in --load_model), or remove --lora_load.")
-    if cfg.lora and not (cfg.load_model or cfg.resume):
+    if cfg.lora and not (cfg.load_model or cfg.resume or cfg.estimate_memory):
         raise UserInputError("--lora trains adapters on a base model: pass the base with --load_model (e.g. "
                              "RWKV-4-Pile-1B5.pth); to train a whole model from scratch, leave out --lora.")
     if cfg.state_cp:

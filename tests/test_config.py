@@ -39,7 +39,8 @@ LIGHTNING_FLAGS = {
 }
 # Ours: not in the original.
 OWN_FLAGS = {"wkv_backend": "auto", "compile": 1, "vocab_file": "", "resume": "", "overwrite_proj_dir": 0,
-             "valid_data_file": "", "valid_data_type": None, "valid_every": 1, "valid_tokens": 0}
+             "valid_data_file": "", "valid_data_type": None, "valid_every": 1, "valid_tokens": 0,
+             "estimate_memory": 0}
 
 
 def test_golden_flag_set_and_defaults():

@@ -108,10 +108,12 @@ def run_footprint(cfg: TrainConfig, state: Footprint, largest_trainable: int, ac
     buffers, plus on the host each process's own memory (see the module docstring)."""
     buffers = deepspeed_gpu_buffers(cfg, largest_trainable)
     process = PROCESS_HOST_BYTES[on_gpu] * processes_per_host
+    processes = (f"{process / GIB:.0f} GiB per process" if processes_per_host == 1 else
+                 f"{process / GIB:.0f} GiB for its {processes_per_host} processes")
     if not on_gpu:  # the host is the device
         return Footprint(gpu=0, host=state.host + activations + process,
                          host_parts=f"{state.host / GIB:.1f} GiB of weights, gradients and optimizer state, "
-                                    f"{activations / GIB:.1f} GiB of activations, {process / GIB:.0f} GiB per process")
+                                    f"{activations / GIB:.1f} GiB of activations, {processes}")
     runtime = PROCESS_GPU_RUNTIME_BYTES
     return Footprint(
         gpu=state.gpu + activations + buffers + runtime, host=state.host + process,
@@ -119,7 +121,7 @@ def run_footprint(cfg: TrainConfig, state: Footprint, largest_trainable: int, ac
                   f"of activations" + (f", {buffers / GIB:.1f} GiB of DeepSpeed buffers" if buffers else "")
                   + f", {runtime / GIB:.0f} GiB for the CUDA libraries",
         host_parts=(f"{state.host / GIB:.1f} GiB of offloaded optimizer state, " if state.host else "")
-        + f"{process / GIB:.0f} GiB per process")
+        + processes)
 
 
 def check_fits(cfg: TrainConfig, need: Footprint, gpu_free: Optional[int], host_available: Optional[int]) -> None:
@@ -161,32 +163,94 @@ def check_run(cfg: TrainConfig, vocab_size: int, lightning_trainer) -> None:
     check_fits(cfg, need, gpu_free, available_host_memory())
 
 
-def run_need(cfg: TrainConfig, vocab_size: int, world_size: int, processes_per_host: int, on_gpu: bool) -> Footprint:
+def run_need(cfg: TrainConfig, vocab_size: int, world_size: int, processes_per_host: int, on_gpu: bool,
+             counts: Optional["ParameterCounts"] = None) -> Footprint:
     """The estimate of this whole run: the state of its parameters, counted on a model built on the meta device (no
     memory, no time), the family's estimate of the activations of a micro-batch at the full ctx_len (a --state_cp
-    segment), head_loss's working memory, DeepSpeed's buffers and the processes themselves."""
-    import torch
-
+    segment), head_loss's working memory, DeepSpeed's buffers and the processes themselves. `counts`: those of
+    count_parameters(cfg, vocab_size), where already known."""
     from src import loss
-    from src.lora import adapters
-    from src.models import HEAD
 
+    counts = counts or count_parameters(cfg, vocab_size)
     family = cfg.family
     shape = family.shape_from_flags(cfg, vocab_size)
-    with torch.device("meta"):
-        model = family.build(shape)
-        names = {name for name, _ in model.named_parameters()}
-        if cfg.lora_settings:
-            adapters.apply_lora(model, cfg.lora_settings)
-            names = set(adapters.trainable_names(model, cfg.lora_settings))
-    trained = [p.numel() for n, p in model.named_parameters() if n in names]
-    params = sum(p.numel() for p in model.parameters())
-    state = footprint(cfg, params, sum(trained), world_size, processes_per_host, on_gpu)
+    state = footprint(cfg, counts.params, counts.trainable, world_size, processes_per_host, on_gpu)
     tokens = cfg.segment_len or cfg.ctx_len
     dtype_bytes = 2 if cfg.precision in ("bf16", "fp16") else 4
     activations = (family.activation_bytes(shape, cfg.micro_bsz, tokens, dtype_bytes,
                                            checkpointed=bool(cfg.grad_cp or cfg.state_cp),
                                            inputs_on_device=not cfg.state_cp)
                    + loss.head_loss_bytes(cfg.micro_bsz * tokens, vocab_size, shape.n_embd, dtype_bytes,
-                                          head_trains=any(family.piece_of(n) == HEAD for n in names)))
-    return run_footprint(cfg, state, max(trained, default=0), activations, on_gpu, processes_per_host)
+                                          head_trains=counts.head_trains))
+    return run_footprint(cfg, state, max(counts.trained, default=0), activations, on_gpu, processes_per_host)
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    params: int  # all parameters
+    trained: tuple  # the number of elements of each trained parameter
+    head_trains: bool
+
+    @property
+    def trainable(self) -> int:
+        return sum(self.trained)
+
+
+def count_parameters(cfg: TrainConfig, vocab_size: int) -> ParameterCounts:
+    """The run's parameters, counted on its model (with --lora its adapters) built on the meta device."""
+    import torch
+
+    from src.lora import adapters
+    from src.models import HEAD
+
+    family = cfg.family
+    with torch.device("meta"):
+        model = family.build(family.shape_from_flags(cfg, vocab_size))
+        names = {name for name, _ in model.named_parameters()}
+        if cfg.lora_settings:
+            adapters.apply_lora(model, cfg.lora_settings)
+            names = set(adapters.trainable_names(model, cfg.lora_settings))
+    return ParameterCounts(params=sum(p.numel() for p in model.parameters()),
+                           trained=tuple(p.numel() for n, p in model.named_parameters() if n in names),
+                           head_trains=any(family.piece_of(n) == HEAD for n in names))
+
+
+def estimate_processes(cfg: TrainConfig) -> tuple:
+    """(world_size, processes_per_host, on_gpu, what was assumed, in words) for --estimate_memory, which sees no
+    hardware: one process per device of --devices (one when auto) on each of --num_nodes machines, on GPUs unless
+    --accelerator cpu."""
+    per_host = int(cfg.devices) if cfg.devices.isdigit() else 1
+    on_gpu = cfg.accelerator != "cpu"
+    assumed = [f"{per_host} {'GPU' if on_gpu else 'CPU'} process{'es' if per_host > 1 else ''} per machine"
+               + (" (--devices auto: 1)" if not cfg.devices.isdigit() else ""),
+               f"{cfg.num_nodes} machine{'s' if cfg.num_nodes > 1 else ''}"]
+    if cfg.accelerator == "auto":
+        assumed.append("a GPU (--accelerator auto)")
+    return per_host * cfg.num_nodes, per_host, on_gpu, ", ".join(assumed)
+
+
+def estimate(cfg: TrainConfig) -> list:
+    """--estimate_memory: the lines that tell what this command's run needs, the JSON line
+    {"strategy", "gpu_gib", "host_gib", "params"} last (GiB rounded to 0.01). Builds the model on the meta device
+    only: allocates nothing, reads and writes no file."""
+    import json
+
+    vocab_size = cfg.vocab_size
+    counts = count_parameters(cfg, vocab_size)
+    world_size, per_host, on_gpu, assumed = estimate_processes(cfg)
+    need = run_need(cfg, vocab_size, world_size, per_host, on_gpu, counts)
+    short = f"{counts.params:.2e}".replace("e+0", "e").replace("e+", "e")
+    trained = (f"{counts.trainable:,} of them trainable with --lora ({100 * counts.trainable / counts.params:.2f}%)"
+               if cfg.lora else "all trainable")
+    lines = [
+        f"train.py --estimate_memory: --strategy {cfg.strategy} --precision {cfg.precision}, {cfg.family.title} "
+        f"L{cfg.n_layer} D{cfg.n_embd} vocab {vocab_size}, ctx_len {cfg.ctx_len}, micro_bsz {cfg.micro_bsz}",
+        f"assumed: {assumed}",
+        f"GPU: {need.gpu / GIB:.1f} GiB per GPU ({need.gpu_parts})" if on_gpu else "GPU: none (--accelerator cpu)",
+        f"host: {need.host / GIB:.1f} GiB per machine ({need.host_parts})",
+        f"parameters: {counts.params:,} ({short}), {trained}",
+        "nothing was allocated or written; no data file and no --load_model were read",
+        json.dumps({"strategy": cfg.strategy, "gpu_gib": round(need.gpu / GIB, 2),
+                    "host_gib": round(need.host / GIB, 2), "params": counts.params}),
+    ]
+    return lines
