@@ -8,6 +8,7 @@ on stderr with its exit code.
 """
 import argparse
 import contextlib
+import os
 import signal
 import sys
 from typing import Callable, Optional
@@ -46,11 +47,35 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
+# What a hard exit runs first (src/io/atomic.py registers the deletion of its temporary files in flight).
+_BEFORE_HARD_EXIT: list = []
+
+
+def before_hard_exit(cleanup: Callable[[], None]) -> None:
+    """Have `cleanup` run when a second signal quits a command at once (see signals_interrupt)."""
+    if cleanup not in _BEFORE_HARD_EXIT:
+        _BEFORE_HARD_EXIT.append(cleanup)
+
+
 @contextlib.contextmanager
-def signals_interrupt():
+def signals_interrupt(quit_on_second: bool = False):
     """Within the block, Ctrl+C and SIGTERM raise Interrupted. Without it SIGTERM ends the process on the spot,
-    leaving temporary files behind. The handlers from before are restored afterwards."""
+    leaving temporary files behind. A second signal while the first one's Interrupted unwinds never interrupts the
+    cleanup (the discards of temporary files): it is ignored, or with `quit_on_second` it quits the process at once
+    with one line: the cleanups registered with before_hard_exit run (temporary files are deleted), then
+    os._exit(128 + signum). The handlers from before are restored afterwards."""
+    pid, received = os.getpid(), []
+
     def interrupt(signum, frame):
+        if received and os.getpid() == pid:  # a forked child is its parent's to stop
+            if not quit_on_second:
+                return
+            print(f"\n{signal.Signals(signum).name} again: quitting at once; files already written are whole.",
+                  file=sys.stderr, flush=True)
+            for cleanup in _BEFORE_HARD_EXIT:
+                cleanup()
+            os._exit(128 + signum)
+        received.append(signum)
         raise Interrupted(signum)
 
     previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
@@ -68,15 +93,25 @@ def run_main(prog: str, body: Callable[[], int], interrupted: Optional[str] = No
 
     `interrupted`, for a body that stops on Ctrl+C and SIGTERM (it runs its work in signals_interrupt()), is the
     line an Interrupted ends it with, on stderr: a format string of `prog` and `signal` (SIGINT, SIGTERM), e.g.
-    "{prog}: {signal}: stopped; nothing was written"; the exit code is then 128 + the signal number. Without it an
+    "{prog}: {signal}: stopped; nothing was written"; the exit code is then 128 + the signal number. A
+    KeyboardInterrupt (raised by other code than the handler of signals_interrupt) counts as a SIGINT. Without it an
     Interrupted passes on."""
     try:
         return body()
     except UserInputError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    except Interrupted as e:
+    except (Interrupted, KeyboardInterrupt) as e:
         if interrupted is None:
             raise
-        print(interrupted.format(prog=prog, signal=e), file=sys.stderr)
-        return 128 + e.signum
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        print(interrupted.format(prog=prog, signal=signal.Signals(signum).name), file=sys.stderr, flush=True)
+        return 128 + signum
+
+
+def exit_process(code: int) -> None:
+    """The end of an entry point run as a program (`cli.exit_process(main())`): its outcome is reported,
+    so a signal from now on is ignored instead of printing a traceback while the interpreter shuts down."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    sys.exit(code)

@@ -62,15 +62,17 @@ def folder_snapshot(folder) -> dict:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def refused_in_one_line(argv, capsys, *expected) -> str:
-    """train.main(argv) refuses with exit 2 and one line "train.py: error: ..." holding every `expected` text;
-    returns that line."""
-    import train
+def refused_in_one_line(argv, capsys, *expected, main=None, prog="train.py") -> str:
+    """main(argv) (default: train.main) refuses with exit 2 and one line "PROG: error: ..." holding every `expected`
+    text; returns that line."""
+    if main is None:
+        import train
+        main = train.main
 
     capsys.readouterr()
-    assert train.main(argv) == 2
+    assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("train.py: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"{prog}: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
     for text in expected:
         assert text in err, (text, err)
     return err
@@ -134,3 +136,33 @@ def stopped_by_one_sigint(argv, proj_dir: Path) -> int:
     code = train.main(argv)
     thread.join()
     return code
+
+
+def signalled(script: str, argv, signum, ready, slow_writes: float = 0.0, timeout: float = 120) -> tuple:
+    """Run `script` (an entry point of the repository, e.g. "export_hf.py") with `argv` in a process group of its own,
+    as a terminal runs it; once `ready()` holds, send `signum` to the group (Ctrl+C reaches every process of it).
+    Returns (exit code, stdout, stderr). `slow_writes` > 0: every write of an atomic file waits that many seconds
+    first (the child runs the script's main after patching atomic._write), so that a signal sent while the temporary
+    file exists lands inside the write. The signal is sent even if `ready()` never holds within `timeout`; the test
+    then sees what the command did."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    command = [sys.executable, script]
+    if slow_writes:
+        module = script.removesuffix(".py")
+        command = [sys.executable, "-c", f"import sys, time\nfrom src import cli\nfrom src.io import atomic\n"
+                   f"write = atomic._write\n"
+                   f"atomic._write = lambda file, data: (time.sleep({slow_writes}), write(file, data))[1]\n"
+                   f"import {module}\ncli.exit_process({module}.main(sys.argv[1:]))\n"]
+    proc = subprocess.Popen([*command, *map(str, argv)], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    while proc.poll() is None and not ready() and time.time() < deadline:
+        time.sleep(0.01)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signum)
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err

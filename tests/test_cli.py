@@ -1,5 +1,10 @@
 """What every command line shares (src/cli.py): --help exits 0; a usage error is one line and exit code 2."""
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -11,6 +16,7 @@ import merge_lora_plus
 import plot_run
 import preprocess_data
 import train
+from conftest import ROOT
 
 CLIS = {"train.py": train, "merge_lora.py": merge_lora, "merge_lora_plus.py": merge_lora_plus,
         "preprocess_data.py": preprocess_data, "export_hf.py": export_hf, "import_hf.py": import_hf,
@@ -39,3 +45,49 @@ def test_preprocess_data_names_a_bad_choice(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "invalid choice: 'SPMTokenizer'" in err and err.count("\n") == 1
+
+
+# A program whose work holds a temporary file (an atomic write in flight) and whose cleanup after a signal is slow.
+SLOW_CLEANUP = """
+import sys, time
+from src import cli
+from src.io import atomic
+
+def body():
+    with cli.signals_interrupt(quit_on_second=QUIT):
+        tmp = atomic.temporary_path(sys.argv[1])
+        tmp.write_bytes(b"half")
+        try:
+            print("writing", flush=True)
+            time.sleep(60)
+        finally:
+            try:
+                print("cleaning up", flush=True)
+            finally:
+                time.sleep(3)  # a slow cleanup, where the second signal lands
+                atomic.discard(tmp)
+
+cli.exit_process(cli.run_main("prog.py", body, interrupted="{prog}: {signal}: stopped; nothing was written"))
+"""
+
+
+@pytest.mark.parametrize("quit_on_second", [True, False])
+def test_a_second_signal_quits_at_once_or_waits_for_the_cleanup_and_nothing_is_left(tmp_path, quit_on_second):
+    """Ctrl+C, then Ctrl+C again while the first one's cleanup runs: with quit_on_second the process quits at once
+    (exit 130, one line, the temporary file deleted by the hard exit); without, the cleanup finishes undisturbed."""
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CLEANUP.replace("QUIT", str(quit_on_second)),
+                             str(tmp_path / "out.bin")], cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "writing\n"
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.stdout.readline() == "cleaning up\n"
+    started = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and list(tmp_path.iterdir()) == [], (out, err)
+    assert "Traceback" not in err and err.count("\n") == (2 if quit_on_second else 1), err
+    if quit_on_second:
+        assert err.strip() == "SIGINT again: quitting at once; files already written are whole."
+        assert time.monotonic() - started < 2.5
+    else:
+        assert err == "prog.py: SIGINT: stopped; nothing was written\n"

@@ -6,26 +6,89 @@ its final path, then renamed over it. A hard exit (a second Ctrl+C) deletes the 
 
 Writers whose files live longer than one block (the binidx builder) take `temporary_path` and end with
 `publish` or `discard`.
+
+The output discipline of every command that writes:
+
+    found = check_output_file(out, args.overwrite, "OUT", inputs=[("HF_DIR", args.hf_dir)])  # before any work
+    ...                                                                                      # the work
+    save_weights(weights, out, replace=found)                                                 # atomic, checked
+
+- the output is checked before any work (check_output_file, check_output_folder): a path that cannot be written, an
+  existing one without the replace flag, an output that is an input, lies inside one or (a folder) holds one;
+- what the check found there (a Found) is what publishing may replace: a file or folder that appeared or changed while
+  the command ran is left as it is and the command's output is discarded with one line;
+- the temporary name is this process's own, deleted when the block raises (an error, a signal: see
+  src/cli.signals_interrupt) and on a hard exit (remove_partial_files).
 """
 import contextlib
 import errno
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
+from typing import Iterable, Optional, Tuple
 
+from src import cli
 from src.errors import UserInputError
 
 # Temporary files and folders being written right now.
 _IN_FLIGHT: set = set()
+# Old folders moved aside while a new one takes their name: {aside: path}, put back on a hard exit.
+_ASIDE: dict = {}
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
+Inputs = Iterable[Tuple[str, object]]  # (what, path) of each input of a command; a path of None or "" is skipped
 
-def check_output_file(path, replace: bool, what: str, replace_flag: str = "--overwrite") -> None:
+
+class Found:
+    """What was at an output path when the command checked it: nothing, a file (its inode, size and modification
+    time) or a folder (its inode, and those of every entry under it). Passed as `replace` to publish (atomic_file,
+    save_weights), it lets exactly that be replaced: a path still in that state is replaced, a path still absent is
+    created, and one that appeared or changed meanwhile is left as it is, the new output discarded with one line."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.state = _state_of(self.path)
+
+    @property
+    def exists(self) -> bool:
+        return self.state is not None
+
+    def unchanged(self, path=None) -> bool:
+        """Whether `path` (default: the path checked) is in the state found."""
+        return _state_of(self.path if path is None else Path(path)) == self.state
+
+
+def _state_of(path: Path):
+    """None (nothing), ("file", identity) or ("folder", identity, {relative path: identity of each entry})."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return ("unreadable", e.errno)
+    if not stat.S_ISDIR(info.st_mode):
+        return ("file", (info.st_dev, info.st_ino, info.st_mode, info.st_size, info.st_mtime_ns))
+    entries = {}
+    for root, folders, files in os.walk(path):
+        for name in folders + files:
+            entry = os.path.join(root, name)
+            try:
+                e = os.lstat(entry)
+            except OSError:
+                entries[os.path.relpath(entry, path)] = None
+                continue
+            entries[os.path.relpath(entry, path)] = (e.st_ino, e.st_mode, e.st_size, e.st_mtime_ns)
+    return ("folder", (info.st_dev, info.st_ino), entries)
+
+
+def check_output_file(path, replace: bool, what: str, replace_flag: str = "--overwrite", inputs: Inputs = ()) -> Found:
     """Before any work: refuse an output file that cannot be written (a folder, under a file, in a folder that
-    refuses new files) or that already exists and `replace` is False. `what` names the output in the message
-    ("the output", "--output-prefix data/x"); `replace_flag` is the flag that allows replacing. Nothing is
-    created (see check_can_create)."""
+    refuses new files), that already exists and `replace` is False, or that is one of `inputs` ((what, path) pairs)
+    or lies inside one. `what` names the output in the message ("the output", "--output-prefix data/x");
+    `replace_flag` is the flag that allows replacing. Nothing is created (see check_can_create). Returns what is
+    there, for publish to replace only that."""
     path = Path(path)
     try:  # is_dir() itself raises under a folder that may not be searched
         if path.is_dir():
@@ -33,10 +96,61 @@ def check_output_file(path, replace: bool, what: str, replace_flag: str = "--ove
         exists = path.exists()
     except OSError as e:
         raise UserInputError(f"{what} {path}: cannot look at it ({e.strerror}); choose a folder you can write to.")
+    check_apart(path, what, inputs)
     if exists and not replace:
         raise UserInputError(f"{what} {path} already exists; choose another name, or pass {replace_flag} to "
                              f"replace it.")
     check_can_create(path.parent, f"{what} {path}")
+    return Found(path)
+
+
+def check_output_folder(path, replace: bool, what: str, replace_flag: str = "--overwrite",
+                        inputs: Inputs = ()) -> Found:
+    """Before any work: an output folder must be new, empty, or (with `replace`) one whose whole contents may be
+    replaced; it must not be, hold or lie inside one of `inputs`, nor hold the working folder, and folders must be
+    creatable where it goes. Returns what is there, for publish to replace only that."""
+    path = Path(path)
+    try:
+        if path.exists() and not path.is_dir():
+            raise UserInputError(f"{what} {path} is a file; give the name of a folder to write.")
+        non_empty = path.is_dir() and any(path.iterdir())
+    except OSError as e:
+        raise UserInputError(f"{what} {path}: cannot look at it ({e.strerror}); choose a folder you can write to.")
+    check_apart(path, what, inputs, folder=True)
+    if Path.cwd().resolve().is_relative_to(path.resolve()):
+        raise UserInputError(f"{what} {path} is the working folder or holds it, which replacing it would delete; "
+                             f"give a folder of its own.")
+    if non_empty and not replace:
+        raise UserInputError(f"{what} {path} already exists and is not empty; choose another folder, or pass "
+                             f"{replace_flag} to replace it.")
+    check_can_create(path.resolve().parent, f"{what} {path}")
+    return Found(path)
+
+
+def check_apart(path, what: str, inputs: Inputs, folder: bool = False) -> None:
+    """Refuse an output that is one of `inputs` ((what, path) pairs; the same file under another name counts), lies
+    inside one, or, for a `folder` output, holds one: writing it would destroy what the command reads."""
+    out = Path(path).resolve()
+    for input_what, input_path in inputs:
+        if input_path is None or str(input_path) == "":
+            continue
+        source = Path(input_path).resolve()
+        if out == source or _same_file(out, source):
+            raise UserInputError(f"{what} {path} is {input_what} {input_path}, which writing it would destroy; choose "
+                                 f"another {'folder' if folder else 'name'}.")
+        if out.is_relative_to(source):
+            raise UserInputError(f"{what} {path} lies inside {input_what} {input_path}, which this command reads; "
+                                 f"choose a path outside it.")
+        if folder and source.is_relative_to(out):
+            raise UserInputError(f"{what} {path} holds {input_what} {input_path}, which writing the folder would "
+                                 f"delete; choose another folder.")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
 
 
 def check_can_create(folder, what: str) -> None:
@@ -57,21 +171,34 @@ def check_can_create(folder, what: str) -> None:
 
 
 def is_disk_full(error) -> bool:
-    """Whether `error` is a write refused for lack of space (a full disk or an exhausted quota)."""
-    return isinstance(error, OSError) and error.errno in _NO_SPACE
+    """Whether `error`, or an error it was raised from, is a write refused for lack of space (a full disk or an
+    exhausted quota): an OSError, or the error of a library in Rust that names the OS error (safetensors)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _NO_SPACE:
+            return True
+        if any(f"(os error {number})" in str(error) for number in _NO_SPACE):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def disk_full_error(path, needed_bytes: int, lower_bound: bool = False) -> UserInputError:
     """The one line for a write that ran out of space: the folder, what `path` needs (`needed_bytes`, or more than
-    that with `lower_bound`) and what is free. The temporary file is deleted, so earlier files are whole."""
-    path = Path(path)
+    that with `lower_bound`; left out when unknown, 0) and what is free. The temporary file is deleted, so earlier
+    files are whole."""
+    path = _named(Path(path))
+    parts = []
+    if needed_bytes > 0:
+        parts.append(f"{'more than' if lower_bound else 'about'} {_size_text(needed_bytes)} needed")
     try:
-        free = f", {_size_text(shutil.disk_usage(path.parent).free)} free"
+        parts.append(f"{_size_text(shutil.disk_usage(path.parent).free)} free")
     except OSError:
-        free = ""
-    needed = f"{'more than' if lower_bound else 'about'} {_size_text(needed_bytes)} needed"
-    return UserInputError(f"no space left on the device of {path.parent} for {path.name} ({needed}{free}); make "
-                          f"room there or choose another folder. Files written before are whole.")
+        pass
+    sizes = f" ({', '.join(parts)})" if parts else ""
+    return UserInputError(f"no space left on the device of {path.parent} for {path.name}{sizes}; make room there or "
+                          f"choose another folder. Files written before are whole.")
 
 
 def _size_text(n_bytes: float) -> str:
@@ -85,10 +212,15 @@ def _size_text(n_bytes: float) -> str:
     return f"{n_bytes:,.0f} GB"
 
 
+def _named(path: Path) -> Path:
+    """`path` with a last component to name files after ("." and ".." resolved)."""
+    return path.resolve() if path.name in ("", ".", "..") else path
+
+
 def temporary_path(path, shared: bool = False) -> Path:
     """The temporary name beside `path`, this process's own: two commands writing the same output never write into
     one file. `shared`: the same name in every process, for a folder that the ranks of a run write together."""
-    path = Path(path)
+    path = _named(Path(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     owner = "" if shared else f".{os.getpid()}"
     tmp = path.with_name(f".{path.name}{owner}.partial")
@@ -96,12 +228,15 @@ def temporary_path(path, shared: bool = False) -> Path:
     return tmp
 
 
-def publish(tmp: Path, path, replace: bool = True) -> None:
-    """Move a finished temporary file or folder over `path` (an old folder is swapped out, then removed). Without
-    `replace`, a file that appeared at `path` meanwhile (another command writing the same output) stays, and this
-    one is discarded with one line."""
-    path = Path(path)
-    if not replace:
+def publish(tmp: Path, path, replace=True) -> None:
+    """Move a finished temporary file or folder over `path` (an old folder is swapped out, then removed). `replace`:
+    True replaces whatever is there; False creates `path` only, so a file that appeared there meanwhile (another
+    command writing the same output) stays, and this one is discarded with one line; a Found (what the check before
+    the work found) replaces only that, and refuses the same way what appeared or changed since."""
+    path = _named(Path(path))
+    if isinstance(replace, Found):
+        _publish_over(tmp, path, replace)
+    elif not replace:
         _publish_new_file(tmp, path)
     elif tmp.is_dir() and path.exists():
         old = path.with_name(f".{path.name}.old")
@@ -112,6 +247,57 @@ def publish(tmp: Path, path, replace: bool = True) -> None:
     else:
         os.replace(tmp, path)
     _IN_FLIGHT.discard(tmp)
+
+
+def _publish_over(tmp: Path, path: Path, found: Found) -> None:
+    """publish with a Found: the final existence check, in as few steps as the file system allows."""
+    if not found.exists:
+        if tmp.is_dir():
+            if os.path.lexists(path):
+                _refuse_a_newcomer(tmp, path)
+            try:  # a rename over an existing folder fails unless it is empty (then nothing is lost)
+                os.rename(tmp, path)
+            except OSError:
+                _refuse_a_newcomer(tmp, path)
+            _IN_FLIGHT.discard(tmp)
+        else:
+            _publish_new_file(tmp, path)
+        return
+    if found.state[0] != "folder":
+        if not found.unchanged(path):
+            _refuse_a_newcomer(tmp, path)
+        os.replace(tmp, path)
+        _IN_FLIGHT.discard(tmp)
+        return
+    # a folder: moved aside first, so that nothing can be written into it between its check and its replacement
+    aside = path.with_name(f".{path.name}.{os.getpid()}.old")
+    try:
+        os.rename(path, aside)
+    except OSError:
+        _refuse_a_newcomer(tmp, path)
+    _ASIDE[aside] = path
+    if not found.unchanged(aside):
+        _put_back(aside, path)
+        _refuse_a_newcomer(tmp, path)
+    try:
+        os.rename(tmp, path)
+    except OSError:  # a folder appeared under the old one's name in between: both stay
+        _ASIDE.pop(aside, None)
+        discard(tmp)
+        raise UserInputError(f"{path} was written by another command while this one ran; it is left as it is, the "
+                             f"folder that was there before is now {aside}, and this command's output was discarded.")
+    _IN_FLIGHT.discard(tmp)
+    _ASIDE.pop(aside, None)
+    remove_path(aside)
+
+
+def _put_back(aside: Path, path: Path) -> None:
+    """An old folder moved aside returns to its name (unless something took that name)."""
+    try:
+        os.rename(aside, path)
+    except OSError:
+        return
+    _ASIDE.pop(aside, None)
 
 
 def _publish_new_file(tmp: Path, path: Path) -> None:
@@ -156,10 +342,10 @@ def atomic_path(path, shared: bool = False):
 
 
 @contextlib.contextmanager
-def atomic_file(path, size: int = 0, replace: bool = True):
+def atomic_file(path, size: int = 0, replace=True):
     """Yield a binary file to write; on success it is flushed to disk and renamed to `path` (see publish for
     `replace`). A full disk is one line (disk_full_error) naming the folder and `size`, the bytes the file
-    needs."""
+    needs (0: unknown, then the bytes it was given so far are named as a lower bound)."""
     with atomic_path(path) as tmp:
         watched = None
         try:
@@ -171,7 +357,8 @@ def atomic_file(path, size: int = 0, replace: bool = True):
         except Exception as e:
             cause = watched.error if watched is not None and watched.error is not None else e
             if is_disk_full(cause):
-                raise disk_full_error(path, size) from e
+                given = watched.given if watched is not None else 0
+                raise disk_full_error(path, size or given, lower_bound=not size) from e
             if cause is not e:
                 raise cause from e  # what torch.save turned into a RuntimeError of its own
             raise
@@ -185,8 +372,10 @@ class _WatchedFile:
     def __init__(self, file):
         self.file = file
         self.error = None
+        self.given = 0  # bytes given to write, the failed write's included
 
     def write(self, data) -> int:
+        self.given += memoryview(data).nbytes
         try:
             return _write(self.file, data)
         except BaseException as e:
@@ -210,7 +399,13 @@ def remove_path(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def remove_partial_files() -> None:
-    """Delete whatever atomic writes are in progress (called just before a hard exit)."""
+def remove_partial_files() -> None:  # registered below with cli.before_hard_exit
+    """Delete whatever atomic writes are in progress, and put back an old folder moved aside for a new one (called
+    just before a hard exit)."""
     for tmp in list(_IN_FLIGHT):
         remove_path(tmp)
+    for aside, path in list(_ASIDE.items()):
+        _put_back(aside, path)
+
+
+cli.before_hard_exit(remove_partial_files)
