@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import socket
+import stat
 import sys
 from pathlib import Path
 
@@ -24,6 +25,10 @@ from src.errors import UserInputError
 
 LOCK_NAME = "rwkv-run.lock"
 _COMMAND_SHOWN = 120  # characters of the owner's command line in a refusal
+_LOCK_BYTES = 1 << 16  # the most of a lock file read: a record is a few hundred bytes (the command line's length)
+# what a lock looks like while it is written where the filesystem has no hard links (_create_whole)
+_MAYBE_BEING_WRITTEN = ("it is empty", "it is not a JSON record")
+_PID_MAX = 2 ** 31 - 1  # process ids are C ints (Linux's pid_max is at most 2^22)
 
 # The locks this process holds -> the folders it created to hold them (removed again at release if left empty).
 _HELD: dict = {}
@@ -110,16 +115,47 @@ def _this_run() -> dict:
 
 
 def _owner(path: Path):
-    """The owner record of a lock file; {} when it is unreadable (being written this instant, or damaged); None
-    when it has gone."""
+    """The owner record of a lock file; {"damaged": why} when it is unreadable (being written this instant, or
+    damaged); None when it has gone. A lock that is not a regular file (a folder, a pipe) is refused here."""
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
+        mode = path.lstat().st_mode
+        if not stat.S_ISREG(mode):
+            raise _not_a_lock_file(path, mode)
+        with open(path, "rb") as f:
+            data = f.read(_LOCK_BYTES + 1)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):
-        return {}
-    valid = isinstance(record, dict) and isinstance(record.get("pid"), int) and record["pid"] > 0
-    return record if valid else {}
+    except OSError as e:
+        return {"damaged": f"it cannot be read: {e.strerror}"}
+    if len(data) > _LOCK_BYTES:
+        return {"damaged": f"it is larger than {_LOCK_BYTES} bytes, which no lock record is"}
+    try:
+        record = json.loads(data.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return {"damaged": _MAYBE_BEING_WRITTEN[0] if not data.strip() else _MAYBE_BEING_WRITTEN[1]}
+    problem = _record_problem(record)
+    return {"damaged": problem} if problem else record
+
+
+def _record_problem(record) -> str:
+    """What is wrong with a lock record as read, or "" when it is whole: a JSON object with a process id in the
+    range of process ids and text for host, start time and command."""
+    if not isinstance(record, dict) or "damaged" in record:
+        return "it is not a JSON object with the keys of a lock record"
+    pid = record.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid <= _PID_MAX:
+        return f"its pid {str(pid)[:40]} is not a process id"
+    wrong = [key for key in ("host", "started", "command") if not isinstance(record.get(key, ""), str)]
+    if not isinstance(record.get("host"), str) or wrong:
+        return f"its {(wrong or ['host'])[0]} is not text"
+    return ""
+
+
+def _not_a_lock_file(path: Path, mode: int) -> UserInputError:
+    what = ("a folder" if stat.S_ISDIR(mode) else "a symbolic link" if stat.S_ISLNK(mode)
+            else "a named pipe" if stat.S_ISFIFO(mode) else "a special file")
+    return UserInputError(f"--proj_dir {path.parent}: {path} is {what}, not the lock file of a run (this toolkit "
+                          f"writes it as a small file); move it out of the folder, or choose another --proj_dir")
 
 
 def _remove_if_stale(path: Path) -> None:
@@ -138,7 +174,7 @@ def _remove_if_stale(path: Path) -> None:
 def _owner_is_gone(path: Path, owner: dict) -> bool:
     """True only when it is certain: the owner was on this host and no process has its pid (or this process has
     it, without holding the lock: the pid was reused)."""
-    if not owner or owner.get("host") != socket.gethostname():
+    if "damaged" in owner or owner.get("host") != socket.gethostname():
         return False
     if owner["pid"] == os.getpid():
         return path not in _HELD
@@ -146,16 +182,18 @@ def _owner_is_gone(path: Path, owner: dict) -> bool:
         os.kill(owner["pid"], 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return True
-    except PermissionError:
-        return False  # it exists, under another user
+    except (PermissionError, OverflowError):
+        return False  # it exists, under another user; or a pid this system cannot hold: not judged
     return False
 
 
 def _in_use(path: Path, owner) -> UserInputError:
     folder = path.parent
-    if not owner:
-        return UserInputError(f"--proj_dir {folder} is locked by another run ({path} cannot be read: that run is "
-                              f"writing it right now, or it is damaged); if no run uses this folder, delete {path}")
+    owner = owner or {"damaged": "it was removed and created again by runs starting at the same time"}
+    if "damaged" in owner:
+        now = "; a run starting this instant may be writing it" if owner["damaged"] in _MAYBE_BEING_WRITTEN else ""
+        return UserInputError(f"--proj_dir {folder} is locked, but its lock file {path} cannot be read "
+                              f"({owner['damaged']}{now}); if no run uses this folder, delete {path}")
     command = owner.get("command", "")
     if len(command) > _COMMAND_SHOWN:
         command = command[:_COMMAND_SHOWN] + "..."

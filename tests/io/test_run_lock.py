@@ -79,7 +79,8 @@ def test_a_lock_left_by_a_dead_process_on_this_host_is_taken_over(tmp_path, capf
 @pytest.mark.parametrize("owner, expected", [
     ({"host": "other-machine"}, ["is in use by a run on another host (pid 1 on other-machine, started 2026-01-02 "
                                  "03:04:05: train.py ...)", "if it has ended, delete"]),
-    ({"pid": "garbage"}, ["is locked by another run", "cannot be read", "if no run uses this folder, delete"]),
+    ({"pid": "garbage"}, ["is locked, but its lock file", "cannot be read (its pid garbage is not a process id)",
+                          "if no run uses this folder, delete"]),
 ])
 def test_a_lock_that_cannot_be_judged_from_here_is_refused(finished_copy, capsys, owner, expected):
     lock = write_lock(finished_copy, **owner)
