@@ -85,6 +85,7 @@ def run_training(cfg: TrainConfig, stop, extra_callbacks: list, held_until_the_e
         held_until_the_end.enter_context(run_lock.proj_dir_lock(cfg.proj_dir))
         outputs.check_no_overwrite(cfg, first_epoch=bundle.epoch if bundle else 0)
         outputs.check_no_folder_in_the_way(cfg, first_epoch=bundle.epoch if bundle else 0)
+        outputs.check_appended_logs(cfg, held_out.appended_logs(cfg))  # train_log.txt, train_steps.tsv, valid.tsv
 
     data = dataset.load_token_data(cfg)
     dataset.check_against_model(data, cfg, data.vocab_size)

@@ -26,10 +26,13 @@ from src.config import TrainConfig
 from src.errors import UserInputError
 from src.loss import IGNORE_INDEX
 from src.io.outputs import VOCAB_NAME
-from src.data.script_mask import parse_script_mask, trained_targets
+from src.data.script_mask import check_some_window_trains, parse_script_mask, trained_targets
 
 # How many tokens np.max reads at once when checking ids against the vocabulary.
 _SCAN_CHUNK = 1 << 26
+# Windows drawn again, from the sample's own generator, for a sample whose first window --my_script_mask masks
+# whole (it starts in its document's last tokens); each costs microseconds.
+WINDOW_REDRAWS = 1000
 
 
 @dataclass
@@ -122,12 +125,7 @@ def _read_data_file(cfg: TrainConfig) -> TokenData:
         tokens, chars = char_tokens(dummy_text())
         _check_vocab_size_flag(cfg, len(chars), "the built-in dummy data")
         return TokenData(tokens, "built-in dummy data", len(chars), chars=chars)
-    if kind == "binidx" and path.endswith("/"):
-        prefixes = sorted(str(p)[:-4] for p in Path(path).glob("*.idx"))
-        raise UserInputError(f"--data_file {path} is a folder; binidx prefixes in it: "
-                             f"{', '.join(prefixes) or '(none)'}. Pass one of them.")
-    if kind != "binidx" and not Path(path).is_file():
-        raise UserInputError(f"--data_file {path}: file not found")
+    check_data_path("--data_file", path, kind)
     if kind in ("utf-8", "utf-16le"):
         try:
             text = Path(path).read_text(encoding=kind)
@@ -146,16 +144,7 @@ def _read_data_file(cfg: TrainConfig) -> TokenData:
         data = MMapIndexedDataset(path)  # refuses indexes of non-integer tokens
         return TokenData(data.tokens, str(data.bin_path), cfg.vocab_size, binidx=data)
     if kind == "numpy":
-        try:
-            tokens = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError, EOFError) as e:
-            raise UserInputError(f"--data_file {path} is not a .npy array ({e})")
-        if not isinstance(tokens, np.ndarray):  # an .npz archive: a dict of arrays
-            tokens.close()
-            raise UserInputError(f"--data_file {path} is an .npz archive of several arrays; --data_type numpy reads "
-                                 f"one .npy array (save the token ids with numpy.save)")
-        _require_integer(tokens.dtype, path)
-        return TokenData(tokens.reshape(-1), path, cfg.vocab_size)
+        return TokenData(read_npy_tokens(path), path, cfg.vocab_size)
     if kind == "uint16":
         size = Path(path).stat().st_size
         if size % 2:
@@ -178,9 +167,89 @@ def _check_vocab_size_flag(cfg: TrainConfig, n_chars: int, source: str) -> None:
                              f"--data_type {cfg.data_type} ({n_chars} of them); leave --vocab_size out (or 0)")
 
 
-def _require_integer(dtype, source: str) -> None:
-    if not np.issubdtype(dtype, np.integer):
-        raise UserInputError(f"{source} holds {dtype} values; token data must be integers")
+# what a path of each --data_type names, for the message when it names a folder
+_DATA_FILES = {"numpy": "a .npy file of token ids (numpy.save)", "uint16": "a file of uint16 token ids",
+               "utf-8": "a UTF-8 text file", "utf-16le": "a UTF-16LE text file", "jsonl": "a .jsonl file"}
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGIC = b"PK\x03\x04"  # an .npz archive (numpy.savez)
+_PICKLE_OPENING = b"\x80"  # pickle protocol 2 and above
+
+
+def check_data_path(flag: str, path: str, kind: str, type_flag: str = "--data_type") -> None:
+    """Refuse a path of data of `kind` given to `flag` that names no such data: a folder (for binidx, with the
+    prefixes in it), a missing file. A binidx path is the prefix of its .bin and .idx; a prefix ending in '/' names
+    the files '.bin' and '.idx' in that folder, and is taken where they exist."""
+    if kind == "binidx":
+        if all(Path(path + suffix).is_file() for suffix in (".bin", ".idx")):
+            return
+        if Path(path).is_dir():
+            prefixes = sorted(str(p)[:-4] for p in Path(path).glob("*.idx"))
+            raise UserInputError(f"{flag} {path} is a folder; binidx prefixes in it: "
+                                 f"{', '.join(prefixes) or '(none)'}. Pass one of them.")
+        for suffix in (".idx", ".bin"):
+            if path.endswith(suffix) and Path(path[:-4] + ".bin").is_file() and Path(path[:-4] + ".idx").is_file():
+                raise UserInputError(f"{flag} {path}: give the binidx prefix without {suffix}: {path[:-4]}")
+        return  # the reader names the missing file
+    if Path(path).is_dir():
+        raise UserInputError(f"{flag} {path} is a folder; {type_flag} {kind} reads {_DATA_FILES.get(kind, 'a file')}: "
+                             f"give the file's path")
+    if not Path(path).is_file():
+        raise UserInputError(f"{flag} {path}: file not found")
+
+
+def read_npy_tokens(path: str) -> np.ndarray:
+    """The token ids of a .npy file (--data_type numpy), memory-mapped: one 1-D array of integers. Anything else is
+    refused in one line naming what the file holds: text or a pickle, an .npz archive, an array of another rank or
+    dtype, a damaged header."""
+    try:
+        with open(path, "rb") as f:
+            opening = f.read(len(_NPY_MAGIC))
+            if opening == _NPY_MAGIC:
+                f.seek(0)
+                version = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0
+                shape, _, dtype = read_header(f)
+    except (ValueError, OSError, EOFError) as e:
+        raise UserInputError(f"--data_file {path} is not a .npy array: its header cannot be read ({e}); save the "
+                             f"token ids with numpy.save")
+    if opening != _NPY_MAGIC:
+        if opening.startswith(_ZIP_MAGIC):
+            what = "is an .npz archive of several arrays"
+        elif opening.startswith(_PICKLE_OPENING):
+            what = "is a Python pickle, not a .npy array"
+        else:
+            what = f"is not a .npy array ({_looks_like(path)}, without numpy's .npy header)"
+        raise UserInputError(f"--data_file {path} {what}; --data_type numpy reads one 1-D array of token ids saved "
+                             f"with numpy.save (text: --data_type utf-8; JSON lines: preprocess_data.py, then "
+                             f"--data_type binidx)")
+    if dtype.hasobject or not np.issubdtype(dtype, np.integer):
+        raise UserInputError(f"--data_file {path} holds {dtype} values; token data must be integers (save the ids as "
+                             f"int32, or uint16 below 65536)")
+    if len(shape) != 1:
+        raise UserInputError(f"--data_file {path} holds a {len(shape)}-D array of shape {tuple(shape)}; --data_type "
+                             f"numpy needs a 1-D array of token ids, the documents back to back (numpy.save the "
+                             f"array's .reshape(-1) if its rows follow each other)")
+    try:
+        tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise UserInputError(f"--data_file {path} is not a whole .npy array ({e}); save the token ids with "
+                             f"numpy.save")
+    return tokens
+
+
+def _looks_like(path: str) -> str:
+    """"it holds text" or "it holds binary data", from the file's first 4 KiB."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if not head:
+        return "it is empty"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 4:  # not just a character cut at the end of the sample
+            return "it holds binary data"
+    return "it holds text"
 
 
 def check_against_model(data: TokenData, cfg: TrainConfig, vocab_size: int) -> None:
@@ -195,6 +264,11 @@ def check_against_model(data: TokenData, cfg: TrainConfig, vocab_size: int) -> N
     if cfg.my_pile_stage > 0 and cfg.my_pile_stage != 4:
         pile_mode.check_magic_prime(cfg.magic_prime, len(data.tokens), cfg.ctx_len, cfg.my_pile_shift, data.source)
     check_token_ids(data.tokens.reshape(-1), data.source, vocab_size)
+    if cfg.my_script_mask is not None:
+        warm_up = cfg.initial_ctx_len is not None and cfg.initial_ctx_len < cfg.ctx_len
+        check_some_window_trains(cfg.my_script_mask, cfg.initial_ctx_len if warm_up else cfg.ctx_len, cfg.ctx_len,
+                                 data.binidx, len(data.tokens),
+                                 f"--initial_ctx_len {cfg.initial_ctx_len}" if warm_up else "")
     if data.chats is not None and data.chats.tokenizer.vocab_size > vocab_size:
         raise UserInputError(f"--vocab_file {cfg.vocab_file} has {data.chats.tokenizer.vocab_size} tokens, more than "
                              f"the model's vocabulary of {vocab_size}; pass the tokenizer that made --data_file")
@@ -262,13 +336,35 @@ class TrainingSamples(Dataset):
         if self.data.documents is not None:  # jsonl: the start of one document, up to length + 1 tokens
             ids, trained = self.data.documents.window(sample_number, self.seed, length + 1)
             return inputs_and_targets(ids, trained[1:])
-        if self.cfg.my_pile_stage > 0 and self.cfg.my_pile_stage != 4:
+        pile = self.cfg.my_pile_stage > 0 and self.cfg.my_pile_stage != 4
+        if pile:
             start = pile_mode.magic_prime_start(sample_number, self.cfg.magic_prime, self.cfg.ctx_len,
                                                self.cfg.my_pile_shift)
         else:
             start = int(rng.integers(0, len(self.data.tokens) - length))  # window of length + 1 tokens
-        trained = trained_targets(start, length, *self.script_mask, self.data.binidx) if self.script_mask else None
+        if self.script_mask is None:
+            return inputs_and_targets(self.data.tokens[start:start + length + 1])
+        trained = trained_targets(start, length, *self.script_mask, self.data.binidx)
+        redraws = 0 if pile else WINDOW_REDRAWS
+        while not trained.any():  # a window that trains nothing would count as a loss of 0: another is drawn
+            if redraws == 0:
+                raise self._masked_whole(start, length, pile)
+            redraws -= 1
+            start = int(rng.integers(0, len(self.data.tokens) - length))
+            trained = trained_targets(start, length, *self.script_mask, self.data.binidx)
         return inputs_and_targets(self.data.tokens[start:start + length + 1], trained)
+
+    def _masked_whole(self, start: int, length: int, pile: bool) -> UserInputError:
+        """The stop of a run that drew a window whose every target is masked (and found no other)."""
+        cut, prefix = self.script_mask
+        end = self.data.binidx.document_bounds(start)[1] if cut else None
+        why = (f"its document ends at token {end}" if cut else "") + (" and " if cut and prefix else "") + \
+              (f"its first {prefix} targets are masked" if prefix else "")
+        how = ("Pile mode's magic-prime sampling places this window" if pile
+               else f"and {WINDOW_REDRAWS} more windows drawn for it were masked whole too")
+        return UserInputError(f"--my_script_mask {self.cfg.my_script_mask} masks every target of the window of "
+                              f"tokens {start}..{start + length} of {self.data.source} ({why}), {how}: this sample "
+                              f"would train nothing; use a smaller n, cut=0, or data with longer documents")
 
 
 def inputs_and_targets(window, trained: Optional[np.ndarray] = None) -> tuple:

@@ -49,6 +49,8 @@ def save_weights(state_dict: dict, path, dtype: torch.dtype = None, replace: boo
 def load_weights(path, what: str = "--load_model") -> dict:
     """Load a {key: tensor} .pth file onto the CPU, with one clear message for each way it can be wrong."""
     path = Path(path)
+    if path.is_dir():
+        raise UserInputError(f"{what} {path} is a folder; {what} takes a .pth file of weights{_pth_files_in(path)}")
     if not path.is_file():
         hint = f" (did you mean {path}.pth?)" if path.with_name(path.name + ".pth").is_file() else ""
         raise UserInputError(f"{what}: file not found: {path}{hint}")
@@ -59,6 +61,19 @@ def load_weights(path, what: str = "--load_model") -> dict:
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise UserInputError(f"{what}: {path} does not hold a plain state dict of tensors; {expected}")
     return strip_wrapper_prefix(weights)
+
+
+def _pth_files_in(folder: Path, shown: int = 4) -> str:
+    """", e.g. out/rwkv-final.pth or out/rwkv-3.pth" for the .pth files in `folder` (a run's --proj_dir), newest
+    first; a resume bundle folder (DeepSpeed's rwkv-resume.ckpt) is named as such."""
+    if (folder / "checkpoint").is_dir():
+        return f" (this looks like a resume bundle: continue its run with --resume {folder})"
+    try:
+        files = sorted(folder.glob("*.pth"), key=lambda p: p.stat().st_mtime, reverse=True)
+    except OSError:
+        return ""
+    names = [str(p) for p in files if p.is_file()]
+    return f", e.g. {' or '.join(names[:shown])}" if names else ""
 
 
 def read_pytorch_file(path: Path, what: str, expected: str):

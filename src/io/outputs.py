@@ -9,6 +9,8 @@ train_log.txt, train_steps.tsv and valid.tsv (src/eval/valid_tsv.py) are appende
 
 No torch import: these checks run before the heavy imports matter.
 """
+import os
+import stat
 from pathlib import Path
 
 from src.io.atomic import check_can_create
@@ -91,6 +93,43 @@ def check_no_folder_in_the_way(cfg: TrainConfig, first_epoch: int = 0) -> None:
     if folders:
         raise UserInputError(f"--proj_dir {cfg.proj_dir} holds folders named as files this run writes: "
                              f"{_short_list(folders)}; move them away, or choose another --proj_dir")
+
+
+def check_appended_logs(cfg: TrainConfig, more: tuple = ()) -> None:
+    """Refuse a --proj_dir whose logs this run appends to (train_log.txt, train_steps.tsv, and `more`: (name,
+    header columns) of other appended TSVs, e.g. valid.tsv) hold something else: rows appended to another file's text
+    would mix with it under no header. Refused: a folder or other non-file, a file that cannot be read or written,
+    and text that does not open as the log does (train_log.txt with 'NEW RUN', a TSV with its header line). An empty
+    file is taken as a new log."""
+    logs = [(LOG_NAME, "NEW RUN "), (STEP_LOG_NAME, "\t".join(STEP_LOG_COLUMNS) + "\n")]
+    logs += [(name, "\t".join(columns) + "\n") for name, columns in more]
+    for name, opening in logs:
+        _check_appended_log(Path(cfg.proj_dir) / name, opening)
+
+
+def _check_appended_log(path: Path, opening: str) -> None:
+    way_out = "move it away, or choose another --proj_dir"
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise UserInputError(f"--proj_dir: {path} cannot be read ({e.strerror}); {way_out}")
+    if not stat.S_ISREG(mode):
+        what = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        raise UserInputError(f"--proj_dir: {path} is {what}, but this run appends its log to it; {way_out}")
+    try:
+        with open(path, "rb") as f:
+            start = f.read(len(opening.encode("utf-8")))
+    except OSError as e:
+        raise UserInputError(f"--proj_dir: {path} cannot be read ({e.strerror}); {way_out}")
+    if start and start != opening.encode("utf-8"):
+        shown = start.decode("utf-8", errors="replace").split("\n")[0][:40]
+        raise UserInputError(f"--proj_dir: {path} holds other text than this toolkit's log (it starts with {shown!r}, "
+                             f"not {opening.strip()[:40]!r}), and this run would append its rows under it; {way_out}")
+    if not os.access(path, os.W_OK):
+        raise UserInputError(f"--proj_dir: {path} is read-only, and this run appends its log to it; make it "
+                             f"writable, or choose another --proj_dir")
 
 
 def _final_is_kept_as_epoch_file(cfg: TrainConfig) -> bool:

@@ -12,6 +12,7 @@ torch.no_grad, and goes back to train mode. Results go to valid.tsv (src/eval/va
 W&B (valid/loss, valid/perplexity, and valid/loss_by_position as a line plot).
 """
 import dataclasses
+import re
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -19,7 +20,9 @@ import lightning.pytorch as pl
 from src.eval import engine, valid_tsv
 from src.train.callbacks import TrainingLog, interrupted, real_step
 from src.config import TrainConfig
+from src.data.dataset import check_data_path
 from src.errors import UserInputError
+from src.loss import IGNORE_INDEX
 from src.eval.windows import EvalWindows, load_windows
 from src.io.outputs import run_epochs
 
@@ -28,13 +31,45 @@ def held_out_windows(cfg: TrainConfig, training_chars, vocab_size: int) -> EvalW
     """The windows of --valid_data_file, read before training (a bad file refuses the run before anything is
     written): --ctx_len long, the training's masks, character-level text numbered by `training_chars`."""
     path = cfg.valid_data_file
-    present = (all(Path(path + suffix).is_file() for suffix in (".bin", ".idx")) if cfg.valid_data_type == "binidx"
-               else Path(path).is_file())
-    if not present:
-        hint = " (binidx: give the prefix, without .bin/.idx)" if cfg.valid_data_type == "binidx" else ""
-        raise UserInputError(f"--valid_data_file {path}: file not found{hint}")
+    check_data_path("--valid_data_file", path, cfg.valid_data_type, "--valid_data_type")
+    if cfg.valid_data_type == "binidx" and not all(Path(path + suffix).is_file() for suffix in (".bin", ".idx")):
+        raise UserInputError(f"--valid_data_file {path}: file not found (binidx: give the prefix, without .bin/.idx)")
+    if cfg.valid_data_type not in ("jsonl", "uint16") and 0 < cfg.valid_tokens <= cfg.ctx_len:  # one stream
+        raise UserInputError(f"--valid_tokens {cfg.valid_tokens} holds no window of --ctx_len {cfg.ctx_len} (a window "
+                             f"needs ctx_len + 1 = {cfg.ctx_len + 1} tokens); give at least {cfg.ctx_len + 1}, or 0 "
+                             f"for all of --valid_data_file")
     held_out = dataclasses.replace(cfg, data_file=path, data_type=cfg.valid_data_type, vocab_size=vocab_size)
-    return load_windows(held_out, cfg.valid_tokens, training_chars)
+    try:
+        windows = load_windows(held_out, cfg.valid_tokens, training_chars)
+    except UserInputError as e:  # the reader speaks of the flags of the file it reads: here, the held-out ones
+        raise UserInputError(_HELD_OUT_FLAGS.sub(lambda m: _HELD_OUT_NAMES[m.group(0)], str(e))) from None
+    if cfg.my_script_mask is not None or cfg.select_name is not None:
+        _check_some_target(windows, cfg)
+    return windows
+
+
+# evaluate.py's names for what the windows are read from -> train.py's names for the held-out data
+_HELD_OUT_NAMES = {"--data_file": "--valid_data_file", "--data_type": "--valid_data_type",
+                   "--max_tokens": "--valid_tokens"}
+_HELD_OUT_FLAGS = re.compile("|".join(rf"{re.escape(name)}\b" for name in _HELD_OUT_NAMES))
+
+
+def _check_some_target(windows: EvalWindows, cfg: TrainConfig) -> None:
+    """Refuse held-out data whose every target the training's masks mask: its loss would be 0 of 0 targets."""
+    for k in range(len(windows)):
+        if (windows[k][1] != IGNORE_INDEX).any():
+            return
+    mask = (f"--my_script_mask {cfg.my_script_mask}" if cfg.my_script_mask is not None
+            else f"--select_name {cfg.select_name}")
+    raise UserInputError(f"--valid_data_file {cfg.valid_data_file}: {mask} masks every target of its {len(windows)} "
+                         f"windows of --ctx_len {cfg.ctx_len}, so the held-out loss would be of no token; hold out "
+                         f"data the mask trains on")
+
+
+def appended_logs(cfg: TrainConfig) -> tuple:
+    """(name, header columns) of the log in --proj_dir that held-out evaluation appends to (valid.tsv), for
+    src/io/outputs.py check_appended_logs to check before training."""
+    return ((valid_tsv.VALID_LOG_NAME, valid_tsv.VALID_LOG_COLUMNS),) if cfg.valid_data_file else ()
 
 
 def evaluates_after(epoch: int, cfg: TrainConfig) -> bool:
