@@ -16,6 +16,7 @@ from src.errors import UserInputError
 from src.data.tokenizer import TOKENIZER_TYPES, TokenizerSpec
 
 PROG = "preprocess_data.py"
+MAX_WORKERS = 1024  # --workers above it is a typo: each worker is a process, started one after the other
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--workers", type=int, default=1,
                        help="Tokenizing processes, one thread each (about one per CPU core); 1 = this process, "
                             "where the tokenizers library may use several cores. The output is the same for any "
-                            "number.")
+                            "number. At most 1024; more than the input's blocks (about 1 MiB of it each) or the "
+                            "cores are lowered to those, with a note.")
     group.add_argument("--log-interval", type=int, default=100,
                        help="Documents between progress updates (at most one line per 10 s into a log file).")
     return parser
@@ -71,6 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              f"cannot read; use --dataset-impl mmap")
     if args.workers < 1 or args.log_interval < 1:
         raise UserInputError("--workers and --log-interval must be at least 1")
+    if args.workers > MAX_WORKERS:
+        raise UserInputError(f"--workers {args.workers} must be at most {MAX_WORKERS}: a worker is a process that uses "
+                             f"one core (more workers than the input's blocks or the cores are lowered to those)")
     if args.num_docs is not None and args.num_docs < 1:
         raise UserInputError(f"--num-docs must be a positive number of documents (got {args.num_docs})")
     if args.special_tokens_dict_path and args.tokenizer_type != "RWKVTokenizer":
@@ -97,12 +102,15 @@ def run(argv) -> int:
                 tokenizer=TokenizerSpec(args.tokenizer_type, args.vocab_file, args.merge_file,
                                         args.special_tokens_dict_path),
                 keys=tuple(args.jsonl_keys), append_eod=args.append_eod, ftfy=args.ftfy, skip_bad=args.skip_bad)
+            workers, note = preprocess.capped_workers(args.workers, args.input.split(","))
+            if note:
+                print(note, file=sys.stderr, flush=True)
             progress = preprocess.Progress(sys.stderr, args.log_interval, args.num_docs)
-            totals = preprocess.preprocess(options, args.input.split(","), args.output_prefix, args.workers, progress,
+            totals = preprocess.preprocess(options, args.input.split(","), args.output_prefix, workers, progress,
                                            replace=args.overwrite)
     except KeyboardInterrupt:  # raised by other code than signals_interrupt's handler: taken as a Ctrl+C
         raise cli.Interrupted(signal.SIGINT) from None
-    print(preprocess.summary(totals, args.output_prefix, args.workers))
+    print(preprocess.summary(totals, args.output_prefix, workers))
     return 0
 
 

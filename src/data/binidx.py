@@ -123,9 +123,11 @@ class MMapIndexedDatasetBuilder:
         self._doc_starts = [np.zeros(1, np.int64)]  # int64 arrays: doc_idx entries after the leading 0
         self.items = 0
         self.tokens = 0
+        self.bin_bytes = 0  # of tokens given to the .bin so far, the write under way included (for a full disk)
 
     def add_item(self, tokens) -> None:
         array = np.asarray(tokens, dtype=self.dtype)
+        self.bin_bytes += array.nbytes
         self._bin.write(array.tobytes(order="C"))
         self._sizes.append(np.array([len(array)], np.int32))
         self.items += 1
@@ -140,11 +142,16 @@ class MMapIndexedDatasetBuilder:
         sizes = np.asarray(sizes, dtype=np.int32)
         if int(sizes.sum(dtype=np.int64)) != len(tokens):
             raise ValueError(f"sizes add up to {int(sizes.sum())} tokens, but {len(tokens)} were given")
+        self.bin_bytes += tokens.nbytes
         self._bin.write(tokens.data)
         self._sizes.append(sizes)
         self._doc_starts.append(self.items + 1 + np.arange(len(sizes), dtype=np.int64))
         self.items += len(sizes)
         self.tokens += len(tokens)
+
+    def output_bytes(self) -> int:
+        """The bytes of the .bin and .idx of what was added so far (the write under way included)."""
+        return self.bin_bytes + HEADER.size + 12 * self.items + 8 * sum(map(len, self._doc_starts))
 
     def finalize(self, replace: bool = True) -> None:
         """Write the index and publish both files (without `replace`, only where no file appeared meanwhile)."""

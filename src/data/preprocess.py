@@ -72,12 +72,43 @@ def check_inputs(paths) -> list:
             stem = stem.removesuffix(suffix)
         if not stem.endswith((".jsonl", ".json")):
             raise UserInputError(f"--input {path}: expected JSON lines (.jsonl, .jsonl.zst or .jsonl.gz)")
+        if path.is_dir():
+            raise UserInputError(f"--input {path} is a folder; give the JSON lines files in it, comma-separated")
         if not path.is_file():
             raise UserInputError(f"--input {path}: file not found")
         checked.append(path)
     if not checked:
         raise UserInputError("--input is empty; pass one or more comma-separated .jsonl files")
     return checked
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity, where the system tells it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def input_blocks(paths, block_bytes: int = BLOCK_BYTES) -> int:
+    """About how many blocks read_blocks cuts the inputs into, at most: their sizes in blocks (a compressed input
+    counted at 20 times its size, more than text usually shrinks), at least 1."""
+    size = sum(path.stat().st_size * (20 if path.name.lower().endswith(COMPRESSED_SUFFIXES) else 1)
+               for path in map(Path, paths))
+    return max(1, -(-size // block_bytes))
+
+
+def capped_workers(workers: int, inputs, block_bytes: int = BLOCK_BYTES) -> tuple:
+    """(the workers worth starting for `inputs`, a note when that is fewer than `workers`, else ""): no more than
+    the inputs' blocks (a worker tokenizes a block at a time) and the cores (a worker uses one)."""
+    blocks, cores = input_blocks(check_inputs([str(path) for path in inputs if str(path)]), block_bytes), usable_cores()
+    capped = max(1, min(workers, blocks, cores))
+    if capped == workers:
+        return workers, ""
+    reasons = [f"the input is about {blocks:,} block{'s' * (blocks != 1)} of {block_bytes // 2**20} MiB, which a "
+               f"worker tokenizes one at a time"] if blocks < workers else []
+    reasons += [f"this machine gives this process {cores} core{'s' * (cores != 1)}"] if cores < workers else []
+    return capped, f"Note: --workers {workers} lowered to {capped}: {' and '.join(reasons)}."
 
 
 def read_blocks(paths, block_bytes: int = BLOCK_BYTES) -> Iterator[Block]:
@@ -285,9 +316,9 @@ def preprocess(options: EncodeOptions, inputs, output_prefix: str, workers: int 
     except BaseException as e:
         for builder in builders.values():
             builder.abort()
-        if is_disk_full(e):
-            written = sum(builder.tokens for builder in builders.values()) * np.dtype(dtype).itemsize
-            raise disk_full_error(output_prefix_for(output_prefix, options.keys[0]) + ".bin", written,
+        if is_disk_full(e):  # the outputs need at least what was being written when the space ran out
+            needed = sum(builder.output_bytes() for builder in builders.values())
+            raise disk_full_error(output_prefix_for(output_prefix, options.keys[0]) + ".bin", needed,
                                   lower_bound=True) from e
         raise
     return totals

@@ -1,0 +1,101 @@
+"""Never lose work (issue 35), preprocess_data.py: hostile or careless inputs through the real command line
+(preprocess_data.main), into a folder that holds an earlier output. Each row: exit 2, one line on stderr naming the
+flag or file, no traceback, and every earlier file byte-identical (no partial file left)."""
+import errno
+import json
+import os
+import re
+
+import pytest
+
+import preprocess_data
+from helpers import TOKENIZER_20B_PARTS, folder_snapshot, package_file
+from src.data import binidx, preprocess
+
+TOKENIZER_20B = package_file(*TOKENIZER_20B_PARTS)
+LINES = [json.dumps({"text": f"line {i}: some words to tokenize"}) for i in range(50)]
+
+
+class FullDisk:
+    """Stands in for binidx's `open`: every file it opens refuses its first write with ENOSPC, as a full disk does."""
+
+    def __init__(self, path, mode):
+        self.file = open(path, mode)
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+def full_disk(monkeypatch):
+    monkeypatch.setattr(binidx, "open", FullDisk, raising=False)
+
+
+ROWS = {  # name: (extra argv, set-up, texts the one line holds)
+    # started 100000 workers one by one, for hours, on a 50-line file
+    "--workers 100000": (["--workers", "100000"], None, ["--workers 100000 must be at most 1024"]),
+    "--workers -3": (["--workers", "-3"], None, ["--workers and --log-interval must be at least 1"]),
+    # "about 0 bytes needed" on a full disk: the size is what the outputs need at least, never 0
+    "full disk": (["--overwrite"], full_disk, ["no space left on the device of {tmp} for out_text_document.bin (more "
+                                               "than "]),
+    "input is a folder": (["--input", "{tmp}/folder.jsonl"], None,
+                          ["--input {tmp}/folder.jsonl is a folder; give the JSON lines files in it"]),
+    "input is not JSON lines": (["--input", "{tmp}/earlier_text_document.bin"], None, ["expected JSON lines"]),
+    "output exists": ([], None, ["out_text_document.bin", "--overwrite"]),
+}
+
+
+@pytest.mark.parametrize("name", ROWS)
+def test_hostile_input_is_one_line_and_loses_nothing(name, tmp_path, capsys, monkeypatch):
+    extra, setup, expected = ROWS[name]
+    (tmp_path / "in.jsonl").write_text("\n".join(LINES) + "\n")
+    (tmp_path / "folder.jsonl").mkdir()
+    argv = ["--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "out"),
+            "--vocab-file", TOKENIZER_20B, "--tokenizer-type", "HFTokenizer"]
+    assert preprocess_data.main(argv) == 0  # the earlier output
+    for suffix in (".bin", ".idx"):
+        earlier = (tmp_path / f"out_text_document{suffix}").read_bytes()
+        (tmp_path / f"earlier_text_document{suffix}").write_bytes(earlier)
+    if setup:
+        setup(monkeypatch)
+    before = folder_snapshot(tmp_path)
+    capsys.readouterr()
+    fill = lambda text: text.format(tmp=tmp_path)  # noqa: E731
+    assert preprocess_data.main([*argv, *map(fill, extra)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("preprocess_data.py: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    for text in expected:
+        assert fill(text) in err, (fill(text), err)
+    assert not re.search(r"\b0 bytes needed|than 0 bytes", err), err
+    assert folder_snapshot(tmp_path) == before and sorted(os.listdir(tmp_path)) == sorted([*before, "folder.jsonl"])
+
+
+def test_more_workers_than_blocks_or_cores_are_lowered_with_a_note(tmp_path, capsys):
+    (tmp_path / "in.jsonl").write_text("\n".join(LINES) + "\n")
+    argv = ["--input", str(tmp_path / "in.jsonl"), "--vocab-file", TOKENIZER_20B, "--tokenizer-type", "HFTokenizer"]
+    assert preprocess_data.main([*argv, "--output-prefix", str(tmp_path / "one")]) == 0
+    capsys.readouterr()
+    assert preprocess_data.main([*argv, "--output-prefix", str(tmp_path / "many"), "--workers", "1024"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.startswith("Note: --workers 1024 lowered to 1: the input is about 1 block of 1 MiB, which a "
+                                   "worker tokenizes one at a time"), captured.err
+    assert " s with 1 worker: " in captured.out
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / f"many_text_document{suffix}").read_bytes() == \
+               (tmp_path / f"one_text_document{suffix}").read_bytes()
+
+
+def test_the_cap_counts_blocks_and_cores(tmp_path):
+    (tmp_path / "in.jsonl").write_bytes(b"{}\n" * 1000)  # 3000 bytes: 3 blocks of 1000
+    assert preprocess.capped_workers(2, [str(tmp_path / "in.jsonl")], block_bytes=1000) == (2, "") or \
+        preprocess.usable_cores() < 2
+    workers, note = preprocess.capped_workers(8, [str(tmp_path / "in.jsonl")], block_bytes=1000)
+    assert workers == min(3, preprocess.usable_cores()) and note.startswith("Note: --workers 8 lowered to ")
