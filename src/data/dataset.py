@@ -27,6 +27,7 @@ from src.errors import UserInputError
 from src.loss import IGNORE_INDEX
 from src.io.outputs import VOCAB_NAME
 from src.data.script_mask import check_some_window_trains, parse_script_mask, trained_targets
+from src.data.jsonl_lines import check_input_file
 
 # How many tokens np.max reads at once when checking ids against the vocabulary.
 _SCAN_CHUNK = 1 << 26
@@ -190,11 +191,7 @@ def check_data_path(flag: str, path: str, kind: str, type_flag: str = "--data_ty
             if path.endswith(suffix) and Path(path[:-4] + ".bin").is_file() and Path(path[:-4] + ".idx").is_file():
                 raise UserInputError(f"{flag} {path}: give the binidx prefix without {suffix}: {path[:-4]}")
         return  # the reader names the missing file
-    if Path(path).is_dir():
-        raise UserInputError(f"{flag} {path} is a folder; {type_flag} {kind} reads {_DATA_FILES.get(kind, 'a file')}: "
-                             f"give the file's path")
-    if not Path(path).is_file():
-        raise UserInputError(f"{flag} {path}: file not found")
+    check_input_file(flag, path, f"the file's path: {type_flag} {kind} reads {_DATA_FILES.get(kind, 'a file')}")
 
 
 def read_npy_tokens(path: str) -> np.ndarray:

@@ -29,6 +29,7 @@ import numpy as np
 from src.config import TrainConfig
 from src.errors import UserInputError
 from src.data.jsonl import read_texts, speaker_mask, speaker_spans
+from src.data.jsonl_lines import check_input_file
 from src.data.tokenizer import Tokenizer, tokenizer_for_file
 
 USER_TAG, BOT_TAG = "Bob", "Alice"  # the speaker tags the chats are written with
@@ -112,8 +113,7 @@ class Chats:
 def load_chats(cfg: TrainConfig) -> Chats:
     """The chats of --instruct_data_file, the tokenizer of --vocab_file and the names of --names_data_file."""
     path = Path(cfg.instruct_data_file)
-    if not path.is_file():
-        raise UserInputError(f"--instruct_data_file {path}: file not found")
+    check_input_file("--instruct_data_file", path, "a .jsonl file of chats")
     texts = [text.strip() for text in read_texts(path, "--instruct_data_file") if text.strip()]
     if not texts:
         raise UserInputError(f"--instruct_data_file {path} holds no chat; each line is {{\"text\": \"{USER_TAG}: "
@@ -155,6 +155,7 @@ def load_names(path: str) -> tuple:
 
 
 def _read_json(path: str):
+    check_input_file("--names_data_file", path, "a JSON file of names")
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:

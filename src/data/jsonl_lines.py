@@ -7,8 +7,23 @@ import io
 import json
 from pathlib import Path
 
+from src.errors import UserInputError
+
 READ_BUFFER_BYTES = 1 << 20  # of a decompressed .zst stream
 UTF8_BOM = b"\xef\xbb\xbf"  # some editors start a file with it
+
+
+def check_input_file(flag: str, path, what: str = "a file") -> None:
+    """Refuse `path`, given to `flag`, unless it is a file: a folder, a named pipe or device (a reader would wait on
+    it for ever) and a missing path are each named as such; `what` says what to give instead."""
+    path = Path(path)
+    if path.is_file():
+        return
+    if path.is_dir():
+        raise UserInputError(f"{flag} {path} is a folder; give {what}")
+    if path.exists():
+        raise UserInputError(f"{flag} {path} is not a regular file (a named pipe or a device); give {what}")
+    raise UserInputError(f"{flag} {path}: file not found")
 
 
 def open_input(path: Path):

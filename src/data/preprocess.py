@@ -22,7 +22,8 @@ import numpy as np
 from src.io.atomic import check_output_file, disk_full_error, is_disk_full
 from src.data.binidx import MMapIndexedDatasetBuilder, token_dtype
 from src.errors import UserInputError
-from src.data.jsonl_lines import UTF8_BOM, BadLine, open_input, parse_record, read_errors
+from src.data.jsonl_lines import (UTF8_BOM, BadLine, check_input_file, open_input, parse_record,
+                                  read_errors)
 from src.data.tokenizer import Tokenizer, TokenizerSpec
 
 BLOCK_BYTES = 1 << 20
@@ -72,10 +73,7 @@ def check_inputs(paths) -> list:
             stem = stem.removesuffix(suffix)
         if not stem.endswith((".jsonl", ".json")):
             raise UserInputError(f"--input {path}: expected JSON lines (.jsonl, .jsonl.zst or .jsonl.gz)")
-        if path.is_dir():
-            raise UserInputError(f"--input {path} is a folder; give the JSON lines files in it, comma-separated")
-        if not path.is_file():
-            raise UserInputError(f"--input {path}: file not found")
+        check_input_file("--input", path, "the JSON lines files in it, comma-separated")
         checked.append(path)
     if not checked:
         raise UserInputError("--input is empty; pass one or more comma-separated .jsonl files")

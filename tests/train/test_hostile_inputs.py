@@ -38,6 +38,7 @@ def hostile_files(tmp, proj_dir):
     np.save(tmp / "tokens.npy", (np.arange(800) % 20).astype(np.int32))
     (tmp / "pickled.npy").write_bytes(pickle.dumps(list(range(800))))
     (tmp / "a_folder").mkdir()
+    os.mkfifo(tmp / "pipe")  # a reader would wait on it for ever
     write_binidx(tmp / "docs" / "valid_text_document", [50] * 20)
     write_binidx(tmp / "single_tokens", [1] * 400)
 
@@ -84,8 +85,14 @@ ROWS = {  # name: (argv after TINY_RUN --proj_dir, what to do to --proj_dir firs
                       ["notes.txt is not a .npy array (it holds text", "numpy.save", "--data_type utf-8"]),
     "pickle as numpy": ([*NUMPY, "{tmp}/pickled.npy", *OVERWRITE], None, ["pickled.npy is a Python pickle"]),
     "folder as numpy": ([*NUMPY, "{tmp}/a_folder", *OVERWRITE], None,
-                        ["--data_file {tmp}/a_folder is a folder; --data_type numpy reads a .npy file"]),
+                        ["--data_file {tmp}/a_folder is a folder; give the file's path: --data_type numpy reads a .npy file"]),
+    "pipe as --data_file": (["--data_type", "utf-8", "--data_file", "{tmp}/pipe", *OVERWRITE], None,
+                            ["--data_file {tmp}/pipe is not a regular file (a named pipe or a device)"]),
     # folders were "file not found"
+    "folder as --instruct_data_file": (
+        ["--data_type", "numpy", "--vocab_size", "50277", "--data_file", "{tmp}/tokens.npy", "--instruct_data_file",
+         "{tmp}/a_folder", "--instruct_data_ratio", "0.5", "--vocab_file", "20B_tokenizer.json", *OVERWRITE], None,
+        ["--instruct_data_file {tmp}/a_folder is a folder; give a .jsonl file of chats"]),
     "folder as --load_model": (
         ["--load_model", "{proj_dir}", "--epoch_begin", "2", "--epoch_count", "3"], None,
         ["--load_model {proj_dir} is a folder; --load_model takes a .pth file of weights, e.g. {proj_dir}/rwkv-"]),
@@ -97,7 +104,7 @@ ROWS = {  # name: (argv after TINY_RUN --proj_dir, what to do to --proj_dir firs
          *OVERWRITE], None, ["give the binidx prefix without .bin: {tmp}/docs/valid_text_document"]),
     "text folder as --valid_data_file": (
         ["--valid_data_file", "{tmp}/a_folder", "--valid_data_type", "utf-8", *OVERWRITE], None,
-        ["--valid_data_file {tmp}/a_folder is a folder; --valid_data_type utf-8 reads a UTF-8 text file"]),
+        ["--valid_data_file {tmp}/a_folder is a folder; give the file's path: --valid_data_type utf-8 reads"]),
     "2-D .npy as --valid_data_file": (
         [*NUMPY, "{tmp}/tokens.npy", "--valid_data_file", "{tmp}/rows.npy", *OVERWRITE], None,
         ["--valid_data_file {tmp}/rows.npy holds a 2-D array", "--valid_data_type numpy needs"]),
