@@ -8,11 +8,13 @@
 The data is cut into consecutive windows of --ctx_len inputs, each evaluated from an empty state
 (src/eval/windows.py, src/eval/engine.py). The last line of stdout is one JSON object: loss, perplexity, tokens,
 loss_by_position ([[start, end, loss], ...]), windows, input_tokens, seconds, tokens_per_s.
-Exit code 0 when done, 2 for bad input (one line on stderr).
+A result that cannot be right is refused instead: no target left by the masks, a NaN or infinite loss.
+Exit code 0 when done, 2 for bad input (one line on stderr), 130 / 143 after Ctrl+C / SIGTERM (one line).
 """
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 
@@ -23,6 +25,9 @@ from src.errors import UserInputError
 
 PROG = "evaluate.py"
 PROGRESS_EVERY_S = 10.0  # seconds between progress lines on stderr
+# the largest value of each count flag: beyond it no data or machine has the windows (and numpy's int64 overflows)
+LARGEST = {"ctx_len": 2 ** 31 - 1, "ctx_parts": 2 ** 31 - 1, "micro_bsz": 2 ** 31 - 1, "my_sample_len": 2 ** 31 - 1,
+           "max_tokens": 2 ** 62}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,14 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return cli.run_main(PROG, lambda: report(evaluate(args)))
+    def body():
+        with cli.signals_interrupt(quit_on_second=True):  # Ctrl+C and SIGTERM stop it with one line
+            return report(evaluate(build_parser().parse_args(argv)))
+
+    return cli.run_main(PROG, body, interrupted="{prog}: {signal}: stopped; no result")
 
 
 def report(result) -> int:
     """Prints the EvalResult's table and, as the last line, its JSON summary; exit code 0."""
     print(result.table())
-    print(json.dumps(result.summary()), flush=True)
+    print(json.dumps(result.summary(), allow_nan=False), flush=True)
     return 0
 
 
@@ -72,6 +80,10 @@ def evaluate(args: argparse.Namespace):
     """The EvalResult of the parsed command line; prints a heading line first."""
     if args.max_tokens < 0:
         raise UserInputError(f"--max_tokens must not be negative (got {args.max_tokens}).")
+    for name, largest in LARGEST.items():
+        value = getattr(args, name)
+        if value is not None and value > largest:
+            raise UserInputError(f"--{name} {value} must be at most {largest:,}.")
     data_flags = {name: getattr(args, name) for name in (
         "data_file", "data_type", "vocab_size", "my_sample_len", "select_name", "my_script_mask", "ctx_len",
         "ctx_parts", "state_cp", "micro_bsz", "precision", "accelerator", "wkv_backend", "compile")}
@@ -105,8 +117,14 @@ def evaluate(args: argparse.Namespace):
         raise UserInputError(f"--vocab_size {args.vocab_size} differs from the vocabulary of {args.load_model} "
                              f"({model.cfg.vocab_size}); leave --vocab_size out")
     cfg = dataclasses.replace(cfg, vocab_size=model.cfg.vocab_size)
+    if args.data_type == "jsonl":
+        model_loader.check_tokenizer_fits(args.vocab_file, model.cfg.vocab_size, args.load_model)
     chars = model_loader.characters_of(args.load_model, args.vocab_file) if char_level else None
     windows = load_windows(cfg, args.max_tokens, chars)
+    if not windows.has_a_target():
+        raise UserInputError(f"{windows.source}: the masks ({masks_of(args)}) leave no target in any of its "
+                             f"{len(windows):,} windows of --ctx_len {args.ctx_len}, so there is no loss to "
+                             f"compute; change the mask or give other data")
     print(f"{PROG}: {args.load_model}{f' + {args.lora_load}' if args.lora_load else ''} on {windows.source} "
           f"({args.data_type}): {len(windows):,} windows of up to {args.ctx_len:,} tokens"
           f"{f' in segments of {cfg.segment_len:,}' if cfg.segment_len else ''}, {cfg.precision} on {device}",
@@ -114,7 +132,19 @@ def evaluate(args: argparse.Namespace):
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         result = engine.evaluate(model, windows, cfg.ctx_len, cfg.micro_bsz, cfg.segment_len, device=device,
                                      progress=ProgressLines())
+    if not result.tokens:
+        raise UserInputError(f"no target was evaluated ({masks_of(args)}); there is no loss to report")
+    if not math.isfinite(result.loss):
+        raise UserInputError(f"the loss of {args.load_model} on {windows.source} is {result.loss}: the model computes "
+                             f"non-finite logits (weights with NaN or infinity, or values beyond the range of "
+                             f"--precision {args.precision}); no result to report")
     return result
+
+
+def masks_of(args) -> str:
+    """The flags that mask targets, as given ("--my_script_mask 0_16"), or what masks without a flag."""
+    given = [f"--{name} {getattr(args, name)}" for name in ("my_script_mask", "select_name") if getattr(args, name)]
+    return ", ".join(given) or "the data's own"
 
 
 class ProgressLines:
@@ -131,4 +161,4 @@ class ProgressLines:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_process(main())

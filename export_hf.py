@@ -10,14 +10,13 @@ on a few tokens in fp32 and their logits must agree (max |difference| <= 1e-4). 
 transformers' RWKV lacks (pre_ffn, head_qk, tiny attention, my_pos_emb, dim_att != n_embd) and LoRA files
 are refused in one line.
 """
-import sys
-
-from src.hf import cli
+from src import cli
+from src.hf import cli as hf_cli
 
 
 def main(argv=None) -> int:
-    return cli.run_export(argv, "export_hf.py", __doc__.split("\n\n")[0])
+    return hf_cli.run_export(argv, "export_hf.py", __doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_process(main())

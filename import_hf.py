@@ -7,14 +7,13 @@ OUT.pth is a plain {key: tensor} dict with v4neo keys, each tensor in the folder
 bit for bit. Before it writes, transformers' model loaded from HF_DIR and this toolkit's model run on a few
 tokens in fp32 and their logits must agree (max |difference| <= 1e-4).
 """
-import sys
-
-from src.hf import cli
+from src import cli
+from src.hf import cli as hf_cli
 
 
 def main(argv=None) -> int:
-    return cli.run_import(argv, "import_hf.py", __doc__.split("\n\n")[0])
+    return hf_cli.run_import(argv, "import_hf.py", __doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_process(main())

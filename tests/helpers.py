@@ -138,13 +138,16 @@ def stopped_by_one_sigint(argv, proj_dir: Path) -> int:
     return code
 
 
+WRITING = "(an atomic write)"  # what a child of signalled() prints with slow_writes
+
+
 def signalled(script: str, argv, signum, ready, slow_writes: float = 0.0, timeout: float = 120) -> tuple:
     """Run `script` (an entry point of the repository, e.g. "export_hf.py") with `argv` in a process group of its own,
-    as a terminal runs it; once `ready()` holds, send `signum` to the group (Ctrl+C reaches every process of it).
-    Returns (exit code, stdout, stderr). `slow_writes` > 0: every write of an atomic file waits that many seconds
-    first (the child runs the script's main after patching atomic._write), so that a signal sent while the temporary
-    file exists lands inside the write. The signal is sent even if `ready()` never holds within `timeout`; the test
-    then sees what the command did."""
+    as a terminal runs it; once `ready(stdout so far)` holds, send `signum` to the group (Ctrl+C reaches every process
+    of it). Returns (exit code, stdout, stderr). `slow_writes` > 0: every write of an atomic file prints WRITING on
+    stdout and waits that many seconds before it writes (the child runs the script's main after patching
+    atomic._write), so that a signal sent once WRITING is printed lands inside the writes. The signal is sent even if
+    `ready` never holds within `timeout`; the test then sees what the command did."""
     import subprocess
     import sys
 
@@ -155,14 +158,33 @@ def signalled(script: str, argv, signum, ready, slow_writes: float = 0.0, timeou
         module = script.removesuffix(".py")
         command = [sys.executable, "-c", f"import sys, time\nfrom src import cli\nfrom src.io import atomic\n"
                    f"write = atomic._write\n"
-                   f"atomic._write = lambda file, data: (time.sleep({slow_writes}), write(file, data))[1]\n"
+                   f"atomic._write = lambda file, data: (print({WRITING!r}, flush=True), time.sleep({slow_writes}), "
+                   f"write(file, data))[2]\n"
                    f"import {module}\ncli.exit_process({module}.main(sys.argv[1:]))\n"]
     proc = subprocess.Popen([*command, *map(str, argv)], cwd=ROOT, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = [], []
+    readers = [threading.Thread(target=lambda s=stream, into=into: into.extend(iter(s.readline, "")), daemon=True)
+               for stream, into in ((proc.stdout, out), (proc.stderr, err))]
+    for reader in readers:
+        reader.start()
     deadline = time.time() + timeout
-    while proc.poll() is None and not ready() and time.time() < deadline:
+    while proc.poll() is None and not ready("".join(out)) and time.time() < deadline:
         time.sleep(0.01)
     if proc.poll() is None:
         os.killpg(proc.pid, signum)
-    out, err = proc.communicate(timeout=timeout)
-    return proc.returncode, out, err
+    proc.wait(timeout=timeout)
+    for reader in readers:
+        reader.join(timeout=timeout)
+    return proc.returncode, "".join(out), "".join(err)
+
+
+def signalled_both(script: str, runs: dict, **options) -> dict:
+    """signalled() once for SIGINT and once for SIGTERM at the same time (the two processes start up together):
+    `runs` is {signum: (argv, ready)}; returns {signum: (exit code, stdout, stderr)}."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(runs)) as pool:
+        futures = {signum: pool.submit(signalled, script, argv, signum, ready, **options)
+                   for signum, (argv, ready) in runs.items()}
+        return {signum: future.result() for signum, future in futures.items()}

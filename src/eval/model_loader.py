@@ -54,6 +54,20 @@ def load_model(path, lora_path: str = "", lora_alpha: Optional[float] = None, de
     return model.eval()
 
 
+def check_tokenizer_fits(vocab_file: str, vocab_size: int, path) -> None:
+    """Refuse a tokenizer (--vocab_file) whose vocabulary is not the model's: the same size, or that size padded up to
+    a multiple of 64 as some models' embeddings are. Token ids of another vocabulary mean other text to the model."""
+    from src.data.tokenizer import tokenizer_for_file
+
+    if not vocab_file:
+        return  # the data's own check asks for it
+    size = tokenizer_for_file(vocab_file).vocab_size
+    if vocab_size not in (size, -(-size // 64) * 64):
+        raise UserInputError(f"--vocab_file {vocab_file} has a vocabulary of {size:,} tokens and {path} one of "
+                             f"{vocab_size:,}: the model was trained with another tokenizer; pass the one it was "
+                             f"trained with (20B_tokenizer.json: 50,277 tokens; rwkv_vocab_v20230424.txt: 65,536)")
+
+
 def characters_of(path, vocab_file: str = "") -> list:
     """The characters of a character-level model: `vocab_file`, or the vocab.json its run wrote beside it."""
     vocab = Path(vocab_file) if vocab_file else Path(path).parent / "vocab.json"

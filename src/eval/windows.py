@@ -30,6 +30,7 @@ from src.data.binidx import MMapIndexedDataset
 from src.config import TrainConfig
 from src.data.types import CHARACTER_DATA_TYPES
 from src.errors import UserInputError
+from src.loss import IGNORE_INDEX
 from src.data.script_mask import parse_script_mask, trained_targets
 
 
@@ -46,6 +47,12 @@ class EvalWindows:
 
     def __len__(self) -> int:
         return len(self.bounds)
+
+    def has_a_target(self) -> bool:
+        """Whether some window has a target its masks leave in (read up to the first such window)."""
+        if self.trained is None and self.script_mask is None:
+            return len(self) > 0
+        return any(bool((self[k][1] != IGNORE_INDEX).any()) for k in range(len(self)))
 
     def __getitem__(self, k: int) -> tuple:
         """(x, y): 1-D int64 inputs and targets of window k, IGNORE_INDEX where masked."""

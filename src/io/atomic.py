@@ -192,8 +192,11 @@ def disk_full_error(path, needed_bytes: int, lower_bound: bool = False) -> UserI
     parts = []
     if needed_bytes > 0:
         parts.append(f"{'more than' if lower_bound else 'about'} {_size_text(needed_bytes)} needed")
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:  # an output folder not made yet
+        existing = existing.parent
     try:
-        parts.append(f"{_size_text(shutil.disk_usage(path.parent).free)} free")
+        parts.append(f"{_size_text(shutil.disk_usage(existing).free)} free")
     except OSError:
         pass
     sizes = f" ({', '.join(parts)})" if parts else ""
@@ -375,6 +378,8 @@ class _WatchedFile:
         self.given = 0  # bytes given to write, the failed write's included
 
     def write(self, data) -> int:
+        if self.error is not None:  # torch.save goes on writing after a failed write: stop it at once
+            raise self.error
         self.given += memoryview(data).nbytes
         try:
             return _write(self.file, data)

@@ -143,7 +143,7 @@ def check_compatible(expected: dict, weights: dict, path, shape_flags, allow_mis
 def weight_mismatches(expected: dict, weights: dict, allow_missing: bool = False) -> list:
     """Missing and unexpected keys and shape differences of `weights` against `expected`, one entry per kind."""
     differences = compare_weights(expected, weights)
-    mismatched = [f"{k}: file {tuple(weights[k].shape)} vs model {tuple(expected[k].shape)}"
+    mismatched = [f"{k}: file {_shape(weights[k])} vs model {_shape(expected[k])}"
                   for k in differences.mismatched]
     problems = []
     if differences.missing and not allow_missing:
@@ -169,13 +169,15 @@ class WeightDifferences:
 def compare_weights(expected: dict, actual: dict) -> WeightDifferences:
     """Compare two {key: tensor or shape tuple} dicts by keys and shapes; the values themselves are not read.
     The one key/shape comparison of the toolkit: loading models, LoRA files, resume bundles and merges use it."""
-    def shape(value) -> tuple:
-        return tuple(value.shape) if isinstance(value, torch.Tensor) else tuple(value)
-
     return WeightDifferences(
         missing=[k for k in expected if k not in actual],
         unexpected=[k for k in actual if k not in expected],
-        mismatched=[k for k in expected if k in actual and shape(actual[k]) != shape(expected[k])])
+        mismatched=[k for k in expected if k in actual and _shape(actual[k]) != _shape(expected[k])])
+
+
+def _shape(value) -> tuple:
+    """The shape of a tensor, or a shape given as a tuple."""
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else tuple(value)
 
 
 def _short_list(items: list, limit: int = 12) -> str:

@@ -234,7 +234,8 @@ def test_import_refuses_in_one_line(exported, tmp_path, capsys):
     (damaged / "model.safetensors").write_bytes((out_dir / "model.safetensors").read_bytes()[:1000])
     other = shutil.copytree(out_dir, tmp_path / "other")
     (other / "config.json").write_text(json.dumps({"model_type": "rwkv5", "vocab_size": 65536}))
-    cases = {tmp_path / "nowhere": "is not a folder", tmp_path: "has no config.json",
+    (tmp_path / "no_config").mkdir()
+    cases = {tmp_path / "nowhere": "is not a folder", tmp_path / "no_config": "has no config.json",
              damaged: "damaged safetensors file", other: "'rwkv5' model"}
     for folder, expected in cases.items():
         refused(import_hf.main, [str(folder), str(tmp_path / "out.pth")], capsys, "import_hf.py", expected)

@@ -99,3 +99,59 @@ def test_without_replace_an_output_that_appeared_meanwhile_is_kept(tmp_path):
     with atomic_file(tmp_path / "new.pth", replace=False) as f:
         f.write(b"new")
     assert (tmp_path / "new.pth").read_bytes() == b"new"
+
+
+def test_an_output_that_is_holds_or_lies_inside_an_input_is_refused(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "data.txt").write_text("input")
+    os.link(tmp_path / "in" / "data.txt", tmp_path / "alias.txt")
+    inputs = [("--data", tmp_path / "in" / "data.txt"), ("--folder", tmp_path / "in")]
+    for path, folder, message in [(tmp_path / "in" / "data.txt", False, "is --data"),
+                                  (tmp_path / "alias.txt", False, "is --data"),  # the same file by a hard link
+                                  (tmp_path / "in" / "new.txt", False, "lies inside --folder"),
+                                  (tmp_path, True, "holds --data")]:
+        with pytest.raises(UserInputError, match=message):
+            atomic.check_apart(path, "OUT", inputs, folder=folder)
+    atomic.check_apart(tmp_path / "out.txt", "OUT", inputs)
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_folder_replaces_only_what_the_check_found(tmp_path, existing):
+    out = tmp_path / "out"
+    if existing:
+        out.mkdir()
+        (out / "old.txt").write_text("old")
+    found = atomic.check_output_folder(out, replace=True, what="OUT_DIR")
+    with atomic.atomic_path(out) as tmp:
+        tmp.mkdir()
+        (tmp / "new.txt").write_text("new")
+        atomic.publish(tmp, out, replace=found)
+    assert os.listdir(out) == ["new.txt"] and os.listdir(tmp_path) == ["out"]
+    # the same again, while another command writes into the folder: refused, its file and the old folder kept
+    found = atomic.check_output_folder(out, replace=True, what="OUT_DIR")
+    with pytest.raises(UserInputError, match="was written by another command while this one ran"):
+        with atomic.atomic_path(out) as tmp:
+            tmp.mkdir()
+            (out / "theirs.txt").write_text("theirs")
+            atomic.publish(tmp, out, replace=found)
+    assert sorted(os.listdir(out)) == ["new.txt", "theirs.txt"] and os.listdir(tmp_path) == ["out"]
+
+
+def test_a_hard_exit_puts_back_a_folder_moved_aside(tmp_path):
+    """Between moving the old folder aside and renaming the new one into place, a hard exit restores the old."""
+    out, aside = tmp_path / "out", tmp_path / ".out.old"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    os.rename(out, aside)
+    atomic._ASIDE[aside] = out
+    atomic.remove_partial_files()
+    assert os.listdir(tmp_path) == ["out"] and (out / "old.txt").read_text() == "old" and not atomic._ASIDE
+
+
+def test_a_full_disk_of_unknown_size_names_what_was_given(tmp_path, monkeypatch):
+    monkeypatch.setattr(atomic, "_write", full_disk_after(100))
+    with pytest.raises(UserInputError, match=r"for x.bin \(more than 550 bytes needed, .* free\)"):
+        with atomic_file(tmp_path / "x.bin") as f:
+            f.write(b"a" * 50)
+            f.write(b"b" * 500)
+    assert list(tmp_path.iterdir()) == []
