@@ -5,6 +5,7 @@ from the keys of the file for --load_model. A family is a folder, src/models/<na
 from src.errors import UserInputError
 from src.models.family import EMBEDDING, HEAD, ModelFamily  # noqa: F401 (the names every caller needs, in one place)
 from src.models.rwkv4.family import RWKV4
+from src.models.rwkv7.family import RWKV7
 
 FAMILIES: dict = {}  # name -> ModelFamily, the first one registered being the default
 
@@ -18,6 +19,7 @@ def register(family: ModelFamily) -> ModelFamily:
 
 
 register(RWKV4)
+register(RWKV7)
 
 
 def flag_groups() -> tuple:
