@@ -1,4 +1,5 @@
-"""Train or fine-tune an RWKV-4 model. Same flags as the RWKV-LM-LoRA ChatGal fork's train.py.
+"""Train or fine-tune an RWKV model (the families of src/models: RWKV-4, RWKV-7). Same flags as the RWKV-LM-LoRA
+ChatGal fork's train.py.
 
     python train.py --help
 """
@@ -39,7 +40,8 @@ def estimate_memory(cfg: TrainConfig) -> int:
 def train(cfg: TrainConfig, extra_callbacks=(), write_weights: bool = True) -> int:
     """Run the training `cfg` describes. `extra_callbacks` (Lightning callbacks) watch it, e.g. in benchmarks;
     `write_weights` False trains without writing any .pth (a benchmark never reads them: 15-30 GB for 7B)."""
-    from src.train import console, stopping  # torch and Lightning load here, after the command line is known to be valid
+    # torch and Lightning load here, after the command line is known to be valid
+    from src.train import console, stopping
 
     stop = stopping.StopSignal()
     stop.install()  # Ctrl+C / SIGTERM: at once during start-up; once training runs, after the current step
@@ -109,8 +111,8 @@ def run_training(cfg: TrainConfig, stop, extra_callbacks: list, held_until_the_e
         for line in (lora_summary, pile_resume):
             if line:
                 print(line, flush=True)
-        console.print_banner(cfg, data.vocab_size, sum(p.numel() for p in model.parameters()), seed, lightning_trainer.world_size,
-                             lightning_trainer.strategy.root_device.type)
+        console.print_banner(cfg, data.vocab_size, sum(p.numel() for p in model.parameters()), seed,
+                             lightning_trainer.world_size, lightning_trainer.strategy.root_device.type)
     lightning_trainer.fit(trainer.RWKVModule(model, cfg), dataset.build_loader(samples, cfg),
                           ckpt_path=cfg.resume or None)
 

@@ -100,6 +100,7 @@ class TrainConfig(*flag_groups()):  # the shape flags of each model family (src/
                              choices=(0, 1))
     n_layer: int = flag(6, "model", "Number of blocks.", valid=AT_LEAST_1)
     n_embd: int = flag(512, "model", "Model width C.", valid=AT_LEAST_1)
+    dim_ffn: int = flag(0, "model", "Hidden width of channel-mix (0 = 4*n_embd).", valid=AT_LEAST_0)
     my_testing: str = flag("", "model", "The model family of a run from scratch: empty = RWKV-4 (a --load_model "
                            "file's family is read from its keys). The original's architecture variants ('a', 'g') "
                            "are refused.")

@@ -40,6 +40,8 @@ LIGHTNING_FLAGS = {
 # Ours: not in the original.
 OWN_FLAGS = {"wkv_backend": "auto", "compile": 1, "vocab_file": "", "resume": "", "overwrite_proj_dir": 0,
              "valid_data_file": "", "valid_data_type": None, "valid_every": 1, "valid_tokens": 0,
+             # model families' own shape flags (src/models/<family>/flags.py)
+             "head_size": 64, "d_decay_lora": 0, "d_aaa_lora": 0, "d_mv_lora": 0, "d_gate_lora": 0,
              "estimate_memory": 0}
 
 

@@ -118,6 +118,10 @@ class ModelFamily:
         """The LR multiplier of --layerwise_lr 1."""
         return 1.0
 
+    def weight_decayed(self, name: str, shape) -> bool:
+        """Whether --weight_decay applies to the parameter: the matrices (two dimensions once squeezed)."""
+        return len([size for size in shape if size != 1]) >= 2
+
     def lora_projections(self, shape, parts, layers) -> list:
         """Names of the Linear layers LoRA wraps for `parts` in `layers`, in order."""
         return []

@@ -40,7 +40,7 @@ def shows_progress_bar(cfg: TrainConfig) -> bool:
 
 def print_banner(cfg: TrainConfig, vocab_size: int, n_params: int, seed: int, world_size: int, device: str) -> None:
     batch = cfg.micro_bsz * world_size
-    print(f"\nRWKV-4 L{cfg.n_layer} D{cfg.n_embd} vocab {vocab_size}: {n_params / 1e6:.2f}M parameters, "
+    print(f"\n{cfg.family.title} L{cfg.n_layer} D{cfg.n_embd} vocab {vocab_size}: {n_params / 1e6:.2f}M parameters, "
           f"precision {cfg.precision}, strategy {cfg.strategy}, seed {seed}\n"
           f"data {cfg.data_type} {cfg.data_file or ''}; ctx_len {cfg.ctx_len}{_state_cp_note(cfg)}; {world_size} "
           f"{device} device(s) x micro_bsz {cfg.micro_bsz} x accumulate {accumulation.describe(cfg)}\n"

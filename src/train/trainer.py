@@ -28,7 +28,7 @@ def build_param_groups(model: torch.nn.Module, cfg: TrainConfig, max_group_numel
         if not p.requires_grad:
             continue
         scale = family.lr_multiplier(name, pile_stage_2) if cfg.layerwise_lr else 1.0
-        decay = cfg.weight_decay if (cfg.weight_decay > 0 and p.squeeze().dim() >= 2) else 0.0
+        decay = cfg.weight_decay if (cfg.weight_decay > 0 and family.weight_decayed(name, p.shape)) else 0.0
         pieces = groups.setdefault((scale, decay), [])
         if not pieces or (max_group_numel and pieces[-1]["numel"] + p.numel() > max_group_numel
                           and pieces[-1]["params"]):

@@ -10,7 +10,6 @@ GROUP = "rwkv4"  # train.py --help shows them under "model shape of RWKV-4"
 @dataclass
 class Rwkv4ShapeFlags:
     dim_att: int = flag(0, GROUP, "Width of the time-mix key/value/receptance (0 = n_embd).", valid=AT_LEAST_0)
-    dim_ffn: int = flag(0, GROUP, "Hidden width of channel-mix (0 = 4*n_embd).", valid=AT_LEAST_0)
     pre_ffn: int = flag(0, GROUP, ">0: block 0 uses a channel-mix (ffnPre) instead of time-mix.", valid=AT_LEAST_0)
     head_qk: int = flag(0, GROUP, ">0: the headQK copy mechanism with this inner size.", valid=AT_LEAST_0)
     tiny_att_dim: int = flag(0, GROUP, ">0: tiny attention with this q/k size at --tiny_att_layer.", valid=AT_LEAST_0)

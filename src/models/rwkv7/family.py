@@ -76,7 +76,7 @@ class Rwkv7Family(ModelFamily):
         return anatomy.lr_multiplier(name, pile_stage_2)
 
     def weight_decayed(self, name: str, shape) -> bool:
-        """BlinkDL's weight-decay group (not yet asked by src/train/trainer.py, which decays every 2-D tensor)."""
+        """BlinkDL's weight-decay group: the projections' .weight matrices, not the low-rank w0/w1/... tensors."""
         return anatomy.weight_decayed(name, shape)
 
     def lora_projections(self, shape: RWKV7Config, parts, layers) -> list:
