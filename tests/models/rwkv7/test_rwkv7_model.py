@@ -272,6 +272,20 @@ def test_lr_and_weight_decay_groups_are_blinkdls():
         for m in ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")}
 
 
+def test_the_trainer_decays_what_the_family_says():
+    """build_param_groups asks the family: --weight_decay reaches BlinkDL's matrices and nothing else (w0, w1, ...,
+    the norms and the time-mix tensors stay without it)."""
+    from src.config import parse_args
+    from src.train.trainer import build_param_groups
+
+    model = tiny_model(n_layer=2)
+    cfg = parse_args(["--data_type", "dummy", "--my_testing", "x070", "--n_embd", "32", "--head_size", "8",
+                      "--weight_decay", "0.1"])
+    decayed = {name for group in build_param_groups(model, cfg) if group["weight_decay"] > 0 for name in group["names"]}
+    assert decayed == {n for n, p in model.named_parameters() if RWKV7.weight_decayed(n, p.shape)}
+    assert "blocks.0.att.w1" not in decayed and "blocks.1.att.key.weight" in decayed
+
+
 def test_pieces_of_the_forward():
     assert RWKV7.piece_of("emb.weight") == models.EMBEDDING
     assert RWKV7.piece_of("blocks.0.ln0.weight") == 0 and RWKV7.piece_of("blocks.12.att.r_k") == 12
