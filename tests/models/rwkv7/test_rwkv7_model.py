@@ -204,7 +204,8 @@ def test_a_lora_run_merges_to_what_its_unmerged_adapters_compute(tmp_path, capsy
     save_weights(tiny_model(vocab_size=DUMMY_VOCAB, n_layer=2).state_dict(), base)
     lora_run = [a for a in RUN if a not in ("--my_testing", "x070")]
     assert train.main([*lora_run, "--epoch_count", "1", "--lora", "--load_model", str(base), "--lora_r", "4",
-                       "--lora_parts", "att,ffn,time,ln", "--lr_init", "1e-2", "--proj_dir", str(tmp_path / "out")]) == 0
+                       "--lora_parts", "att,ffn,time,ln", "--lr_init", "1e-2",
+                       "--proj_dir", str(tmp_path / "out")]) == 0
     lora = tmp_path / "out" / "rwkv-final.pth"
     trained = load_weights(lora)
     assert "blocks.1.att.output.lora_B" in trained and "blocks.0.ffn.value.lora_A" in trained
