@@ -120,6 +120,11 @@ def evaluate(args: argparse.Namespace):
     if args.data_type == "jsonl":
         model_loader.check_tokenizer_fits(args.vocab_file, model.cfg.vocab_size, args.load_model)
     chars = model_loader.characters_of(args.load_model, args.vocab_file) if char_level else None
+    if chars is not None and len(chars) != model.cfg.vocab_size:
+        raise UserInputError(f"the character vocabulary ({args.vocab_file or 'vocab.json beside --load_model'}) has "
+                             f"{len(chars)} characters and {args.load_model} a vocabulary of {model.cfg.vocab_size}: "
+                             f"it is not the vocab.json of the run that trained the model; pass that one with "
+                             f"--vocab_file")
     windows = load_windows(cfg, args.max_tokens, chars)
     if not windows.has_a_target():
         raise UserInputError(f"{windows.source}: the masks ({masks_of(args)}) leave no target in any of its "

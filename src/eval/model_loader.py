@@ -13,6 +13,7 @@ import torch
 
 from src.io.checkpoint import compare_weights, is_lora_checkpoint, load_weights
 from src.data.dataset import read_char_vocab
+from src.data.jsonl_lines import check_input_file
 from src.errors import UserInputError
 from src.lora.adapters import attach_lora
 from src.lora.merge import LoraCheckpoint, check_fits_base, resolve_alpha
@@ -23,6 +24,8 @@ def load_model(path, lora_path: str = "", lora_alpha: Optional[float] = None, de
                dtype: torch.dtype = torch.float32, flags=None) -> torch.nn.Module:
     """The model of `path` (+ the LoRA of `lora_path`) on `device` in `dtype`, in eval mode, its forward run as
     the flags' --grad_cp, --wkv_backend, --ctx_parts and --compile say (None: its family's defaults)."""
+    if not Path(path).is_dir():  # load_weights names the .pth files of a folder
+        check_input_file("--load_model", path, "a .pth file of weights")  # a named pipe would be read for ever
     weights = load_weights(path, what="--load_model")
     if is_lora_checkpoint(weights):
         raise UserInputError(f"--load_model {path} is a LoRA checkpoint, not a whole model: pass the base model it "
@@ -31,6 +34,8 @@ def load_model(path, lora_path: str = "", lora_alpha: Optional[float] = None, de
     cfg = family.shape_of_weights(weights, f"--load_model {path}")
     lora = None
     if lora_path:
+        if not Path(lora_path).is_dir():
+            check_input_file("--lora_load", lora_path, "a LoRA .pth file")
         lora = LoraCheckpoint.from_weights(load_weights(lora_path, what="--lora_load"), lora_path)
         check_fits_base(lora, weights, family, cfg, path)
         lora_alpha = resolve_alpha(lora_alpha, lora, given_as="--lora_alpha")
@@ -57,10 +62,11 @@ def load_model(path, lora_path: str = "", lora_alpha: Optional[float] = None, de
 def check_tokenizer_fits(vocab_file: str, vocab_size: int, path) -> None:
     """Refuse a tokenizer (--vocab_file) whose vocabulary is not the model's: the same size, or that size padded up to
     a multiple of 64 as some models' embeddings are. Token ids of another vocabulary mean other text to the model."""
-    from src.data.tokenizer import tokenizer_for_file
+    from src.data.tokenizer import locate_tokenizer_file, tokenizer_for_file
 
     if not vocab_file:
         return  # the data's own check asks for it
+    check_input_file("--vocab_file", locate_tokenizer_file(vocab_file), "the tokenizer's file")
     size = tokenizer_for_file(vocab_file).vocab_size
     if vocab_size not in (size, -(-size // 64) * 64):
         raise UserInputError(f"--vocab_file {vocab_file} has a vocabulary of {size:,} tokens and {path} one of "

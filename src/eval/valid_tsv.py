@@ -47,9 +47,9 @@ LARGEST_COUNT = 2 ** 62  # steps, epochs, tokens and positions beyond this are n
 
 def read_table(path, columns) -> list:
     """[(line number, {column: text})] of a tab-separated log with a header line that names at least `columns`.
-    Refused in one line naming the file (and the line): unreadable, not UTF-8, empty, no such header, a row with
-    another number of fields than the header. A last line without its newline is a row being appended right now
-    (or one cut off): it is left out."""
+    Refused in one line naming the file (and the line): unreadable, not UTF-8, no such header, a row with another
+    number of fields than the header. An empty file has no rows (train.py takes it as a new log); a last line
+    without its newline is a row being appended right now (or one cut off): it is left out."""
     path = Path(path)
     try:
         if not path.is_file():
@@ -63,13 +63,15 @@ def read_table(path, columns) -> list:
         line_no = data[:e.start].count(b"\n") + 1
         raise UserInputError(f"{path}:{line_no}: not UTF-8 text; it is not a log train.py wrote (damaged or "
                              f"replaced?).") from None
+    if not text:
+        return []
     lines = text.split("\n")
     header = lines[0].split("\t")
     missing = [c for c in columns if c not in header]
     if missing:
-        shown = "it is empty" if not text else f"its first line {_shown(lines[0])} is not a header with the column" \
-            f"{'s' if len(missing) > 1 else ''} {', '.join(missing)}"
-        raise UserInputError(f"{path}: {shown}; it is not a log train.py wrote (damaged or replaced?).")
+        raise UserInputError(f"{path}: its first line {_shown(lines[0])} is not a header with the column"
+                             f"{'s' if len(missing) > 1 else ''} {', '.join(missing)}; it is not a log train.py wrote "
+                             f"(damaged or replaced?).")
     rows = []
     for line_no, line in enumerate(lines[1:-1], start=2):  # lines[-1]: the text after the last newline
         fields = line.split("\t")

@@ -85,11 +85,14 @@ def export(args, prog: str) -> int:
     found = check_output_folder(args.out_dir, args.overwrite, "OUT_DIR",
                                 inputs=[("MODEL", args.model), ("--vocab", vocab_file)])
 
+    from src.data.jsonl_lines import check_input_file
     from src.hf.folder import write_model  # torch and transformers load here, after the cheap checks
     from src.hf.tokenizer import read_vocabulary, write_tokenizer_files
     from src.io.checkpoint import is_lora_checkpoint, load_weights
     from src.models import family_of_weights
 
+    if not Path(args.model).is_dir():  # load_weights names the .pth files of a folder
+        check_input_file("MODEL", args.model, "a .pth file of weights")  # a named pipe would be read for ever
     weights = load_weights(args.model, what="MODEL")
     if is_lora_checkpoint(weights):
         raise UserInputError(f"{args.model} is a LoRA checkpoint (adapter tensors only); merge it into its base "
@@ -184,9 +187,11 @@ def import_folder(args, prog: str) -> int:
     from src.models import family_of_hf_config
 
     config, config_path = read_config(args.hf_dir), Path(args.hf_dir) / "config.json"
-    hf_format = family_of_hf_config(config, config_path).hf_format()
+    family = family_of_hf_config(config, config_path)
+    hf_format = family.hf_format()
     cfg = hf_format.config_from_hf(config, config_path)
     hf_weights = read_weights(args.hf_dir)
+    check_config_fits(family, cfg, hf_weights, config_path)
     weights = hf_format.from_hf(hf_weights, cfg, args.hf_dir)
     check_finite(hf_weights, args.hf_dir)  # named as the folder names them
     # transformers' rescale_every would halve the residual stream at inference (see src/models/rwkv4/hf_format.py):
@@ -198,6 +203,24 @@ def import_folder(args, prog: str) -> int:
           f"those of {hf_format.CLASS_NAME} loaded from {args.hf_dir} within {max_diff:.2e} (fp32, tolerance "
           f"{CHECK_ATOL:.0e})")
     return 0
+
+
+def check_config_fits(family, cfg, hf_weights: dict, config_path) -> None:
+    """Refuse a config.json whose sizes are not those of the weights beside it, naming each field with both values,
+    before a model of the config's sizes is built (a hidden_size of 10**30 or a billion layers would fail or take
+    hours there). Weights whose own sizes cannot be read are left to the family's check of names and shapes."""
+    hf_format = family.hf_format()
+    try:
+        held = family.shape_of_weights({hf_format.v4neo_name(k): v for k, v in hf_weights.items()},
+                                       str(config_path.parent))
+    except (UserInputError, ValueError, IndexError):
+        return
+    said, holds = hf_format.hf_config(cfg, DEFAULT_CONTEXT_LENGTH), hf_format.hf_config(held, DEFAULT_CONTEXT_LENGTH)
+    differences = [f"{field} {said[field]} where the weights have {holds[field]}" for field in said
+                   if said[field] != holds[field]]
+    if differences:
+        raise UserInputError(f"{config_path} does not describe the weights beside it: {'; '.join(differences)}; "
+                             f"the folder's files come from different models.")
 
 
 # ---------------------------------------------------------------- the check

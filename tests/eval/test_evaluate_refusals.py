@@ -3,6 +3,7 @@ vocabulary, masks that leave no target and a model that computes NaN, each refus
 exit 2 and one line, every file byte-identical; a real SIGINT / SIGTERM during the evaluation stops it with one
 line."""
 import json
+import os
 import signal
 
 import numpy as np
@@ -24,6 +25,7 @@ def files(tmp_path_factory):
     broken["blocks.1.ffn.value.weight"][3, 7] = float("nan")
     save_weights(broken, folder / "nan.pth")
     np.save(folder / "tokens.npy", np.random.default_rng(0).integers(0, VOCAB, 400))
+    os.mkfifo(folder / "pipe")
     (folder / "docs.jsonl").write_text(json.dumps({"text": "Some text, long enough for a few windows of tokens."}))
     return folder
 
@@ -43,13 +45,15 @@ CASES = {
                                  ["the masks (--my_script_mask 0_16) leave no target in any of its 24 windows"]),
     "NaN in the weights": (["--load_model", "{f}/nan.pth", "--data_type", "numpy", "--data_file", "{f}/tokens.npy",
                             "--ctx_len", "16"], ["the loss of", "nan.pth", "is nan", "non-finite logits"]),
+    "a named pipe as the model": (["--load_model", "{f}/pipe", "--data_type", "numpy", "--data_file",
+                                   "{f}/tokens.npy"], ["--load_model {f}/pipe is not a regular file"]),
 }
 
 
 @pytest.mark.parametrize("argv, words", CASES.values(), ids=CASES.keys())
 def test_results_that_cannot_be_right_are_refused(files, capsys, argv, words):
     before = folder_snapshot(files)
-    refused([a.replace("{f}", str(files)) for a in argv], capsys, *words)
+    refused([a.replace("{f}", str(files)) for a in argv], capsys, *(w.replace("{f}", str(files)) for w in words))
     assert folder_snapshot(files) == before
 
 
@@ -59,6 +63,16 @@ def test_a_tokenizer_of_another_vocabulary_is_refused(files, capsys, parts, size
     refused(["--load_model", str(files / "model.pth"), "--data_type", "jsonl", "--data_file",
              str(files / "docs.jsonl"), "--vocab_file", vocab_file], capsys,
             f"has a vocabulary of {size} tokens and {files / 'model.pth'} one of 37")
+
+
+def test_a_character_vocabulary_of_another_run_is_refused(files, capsys, finished_run):
+    from src.data.dataset import write_char_vocab
+
+    (files / "other-run").mkdir(exist_ok=True)
+    write_char_vocab(list("abcdefgh"), files / "other-run")
+    refused(["--load_model", str(finished_run / "rwkv-final.pth"), "--data_type", "dummy", "--vocab_file",
+             str(files / "other-run" / "vocab.json"), "--max_tokens", "100", "--ctx_len", "16"], capsys,
+            "has 8 characters and", "it is not the vocab.json of the run that trained the model")
 
 
 def test_a_tokenizer_padded_to_the_model_is_accepted(files, capsys):

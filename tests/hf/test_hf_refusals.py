@@ -3,6 +3,7 @@ and configs through the real command line, each refused with exit 2 and one line
 an output written by another command meanwhile is kept; a full disk is one line; weights with a NaN anywhere are
 refused; a real SIGINT / SIGTERM during the work stops with one line and leaves nothing."""
 import json
+import os
 import shutil
 import signal
 
@@ -89,6 +90,10 @@ EXPORT_CASES = {
     "zero --ctx_len": (None, ".", ["model.pth", "out", "--ctx_len", "0"], ["--ctx_len must be 1.."]),
     "model is a folder": (None, ".", ["hf", "out"], ["is a folder"]),
     "model is text": (None, ".", ["notes.txt", "out"], ["notes.txt"]),
+    "model is a named pipe": (lambda w: os.mkfifo(w / "pipe"), ".", ["pipe", "out"], ["is not a regular file"]),
+    "tokenizer is a named pipe": (lambda w: os.mkfifo(w / "pipe.json"), ".", ["model.pth", "out", "--vocab",
+                                                                            "pipe.json"],
+                                  ["--vocab pipe.json is not a regular file"]),
 }
 
 
@@ -108,14 +113,26 @@ IMPORT_CASES = {
     "out is the input": (None, ["--overwrite", "hf", "hf"], ["is a folder"]),
     "out is the working folder": (None, ["hf", "."], ["is a folder"]),
     "out exists": (None, ["hf", "notes.txt"], ["already exists", "--overwrite"]),
+    "out is a named pipe": (lambda w: os.mkfifo(w / "pipe.pth"), ["--overwrite", "hf", "pipe.pth"],
+                            ["is not a regular file"]),
     "out is the input's config": (None, ["--overwrite", "hf", "hf/config.json"], ["lies inside HF_DIR"]),
     "hidden_size of another model": (lambda w: config_with(w, hidden_size=32), ["hf", "out.pth"],
-                                     ["shape mismatches", "rwkv.embeddings.weight: file (37, 16) vs model (37, 32)"]),
+                                     ["config.json does not describe the weights beside it: hidden_size 32 where the "
+                                      "weights have 16; the folder's files come from different models"]),
     "vocab_size of another model": (lambda w: config_with(w, vocab_size=50277), ["hf", "out.pth"],
-                                    ["shape mismatches", "(50277, 16)"]),
+                                    ["vocab_size 50277 where the weights have 37"]),
     "intermediate_size of another model": (lambda w: config_with(w, intermediate_size=8), ["hf", "out.pth"],
-                                           ["shape mismatches", "feed_forward.key.weight"]),
-    "a layer more": (lambda w: config_with(w, num_hidden_layers=3), ["hf", "out.pth"], ["missing keys"]),
+                                           ["intermediate_size 8 where the weights have 64"]),
+    "a layer more": (lambda w: config_with(w, num_hidden_layers=3), ["hf", "out.pth"],
+                     ["num_hidden_layers 3 where the weights have 2"]),
+    "a billion layers": (lambda w: config_with(w, num_hidden_layers=10 ** 9), ["hf", "out.pth"],
+                         ["num_hidden_layers 1000000000 where"]),
+    "hidden_size beyond any machine": (lambda w: config_with(w, hidden_size=10 ** 30), ["hf", "out.pth"],
+                                       [f"hidden_size {10 ** 30} where the weights have 16"]),
+    "a weight missing": (lambda w: save_file({k: v for k, v in load_file(w / "hf" / "model.safetensors").items()
+                                              if "blocks.1.attention.key" not in k}, w / "hf" / "model.safetensors",
+                                             metadata={"format": "pt"}), ["hf", "out.pth"],
+                         ["missing keys (1): rwkv.blocks.1.attention.key.weight"]),
     "hidden_size text": (lambda w: config_with(w, hidden_size="16"), ["hf", "out.pth"], ["hidden_size is '16'"]),
     "config not JSON": (lambda w: (w / "hf" / "config.json").write_bytes(b"\xff{"), ["hf", "out.pth"],
                         ["cannot be read as JSON"]),

@@ -42,13 +42,13 @@ CASES = {
     "someone's run.png": (lambda run: foreign_png(run / "run.png"), None, ["not a picture that plot_run.py drew"]),
     "a folder": (lambda run: (run / "pictures.png").mkdir(), "pictures.png", ["is a folder"]),
     "under a file": (None, "train_steps.tsv/x.png", ["train_steps.tsv"]),
+    "a named pipe": (lambda run: os.mkfifo(run / "pipe.png"), "pipe.png", ["is not a regular file"]),
     "hard link to the log": (lambda run: os.link(run / "train_steps.tsv", run / "steps.png"), "steps.png",
                              ["is train_steps.tsv"]),
     "link to a checkpoint": (lambda run: os.symlink(run / "rwkv-final.pth", run / "final.png"), "final.png",
                              ["not a picture that plot_run.py drew"]),
     "steps: binary": (lambda run: (run / "train_steps.tsv").write_bytes(STEPS_HEADER.encode() + b"1\t0\t\xff\xfe\n"),
                       None, ["train_steps.tsv:2: not UTF-8"]),
-    "steps: empty": (lambda run: (run / "train_steps.tsv").write_bytes(b""), None, ["it is empty"]),
     "steps: no header": (lambda run: (run / "train_steps.tsv").write_text("1\t0\t2.5\t1e-4\t16\t0.0\t1.0\n"), None,
                          ["is not a header with the columns step, epoch, loss, lr"]),
     "steps: a column short": (lambda run: (run / "train_steps.tsv").write_text("step\tepoch\tloss\n1\t0\t2.5\n"),
@@ -65,6 +65,8 @@ CASES = {
                               None, ["epoch is '-1'"]),
     "steps: infinite lr": (lambda run: replace_line(run / "train_steps.tsv", 1, "1\t0\t2\tinf\t16\t0\t1\n"), None,
                            ["lr is 'inf', not a learning rate"]),
+    "steps: a named pipe": (lambda run: ((run / "train_steps.tsv").unlink(), os.mkfifo(run / "train_steps.tsv")),
+                            None, ["train_steps.tsv is not a file"]),
     "steps: a folder": (lambda run: ((run / "train_steps.tsv").unlink(), (run / "train_steps.tsv").mkdir()), None,
                         ["train_steps.tsv is not a file"]),
     "valid: binary": (lambda run: (run / "valid.tsv").write_bytes(b"\x00\x9f\x92\x96 binary"), None,
@@ -114,6 +116,15 @@ def test_only_a_picture_it_drew_is_replaced(finished_copy, tmp_path, capsys):
     assert (finished_copy / "run.png").stat().st_ino != first and drawn_by_plot_run(finished_copy / "run.png")
     foreign_png(tmp_path / "other.png")
     assert not drawn_by_plot_run(tmp_path / "other.png") and not drawn_by_plot_run(finished_copy / "rwkv-final.pth")
+
+
+def test_empty_logs_are_new_logs(finished_copy, capsys):
+    """train.py takes an empty log as a new one: no rows, drawn as such."""
+    (finished_copy / "train_steps.tsv").write_bytes(b"")
+    (finished_copy / "valid.tsv").write_bytes(b"")
+    capsys.readouterr()
+    assert plot_run.main([str(finished_copy)]) == 0
+    assert "(0 optimizer steps, 0 held-out evaluations)" in capsys.readouterr().out
 
 
 def test_a_diverged_run_and_a_row_being_appended_still_draw(finished_copy, capsys):
