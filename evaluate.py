@@ -22,6 +22,7 @@ from src import cli
 from src.config import TrainConfig, add_flags
 from src.data.types import CHARACTER_DATA_TYPES
 from src.errors import UserInputError
+from src.models import family_of_model
 
 PROG = "evaluate.py"
 PROGRESS_EVERY_S = 10.0  # seconds between progress lines on stderr
@@ -110,8 +111,9 @@ def evaluate(args: argparse.Namespace):
     strategy.set_float_precision(cfg)
     model = model_loader.load_model(args.load_model, args.lora_load, args.lora_alpha, device, dtype,
                                   flags=cfg)
-    if args.state_cp and model.cfg.windowed_features:
-        raise UserInputError(f"--state_cp 1: {args.load_model} has {model.cfg.windowed_features[0]}, which attends "
+    windowed = family_of_model(model).windowed_features(model.cfg)  # the shape answers as the flags would
+    if args.state_cp and windowed:
+        raise UserInputError(f"--state_cp 1: {args.load_model} has {windowed[0]}, which attends "
                              f"over the whole window at once and cannot continue from a state; leave --state_cp out")
     if args.vocab_size and args.vocab_size != model.cfg.vocab_size:
         raise UserInputError(f"--vocab_size {args.vocab_size} differs from the vocabulary of {args.load_model} "
