@@ -11,8 +11,9 @@ A family's model (what `build` returns) is an nn.Module with the forward pieces 
     run_block(i, x, carry, layer_state)         block i -> (x, carry, the layer's new state); layer_state None
                                                 is the start of a sequence
     state_of_layers(layer states), n_blocks     the whole model's state (a named tuple of tensors with layer(i))
-    run_blocks(x, state), logits(x, idx), head_loss(x, targets, idx, count, positions), token_losses(x, targets)
-    forward(idx, state) -> (logits, state), loss(idx, targets)
+    logits(x, idx), head_loss(x, targets, idx, count, positions), token_losses(x, targets)
+    run_blocks(x, state), forward(idx, state) -> (logits, state), loss(idx, targets): from BlockStack
+    (src/models/block_stack.py), which a model subclasses
 Running a sequence in one call or in segments with the state passed on gives the same results.
 
 No torch import here or in a family's record, so command-line checks ask the rules without loading torch; the

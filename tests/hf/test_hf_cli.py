@@ -16,7 +16,7 @@ import export_hf
 import import_hf
 import train
 from conftest import TINY_RUN
-from helpers import TOKENIZER_20B_PARTS, folder_snapshot, package_file, rwkv_pip_logits, tiny_model
+from helpers import TOKENIZER_20B_PARTS, folder_snapshot, package_file, refused_in_one_line, rwkv_pip_logits, tiny_model
 from src.io.checkpoint import load_weights, save_weights
 from src.errors import UserInputError
 from src.hf.cli import check_logits
@@ -68,13 +68,7 @@ def greedy(model, prompt, count) -> list:
 
 
 def refused(main, argv, capsys, prog, *expected) -> str:
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"{prog}: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    for text in expected:
-        assert text in err, (text, err)
-    return err
+    return refused_in_one_line(argv, capsys, *expected, main=main, prog=prog)
 
 
 # ---------------------------------------------------------------- export

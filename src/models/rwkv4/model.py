@@ -23,6 +23,7 @@ The forward is built from the pieces every family's model has (src/models/family
     token_losses(x, targets)               each target's cross-entropy for held-out evaluation, without them
     forward(idx, state) = logits(run_blocks(embed(idx), state)), with the state after the last token
     loss(idx, targets)  = head_loss(run_blocks(embed(idx)))
+(run_blocks, forward and loss come from src/models/block_stack.py, shared by every family's model)
 Running a sequence in one call, or in segments with the state passed on, gives the same logits.
 """
 import math
@@ -31,9 +32,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from src.loss import IGNORE_INDEX, head_loss, head_token_losses, language_model_loss
+from src.models.block_stack import BlockStack
 from src.models.rwkv4 import elementwise
 from src.models.rwkv4.config import ForwardOptions, RWKVConfig
 from src.models.rwkv4.state import RWKVState, empty_state
@@ -170,7 +171,7 @@ def _future_mask(T: int, device) -> torch.Tensor:
     return torch.ones(T, T, dtype=torch.bool, device=device).triu(1)
 
 
-class RWKV(nn.Module):
+class RWKV(BlockStack):
     family_name = "rwkv4"  # its record in the registry (src/models), which the rest of the toolkit asks
 
     def __init__(self, cfg: RWKVConfig, options: Optional[ForwardOptions] = None):
@@ -184,10 +185,6 @@ class RWKV(nn.Module):
         if cfg.head_qk > 0:
             self.head_q = nn.Linear(cfg.n_embd, cfg.head_qk, bias=False)
             self.head_k = nn.Linear(cfg.n_embd, cfg.head_qk, bias=False)
-
-    @property
-    def n_blocks(self) -> int:
-        return len(self.blocks)
 
     # ---------------------------------------------------------------- the pieces
 
@@ -206,21 +203,10 @@ class RWKV(nn.Module):
         x, *new_layer_state = self.blocks[i](x, x_emb, *(layer_state or (None, None, None)))
         return x, carry, tuple(new_layer_state)
 
-    def run_blocks(self, x_emb: torch.Tensor, state: Optional[RWKVState] = None) -> tuple:
-        """Every block from `state` (None: the start) -> (last block's output (B, T, C), RWKVState after it).
-        With options.grad_cp each block keeps only its input and recomputes the rest in backward."""
+    def check_continues(self, state) -> None:
         if state is not None and self.cfg.windowed_features:
             raise ValueError(f"{', '.join(self.cfg.windowed_features)} attend over the whole window and cannot "
                              f"continue from a state")
-        x, carry, layers = x_emb, self.first_carry(x_emb), []
-        for i in range(self.n_blocks):
-            layer_state = None if state is None else state.layer(i)
-            if self.options.grad_cp and torch.is_grad_enabled():
-                x, carry, layer_state = checkpoint(self.run_block, i, x, carry, layer_state, use_reentrant=False)
-            else:
-                x, carry, layer_state = self.run_block(i, x, carry, layer_state)
-            layers.append(layer_state)
-        return x, self.state_of_layers(layers)
 
     @staticmethod
     def state_of_layers(layers) -> RWKVState:
@@ -260,18 +246,6 @@ class RWKV(nn.Module):
             return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
                                    reduction="none").view_as(targets)
         return head_token_losses(self.ln_out(x), self.head.weight, targets)
-
-    # ---------------------------------------------------------------- built from them
-
-    def forward(self, idx: torch.Tensor, state: Optional[RWKVState] = None) -> tuple:
-        """idx (B, T) token ids -> (logits (B, T, V), state after the last token)."""
-        x, state = self.run_blocks(self.embed(idx), state)
-        return self.logits(x, idx), state
-
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The training loss of the sample idx (B, T) -> targets (B, T), from the start."""
-        x, _ = self.run_blocks(self.embed(idx))
-        return self.head_loss(x, targets, idx)
 
 
 # Parameters that keep the values built in the constructor (the v4neo "fancy init").

@@ -29,9 +29,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from src.loss import head_loss, head_token_losses
+from src.models.block_stack import BlockStack
 from src.models.rwkv7.config import LN_X_EPS, ForwardOptions, RWKV7Config
 from src.models.rwkv7.state import RWKV7State
 from src.models.rwkv7.wkv import wkv7
@@ -188,7 +188,7 @@ class Block(nn.Module):
         return x + dx, v_first, att_shift, wkv_state, ffn_shift
 
 
-class RWKV7Model(nn.Module):
+class RWKV7Model(BlockStack):
     family_name = "rwkv7"  # its record in the registry (src/models), which the rest of the toolkit asks
 
     def __init__(self, cfg: RWKV7Config, options: Optional[ForwardOptions] = None):
@@ -199,10 +199,6 @@ class RWKV7Model(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i, self.options) for i in range(cfg.n_layer))
         self.ln_out = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-
-    @property
-    def n_blocks(self) -> int:
-        return len(self.blocks)
 
     # ---------------------------------------------------------------- the pieces
 
@@ -220,19 +216,6 @@ class RWKV7Model(nn.Module):
         v_first = carry[0] if carry else None
         x, v_first, *new_layer_state = self.blocks[i](x, v_first, *(layer_state or (None, None, None)))
         return x, (v_first,), tuple(new_layer_state)
-
-    def run_blocks(self, x: torch.Tensor, state: Optional[RWKV7State] = None) -> tuple:
-        """Every block from `state` (None: the start) -> (last block's output (B, T, C), RWKV7State after it).
-        With options.grad_cp each block keeps only its inputs and recomputes the rest in backward."""
-        carry, layers = self.first_carry(x), []
-        for i in range(self.n_blocks):
-            layer_state = None if state is None else state.layer(i)
-            if self.options.grad_cp and torch.is_grad_enabled():
-                x, carry, layer_state = checkpoint(self.run_block, i, x, carry, layer_state, use_reentrant=False)
-            else:
-                x, carry, layer_state = self.run_block(i, x, carry, layer_state)
-            layers.append(layer_state)
-        return x, self.state_of_layers(layers)
 
     @staticmethod
     def state_of_layers(layers) -> RWKV7State:
@@ -255,18 +238,6 @@ class RWKV7Model(nn.Module):
     def token_losses(self, x: torch.Tensor, targets: torch.Tensor, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Each target's cross-entropy (B, T), fp32 (fp64 for fp64), 0 where masked: for held-out evaluation."""
         return head_token_losses(self.ln_out(x), self.head.weight, targets)
-
-    # ---------------------------------------------------------------- built from them
-
-    def forward(self, idx: torch.Tensor, state: Optional[RWKV7State] = None) -> tuple:
-        """idx (B, T) token ids -> (logits (B, T, V), state after the last token)."""
-        x, state = self.run_blocks(self.embed(idx), state)
-        return self.logits(x, idx), state
-
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The training loss of the sample idx (B, T) -> targets (B, T), from the start."""
-        x, _ = self.run_blocks(self.embed(idx))
-        return self.head_loss(x, targets, idx)
 
 
 # Matrices BlinkDL's generate_init_weight sets to zero, and those it makes orthogonal with gain 0.1.
