@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     def body():
-        with cli.signals_interrupt(quit_on_second=True):  # Ctrl+C and SIGTERM stop it with one line
+        with cli.signals_interrupt():  # Ctrl+C and SIGTERM stop it with one line
             return report(evaluate(build_parser().parse_args(argv)))
 
     return cli.run_main(PROG, body, interrupted="{prog}: {signal}: stopped; no result")

@@ -41,7 +41,7 @@ def dtype_name(dtype) -> str:
 def run_command(prog: str, body) -> int:
     """The exit code of `body()`, run where Ctrl+C and SIGTERM stop it with one line (its temporary files deleted)."""
     def stoppable():
-        with cli.signals_interrupt(quit_on_second=True):
+        with cli.signals_interrupt():
             return body()
 
     return cli.run_main(prog, stoppable, interrupted=INTERRUPTED)

@@ -18,14 +18,15 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from src.io import run_lock
-from src.io.atomic import atomic_path, disk_full_error, is_disk_full, publish, remove_partial_files
-from src.cli import Interrupted
+from src import cli
+from src.io.atomic import atomic_path, disk_full_error, is_disk_full, publish
 from src.io.outputs import LAST_NAME
+
 
 class StopSignal:
     """Signal handler: before training starts a SIGINT/SIGTERM raises Interrupted; during training the first one
-    asks the run to stop at the next optimizer step, a second one exits immediately."""
+    asks the run to stop at the next optimizer step. A second one, in either phase, quits at once (cli.quit_at_once).
+    """
 
     def __init__(self):
         self.signum = None
@@ -47,17 +48,13 @@ class StopSignal:
     def _handle(self, signum, frame) -> None:
         if os.getpid() != self.pid:
             return  # a process forked from the run with this handler installed: the run's to handle
+        if self.signum is not None:
+            cli.quit_at_once(signum)  # temporary files deleted, the lock released
+        self.signum = signum
         if not self.training:
-            raise Interrupted(signum)
-        if self.signum is None:
-            self.signum = signum
-            print(f"\n{signal.Signals(signum).name}: finishing this optimizer step, then saving rwkv-last.pth and "
-                  f"the resume bundle. Press Ctrl+C again to quit at once.", file=sys.stderr, flush=True)
-            return
-        print("\nQuitting now; files already written are intact.", file=sys.stderr, flush=True)
-        remove_partial_files()
-        run_lock.release_all()
-        os._exit(128 + signum)
+            raise cli.Interrupted(signum)
+        print(f"\n{signal.Signals(signum).name}: finishing this optimizer step, then saving rwkv-last.pth and "
+              f"the resume bundle. Press Ctrl+C again to quit at once.", file=sys.stderr, flush=True)
 
     @property
     def requested(self) -> bool:

@@ -126,6 +126,14 @@ ROWS = {  # name: (argv after TINY_RUN --proj_dir, what to do to --proj_dir firs
         [*BINIDX, "{tmp}/docs/valid_text_document", "--valid_data_file", "{tmp}/single_tokens",
          "--my_script_mask", "1_0", *OVERWRITE], None,
         ["--valid_data_file {tmp}/single_tokens: --my_script_mask 1_0 masks every target of its 24 windows"]),
+    # an output that is an input: --overwrite_proj_dir 1 replaced the weights the run started from
+    "--load_model is an output": (
+        ["--load_model", "{proj_dir}/rwkv-final.pth", *OVERWRITE], None,
+        ["this run's output {proj_dir}/rwkv-final.pth is --load_model {proj_dir}/rwkv-final.pth, which writing it "
+         "would destroy; copy it elsewhere and give that copy, or choose another --proj_dir"]),
+    "--data_file is the step log": (
+        ["--data_type", "utf-8", "--data_file", "{proj_dir}/train_steps.tsv", *OVERWRITE], None,
+        ["this run's output {proj_dir}/train_steps.tsv is --data_file {proj_dir}/train_steps.tsv"]),
 }
 
 
