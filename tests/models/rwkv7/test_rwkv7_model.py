@@ -308,9 +308,16 @@ def test_n_embd_must_split_into_heads(tmp_path, capsys):
                         "--n_embd 32 must be a multiple of --head_size 12")
 
 
-def test_no_cuda_kernel_yet(tmp_path, capsys):
+def test_the_kernel_is_refused_for_other_head_sizes(tmp_path, capsys):
     refused_in_one_line([*RUN, "--wkv_backend", "cuda", "--proj_dir", str(tmp_path / "out")], capsys,
-                        "RWKV-7 has no CUDA WKV-7 kernel")
+                        "--wkv_backend cuda: the WKV-7 kernel is built for --head_size 64, not 8",
+                        "--wkv_backend auto")
+
+
+def test_the_kernel_is_refused_on_the_cpu(tmp_path, capsys):
+    refused_in_one_line([*RUN, "--n_embd", "64", "--head_size", "64", "--wkv_backend", "cuda", "--accelerator", "cpu",
+                         "--proj_dir", str(tmp_path / "out")], capsys,
+                        "--wkv_backend cuda runs the WKV kernel on a CUDA GPU")
 
 
 def test_hf_export_is_refused_with_the_reason(tmp_path, capsys):
