@@ -91,8 +91,8 @@ class Rwkv7Family(ModelFamily):
         return None
 
     def activation_bytes(self, shape: RWKV7Config, batch: int, tokens: int, dtype_bytes: int, checkpointed: bool,
-                         inputs_on_device: bool = True) -> int:
-        return anatomy.activation_bytes(shape, batch, tokens, dtype_bytes, checkpointed, inputs_on_device)
+                         inputs_on_device: bool = True, wkv_kernel: bool = True) -> int:
+        return anatomy.activation_bytes(shape, batch, tokens, dtype_bytes, checkpointed, inputs_on_device, wkv_kernel)
 
 
 RWKV7 = Rwkv7Family()
