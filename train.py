@@ -109,7 +109,7 @@ def run_training(cfg: TrainConfig, stop, extra_callbacks: list, held_until_the_e
     if held_out_windows is not None:  # after TrainingLog: its line and W&B step come first
         lightning_trainer.callbacks.append(held_out.Validation(cfg, held_out_windows, log))
     if rank_zero:
-        for line in (lora_summary, pile_resume):
+        for line in (lora_summary, pile_resume, data.note):
             if line:
                 print(line, flush=True)
         console.print_banner(cfg, data.vocab_size, sum(p.numel() for p in model.parameters()), seed,

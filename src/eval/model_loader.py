@@ -74,6 +74,8 @@ def characters_of(path, vocab_file: str = "") -> list:
     """The characters of a character-level model: `vocab_file`, or the vocab.json its run wrote beside it."""
     vocab = Path(vocab_file) if vocab_file else Path(path).parent / "vocab.json"
     if not vocab.is_file():
+        if vocab.exists():  # a folder, a named pipe (a reader would wait on it for ever)
+            check_input_file("--vocab_file", vocab, f"the vocab.json of the run that trained {path}")
         raise UserInputError(f"character-level data is numbered by the characters of the model's training text: "
                              f"{vocab} not found; pass the vocab.json of the run that trained {path} with "
                              f"--vocab_file")

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from src.io.atomic import check_apart, check_can_create
 from src.config import TrainConfig
-from src.data.types import CHARACTER_DATA_TYPES
 from src.errors import UserInputError
 
 INIT_NAME = "rwkv-init.pth"
@@ -95,7 +94,7 @@ def check_inputs_apart(cfg: TrainConfig, first_epoch: int = 0, more_logs: tuple 
     inputs = [(f"--{name}", getattr(cfg, name)) for name in INPUT_FLAGS
               if not (name == "resume" and _resumes_in_place(cfg))]
     names = [*_replaceable(cfg, first_epoch), LOG_NAME, STEP_LOG_NAME, *(name for name, _ in more_logs)]
-    if cfg.data_type in CHARACTER_DATA_TYPES:
+    if cfg.character_level:
         names.append(VOCAB_NAME)
     for name in names:
         check_apart(Path(cfg.proj_dir) / name, "this run's output", inputs,

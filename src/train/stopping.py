@@ -1,4 +1,5 @@
-"""Ctrl+C and SIGTERM: finish the optimizer step, save rwkv-last.pth and a resume bundle, exit 130 / 143.
+"""Ctrl+C and SIGTERM: finish the optimizer step, save rwkv-last.pth and a resume bundle, exit 130 / 143. A run its
+data stops (StopsTraining) saves rwkv-last.pth too, then exits 2 with one line.
 
 Before training starts (loading, checks, set-up) a signal ends the run at once: nothing has been written into
 --proj_dir yet, so there is nothing to save. From the start of training the first signal only sets a flag. At the
@@ -19,6 +20,7 @@ import lightning.pytorch as pl
 import torch
 
 from src import cli
+from src.errors import StopsTraining, UserInputError
 from src.io.atomic import atomic_path, disk_full_error, is_disk_full, publish
 from src.io.outputs import LAST_NAME
 
@@ -116,6 +118,23 @@ class StopOnSignal(pl.Callback):
                   f"{self.bundle_path.parent}/rwkv-last.pth and {self.bundle_path}; continue with the same command "
                   f"plus --resume {self.bundle_path}",
                   file=sys.stderr, flush=True)
+
+
+    def on_exception(self, trainer, pl_module, exception):
+        """A run that its data stops once training runs (StopsTraining: a sample its masks leave no target in) keeps
+        what it trained, as a Ctrl+C stop does: rwkv-last.pth, the weights after the last optimizer step, and the one
+        line says so. No resume bundle: resumed, the run would draw the same sample again. (With several processes
+        the stopping one cannot have the others save: nothing is added then.)"""
+        if not (isinstance(exception, StopsTraining) and self.stop.training and trainer.world_size == 1
+                and self.saver.write):
+            return
+        last = self.bundle_path.parent / LAST_NAME
+        try:
+            self.saver.save(trainer, pl_module, LAST_NAME)
+        except UserInputError as e:  # a full disk: the stop's own line still comes first
+            exception.add(f"saving {last} failed too: {e}")
+            return
+        exception.add(f"{last} holds the weights trained so far ({trainer.global_step} optimizer steps)")
 
 
 def save_resume_bundle(trainer: pl.Trainer, path: Path) -> None:

@@ -57,7 +57,8 @@ def work(sources, tmp_path):
     os.mkfifo(folder / "pipe.pth")  # a reader would wait on it for ever
     os.link(folder / "lora.pth", folder / "lora_link.pth")  # the LoRA file under another name
     pair_of_rank_0 = {k: v for k, v in load_weights(folder / "lora.pth").items() if k != SETTINGS_KEY}
-    pair_of_rank_0.update({"blocks.0.att.key.lora_A": torch.zeros(0, 16), "blocks.0.att.key.lora_B": torch.zeros(16, 0)})
+    pair_of_rank_0.update({"blocks.0.att.key.lora_A": torch.zeros(0, 16),
+                           "blocks.0.att.key.lora_B": torch.zeros(16, 0)})
     save_weights(pair_of_rank_0, folder / "rank_0.pth")
     return folder
 
