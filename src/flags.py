@@ -37,6 +37,11 @@ class Range:
 AT_LEAST_0 = Range(0)
 AT_LEAST_1 = Range(1)
 ABOVE_0 = Range(0, low_open=True)
+# a count a run indexes or loops over (samples, steps, tokens of a window): an int32, as numpy's and the kernels' indexes
+COUNT = Range(1, 2 ** 31 - 1)
+# a model width: far beyond any model's (7B: 4096), so that the sizes of its matrices stay countable
+MAX_WIDTH = 2 ** 24
+MAX_LAYERS = 10_000  # the most layers of any model (7B: 32)
 
 
 def flag(default, group: str, help: str, valid: Optional[Range] = None, **argparse_kwargs):

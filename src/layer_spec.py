@@ -5,10 +5,10 @@ import re
 from typing import Optional
 
 from src.errors import UserInputError
+from src.flags import MAX_LAYERS
 
 # one token of a layer spec: an optional "coef*", then a layer or an inclusive range "first-last"
 _LAYER_TOKEN = re.compile(r"^(?:(?P<coef>[^*]+)\*)?(?P<first>\d+)(?:-(?P<last>\d+))?$")
-MAX_LAYERS = 10_000  # layers of the largest model a spec may name when the model is not known yet (7B: 32)
 
 
 def parse_layer_spec(spec: str, n_layer: Optional[int] = None, what: str = "--lora_layers",

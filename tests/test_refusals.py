@@ -27,7 +27,7 @@ def test_the_same_command_again_does_not_replace_the_finished_runs_files(proj_di
 
 @pytest.mark.parametrize("extra, expected", [
     (["--dim_att", "8"], ["rwkv-init.pth", "--overwrite_proj_dir 1"]),  # another model shape, same folder
-    (["--epoch_count", "0"], ["--epoch_count 0 must be at least 1"]),
+    (["--epoch_count", "0"], ["--epoch_count 0 must be in [1, 1000000]"]),
     (["--lora"], ["--lora", "--load_model"]),  # adapters on a random base
     # LoRA into its base's folder, whose rwkv-final.pth it would replace
     (["--load_model", "{proj_dir}/rwkv-final.pth", "--lora"],
@@ -42,7 +42,7 @@ def test_the_same_command_again_does_not_replace_the_finished_runs_files(proj_di
     # numbers that trained nonsense or crashed after writing rwkv-init.pth
     (["--adam_eps", "nan", "--overwrite_proj_dir", "1"], ["--adam_eps nan is not a finite number: it must be above 0"]),
     (["--lr_final", "nan", "--overwrite_proj_dir", "1"], ["--lr_final nan is not a finite number"]),
-    (["--max_epochs", "0", "--overwrite_proj_dir", "1"], ["--max_epochs 0 must be at least 1"]),
+    (["--max_epochs", "0", "--overwrite_proj_dir", "1"], ["--max_epochs 0 must be in [1, 2147483647]"]),
     (["--tiny_att_dim", "4", "--tiny_att_layer", "1", "--overwrite_proj_dir", "1"],
      ["--tiny_att_layer 1 must name a block of the model (0 to 0 with --n_layer 1)"]),
     # flags that were silently ignored or lied

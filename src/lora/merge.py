@@ -188,13 +188,14 @@ def _pair_scale(family: ModelFamily, prefix: str, lora_A: torch.Tensor, alpha: f
 
 @contextmanager
 def _full_fp32_matmul():
-    """The check compares fp32 results: no TF32 on GPUs while it runs."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
+    """The check compares fp32 results: no TF32 on GPUs while it runs. (The switch train.py sets,
+    src/train/strategy.py set_float_precision: torch refuses to read one of its two APIs after the other was set.)"""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(previous)
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 @torch.no_grad()

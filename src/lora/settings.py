@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from src.errors import UserInputError
+from src.flags import MAX_WIDTH
 from src.layer_spec import format_layers, parse_layer_spec
 
 @dataclass(frozen=True)
@@ -27,8 +28,8 @@ class LoraSettings:
                    n_layer: int, known_parts: tuple) -> "LoraSettings":
         """The validated --lora_r, --lora_alpha, --lora_dropout, --lora_parts (among the family's `known_parts`),
         --lora_layers (None = every one of the n_layer layers); one message per mistake."""
-        if r < 1:
-            raise UserInputError(f"--lora_r must be at least 1 (got {r}).")
+        if not 1 <= r <= MAX_WIDTH:
+            raise UserInputError(f"--lora_r must be at least 1 and at most {MAX_WIDTH:,}, a model width (got {r}).")
         if not (math.isfinite(alpha) and alpha > 0):
             raise UserInputError(f"--lora_alpha must be a positive number (got {alpha}).")
         if not 0 <= dropout < 1:

@@ -36,11 +36,11 @@ def refused(argv, capsys, *expected):
 
 NUMPY = ["--load_model", "{f}/model.pth", "--data_type", "numpy", "--data_file", "{f}/tokens.npy"]
 CASES = {
-    "huge --ctx_len": (NUMPY + ["--ctx_len", "99999999999999999999"], ["--ctx_len 99999999999999999999 must be at "
-                                                                       "most 2,147,483,647"]),
-    "huge --micro_bsz": (NUMPY + ["--micro_bsz", str(2 ** 63)], ["--micro_bsz", "must be at most"]),
-    "huge --ctx_parts": (NUMPY + ["--ctx_parts", str(10 ** 30)], ["--ctx_parts", "must be at most"]),
-    "huge --max_tokens": (NUMPY + ["--max_tokens", str(10 ** 30)], ["--max_tokens", "must be at most"]),
+    "huge --ctx_len": (NUMPY + ["--ctx_len", "99999999999999999999"], ["--ctx_len 99999999999999999999 must be in "
+                                                                       "[1, 2147483647]"]),
+    "huge --micro_bsz": (NUMPY + ["--micro_bsz", str(2 ** 63)], ["--micro_bsz", "must be in [1, 2147483647]"]),
+    "huge --ctx_parts": (NUMPY + ["--ctx_parts", str(10 ** 30)], ["--ctx_parts", "must be in [1, 2147483647]"]),
+    "huge --max_tokens": (NUMPY + ["--max_tokens", str(10 ** 30)], ["--max_tokens", f"must be in [0, {2 ** 62}]"]),
     "a mask over every target": (NUMPY + ["--ctx_len", "16", "--my_script_mask", "0_16"],
                                  ["the masks (--my_script_mask 0_16) leave no target in any of its 24 windows"]),
     "NaN in the weights": (["--load_model", "{f}/nan.pth", "--data_type", "numpy", "--data_file", "{f}/tokens.npy",

@@ -318,11 +318,11 @@ def bad_files(files):
     (["--load_model", "{f}/model.pth", "--data_type", "numpy", "--data_file", "{f}/tokens.npy", "--my_script_mask",
       "1_0"], ["cut=1 needs the document boundaries"]),
     (["--load_model", "{f}/model.pth", "--data_type", "numpy", "--data_file", "{f}/tokens.npy", "--max_tokens", "-1"],
-     ["--max_tokens must not be negative"]),
+     ["--max_tokens -1 must be in [0, "]),
     (["--load_model", "{f}/model.pth", "--data_type", "numpy", "--data_file", "{f}/tokens.npy", "--accelerator",
       "cpu", "--wkv_backend", "cuda"], ["--wkv_backend cuda is the GPU kernel"]),
     (["--load_model", "{f}/model.pth", "--data_type", "numpy", "--data_file", "{f}/tokens.npy", "--ctx_len", "0"],
-     ["--ctx_len 0 must be at least 1"]),
+     ["--ctx_len 0 must be in [1, 2147483647]"]),
     (["--load_model", "{f}/model.pth", "--data_type", "numpy", "--data_file", "{f}/tokens.npy", "--accelerator",
       "tpu"], ["--accelerator must be cpu, gpu or auto"]),
 ])

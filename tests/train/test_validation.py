@@ -97,7 +97,7 @@ def test_held_out_flags_may_change_on_resume():
 
 @pytest.mark.parametrize("flags, words", [
     (["--valid_every", "2"], ["--valid_every applies to --valid_data_file"]),
-    (["--valid_data_file", "{f}", "--valid_every", "0"], ["--valid_every 0 must be at least 1"]),
+    (["--valid_data_file", "{f}", "--valid_every", "0"], ["--valid_every 0 must be in [1, 2147483647]"]),
     (["--valid_data_file", "{f}", "--valid_data_type", "numpy"], ["character-level text", "token ids"]),
     (["--valid_data_file", "{f}", "--valid_data_type", "jsonl"], ["character-level text"]),
     (["--valid_data_file", "{f}", "--strategy", "deepspeed_stage_3"], ["ZeRO-3"]),
