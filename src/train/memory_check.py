@@ -16,6 +16,8 @@ The state (`footprint`): bytes per parameter (P all parameters, T the trainable 
                                                                            2 more: a margin, not attributed)
     deepspeed_stage_3, 16-bit     (2 P + 14 T) / W                         -
     deepspeed_stage_3_offload     -                                        2 P + 16 T
+    offload (bf16, one GPU)       2 P                                      14 T (fp32 master, Adam, a bf16 buffer the
+                                                                           gradient arrives in and the weight leaves)
 (DeepSpeed's partitions are per process: a machine holds its processes' share, processes / W of the total.)
 DeepSpeed with fp32 weights keeps 4 bytes where the table says 2. On a CPU-only run the host holds what
 the first row puts on the GPU. 18 of the 20 bytes of ZeRO-1/2 offload are DeepSpeed's stage_1_and_2.py buffers
@@ -60,6 +62,9 @@ PROCESS_GPU_RUNTIME_BYTES = 1 * GIB
 OFFLOAD_UNATTRIBUTED_BYTES = 2
 # DeepSpeed ZeRO-1/2 offload's host bytes per trained parameter (see the module docstring)
 OFFLOAD_HOST_BYTES = 18 + OFFLOAD_UNATTRIBUTED_BYTES
+# --strategy offload's host bytes per trained parameter (src/optim/host_offload.py): fp32 master and moments, a bf16
+# staging buffer. Not yet measured on a GPU machine: no margin is added.
+OFFLOAD_STRATEGY_HOST_BYTES = 14
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,8 @@ class Footprint:
 def footprint(cfg: TrainConfig, params: int, trainable: int, world_size: int, processes_per_host: int,
               on_gpu: bool) -> Footprint:
     """The weights, gradients and optimizer state of the run (see the module docstring)."""
+    if cfg.offload:
+        return Footprint(gpu=2 * params, host=OFFLOAD_STRATEGY_HOST_BYTES * trainable * processes_per_host)
     if cfg.deepspeed is None:
         if cfg.master_weights:  # bf16 weights and gradients, fp32 masters and Adam (+ the reference step's temporaries)
             state = 2 * params + 14 * trainable + (0 if on_gpu else 8 * min(trainable, OPTIMIZER_GROUP_NUMEL))
@@ -95,7 +102,10 @@ def footprint(cfg: TrainConfig, params: int, trainable: int, world_size: int, pr
 def deepspeed_gpu_buffers(cfg: TrainConfig, largest_trainable: int) -> int:
     """GPU bytes DeepSpeed ZeRO 1/2 allocates beside the weights: two gradient buckets of --ds_bucket_mb
     (contiguous gradients) and, with the optimizer offloaded, a 16-bit copy of the largest gradient on its way to
-    the host and an fp64 copy of it for its norm (stage_1_and_2.py set_norm_for_param_grad_in_gpu)."""
+    the host and an fp64 copy of it for its norm (stage_1_and_2.py set_norm_for_param_grad_in_gpu). Under
+    --strategy offload: bf16 gradients on their way to the host, counted as two of the largest."""
+    if cfg.offload:
+        return 2 * 2 * largest_trainable
     if cfg.deepspeed is None or cfg.deepspeed[0] == 3:
         return 0
     buckets = 2 * cfg.ds_bucket_mb * 1000 * 1000
