@@ -31,6 +31,7 @@ with offload a 16-bit and an fp64 copy of the largest gradient, the latter for i
 memory outside PyTorch's allocator; on the host each process's own memory (Python, torch, the CUDA runtime).
 BENCHMARKS.md puts these estimates beside measured peaks.
 """
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -112,6 +113,9 @@ def deepspeed_gpu_buffers(cfg: TrainConfig, largest_trainable: int) -> int:
     return buckets + ((2 + 8) * largest_trainable if cfg.deepspeed[1] else 0)
 
 
+BUFFERS_OF = {False: "DeepSpeed buffers", True: "gradients on their way to the host"}  # by cfg.offload
+
+
 def run_footprint(cfg: TrainConfig, state: Footprint, largest_trainable: int, activations: int, on_gpu: bool,
                   processes_per_host: int) -> Footprint:
     """The whole run: the state, plus on the GPU the activations (bytes, the model's estimate) and DeepSpeed's
@@ -128,15 +132,17 @@ def run_footprint(cfg: TrainConfig, state: Footprint, largest_trainable: int, ac
     return Footprint(
         gpu=state.gpu + activations + buffers + runtime, host=state.host + process,
         gpu_parts=f"{state.gpu / GIB:.1f} GiB of weights, gradients and optimizer state, {activations / GIB:.1f} GiB "
-                  f"of activations" + (f", {buffers / GIB:.1f} GiB of DeepSpeed buffers" if buffers else "")
+                  f"of activations" + (f", {buffers / GIB:.1f} GiB of {BUFFERS_OF[cfg.offload]}" if buffers else "")
                   + f", {runtime / GIB:.0f} GiB for the CUDA libraries",
         host_parts=(f"{state.host / GIB:.1f} GiB of offloaded optimizer state, " if state.host else "")
         + processes)
 
 
-def check_fits(cfg: TrainConfig, need: Footprint, gpu_free: Optional[int], host_available: Optional[int]) -> None:
+def check_fits(cfg: TrainConfig, need: Footprint, gpu_free: Optional[int], host_available: Optional[int],
+               lean_alternative: Optional[Footprint] = None) -> None:
     """Refuse the run when it needs more than the free GPU memory or the host's available memory (None: not known
-    here, not checked)."""
+    here, not checked). `lean_alternative`: what the same run needs under --strategy offload, named in a DeepSpeed
+    offload run's refusal where it fits."""
     if gpu_free is not None and need.gpu > gpu_free:
         raise UserInputError(
             f"--strategy {cfg.strategy} --precision {cfg.precision}: this run needs {need.gpu / GIB:.1f} GiB per GPU "
@@ -146,10 +152,14 @@ def check_fits(cfg: TrainConfig, need: Footprint, gpu_free: Optional[int], host_
     if host_available is not None and need.host > host_available:
         where = "the optimizer state offloaded to host memory" if need.gpu else "the weights, gradients and Adam state"
         parts = f" ({need.host_parts})" if need.host_parts else ""
+        lean = lean_alternative
+        instead = (f"--strategy offload (one GPU: {lean.host / GIB:.1f} GiB of host memory, {lean.gpu / GIB:.1f} "
+                   f"GiB of GPU memory), " if lean and lean.host <= host_available
+                   and (gpu_free is None or lean.gpu <= gpu_free) else "")
         raise UserInputError(
             f"--strategy {cfg.strategy}: {where} need {need.host / GIB:.1f} GiB of host memory on this machine"
-            f"{parts}, and {host_available / GIB:.1f} GiB are available; use a machine with more memory, more "
-            f"machines, --lora, or a smaller model.")
+            f"{parts}, and {host_available / GIB:.1f} GiB are available; use {instead}a machine with more memory, "
+            f"more machines, --lora, or a smaller model.")
 
 
 def available_host_memory() -> Optional[int]:
@@ -170,7 +180,10 @@ def check_run(cfg: TrainConfig, vocab_size: int, lightning_trainer) -> None:
     on_gpu = device.type == "cuda"
     need = run_need(cfg, vocab_size, lightning_trainer.world_size, lightning_trainer.num_devices, on_gpu)
     gpu_free = torch.cuda.mem_get_info(device)[0] if on_gpu else None
-    check_fits(cfg, need, gpu_free, available_host_memory())
+    lean = None
+    if on_gpu and cfg.deepspeed is not None and cfg.deepspeed[1] and lightning_trainer.world_size == 1:
+        lean = run_need(dataclasses.replace(cfg, strategy="offload", precision="bf16"), vocab_size, 1, 1, True)
+    check_fits(cfg, need, gpu_free, available_host_memory(), lean)
 
 
 def run_need(cfg: TrainConfig, vocab_size: int, world_size: int, processes_per_host: int, on_gpu: bool,

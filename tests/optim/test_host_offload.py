@@ -93,3 +93,20 @@ def test_resuming_from_its_state_continues_exactly():
     again.load_state_dict(saved_state)
     train_steps(resumed, again, data[2:])
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), resumed.parameters()))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--precision", "bf16"], "--strategy offload keeps Adam's state in host memory for the weights on one GPU, and "
+                              "this run has no CUDA GPU to train on; use --strategy auto"),
+    (["--precision", "fp32"], "--strategy offload trains bf16 weights with fp32 masters in host memory; add "
+                              "--precision bf16 (got --precision fp32)."),
+])
+def test_the_command_line_refuses_what_offload_cannot_train(extra, message, capsys, tmp_path):
+    import train
+
+    if torch.cuda.is_available() and extra == ["--precision", "bf16"]:
+        pytest.skip("a GPU is there to train on")
+    argv = ["--data_type", "dummy", "--strategy", "offload", "--proj_dir", str(tmp_path / "out"), *extra]
+    assert train.main(argv) == 2
+    assert capsys.readouterr().err == f"train.py: error: {message}\n"
+    assert not (tmp_path / "out").exists()
