@@ -41,7 +41,8 @@ class HostOffloadAdam(torch.optim.Optimizer):
         params = [p for group in self.param_groups for p in group["params"]]
         self.device = params[0].device if params else torch.device("cpu")
         pinned = self.device.type == "cuda"
-        self.masters = [[p.detach().to("cpu", torch.float32, copy=True) for p in g["params"]] for g in self.param_groups]
+        self.masters = [[p.detach().to("cpu", torch.float32, copy=True) for p in group["params"]]
+                        for group in self.param_groups]
         self.exp_avgs = [[torch.zeros_like(m) for m in masters] for masters in self.masters]
         self.exp_avg_sqs = [[torch.zeros_like(m) for m in masters] for masters in self.masters]
         self.steps = [[0] * len(masters) for masters in self.masters]

@@ -29,8 +29,9 @@ def train_steps(model, optimizer, batches, accumulation=1):
 
 def batches(n, vocab=37, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    return [(torch.randint(0, vocab, (2, 12), generator=generator), torch.randint(0, vocab, (2, 12), generator=generator))
-            for _ in range(n)]
+    def tokens():
+        return torch.randint(0, vocab, (2, 12), generator=generator)
+    return [(tokens(), tokens()) for _ in range(n)]
 
 
 @pytest.mark.parametrize("max_norm", [1.0, 0.0], ids=["clipped", "unclipped"])
