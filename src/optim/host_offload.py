@@ -106,7 +106,8 @@ class HostOffloadAdam(torch.optim.Optimizer):
         received = [(g, i) for g, group in enumerate(self.param_groups) for i in range(len(group["params"]))
                     if (g, i) in self.received]
         clip = self._clip_coefficient([self.staging[g][i] for g, i in received])
-        upload = None  # the event after which the previous group's weights are on the GPU
+        # no waiting between the groups: a group's weights go to the GPU on the side stream while the next group
+        # updates, and the next step's gradient copies into the same buffers queue behind them on that stream
         for g, group in enumerate(self.param_groups):
             indices = [i for i in range(len(group["params"])) if (g, i) in self.received]
             for i in indices:
@@ -114,32 +115,25 @@ class HostOffloadAdam(torch.optim.Optimizer):
             for step in sorted({self.steps[g][i] for i in indices}):
                 same = [i for i in indices if self.steps[g][i] == step]
                 staging = [self.staging[g][i] for i in same]
-                if upload is not None:
-                    upload.synchronize()  # staging of earlier groups is free again before this group reuses nothing
                 master_adam_torch(staging, staging, [self.masters[g][i] for i in same],
                                   [self.exp_avgs[g][i] for i in same], [self.exp_avg_sqs[g][i] for i in same],
                                   lr=group["lr"], betas=group["betas"], eps=group["eps"],
                                   weight_decay=group.get("weight_decay", 0.0), adamw=self.adamw, step=step, clip=clip)
-                upload = self._upload([group["params"][i] for i in same], staging)
-        if upload is not None:
-            upload.synchronize()  # the next step's gradients are written into the same staging buffers
+                self._upload([group["params"][i] for i in same], staging)
         self.received.clear()
         return loss
 
-    def _upload(self, params: list, weights: list) -> Optional["torch.cuda.Event"]:
+    def _upload(self, params: list, weights: list) -> None:
         """Copy the updated bf16 weights (in their staging buffers) into the parameters: on the side stream, ordered
-        before any later work on the current stream. Returns the event that marks the end of the copies."""
+        before any later work on the current stream (the next forward)."""
         if self.stream is None:
             for param, weight in zip(params, weights):
                 param.copy_(weight)
-            return None
+            return
         with torch.cuda.stream(self.stream):
             for param, weight in zip(params, weights):
                 param.copy_(weight, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(self.stream)
-        torch.cuda.current_stream(self.device).wait_event(event)
-        return event
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
 
     def _clip_coefficient(self, grads: List[torch.Tensor]) -> Optional[torch.Tensor]:
         """min(1, max_norm / (total norm + 1e-6)) as a 0-d fp32 tensor, or None without clipping."""
