@@ -6,7 +6,8 @@ Numerics are those of MasterWeightAdam (src/optim/master_weights.py), which --st
 
     gradient   the bf16 gradients of a step's micro-batches, summed in bf16 as autograd sums them in .grad
     clip       min(1, max_norm / (||grad|| + 1e-6)), one fp32 norm over every parameter's bf16 gradient
-    step       master = Adam(master, fp32(grad) * clip) in fp32 (src/optim/master_adam.py master_adam_torch);
+    step       master = Adam(master, fp32(grad) * clip) in fp32 with torch's fused CPU Adam
+               (src/optim/master_adam.py master_adam_host; bench/host_adam.py measured the CPU Adams);
                weight = bf16(master)
 
 Where the work happens, so that the GPU waits as little as possible:
@@ -14,16 +15,16 @@ Where the work happens, so that the GPU waits as little as possible:
   a copy on a side stream into its pinned staging buffer, then the GPU gradient is freed, so the GPU never holds
   the gradients of the whole model; with gradient accumulation later micro-batches' gradients are added to the
   staging buffer on the host (in bf16, as autograd adds them on the device);
-- the optimizer step waits for the last copies, computes the norm, then updates the parameters a group at a time
-  on the CPU (torch's threads) while the updated bf16 weights of the groups before go back to the GPU on the side
-  stream.
+- the optimizer step waits for the last copies, computes the norm, then updates the parameters one at a time
+  on the CPU (torch's threads; the gradient in fp32 in one scratch buffer the size of the largest parameter) while
+  the updated bf16 weights of the parameters before go back to the GPU on the side stream.
 On a machine without CUDA the same code runs with the host as the device (the tests use it that way).
 """
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 
-from src.optim.master_adam import master_adam_torch
+from src.optim.master_adam import master_adam_host
 
 
 class HostOffloadAdam(torch.optim.Optimizer):
@@ -35,7 +36,7 @@ class HostOffloadAdam(torch.optim.Optimizer):
     """
 
     def __init__(self, param_groups: List[dict], lr: float, betas: tuple, eps: float, adamw: bool,
-                 max_grad_norm: float):
+                 max_grad_norm: float, host_step: Callable = master_adam_host):
         super().__init__(param_groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=0.0))
         self.max_grad_norm, self.adamw = max_grad_norm, adamw
         params = [p for group in self.param_groups for p in group["params"]]
@@ -49,6 +50,9 @@ class HostOffloadAdam(torch.optim.Optimizer):
         # the gradient on its way in (summed over micro-batches), then the updated weight on its way out
         self.staging = [[torch.empty(p.shape, dtype=p.dtype, pin_memory=pinned) for p in g["params"]]
                         for g in self.param_groups]
+        # one fp32 gradient at a time, the size of the largest parameter
+        self.scratch = torch.empty(max((p.numel() for p in params), default=0), dtype=torch.float32)
+        self.host_step = host_step  # master_adam_host; tests pass its twin master_adam_torch
         self.where = {p: (g, i) for g, group in enumerate(self.param_groups) for i, p in enumerate(group["params"])}
         self.received = set()  # (group, index) of the parameters with a gradient in staging for this step
         self.pending = []  # (host copy, staging buffer or None, event): gradients still on their way to the host
@@ -106,20 +110,19 @@ class HostOffloadAdam(torch.optim.Optimizer):
         received = [(g, i) for g, group in enumerate(self.param_groups) for i in range(len(group["params"]))
                     if (g, i) in self.received]
         clip = self._clip_coefficient([self.staging[g][i] for g, i in received])
-        # no waiting between the groups: a group's weights go to the GPU on the side stream while the next group
+        # a parameter at a time, with no waiting: its weight goes to the GPU on the side stream while the next one
         # updates, and the next step's gradient copies into the same buffers queue behind them on that stream
-        for g, group in enumerate(self.param_groups):
-            indices = [i for i in range(len(group["params"])) if (g, i) in self.received]
-            for i in indices:
-                self.steps[g][i] += 1
-            for step in sorted({self.steps[g][i] for i in indices}):
-                same = [i for i in indices if self.steps[g][i] == step]
-                staging = [self.staging[g][i] for i in same]
-                master_adam_torch(staging, staging, [self.masters[g][i] for i in same],
-                                  [self.exp_avgs[g][i] for i in same], [self.exp_avg_sqs[g][i] for i in same],
-                                  lr=group["lr"], betas=group["betas"], eps=group["eps"],
-                                  weight_decay=group.get("weight_decay", 0.0), adamw=self.adamw, step=step, clip=clip)
-                self._upload([group["params"][i] for i in same], staging)
+        for g, i in received:
+            group, staging = self.param_groups[g], self.staging[g][i]
+            self.steps[g][i] += 1
+            gradient = self.scratch[:staging.numel()].view(staging.shape).copy_(staging)
+            if clip is not None:
+                gradient.mul_(clip)
+            self.host_step([staging], [gradient], [self.masters[g][i]], [self.exp_avgs[g][i]],
+                           [self.exp_avg_sqs[g][i]], lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                           weight_decay=group.get("weight_decay", 0.0), adamw=self.adamw, step=self.steps[g][i],
+                           clip=None)
+            self._upload([group["params"][i]], [staging])
         self.received.clear()
         return loss
 

@@ -129,13 +129,14 @@ def run_footprint(cfg: TrainConfig, state: Footprint, largest_trainable: int, ac
                          host_parts=f"{state.host / GIB:.1f} GiB of weights, gradients and optimizer state, "
                                     f"{activations / GIB:.1f} GiB of activations, {processes}")
     runtime = PROCESS_GPU_RUNTIME_BYTES
+    scratch = 4 * largest_trainable if cfg.offload else 0  # HostOffloadAdam's fp32 gradient of one parameter
     return Footprint(
-        gpu=state.gpu + activations + buffers + runtime, host=state.host + process,
+        gpu=state.gpu + activations + buffers + runtime, host=state.host + scratch + process,
         gpu_parts=f"{state.gpu / GIB:.1f} GiB of weights, gradients and optimizer state, {activations / GIB:.1f} GiB "
                   f"of activations" + (f", {buffers / GIB:.1f} GiB of {BUFFERS_OF[cfg.offload]}" if buffers else "")
                   + f", {runtime / GIB:.0f} GiB for the CUDA libraries",
         host_parts=(f"{state.host / GIB:.1f} GiB of offloaded optimizer state, " if state.host else "")
-        + processes)
+        + (f"{scratch / GIB:.1f} GiB for one fp32 gradient, " if scratch else "") + processes)
 
 
 def check_fits(cfg: TrainConfig, need: Footprint, gpu_free: Optional[int], host_available: Optional[int],
