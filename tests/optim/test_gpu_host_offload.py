@@ -1,5 +1,14 @@
-"""--strategy offload on a GPU through train.py: 3 steps equal --strategy auto's (fp32 masters within 1e-6 relative,
-bf16 weights within one unit in the last place), and Ctrl+C then --resume ends where a run that never stopped ends."""
+"""--strategy offload on a GPU through train.py against --strategy auto (MasterWeightAdam, its CUDA kernel), and Ctrl+C
+then --resume under offload ending where a run that never stopped ends, bit for bit.
+
+Tolerances. After one step (two micro-batches) the fp32 masters agree within 1e-6 relative and the bf16 weights
+within one unit in the last place: the host's fused CPU Adam and the CUDA kernel round apart by an fp32 ulp. Later
+steps are not held to that: a master that an fp32 ulp moves across a bf16 rounding boundary makes the two runs'
+bf16 weights differ by a bf16 ulp (0.4%), the next gradients differ with them, and Adam's normalised step turns
+that into differences of about lr x 1e-3 (measured on an H100: 2.2e-3 relative in a 64-element tensor after 3
+steps). So three steps are held to the losses (1e-3 relative) and the masters (1e-2 relative), the same bound
+bench.seven_b_offload's comparison of the strategies uses, while the CPU tests show the offload plumbing is bit for
+bit MasterWeightAdam's when both run the same step function (tests/optim/test_host_offload.py)."""
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -26,24 +35,38 @@ class Masters(pl.Callback):
         self.weights = [p.detach().cpu().clone() for group in optimizer.param_groups for p in group["params"]]
 
 
-def run(strategy, folder, monkeypatch) -> Masters:
+def run(strategy, folder, monkeypatch, steps) -> tuple:
+    """(Masters, the step losses) of `steps` optimizer steps under `strategy`."""
     folder.mkdir()
     (folder / "text.txt").write_text("the quick brown fox jumps over the lazy dog. " * 60)
     monkeypatch.chdir(folder)
     masters = Masters()
-    assert train.train(train.parse_args([*RUN, "--strategy", strategy]), [masters]) == 0
-    return masters
+    argv = [*RUN, "--strategy", strategy]
+    argv[argv.index("--max_steps") + 1] = str(steps)
+    assert train.train(train.parse_args(argv), [masters]) == 0
+    rows = (folder / "out" / "train_steps.tsv").read_text().splitlines()[1:]
+    return masters, [float(row.split("\t")[2]) for row in rows]
 
 
-def test_three_steps_equal_those_of_auto(tmp_path, monkeypatch):
-    auto = run("auto", tmp_path / "auto", monkeypatch)
-    offload = run("offload", tmp_path / "offload", monkeypatch)
+def relative(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    return ((ours - theirs).norm() / theirs.norm().clamp(min=1e-30)).item()
+
+
+def test_one_step_equals_that_of_auto(tmp_path, monkeypatch):
+    (auto, _), (offload, _) = (run(s, tmp_path / s, monkeypatch, steps=1) for s in ("auto", "offload"))
     for ours, theirs in zip(offload.masters, auto.masters):
-        assert (ours - theirs).norm() <= 1e-6 * theirs.norm()
+        assert relative(ours, theirs) <= 1e-6
     for ours, theirs in zip(offload.weights, auto.weights):
         assert ours.dtype == theirs.dtype == torch.bfloat16
         ulp = torch.finfo(torch.bfloat16).eps * theirs.float().abs().clamp(min=torch.finfo(torch.bfloat16).tiny)
         assert ((ours.float() - theirs.float()).abs() <= ulp).all()
+
+
+def test_three_steps_follow_those_of_auto(tmp_path, monkeypatch):
+    (auto, auto_losses), (offload, losses) = (run(s, tmp_path / s, monkeypatch, steps=3) for s in ("auto", "offload"))
+    assert len(losses) == len(auto_losses) == 3
+    assert all(abs(a - b) <= 1e-3 * abs(b) for a, b in zip(losses, auto_losses)), (losses, auto_losses)
+    assert max(relative(ours, theirs) for ours, theirs in zip(offload.masters, auto.masters)) <= 1e-2
 
 
 def test_ctrl_c_then_resume_continues_bit_exactly(tmp_path, monkeypatch):
