@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     def body():
-        with cli.signals_interrupt(quit_on_second=True):  # Ctrl+C and SIGTERM stop it with one line
+        with cli.signals_interrupt():  # Ctrl+C and SIGTERM stop it with one line
             return report(evaluate(build_parser().parse_args(argv)))
 
     return cli.run_main(PROG, body, interrupted="{prog}: {signal}: stopped; no result")
@@ -99,13 +99,8 @@ def evaluate(args: argparse.Namespace):
 
     from src.train import strategy
 
-    if args.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise UserInputError(f"--accelerator {args.accelerator}: torch sees no CUDA GPU here; use --accelerator cpu "
-                             f"(or auto)")
     device = torch.device(strategy.training_device(cfg))
-    if args.wkv_backend == "cuda" and device.type != "cuda":
-        raise UserInputError(f"--wkv_backend cuda is the GPU kernel, and this evaluation runs on {device} "
-                             f"(--accelerator {args.accelerator}); use --wkv_backend auto or torch")
+    check_device_flags(args, device)
     strategy.check_fused_kernels(cfg)
     dtype = strategy.SAVE_DTYPE[cfg.precision]  # the weights' dtype: what a run of this precision saves
     strategy.set_float_precision(cfg)
@@ -146,6 +141,24 @@ def evaluate(args: argparse.Namespace):
                              f"non-finite logits (weights with NaN or infinity, or values beyond the range of "
                              f"--precision {args.precision}); no result to report")
     return result
+
+
+def check_device_flags(args: argparse.Namespace, device) -> None:
+    """Refuse flags that need a GPU when the evaluation runs on the CPU, as train.py refuses them: fp16 (no run
+    trains in it on a CPU) and the CUDA kernel."""
+    import torch
+
+    if args.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserInputError(f"--accelerator {args.accelerator}: torch sees no CUDA GPU here; use --accelerator cpu "
+                             f"(or auto)")
+    if device.type == "cuda":
+        return
+    if args.precision == "fp16":
+        raise UserInputError(f"--precision fp16 needs a CUDA GPU, and this evaluation runs on {device} (--accelerator "
+                             f"{args.accelerator}); use --precision bf16 or fp32")
+    if args.wkv_backend == "cuda":
+        raise UserInputError(f"--wkv_backend cuda is the GPU kernel, and this evaluation runs on {device} "
+                             f"(--accelerator {args.accelerator}); use --wkv_backend auto or torch")
 
 
 def masks_of(args) -> str:

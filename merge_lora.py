@@ -11,8 +11,7 @@ then the result is checked: logits of the merged model must match those of base 
 tokens, or nothing is written. The output has the base's keys, each in the base's dtype, and is
 written atomically.
 """
-import sys
-
+from src import cli
 from src.lora import merge_cli
 
 
@@ -21,4 +20,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_process(main())

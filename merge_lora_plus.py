@@ -7,8 +7,7 @@ update of a listed layer is multiplied by its coefficient (time/ln values are ta
 LoRA tensors of unlisted layers are ignored. Without --layer_filter this is merge_lora.py exactly.
 The merge is checked against the unmerged model with the same coefficients before anything is written.
 """
-import sys
-
+from src import cli
 from src.lora import merge_cli
 
 
@@ -17,4 +16,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_process(main())

@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     def body():
-        with cli.signals_interrupt(quit_on_second=True):  # SIGTERM too deletes the picture being written
+        with cli.signals_interrupt():  # SIGTERM too deletes the picture being written
             return plot(build_parser().parse_args(argv))
 
     return cli.run_main(PROG, body, interrupted="{prog}: {signal}: stopped; nothing was written")

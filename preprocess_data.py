@@ -8,7 +8,6 @@ A drop-in for the gpt-neox preprocess_data.py that the ChatGal fork ships: same 
 """
 import argparse
 import importlib.util
-import signal
 import sys
 
 from src import cli
@@ -95,24 +94,21 @@ def run(argv) -> int:
     """Parse `argv` (None = sys.argv[1:]), tokenize, write; returns 0 once the outputs are in place."""
     from src.data import preprocess
 
-    try:
-        with cli.signals_interrupt():  # SIGTERM too removes the partial outputs
-            args = parse_args(argv)
-            options = preprocess.EncodeOptions(
-                tokenizer=TokenizerSpec(args.tokenizer_type, args.vocab_file, args.merge_file,
-                                        args.special_tokens_dict_path),
-                keys=tuple(args.jsonl_keys), append_eod=args.append_eod, ftfy=args.ftfy, skip_bad=args.skip_bad)
-            workers, note = preprocess.capped_workers(args.workers, args.input.split(","))
-            if note:
-                print(note, file=sys.stderr, flush=True)
-            progress = preprocess.Progress(sys.stderr, args.log_interval, args.num_docs)
-            totals = preprocess.preprocess(options, args.input.split(","), args.output_prefix, workers, progress,
-                                           replace=args.overwrite)
-    except KeyboardInterrupt:  # raised by other code than signals_interrupt's handler: taken as a Ctrl+C
-        raise cli.Interrupted(signal.SIGINT) from None
+    with cli.signals_interrupt():  # SIGTERM too removes the partial outputs
+        args = parse_args(argv)
+        options = preprocess.EncodeOptions(
+            tokenizer=TokenizerSpec(args.tokenizer_type, args.vocab_file, args.merge_file,
+                                    args.special_tokens_dict_path),
+            keys=tuple(args.jsonl_keys), append_eod=args.append_eod, ftfy=args.ftfy, skip_bad=args.skip_bad)
+        workers, note = preprocess.capped_workers(args.workers, args.input.split(","))
+        if note:
+            print(note, file=sys.stderr, flush=True)
+        progress = preprocess.Progress(sys.stderr, args.log_interval, args.num_docs)
+        totals = preprocess.preprocess(options, args.input.split(","), args.output_prefix, workers, progress,
+                                       replace=args.overwrite)
     print(preprocess.summary(totals, args.output_prefix, workers))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_process(main())

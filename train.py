@@ -6,7 +6,6 @@ ChatGal fork's train.py.
 import contextlib
 import dataclasses
 import secrets
-import sys
 from pathlib import Path
 
 from src import cli
@@ -85,9 +84,11 @@ def run_training(cfg: TrainConfig, stop, extra_callbacks: list, held_until_the_e
     rank_zero = lightning_trainer.is_global_zero
     if rank_zero:  # the other ranks start later, in fit, while rank 0 holds the folder
         held_until_the_end.enter_context(run_lock.proj_dir_lock(cfg.proj_dir))
-        outputs.check_no_overwrite(cfg, first_epoch=bundle.epoch if bundle else 0)
-        outputs.check_no_folder_in_the_way(cfg, first_epoch=bundle.epoch if bundle else 0)
-        outputs.check_appended_logs(cfg, held_out.appended_logs(cfg))  # train_log.txt, train_steps.tsv, valid.tsv
+        first_epoch, more_logs = bundle.epoch if bundle else 0, held_out.appended_logs(cfg)  # valid.tsv
+        outputs.check_inputs_apart(cfg, first_epoch, more_logs)
+        outputs.check_no_overwrite(cfg, first_epoch)
+        outputs.check_no_folder_in_the_way(cfg, first_epoch)
+        outputs.check_appended_logs(cfg, more_logs)  # train_log.txt, train_steps.tsv and those
 
     data = dataset.load_token_data(cfg)
     dataset.check_against_model(data, cfg, data.vocab_size)
@@ -111,7 +112,7 @@ def run_training(cfg: TrainConfig, stop, extra_callbacks: list, held_until_the_e
         offload_note = ("--strategy offload with --lora: LoRA trains few parameters, so moving their Adam state to "
                         "host memory saves almost no GPU memory; --strategy auto keeps it on the GPU"
                         if cfg.offload and cfg.lora else "")
-        for line in (lora_summary, offload_note, pile_resume):
+        for line in (lora_summary, offload_note, pile_resume, data.note):
             if line:
                 print(line, flush=True)
         console.print_banner(cfg, data.vocab_size, sum(p.numel() for p in model.parameters()), seed,
@@ -200,4 +201,4 @@ def build_lightning_trainer(cfg: TrainConfig, callbacks: list, progress_bar: boo
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_process(main())

@@ -15,15 +15,22 @@ N = 7.2e9 non-embedding parameters: the forward that fills the stores, each bloc
 backward, which only propagates through frozen weights (src/train/state_cp/engine.py); a segment whose block inputs did
 not fit in host memory adds a forward.
 
+`--model x070` runs the same recipe on RWKV-7 (--my_testing x070, head size 64, vocab 65536, its CUDA WKV-7 kernel;
+default shape L32 D2560, the 2.9B), from a random base made by the family's own initialisation; N counts its
+matrices the same way. It has no original figures; its goals (issue 33) are printed under the table.
+
     python -m bench.long_context                          # 4096 32768 131072 1048576
     python -m bench.long_context --lengths 4096 131072
+    python -m bench.long_context --model x070 --n_layer 32 --n_embd 2560 --lengths 4096 131072
 """
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -32,15 +39,55 @@ from bench.common import StepTimes, cap_gpu_memory, matmul_tflops, peak_gib, run
 
 SEGMENT = 4096
 SHAPE = dict(n_layer=32, n_embd=4096, vocab_size=50277)
-NON_EMBEDDING_PARAMS = 32 * 13 * 4096 ** 2 + 4096 * 50277  # blocks + head
+NON_EMBEDDING_PARAMS = 32 * 13 * 4096 ** 2 + 4096 * 50277  # blocks + head (= matrix_params(MODELS["rwkv4"], 32, 4096))
 # the fork's own code on one H200, measured by this project on 2026-12-01: ctx -> (tokens/s, peak GiB)
 ORIGINAL = {4096: (7614, 17.33), 32768: (6008, 17.34), 131072: (5709, 17.39)}
 STEPS = {4096: 6, 32768: 3, 131072: 2, 1048576: 1}
 
 
-def lora_flags(weights: Path, tokens: Path, proj_dir: Path, ctx_len: int, steps: int) -> list:
-    return ["--load_model", str(weights), "--data_type", "numpy", "--data_file", str(tokens), "--vocab_size", "50277",
-            "--n_layer", "32", "--n_embd", "4096", "--ctx_len", str(ctx_len), "--ctx_parts", str(ctx_len // SEGMENT),
+@dataclasses.dataclass(frozen=True)
+class Goals:
+    """What a model's run must show: its peak allocated GiB at every length, and the tokens/s at the longest length
+    over the tokens/s at the shortest."""
+    peak_gib: float
+    speed_ratio: float
+
+
+@dataclasses.dataclass(frozen=True)
+class LongContextModel:
+    """A model family's long-context run: its default shape and the train.py flags that pick it."""
+    title: str
+    base_name: str  # the random base's file name starts with it
+    n_layer: int
+    n_embd: int
+    vocab_size: int
+    family_flags: tuple = ()  # train.py flags that pick the family and the rest of its shape
+    kernel_flags: tuple = ()  # train.py flags of the training run only (the kernel it must use)
+    original: dict = dataclasses.field(default_factory=dict)  # ctx_len -> (tokens/s, peak GiB) of the original
+    goals: Optional[Goals] = None
+
+
+MODELS = {
+    "rwkv4": LongContextModel("RWKV-4", "rwkv", SHAPE["n_layer"], SHAPE["n_embd"], SHAPE["vocab_size"],
+                              original=ORIGINAL),
+    # the CUDA kernel named: a failed build stops the run instead of timing the plain-torch twin
+    "x070": LongContextModel("RWKV-7", "rwkv-x070", 32, 2560, 65536, ("--my_testing", "x070", "--head_size", "64"),
+                             ("--wkv_backend", "cuda"), goals=Goals(peak_gib=16.0, speed_ratio=0.9)),
+}
+
+
+def shape_flags(model: LongContextModel, n_layer: int, n_embd: int) -> list:
+    """train.py's flags for the model's shape and family."""
+    return ["--vocab_size", str(model.vocab_size), "--n_layer", str(n_layer), "--n_embd", str(n_embd),
+            *model.family_flags]
+
+
+def lora_flags(weights: Path, tokens: Path, proj_dir: Path, ctx_len: int, steps: int,
+               model: LongContextModel = MODELS["rwkv4"], n_layer: int = SHAPE["n_layer"],
+               n_embd: int = SHAPE["n_embd"]) -> list:
+    return ["--load_model", str(weights), "--data_type", "numpy", "--data_file", str(tokens),
+            *shape_flags(model, n_layer, n_embd), *model.kernel_flags,
+            "--ctx_len", str(ctx_len), "--ctx_parts", str(ctx_len // SEGMENT),
             "--state_cp", "1", "--grad_cp", "1", "--micro_bsz", "1", "--epoch_steps", str(steps), "--epoch_count", "1",
             "--epoch_save", "0", "--lr_init", "1e-4", "--lr_final", "1e-4", "--precision", "bf16",
             "--strategy", "deepspeed_stage_1", "--accelerator", "gpu", "--devices", "1", "--lora", "--lora_r", "16",
@@ -48,38 +95,62 @@ def lora_flags(weights: Path, tokens: Path, proj_dir: Path, ctx_len: int, steps:
             "--enable_progress_bar", "0", "--random_seed", "0", "--proj_dir", str(proj_dir)]
 
 
-def random_base_path(n_layer: int = SHAPE["n_layer"], n_embd: int = SHAPE["n_embd"]) -> Path:
+def random_base_path(n_layer: int = SHAPE["n_layer"], n_embd: int = SHAPE["n_embd"],
+                     model: LongContextModel = MODELS["rwkv4"]) -> Path:
     """Where the benchmarks keep the random base of a shape between runs (written once, in the temporary folder)."""
-    return Path(tempfile.gettempdir()) / f"rwkv-L{n_layer}-D{n_embd}-random-bf16.pth"
+    return Path(tempfile.gettempdir()) / f"{model.base_name}-L{n_layer}-D{n_embd}-random-bf16.pth"
 
 
-def ensure_random_base(path: Path) -> Path:
-    """`path`, written as a random 7B base first if it does not exist yet."""
+def ensure_random_base(path: Path, n_layer: int = SHAPE["n_layer"], n_embd: int = SHAPE["n_embd"],
+                       model: LongContextModel = MODELS["rwkv4"]) -> Path:
+    """`path`, written as a random base of the model's shape first if it does not exist yet."""
     if not path.exists():
         started = time.time()
-        make_random_base(path)
-        print(f"random 7B base written to {path} in {time.time() - started:.0f} s", flush=True)
+        make_random_base(path, n_layer, n_embd, model)
+        print(f"random {model.title} L{n_layer} D{n_embd} base written to {path} in {time.time() - started:.0f} s",
+              flush=True)
     return path
 
 
-def make_random_base(path: Path, n_layer: int = SHAPE["n_layer"], n_embd: int = SHAPE["n_embd"]) -> None:
-    """A model of the 7B shape (or another depth and width) with the v4neo init (made on the GPU), saved in bf16 as
-    a released model would be."""
+def build_from_scratch(model: LongContextModel, n_layer: int, n_embd: int):
+    """(the family's record, its model) as train.py builds them from scratch for these flags, on the current default
+    device (the data flags only satisfy the parser: nothing is read)."""
+    from src.config import parse_args
+
+    cfg = parse_args([*shape_flags(model, n_layer, n_embd), "--data_type", "dummy"])
+    return cfg.family, cfg.family.build(cfg.family.shape_from_flags(cfg, model.vocab_size))
+
+
+def make_random_base(path: Path, n_layer: int = SHAPE["n_layer"], n_embd: int = SHAPE["n_embd"],
+                     model: LongContextModel = MODELS["rwkv4"], device: str = "cuda") -> None:
+    """A model of the shape with its family's initialisation for a run from scratch (RWKV-4: the v4neo init; RWKV-7:
+    BlinkDL's), made on `device` and saved in bf16 as a released model would be."""
     from src.io.checkpoint import save_weights
-    from src.models.rwkv4.config import RWKVConfig
-    from src.models.rwkv4.model import RWKV, generate_init_weights
 
-    with torch.device("cuda"):
-        model = RWKV(RWKVConfig(vocab_size=SHAPE["vocab_size"], n_layer=n_layer, n_embd=n_embd))
-    save_weights(generate_init_weights(model, 1e-4, device="cuda", dtype=torch.bfloat16), path)
-    del model
-    torch.cuda.empty_cache()
+    with torch.device(device):
+        family, built = build_from_scratch(model, n_layer, n_embd)
+    save_weights(family.init_weights(built, 1e-4, device=device, dtype=torch.bfloat16), path)
+    del built
+    if device != "cpu":
+        torch.cuda.empty_cache()
 
 
-def random_tokens(ctx_len: int, folder: Path) -> Path:
+def matrix_params(model: LongContextModel, n_layer: int, n_embd: int) -> int:
+    """N of the 6 N FLOPs a token: the parameters of the matrices (two or more dimensions once squeezed) but the
+    embedding, which is a lookup. RWKV-4: 13 C^2 a block + the head; RWKV-7: 12 C^2 a block, its low-rank
+    matrices and r_k, and the head."""
+    from src.models import EMBEDDING
+
+    with torch.device("meta"):  # shapes only
+        family, built = build_from_scratch(model, n_layer, n_embd)
+    return sum(p.numel() for name, p in built.named_parameters()
+               if family.piece_of(name) != EMBEDDING and len([d for d in p.shape if d != 1]) >= 2)
+
+
+def random_tokens(ctx_len: int, folder: Path, vocab_size: int = SHAPE["vocab_size"]) -> Path:
     """A .npy of random token ids, two samples long, in `folder`."""
     tokens = folder / "tokens.npy"
-    np.save(tokens, np.random.default_rng(0).integers(0, 50277, 2 * ctx_len + 1, dtype=np.int32))
+    np.save(tokens, np.random.default_rng(0).integers(0, vocab_size, 2 * ctx_len + 1, dtype=np.int32))
     return tokens
 
 
@@ -88,13 +159,14 @@ def run_one_length(args) -> int:
     import train
     from src.config import parse_args
 
+    model = MODELS[args.model]
     filler = cap_gpu_memory(args.gpu_gib)
     proj_dir = Path(tempfile.mkdtemp(prefix=f"long{args.ctx_len}-"))
-    tokens = random_tokens(args.ctx_len, proj_dir)
+    tokens = random_tokens(args.ctx_len, proj_dir, model.vocab_size)
     steps = STEPS.get(args.ctx_len, 2)
     timer = StepTimes()
-    code = train.train(parse_args(lora_flags(Path(args.weights), tokens, proj_dir, args.ctx_len, steps)), [timer],
-                       write_weights=False)
+    flags = lora_flags(Path(args.weights), tokens, proj_dir, args.ctx_len, steps, model, args.n_layer, args.n_embd)
+    code = train.train(parse_args(flags), [timer], write_weights=False)
     rows = [r.split("\t") for r in (proj_dir / "train_steps.tsv").read_text().splitlines()[1:]]
     allocated, reserved = peak_gib(filler)
     print("RESULT " + json.dumps({
@@ -104,11 +176,11 @@ def run_one_length(args) -> int:
     return code
 
 
-def run_each_length(module: str, args, extra_argv: tuple = ()) -> tuple:
-    """The parent's part of a 7B benchmark: the random base made once (unless --weights), the matmul rate, then
-    `python -m module --ctx_len L ...` in a process of its own for each of args.lengths.
+def run_each_length(module: str, args, extra_argv: tuple = (), weights: Optional[Path] = None) -> tuple:
+    """The parent's part of a long-context benchmark: the random base made once (unless --weights or `weights`), the
+    matmul rate, then `python -m module --ctx_len L ...` in a process of its own for each of args.lengths.
     Returns (TFLOP/s, the children's RESULT dicts, failed ones left out)."""
-    weights = ensure_random_base(Path(args.weights or random_base_path()))
+    weights = weights or ensure_random_base(Path(args.weights or random_base_path()))
     tflops = matmul_tflops()
     results = []
     for ctx_len in args.lengths:
@@ -119,30 +191,55 @@ def run_each_length(module: str, args, extra_argv: tuple = ()) -> tuple:
     return tflops, results
 
 
+def goal_lines(goals: Goals, results: list) -> list:
+    """Each goal with what the run measured and whether it is met; the speed ratio needs two lengths."""
+    peak = max(r["peak_allocated_gib"] for r in results)
+    lines = [f"goal: peak allocated <= {goals.peak_gib:g} GiB at every length: {peak:.2f} GiB at most, "
+             f"{'met' if peak <= goals.peak_gib else 'MISSED'}"]
+    shortest, longest = min(results, key=lambda r: r["ctx_len"]), max(results, key=lambda r: r["ctx_len"])
+    if longest is not shortest:
+        ratio = longest["tokens_per_s"] / shortest["tokens_per_s"]
+        lines.append(f"goal: tokens/s at {longest['ctx_len']:,} / tokens/s at {shortest['ctx_len']:,} >= "
+                     f"{goals.speed_ratio:g}: {ratio:.2f}, {'met' if ratio >= goals.speed_ratio else 'MISSED'}")
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 32768, 131072, 1048576])
     parser.add_argument("--gpu_gib", type=float, default=24.0, help="GPU memory cap in GiB")
-    parser.add_argument("--weights", default="", help="7B .pth to train LoRA on (default: random, made once)")
+    parser.add_argument("--weights", default="", help="base .pth to train LoRA on (default: random, made once)")
+    parser.add_argument("--model", choices=list(MODELS), default="rwkv4",
+                        help="rwkv4 (default: the 7B shape) or x070 (RWKV-7: the 2.9B shape, vocab 65536, head 64)")
+    parser.add_argument("--n_layer", type=int, help="default: the model's (32)")
+    parser.add_argument("--n_embd", type=int, help="default: the model's (rwkv4 4096, x070 2560)")
     parser.add_argument("--ctx_len", type=int, help=argparse.SUPPRESS)  # child process: one length
     args = parser.parse_args()
+    model = MODELS[args.model]
+    args.n_layer, args.n_embd = args.n_layer or model.n_layer, args.n_embd or model.n_embd
     if args.ctx_len:
         return run_one_length(args)
 
-    tflops, results = run_each_length("bench.long_context", args)
-    limit = tflops * 1e12 / (6 * NON_EMBEDDING_PARAMS)
+    weights = Path(args.weights or random_base_path(args.n_layer, args.n_embd, model))
+    ensure_random_base(weights, args.n_layer, args.n_embd, model)
+    tflops, results = run_each_length("bench.long_context", args, ("--model", args.model, "--n_layer",
+                                      str(args.n_layer), "--n_embd", str(args.n_embd)), weights)
+    limit = tflops * 1e12 / (6 * matrix_params(model, args.n_layer, args.n_embd))
     print(f"\n{torch.cuda.get_device_name(0)}, capped at {args.gpu_gib:g} GiB; bf16 matmul {tflops:.0f} TFLOP/s "
           f"(8192^3), so the matmul limit of a --state_cp LoRA step is {limit:,.0f} tokens/s")
+    print(f"model: {model.title} L{args.n_layer} D{args.n_embd} vocab {model.vocab_size}")
     print("\n| ctx_len | steps | ours tokens/s | original tokens/s | ours / original | of the limit "
           "| ours peak allocated / reserved GiB | original peak GiB | losses |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        original_speed, original_peak = ORIGINAL.get(r["ctx_len"], (None, None))
+        original_speed, original_peak = model.original.get(r["ctx_len"], (None, None))
         ratio = f"{r['tokens_per_s'] / original_speed:.2f}x" if original_speed else "-"
         print(f"| {r['ctx_len']:,} | {r['steps']} | {r['tokens_per_s']:,.0f} | "
               f"{f'{original_speed:,}' if original_speed else '-'} | {ratio} | {r['tokens_per_s'] / limit:.0%} | "
               f"{r['peak_allocated_gib']:.2f} / {r['peak_reserved_gib']:.2f} | {original_peak or '-'} | "
               f"{', '.join(f'{loss:.3f}' for loss in r['losses'])} |")
+    if model.goals and results:
+        print("\n" + "\n".join(goal_lines(model.goals, results)))
     return 0 if len(results) == len(args.lengths) else 1
 
 

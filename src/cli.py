@@ -4,10 +4,12 @@ states a flag's default only where it informs.
 Exit codes of every CLI: 0 done (and --help), 2 bad input (a usage error here, or a UserInputError later),
 128 + the signal number when Ctrl+C or SIGTERM stopped it (130, 143). Every entry point's main() runs its work
 through run_main, which reports a UserInputError, and an Interrupted where the command stops on signals, in one line
-on stderr with its exit code.
+on stderr with its exit code. A second Ctrl+C or SIGTERM while the first one's stop is under way quits at once
+(quit_at_once), still leaving nothing half-written.
 """
 import argparse
 import contextlib
+import multiprocessing
 import os
 import signal
 import sys
@@ -47,34 +49,40 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
-# What a hard exit runs first (src/io/atomic.py registers the deletion of its temporary files in flight).
+# What a hard exit runs first: src/io/atomic.py registers the deletion of its temporary files in flight,
+# src/io/run_lock.py the release of the locks this process holds.
 _BEFORE_HARD_EXIT: list = []
 
 
 def before_hard_exit(cleanup: Callable[[], None]) -> None:
-    """Have `cleanup` run when a second signal quits a command at once (see signals_interrupt)."""
+    """Have `cleanup` run when a second signal quits a command at once (see quit_at_once)."""
     if cleanup not in _BEFORE_HARD_EXIT:
         _BEFORE_HARD_EXIT.append(cleanup)
 
 
+def quit_at_once(signum: int) -> None:
+    """A second Ctrl+C or SIGTERM while the first one's stop is under way: one line, the cleanups registered with
+    before_hard_exit (temporary files deleted, locks released), the worker processes this process started ended (a
+    pool's workers would wait for work for ever), then os._exit(128 + signum). No `finally` block runs."""
+    print(f"\n{signal.Signals(signum).name} again: quitting at once; files already written are whole.",
+          file=sys.stderr, flush=True)
+    for cleanup in _BEFORE_HARD_EXIT:
+        cleanup()
+    for child in multiprocessing.active_children():
+        child.kill()
+    os._exit(128 + signum)
+
+
 @contextlib.contextmanager
-def signals_interrupt(quit_on_second: bool = False):
+def signals_interrupt():
     """Within the block, Ctrl+C and SIGTERM raise Interrupted. Without it SIGTERM ends the process on the spot,
-    leaving temporary files behind. A second signal while the first one's Interrupted unwinds never interrupts the
-    cleanup (the discards of temporary files): it is ignored, or with `quit_on_second` it quits the process at once
-    with one line: the cleanups registered with before_hard_exit run (temporary files are deleted), then
-    os._exit(128 + signum). The handlers from before are restored afterwards."""
+    leaving temporary files behind. A second signal while the first one's Interrupted unwinds quits the process at
+    once (quit_at_once), never leaving a temporary file. The handlers from before are restored afterwards."""
     pid, received = os.getpid(), []
 
     def interrupt(signum, frame):
         if received and os.getpid() == pid:  # a forked child is its parent's to stop
-            if not quit_on_second:
-                return
-            print(f"\n{signal.Signals(signum).name} again: quitting at once; files already written are whole.",
-                  file=sys.stderr, flush=True)
-            for cleanup in _BEFORE_HARD_EXIT:
-                cleanup()
-            os._exit(128 + signum)
+            quit_at_once(signum)
         received.append(signum)
         raise Interrupted(signum)
 

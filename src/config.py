@@ -263,6 +263,11 @@ class TrainConfig(*flag_groups()):  # the shape flags of each model family (src/
         return self.precision == "bf16" and self.deepspeed is None
 
     @property
+    def character_level(self) -> bool:
+        """Whether the token ids are the characters of the text (the run writes their vocab.json)."""
+        return self.data_type in CHARACTER_DATA_TYPES
+
+    @property
     def run_name(self) -> str:
         return f"{self.proj_dir} ctx{self.ctx_len} L{self.n_layer} D{self.n_embd}"
 

@@ -8,6 +8,7 @@ from src.errors import UserInputError
 
 # one token of a layer spec: an optional "coef*", then a layer or an inclusive range "first-last"
 _LAYER_TOKEN = re.compile(r"^(?:(?P<coef>[^*]+)\*)?(?P<first>\d+)(?:-(?P<last>\d+))?$")
+MAX_LAYERS = 10_000  # layers of the largest model a spec may name when the model is not known yet (7B: 32)
 
 
 def parse_layer_spec(spec: str, n_layer: Optional[int] = None, what: str = "--lora_layers",
@@ -41,12 +42,13 @@ def parse_layer_spec(spec: str, n_layer: Optional[int] = None, what: str = "--lo
         last = first if match["last"] is None else int(match["last"])
         if last < first:
             raise UserInputError(f"{what}: the range {token!r} runs backwards; write {last}-{first}.")
+        if n_layer is not None and last >= n_layer:
+            raise UserInputError(f"{what} lists layer {last}, but the model has {n_layer} layers (0-{n_layer - 1}).")
+        if last >= MAX_LAYERS:
+            raise UserInputError(f"{what} lists layer {last}; no model has {MAX_LAYERS:,} layers.")
         for layer in range(first, last + 1):
             if layer in layers:
                 raise UserInputError(f"{what} lists layer {layer} twice.")
-            if n_layer is not None and layer >= n_layer:
-                raise UserInputError(f"{what} lists layer {layer}, but the model has {n_layer} layers "
-                                     f"(0-{n_layer - 1}).")
             layers[layer] = coef
     return layers
 

@@ -139,27 +139,36 @@ def stopped_by_one_sigint(argv, proj_dir: Path) -> int:
 
 
 WRITING = "(an atomic write)"  # what a child of signalled() prints with slow_writes
+CLEANING = "(a temporary file removed)"  # what a child of signalled() prints with slow_cleanup
 
 
-def signalled(script: str, argv, signum, ready, slow_writes: float = 0.0, timeout: float = 120) -> tuple:
+def signalled(script: str, argv, signum, ready, slow_writes: float = 0.0, slow_cleanup: float = 0.0,
+              again=None, timeout: float = 120) -> tuple:
     """Run `script` (an entry point of the repository, e.g. "export_hf.py") with `argv` in a process group of its own,
     as a terminal runs it; once `ready(stdout so far)` holds, send `signum` to the group (Ctrl+C reaches every process
-    of it). Returns (exit code, stdout, stderr). `slow_writes` > 0: every write of an atomic file prints WRITING on
-    stdout and waits that many seconds before it writes (the child runs the script's main after patching
-    atomic._write), so that a signal sent once WRITING is printed lands inside the writes. The signal is sent even if
-    `ready` never holds within `timeout`; the test then sees what the command did."""
+    of it), and with `again`, once `again(stdout so far)` holds, send it a second time. Returns (exit code, stdout,
+    stderr). The child runs the script's main after patching src/io/atomic.py: with `slow_writes` > 0 every write of
+    an atomic file prints WRITING and waits that many seconds before it writes, so that a signal sent once WRITING
+    is printed lands inside the writes; with `slow_cleanup` > 0 the first removal of a temporary file prints CLEANING
+    and waits that long, so that a second signal sent once CLEANING is printed lands in the first one's cleanup. A
+    signal is sent even if its condition never holds within `timeout`; the test then sees what the command did. No
+    process of the command's group may outlive it (a pool's workers)."""
     import subprocess
     import sys
 
     from conftest import ROOT
 
     command = [sys.executable, script]
-    if slow_writes:
+    if slow_writes or slow_cleanup:
         module = script.removesuffix(".py")
         command = [sys.executable, "-c", f"import sys, time\nfrom src import cli\nfrom src.io import atomic\n"
-                   f"write = atomic._write\n"
-                   f"atomic._write = lambda file, data: (print({WRITING!r}, flush=True), time.sleep({slow_writes}), "
-                   f"write(file, data))[2]\n"
+                   f"write, remove, removing = atomic._write, atomic.remove_path, []\n"
+                   f"if {slow_writes}:\n"
+                   f"    atomic._write = lambda file, data: (print({WRITING!r}, flush=True), "
+                   f"time.sleep({slow_writes}), write(file, data))[2]\n"
+                   f"if {slow_cleanup}:\n"
+                   f"    atomic.remove_path = lambda path: (removing or (print({CLEANING!r}, flush=True), "
+                   f"time.sleep({slow_cleanup})), removing.append(path), remove(path))[2]\n"
                    f"import {module}\ncli.exit_process({module}.main(sys.argv[1:]))\n"]
     proc = subprocess.Popen([*command, *map(str, argv)], cwd=ROOT, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -169,14 +178,30 @@ def signalled(script: str, argv, signum, ready, slow_writes: float = 0.0, timeou
     for reader in readers:
         reader.start()
     deadline = time.time() + timeout
-    while proc.poll() is None and not ready("".join(out)) and time.time() < deadline:
-        time.sleep(0.01)
-    if proc.poll() is None:
-        os.killpg(proc.pid, signum)
+    for condition in (ready, again) if again else (ready,):
+        while proc.poll() is None and not condition("".join(out)) and time.time() < deadline:
+            time.sleep(0.01)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signum)
     proc.wait(timeout=timeout)
     for reader in readers:
         reader.join(timeout=timeout)
+    assert group_ended(proc.pid), f"{script} left processes behind (its workers?)"
     return proc.returncode, "".join(out), "".join(err)
+
+
+def group_ended(group: int, timeout: float = 10) -> bool:
+    """Whether every process of the process group `group` ends within `timeout` seconds; those that do not are
+    killed."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    os.killpg(group, signal.SIGKILL)
+    return False
 
 
 def signalled_both(script: str, runs: dict, **options) -> dict:

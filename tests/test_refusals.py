@@ -29,8 +29,9 @@ def test_the_same_command_again_does_not_replace_the_finished_runs_files(proj_di
     (["--dim_att", "8"], ["rwkv-init.pth", "--overwrite_proj_dir 1"]),  # another model shape, same folder
     (["--epoch_count", "0"], ["--epoch_count 0 must be at least 1"]),
     (["--lora"], ["--lora", "--load_model"]),  # adapters on a random base
-    # LoRA into its base's folder
-    (["--load_model", "{proj_dir}/rwkv-final.pth", "--lora"], ["rwkv-0.pth", "rwkv-final.pth"]),
+    # LoRA into its base's folder, whose rwkv-final.pth it would replace
+    (["--load_model", "{proj_dir}/rwkv-final.pth", "--lora"],
+     ["this run's output {proj_dir}/rwkv-final.pth is --load_model {proj_dir}/rwkv-final.pth"]),
     # --overwrite_proj_dir 1: these refusals come before any file (rwkv-init.pth, vocab.json) is rewritten
     (["--load_model", "{proj_dir}/garbage.pth", "--overwrite_proj_dir", "1"],
      ["--load_model", "garbage.pth is not a PyTorch file", "expected a .pth of {name: tensor}"]),

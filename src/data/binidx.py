@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from src.io.atomic import discard, publish, temporary_path
+from src.io.atomic import check_unchanged, discard, publish, temporary_path
 from src.errors import UserInputError
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -153,8 +153,11 @@ class MMapIndexedDatasetBuilder:
         """The bytes of the .bin and .idx of what was added so far (the write under way included)."""
         return self.bin_bytes + HEADER.size + 12 * self.items + 8 * sum(map(len, self._doc_starts))
 
-    def finalize(self, replace: bool = True) -> None:
-        """Write the index and publish both files (without `replace`, only where no file appeared meanwhile)."""
+    def finalize(self, replace=True) -> None:
+        """Write the index and publish both files. `replace`: True replaces the files there; False creates them only,
+        where no file appeared meanwhile; a pair of atomic.Found (.bin, .idx), what the check before the work found,
+        replaces just that: if either file appeared or changed meanwhile, both are left as they are and this output is
+        discarded with one line."""
         self._bin.flush()
         os.fsync(self._bin.fileno())
         self._bin.close()
@@ -170,6 +173,10 @@ class MMapIndexedDatasetBuilder:
             f.write(doc_idx.tobytes(order="C"))
             f.flush()
             os.fsync(f.fileno())
+        if isinstance(replace, tuple):
+            for found in replace:
+                check_unchanged(found, found.path, self._bin_tmp, self._idx_tmp)
+            replace = True
         if replace:  # the old index goes first: an interruption between the renames leaves no .idx, not a wrong pair
             Path(self.prefix + ".idx").unlink(missing_ok=True)
         publish(self._bin_tmp, self.prefix + ".bin", replace)

@@ -23,7 +23,7 @@ from src.accumulation import accumulation_at, optimizer_steps_before
 from src.io.atomic import atomic_file
 from src.data.binidx import MMapIndexedDataset
 from src.config import TrainConfig
-from src.errors import UserInputError
+from src.errors import StopsTraining, UserInputError
 from src.loss import IGNORE_INDEX
 from src.io.outputs import VOCAB_NAME
 from src.data.script_mask import check_some_window_trains, parse_script_mask, trained_targets
@@ -46,6 +46,7 @@ class TokenData:
     documents: Optional[jsonl.Documents] = None  # jsonl: tokens holds the documents' ids back to back
     chats: Optional[instruct.Chats] = None  # --instruct_data_file
     chars: Optional[list] = None  # char-level data (utf-8, utf-16le, dummy): the character of each token id
+    note: str = ""  # a line for the user about the data (jsonl documents left out)
 
 
 def dummy_text() -> str:
@@ -140,7 +141,7 @@ def _read_data_file(cfg: TrainConfig) -> TokenData:
                              f"65536 for World)")
     if kind == "jsonl":
         documents = jsonl.load_documents(cfg)
-        return TokenData(documents.tokens, path, cfg.vocab_size, documents=documents)
+        return TokenData(documents.tokens, path, cfg.vocab_size, documents=documents, note=documents.note)
     if kind == "binidx":
         data = MMapIndexedDataset(path)  # refuses indexes of non-integer tokens
         return TokenData(data.tokens, str(data.bin_path), cfg.vocab_size, binidx=data)
@@ -322,8 +323,7 @@ class TrainingSamples(Dataset):
         real_epoch = self.cfg.epoch_begin + epoch
         rng = np.random.default_rng([self.seed, self.rank, real_epoch, position])
         if self.data.chats is not None and rng.random() < self.cfg.instruct_data_ratio:
-            ids, trained = self.data.chats.sample(rng, context_length(self.step_of(index), self.cfg) + 1)
-            return inputs_and_targets(ids, trained[1:])
+            return self._chat_sample(rng, context_length(self.step_of(index), self.cfg) + 1)
         if self.data.tokens.ndim == 2:  # uint16 rows: any row, the last one included
             row = np.asarray(self.data.tokens[rng.integers(0, len(self.data.tokens))], dtype=np.int64)
             return torch.from_numpy(row[:-1].copy()), torch.from_numpy(row[1:].copy())
@@ -351,7 +351,19 @@ class TrainingSamples(Dataset):
             trained = trained_targets(start, length, *self.script_mask, self.data.binidx)
         return inputs_and_targets(self.data.tokens[start:start + length + 1], trained)
 
-    def _masked_whole(self, start: int, length: int, pile: bool) -> UserInputError:
+    def _chat_sample(self, rng: np.random.Generator, n_tokens: int) -> tuple:
+        """Chats of n_tokens tokens; chats in which the bot says nothing there would count as a loss of 0: others are
+        drawn (up to WINDOW_REDRAWS times, from the sample's generator), and a sample with none stops the run."""
+        for _ in range(WINDOW_REDRAWS + 1):
+            ids, trained = self.data.chats.sample(rng, n_tokens)
+            if trained[1:].any():
+                return inputs_and_targets(ids, trained[1:])
+        raise StopsTraining(f"--instruct_data_file {self.cfg.instruct_data_file}: the chats drawn for a sample of "
+                            f"{n_tokens} tokens, and those drawn {WINDOW_REDRAWS} more times for it, hold no paragraph "
+                            f"of the bot (the only ones trained) in their first {n_tokens} tokens: this sample would "
+                            f"train nothing; use chats where the bot speaks sooner, or a longer --ctx_len")
+
+    def _masked_whole(self, start: int, length: int, pile: bool) -> StopsTraining:
         """The stop of a run that drew a window whose every target is masked (and found no other)."""
         cut, prefix = self.script_mask
         end = self.data.binidx.document_bounds(start)[1] if cut else None
@@ -359,7 +371,7 @@ class TrainingSamples(Dataset):
               (f"its first {prefix} targets are masked" if prefix else "")
         how = ("Pile mode's magic-prime sampling places this window" if pile
                else f"and {WINDOW_REDRAWS} more windows drawn for it were masked whole too")
-        return UserInputError(f"--my_script_mask {self.cfg.my_script_mask} masks every target of the window of "
+        return StopsTraining(f"--my_script_mask {self.cfg.my_script_mask} masks every target of the window of "
                               f"tokens {start}..{start + length} of {self.data.source} ({why}), {how}: this sample "
                               f"would train nothing; use a smaller n, cut=0, or data with longer documents")
 

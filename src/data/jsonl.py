@@ -12,7 +12,8 @@ file's, or by length (--train_data_sort short_first / long_first), or a fresh pe
 
 --select_name NAME trains only what NAME says: in every paragraph (paragraphs are separated by a blank line)
 that starts with "NAME:", the text after the colon through the blank line that ends the paragraph, so the
-model also learns when to stop. A target is trained when its characters overlap such a span.
+model also learns when to stop. A target is trained when its characters overlap such a span. A document whose
+shortest sample NAME says nothing in is left out, with a note: its samples would train nothing.
 """
 import functools
 import re
@@ -34,6 +35,7 @@ class Documents:
     trained: np.ndarray  # bool per token: whether it is trained when it is a target
     starts: np.ndarray  # int64, n + 1 entries: document k is tokens[starts[k]:starts[k + 1]]
     sort: Optional[str] = None  # --train_data_sort
+    note: str = ""  # a line for the user: documents left out
 
     def __len__(self) -> int:
         return len(self.starts) - 1
@@ -105,9 +107,12 @@ def read_texts(path: Path, flag: str = "--data_file") -> list:
     return texts
 
 
-def tokenize_documents(texts, tokenizer: Tokenizer, select_name: Optional[str]) -> tuple:
-    """(tokens, trained, starts) of the documents with at least two tokens (one token holds no target)."""
-    pieces, flags, lengths = [], [], []
+def tokenize_documents(texts, tokenizer: Tokenizer, select_name: Optional[str], shortest_sample: int) -> tuple:
+    """(tokens, trained, starts, left out) of the documents with at least two tokens (one token holds no target) whose
+    every sample trains a target: a sample is the start of its document, so under `select_name` a document none of
+    whose first `shortest_sample` tokens that speaker says is left out (it would train nothing); `left out` counts
+    those."""
+    pieces, flags, lengths, left_out = [], [], [], 0
     for text in texts:
         if select_name:
             ids, spans = tokenizer.encode_with_offsets(text)
@@ -117,6 +122,9 @@ def tokenize_documents(texts, tokenizer: Tokenizer, select_name: Optional[str]) 
             trained = np.ones(len(ids), dtype=bool)
         if len(ids) < 2:
             continue
+        if not trained[1:shortest_sample].any():  # the first token is never a target
+            left_out += 1
+            continue
         pieces.append(np.asarray(ids, dtype=np.int32))
         flags.append(trained)
         lengths.append(len(ids))
@@ -124,7 +132,7 @@ def tokenize_documents(texts, tokenizer: Tokenizer, select_name: Optional[str]) 
     np.cumsum(lengths, out=starts[1:])
     tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
     trained = np.concatenate(flags) if flags else np.zeros(0, bool)
-    return tokens, trained, starts
+    return tokens, trained, starts, left_out
 
 
 def load_documents(cfg: TrainConfig) -> Documents:
@@ -133,13 +141,16 @@ def load_documents(cfg: TrainConfig) -> Documents:
     texts = read_texts(path)
     if cfg.train_split_ratio is not None:
         texts = texts[:int(len(texts) * cfg.train_split_ratio)]
-    tokens, trained, starts = tokenize_documents(texts, tokenizer, cfg.select_name)
+    shortest = (cfg.initial_ctx_len or cfg.ctx_len) + 1  # tokens of the shortest sample (the context warm-up's first)
+    tokens, trained, starts, left_out = tokenize_documents(texts, tokenizer, cfg.select_name, shortest)
+    unsaid = (f"by '{cfg.select_name}:' in the first {shortest:,} tokens (the shortest sample"
+              f"{', at --initial_ctx_len' if cfg.initial_ctx_len else ''})")
+    if len(starts) == 1 and left_out:
+        raise UserInputError(f"--select_name {cfg.select_name}: no document of {path} has a paragraph {unsaid}, so "
+                             f"nothing would be trained")
     if len(starts) == 1:
         raise UserInputError(f"--data_file {path} has no document of two or more tokens"
                              f"{' in the first --train_split_ratio of it' if cfg.train_split_ratio else ''}")
-    targets = trained.copy()
-    targets[starts[:-1]] = False  # a document's first token is never a target
-    if cfg.select_name and not targets.any():
-        raise UserInputError(f"--select_name {cfg.select_name}: no paragraph of {path} starts with "
-                             f"'{cfg.select_name}:', so nothing would be trained")
-    return Documents(tokens, trained, starts, cfg.train_data_sort)
+    note = (f"Note: --select_name {cfg.select_name}: {left_out:,} of the {len(texts):,} documents of {path} have no "
+            f"paragraph {unsaid} and are left out: their samples would train nothing." if left_out else "")
+    return Documents(tokens, trained, starts, cfg.train_data_sort, note)

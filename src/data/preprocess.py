@@ -8,6 +8,7 @@ Per document and key, as gpt-neox: one item of the document's tokens (+ the EOD 
 the end of the document. Documents that tokenize to nothing are skipped and counted (gpt-neox dropped
 empty strings and crashed on other empty documents with --append-eod).
 """
+import gc
 import multiprocessing
 import os
 import signal
@@ -206,14 +207,21 @@ def encoded_blocks(blocks: Iterator[Block], options: EncodeOptions, workers: int
         yield from map(encoder, blocks)
         return
     # spawn: workers start clean (no copied threads or locks) on every platform
-    with multiprocessing.get_context("spawn").Pool(workers, _start_worker, (options,)) as pool:
-        pending = deque()
+    pool = multiprocessing.get_context("spawn").Pool(workers, _start_worker, (options,))
+    pending = deque()
+    try:
         for block in blocks:
             pending.append(pool.apply_async(_encode_in_worker, (block,)))
             if len(pending) >= 2 * workers:
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
+    finally:
+        pool.terminate()
+        # the pool's queues go now, and with them their named semaphores, not with the traceback of a stop: a second
+        # Ctrl+C during the removal of the partial outputs quits at once, after which they would count as leaked
+        del pool, pending
+        gc.collect()
 
 
 @dataclass
@@ -283,13 +291,12 @@ def preprocess(options: EncodeOptions, inputs, output_prefix: str, workers: int 
                block_bytes: int = BLOCK_BYTES, replace: bool = False) -> Totals:
     """Tokenize `inputs` into `{output_prefix}_{key}_document.bin/.idx` for each key; returns the totals.
 
-    Outputs that exist are refused before any work unless `replace`. The outputs appear only if everything
-    succeeded; on any error or stop the partial files are removed, and a full disk is one line.
+    Outputs that exist are refused before any work unless `replace`, and so are outputs that are inputs. The outputs
+    appear only if everything succeeded, over what the check found only; on any error or stop the partial files are
+    removed, and a full disk is one line.
     """
     paths = check_inputs([str(path) for path in inputs if str(path)])
-    for key in options.keys:
-        for suffix in (".bin", ".idx"):
-            check_output_file(output_prefix_for(output_prefix, key) + suffix, replace, "the output", "--overwrite")
+    found = check_outputs(output_prefix, options, replace, [("--input", path) for path in paths])
     tokenizer = options.tokenizer.build()  # here first: a bad tokenizer fails before any worker starts
     if options.append_eod and tokenizer.eod_id is None:
         raise UserInputError(f"--append-eod: the {tokenizer.name} vocabulary has no {'<|endoftext|>'} token")
@@ -309,8 +316,8 @@ def preprocess(options: EncodeOptions, inputs, output_prefix: str, workers: int 
             if totals.documents[key] == 0:
                 raise UserInputError(f"no documents with text under {key!r} in {', '.join(map(str, paths))} "
                                      f"({_skip_summary(totals) or 'the input is empty'}); nothing was written")
-        for builder in builders.values():
-            builder.finalize(replace)
+        for key, builder in builders.items():
+            builder.finalize(replace=found[key])
     except BaseException as e:
         for builder in builders.values():
             builder.abort()
@@ -320,6 +327,15 @@ def preprocess(options: EncodeOptions, inputs, output_prefix: str, workers: int 
                                   lower_bound=True) from e
         raise
     return totals
+
+
+def check_outputs(output_prefix: str, options: EncodeOptions, replace: bool, inputs: list) -> dict:
+    """Before any work: {key: (Found of its .bin, Found of its .idx)}, the outputs checked (see
+    atomic.check_output_file), none of them an input (`inputs`, or the tokenizer's files) or inside one."""
+    inputs = [*inputs, *options.tokenizer.inputs()]
+    return {key: tuple(check_output_file(output_prefix_for(output_prefix, key) + suffix, replace, "the output",
+                                         "--overwrite", inputs) for suffix in (".bin", ".idx"))
+            for key in options.keys}
 
 
 def _skip_summary(totals: Totals) -> str:

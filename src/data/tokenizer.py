@@ -333,6 +333,11 @@ class TokenizerSpec:
     merge_file: Optional[str] = None
     special_tokens_file: Optional[str] = None
 
+    def inputs(self) -> list:
+        """(flag, path) of the files it reads, for the checks of outputs against them."""
+        return [("--vocab-file", self.vocab_file), ("--merge-file", self.merge_file),
+                ("--special_tokens_dict_path", self.special_tokens_file)]
+
     def build(self) -> Tokenizer:
         vocab_file = locate_tokenizer_file(self.vocab_file)
         if self.kind == "HFTokenizer":

@@ -24,8 +24,6 @@ def load_model(path, lora_path: str = "", lora_alpha: Optional[float] = None, de
                dtype: torch.dtype = torch.float32, flags=None) -> torch.nn.Module:
     """The model of `path` (+ the LoRA of `lora_path`) on `device` in `dtype`, in eval mode, its forward run as
     the flags' --grad_cp, --wkv_backend, --ctx_parts and --compile say (None: its family's defaults)."""
-    if not Path(path).is_dir():  # load_weights names the .pth files of a folder
-        check_input_file("--load_model", path, "a .pth file of weights")  # a named pipe would be read for ever
     weights = load_weights(path, what="--load_model")
     if is_lora_checkpoint(weights):
         raise UserInputError(f"--load_model {path} is a LoRA checkpoint, not a whole model: pass the base model it "
@@ -34,8 +32,6 @@ def load_model(path, lora_path: str = "", lora_alpha: Optional[float] = None, de
     cfg = family.shape_of_weights(weights, f"--load_model {path}")
     lora = None
     if lora_path:
-        if not Path(lora_path).is_dir():
-            check_input_file("--lora_load", lora_path, "a LoRA .pth file")
         lora = LoraCheckpoint.from_weights(load_weights(lora_path, what="--lora_load"), lora_path)
         check_fits_base(lora, weights, family, cfg, path)
         lora_alpha = resolve_alpha(lora_alpha, lora, given_as="--lora_alpha")
@@ -78,6 +74,8 @@ def characters_of(path, vocab_file: str = "") -> list:
     """The characters of a character-level model: `vocab_file`, or the vocab.json its run wrote beside it."""
     vocab = Path(vocab_file) if vocab_file else Path(path).parent / "vocab.json"
     if not vocab.is_file():
+        if vocab.exists():  # a folder, a named pipe (a reader would wait on it for ever)
+            check_input_file("--vocab_file", vocab, f"the vocab.json of the run that trained {path}")
         raise UserInputError(f"character-level data is numbered by the characters of the model's training text: "
                              f"{vocab} not found; pass the vocab.json of the run that trained {path} with "
                              f"--vocab_file")

@@ -41,7 +41,7 @@ def dtype_name(dtype) -> str:
 def run_command(prog: str, body) -> int:
     """The exit code of `body()`, run where Ctrl+C and SIGTERM stop it with one line (its temporary files deleted)."""
     def stoppable():
-        with cli.signals_interrupt(quit_on_second=True):
+        with cli.signals_interrupt():
             return body()
 
     return cli.run_main(prog, stoppable, interrupted=INTERRUPTED)
@@ -85,14 +85,11 @@ def export(args, prog: str) -> int:
     found = check_output_folder(args.out_dir, args.overwrite, "OUT_DIR",
                                 inputs=[("MODEL", args.model), ("--vocab", vocab_file)])
 
-    from src.data.jsonl_lines import check_input_file
     from src.hf.folder import write_model  # torch and transformers load here, after the cheap checks
     from src.hf.tokenizer import read_vocabulary, write_tokenizer_files
     from src.io.checkpoint import is_lora_checkpoint, load_weights
     from src.models import family_of_weights
 
-    if not Path(args.model).is_dir():  # load_weights names the .pth files of a folder
-        check_input_file("MODEL", args.model, "a .pth file of weights")  # a named pipe would be read for ever
     weights = load_weights(args.model, what="MODEL")
     if is_lora_checkpoint(weights):
         raise UserInputError(f"{args.model} is a LoRA checkpoint (adapter tensors only); merge it into its base "

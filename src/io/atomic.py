@@ -130,23 +130,24 @@ def check_output_folder(path, replace: bool, what: str, replace_flag: str = "--o
     return Found(path)
 
 
-def check_apart(path, what: str, inputs: Inputs, folder: bool = False) -> None:
+def check_apart(path, what: str, inputs: Inputs, folder: bool = False, way_out: str = "") -> None:
     """Refuse an output that is one of `inputs` ((what, path) pairs; the same file under another name counts), lies
-    inside one, or, for a `folder` output, holds one: writing it would destroy what the command reads."""
+    inside one, or, for a `folder` output, holds one: writing it would destroy what the command reads. `way_out` ends
+    the message where choosing another output path is not the fix."""
     out = Path(path).resolve()
     for input_what, input_path in inputs:
         if input_path is None or str(input_path) == "":
             continue
         source = Path(input_path).resolve()
         if out == source or _same_file(out, source):
-            raise UserInputError(f"{what} {path} is {input_what} {input_path}, which writing it would destroy; choose "
-                                 f"another {'folder' if folder else 'name'}.")
+            raise UserInputError(f"{what} {path} is {input_what} {input_path}, which writing it would destroy; "
+                                 f"{way_out or 'choose another ' + ('folder' if folder else 'name')}.")
         if out.is_relative_to(source):
             raise UserInputError(f"{what} {path} lies inside {input_what} {input_path}, which this command reads; "
-                                 f"choose a path outside it.")
+                                 f"{way_out or 'choose a path outside it'}.")
         if folder and source.is_relative_to(out):
             raise UserInputError(f"{what} {path} holds {input_what} {input_path}, which writing the folder would "
-                                 f"delete; choose another folder.")
+                                 f"delete; {way_out or 'choose another folder'}.")
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -322,7 +323,17 @@ def _publish_new_file(tmp: Path, path: Path) -> None:
 
 
 def _refuse_a_newcomer(tmp: Path, path: Path) -> None:
-    discard(tmp)
+    check_unchanged(None, path, tmp)
+
+
+def check_unchanged(found: Optional[Found], path, *tmps: Path) -> None:
+    """Refuse when `path` is not in the state `found` found it in (None: refuse anyway), discarding `tmps`: another
+    command wrote it while this one ran. For outputs published together (a .bin and its .idx): each is checked before
+    any is published."""
+    if found is not None and found.unchanged(path):
+        return
+    for tmp in tmps:
+        discard(tmp)
     raise UserInputError(f"{path} was written by another command while this one ran; it is left as it is, and this "
                          f"command's output was discarded.")
 

@@ -51,9 +51,12 @@ def load_weights(path, what: str = "--load_model") -> dict:
     path = Path(path)
     if path.is_dir():
         raise UserInputError(f"{what} {path} is a folder; {what} takes a .pth file of weights{_pth_files_in(path)}")
-    if not path.is_file():
+    if not path.exists():
         hint = f" (did you mean {path}.pth?)" if path.with_name(path.name + ".pth").is_file() else ""
         raise UserInputError(f"{what}: file not found: {path}{hint}")
+    if not path.is_file():  # a reader would wait on a named pipe for ever
+        raise UserInputError(f"{what} {path} is not a regular file (a named pipe or a device); {what} takes a .pth "
+                             f"file of weights")
     expected = "expected a .pth of {name: tensor} as torch.save writes it (an RWKV-4 checkpoint)"
     weights = read_pytorch_file(path, what, expected)
     if is_resume_bundle(weights):

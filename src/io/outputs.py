@@ -13,7 +13,7 @@ import os
 import stat
 from pathlib import Path
 
-from src.io.atomic import check_can_create
+from src.io.atomic import check_apart, check_can_create
 from src.config import TrainConfig
 from src.errors import UserInputError
 
@@ -26,6 +26,9 @@ LOG_NAME = "train_log.txt"
 STEP_LOG_NAME = "train_steps.tsv"
 STEP_LOG_COLUMNS = ("step", "epoch", "loss", "lr", "ctx_len", "Gtokens", "kt/s")
 VOCAB_NAME = "vocab.json"  # of character-level data
+# the flags that name files a run reads
+INPUT_FLAGS = ("load_model", "lora_load", "resume", "data_file", "valid_data_file", "vocab_file", "instruct_data_file",
+               "names_data_file")
 
 
 def epoch_file_name(real_epoch: int) -> str:
@@ -70,12 +73,10 @@ def check_no_overwrite(cfg: TrainConfig, first_epoch: int = 0) -> None:
     """Refuse to start when --proj_dir already holds a file this run would write (see files_written), unless
     the run resumes in its bundle's own folder: the files there are the stopped run's, and rewriting them is the
     point of --resume."""
-    if cfg.resume and Path(cfg.resume).resolve().parent == Path(cfg.proj_dir).resolve():
+    if _resumes_in_place(cfg):
         return
     proj_dir = Path(cfg.proj_dir)
-    existing = [name for name in files_written(cfg, first_epoch) if (proj_dir / name).exists()]
-    if _final_is_kept_as_epoch_file(cfg) and FINAL_NAME in existing:
-        existing.remove(FINAL_NAME)
+    existing = [name for name in _replaceable(cfg, first_epoch) if (proj_dir / name).exists()]
     if not existing or cfg.overwrite_proj_dir:
         return
     stopped_run = (f"; it holds a stopped run: continue it with --resume {proj_dir / BUNDLE_NAME}"
@@ -83,6 +84,21 @@ def check_no_overwrite(cfg: TrainConfig, first_epoch: int = 0) -> None:
     raise UserInputError(f"--proj_dir {cfg.proj_dir} already holds files this run would write: "
                          f"{_short_list(existing)}{stopped_run}; move them away, choose another --proj_dir, or pass "
                          f"--overwrite_proj_dir 1 to replace them")
+
+
+def check_inputs_apart(cfg: TrainConfig, first_epoch: int = 0, more_logs: tuple = ()) -> None:
+    """Refuse a run that would write over one of its own inputs, even with --overwrite_proj_dir 1: a file it writes
+    into --proj_dir (see files_written; its logs, those of `more_logs` as check_appended_logs takes them, the
+    vocab.json of character-level data) that is a file given by a flag (--load_model out/rwkv-final.pth) or lies inside
+    one. A run resuming in its bundle's own folder rewrites the bundle: that is the point of --resume."""
+    inputs = [(f"--{name}", getattr(cfg, name)) for name in INPUT_FLAGS
+              if not (name == "resume" and _resumes_in_place(cfg))]
+    names = [*_replaceable(cfg, first_epoch), LOG_NAME, STEP_LOG_NAME, *(name for name, _ in more_logs)]
+    if cfg.character_level:
+        names.append(VOCAB_NAME)
+    for name in names:
+        check_apart(Path(cfg.proj_dir) / name, "this run's output", inputs,
+                    way_out="copy it elsewhere and give that copy, or choose another --proj_dir")
 
 
 def check_no_folder_in_the_way(cfg: TrainConfig, first_epoch: int = 0) -> None:
@@ -130,6 +146,17 @@ def _check_appended_log(path: Path, opening: str) -> None:
     if not os.access(path, os.W_OK):
         raise UserInputError(f"--proj_dir: {path} is read-only, and this run appends its log to it; make it "
                              f"writable, or choose another --proj_dir")
+
+
+def _resumes_in_place(cfg: TrainConfig) -> bool:
+    return bool(cfg.resume) and Path(cfg.resume).resolve().parent == Path(cfg.proj_dir).resolve()
+
+
+def _replaceable(cfg: TrainConfig, first_epoch: int) -> list:
+    """The files this run writes (files_written) whose earlier copies hold work: not an rwkv-final.pth whose weights
+    rwkv-N.pth keeps (see _final_is_kept_as_epoch_file)."""
+    names = files_written(cfg, first_epoch)
+    return [name for name in names if not (name == FINAL_NAME and _final_is_kept_as_epoch_file(cfg))]
 
 
 def _final_is_kept_as_epoch_file(cfg: TrainConfig) -> bool:

@@ -20,6 +20,7 @@ import stat
 import sys
 from pathlib import Path
 
+from src import cli
 from src.io.atomic import discard, temporary_path
 from src.errors import UserInputError
 
@@ -73,7 +74,7 @@ def release(path: Path) -> None:
     _remove_empty(created)
 
 
-def release_all() -> None:
+def release_all() -> None:  # registered below with cli.before_hard_exit
     """Remove every lock this process holds (just before a hard exit, which runs no `finally`)."""
     for path in list(_HELD):
         release(path)
@@ -223,3 +224,6 @@ def _remove_empty(folders: list) -> None:
             folder.rmdir()
         except OSError:
             return
+
+
+cli.before_hard_exit(release_all)

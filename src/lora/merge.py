@@ -76,9 +76,9 @@ class LoraCheckpoint:
                 have, lack = ("lora_A", "lora_B") if "lora_A" in half else ("lora_B", "lora_A")
                 raise UserInputError(f"{path} has {prefix}.{have} but no {prefix}.{lack}: the file is incomplete.")
             A, B = half["lora_A"], half["lora_B"]
-            if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
+            if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0] or A.shape[0] == 0:
                 raise UserInputError(f"{path}: {prefix}.lora_A {tuple(A.shape)} and .lora_B {tuple(B.shape)} do "
-                                     f"not form a product B A (need A [r, in], B [out, r]).")
+                                     f"not form a product B A (need A [r, in], B [out, r], r >= 1).")
             if settings is not None and A.shape[0] != settings.r:
                 raise UserInputError(f"{path}: {prefix}.lora_A has rank {A.shape[0]}, but the stored settings say "
                                      f"r {settings.r}: the file is inconsistent.")

@@ -7,7 +7,6 @@ SIGTERM (nothing written either: the output appears whole or not at all).
 """
 import argparse
 import math
-from pathlib import Path
 
 import torch
 
@@ -52,15 +51,13 @@ def merge(args, prog: str, layer_filter: bool) -> int:
         if layer_filter and args.layer_filter is not None:
             layer_coef = parse_layer_spec(args.layer_filter, what="--layer_filter", coefficients=True)
         device = pick_device(args.use_gpu)
-        for name, path in (("base model", base_path), ("LoRA checkpoint", lora_path)):
-            if Path(out_path).resolve() == Path(path).resolve():
-                raise UserInputError(f"the output {out_path} is the {name}; choose another output file.")
-        check_output_file(out_path, args.overwrite, "the output", "--overwrite")
+        found = check_output_file(out_path, args.overwrite, "the output", "--overwrite",
+                                  inputs=[("the base model", base_path), ("the LoRA checkpoint", lora_path)])
         base = load_weights(base_path, what="base model")
         lora = LoraCheckpoint.from_weights(load_weights(lora_path, what="LoRA checkpoint"), lora_path)
         alpha = resolve_alpha(alpha, lora)
         merged, report = merge_checked(base, lora, alpha, layer_coef, device, base_path)
-        save_weights(merged, out_path, replace=args.overwrite)  # nor one that appeared meanwhile
+        save_weights(merged, out_path, replace=found)  # only what the check found: never one written meanwhile
     source = "stored in the LoRA file" if lora.settings is not None else "from the command line"
     layers = "" if layer_coef is None else f" (layers {format_layers(layer_coef)})"
     print(f"{prog}: merged {report.merged} LoRA pairs and {report.replaced} time/ln tensors{layers} with alpha "

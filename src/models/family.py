@@ -140,6 +140,8 @@ class ModelFamily:
     # ---------------------------------------------------------------- estimates (no torch)
 
     def activation_bytes(self, shape, batch: int, tokens: int, dtype_bytes: int, checkpointed: bool,
-                         inputs_on_device: bool = True) -> int:
-        """What the blocks keep for their backward over batch x tokens, in bytes (see src/train/memory_check.py)."""
+                         inputs_on_device: bool = True, wkv_kernel: bool = True) -> int:
+        """What the blocks keep for their backward over batch x tokens, in bytes (see src/train/memory_check.py).
+        `wkv_kernel`: the family's GPU kernel runs the WKV operator (a GPU run without --wkv_backend torch), whose
+        memory may differ from its plain-torch twin's."""
         raise NotImplementedError

@@ -203,7 +203,8 @@ def run_need(cfg: TrainConfig, vocab_size: int, world_size: int, processes_per_h
     dtype_bytes = 2 if cfg.precision in ("bf16", "fp16") else 4
     activations = (family.activation_bytes(shape, cfg.micro_bsz, tokens, dtype_bytes,
                                            checkpointed=bool(cfg.grad_cp or cfg.state_cp),
-                                           inputs_on_device=not cfg.state_cp)
+                                           inputs_on_device=not cfg.state_cp,
+                                           wkv_kernel=on_gpu and cfg.wkv_backend != "torch")
                    + loss.head_loss_bytes(cfg.micro_bsz * tokens, vocab_size, shape.n_embd, dtype_bytes,
                                           head_trains=counts.head_trains))
     return run_footprint(cfg, state, max(counts.trained, default=0), activations, on_gpu, processes_per_host)

@@ -1,4 +1,5 @@
-"""Ctrl+C and SIGTERM: finish the optimizer step, save rwkv-last.pth and a resume bundle, exit 130 / 143.
+"""Ctrl+C and SIGTERM: finish the optimizer step, save rwkv-last.pth and a resume bundle, exit 130 / 143. A run its
+data stops (StopsTraining) saves rwkv-last.pth too, then exits 2 with one line.
 
 Before training starts (loading, checks, set-up) a signal ends the run at once: nothing has been written into
 --proj_dir yet, so there is nothing to save. From the start of training the first signal only sets a flag. At the
@@ -18,14 +19,16 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from src.io import run_lock
-from src.io.atomic import atomic_path, disk_full_error, is_disk_full, publish, remove_partial_files
-from src.cli import Interrupted
+from src import cli
+from src.errors import StopsTraining, UserInputError
+from src.io.atomic import atomic_path, disk_full_error, is_disk_full, publish
 from src.io.outputs import LAST_NAME
+
 
 class StopSignal:
     """Signal handler: before training starts a SIGINT/SIGTERM raises Interrupted; during training the first one
-    asks the run to stop at the next optimizer step, a second one exits immediately."""
+    asks the run to stop at the next optimizer step. A second one, in either phase, quits at once (cli.quit_at_once).
+    """
 
     def __init__(self):
         self.signum = None
@@ -47,17 +50,13 @@ class StopSignal:
     def _handle(self, signum, frame) -> None:
         if os.getpid() != self.pid:
             return  # a process forked from the run with this handler installed: the run's to handle
+        if self.signum is not None:
+            cli.quit_at_once(signum)  # temporary files deleted, the lock released
+        self.signum = signum
         if not self.training:
-            raise Interrupted(signum)
-        if self.signum is None:
-            self.signum = signum
-            print(f"\n{signal.Signals(signum).name}: finishing this optimizer step, then saving rwkv-last.pth and "
-                  f"the resume bundle. Press Ctrl+C again to quit at once.", file=sys.stderr, flush=True)
-            return
-        print("\nQuitting now; files already written are intact.", file=sys.stderr, flush=True)
-        remove_partial_files()
-        run_lock.release_all()
-        os._exit(128 + signum)
+            raise cli.Interrupted(signum)
+        print(f"\n{signal.Signals(signum).name}: finishing this optimizer step, then saving rwkv-last.pth and "
+              f"the resume bundle. Press Ctrl+C again to quit at once.", file=sys.stderr, flush=True)
 
     @property
     def requested(self) -> bool:
@@ -119,6 +118,23 @@ class StopOnSignal(pl.Callback):
                   f"{self.bundle_path.parent}/rwkv-last.pth and {self.bundle_path}; continue with the same command "
                   f"plus --resume {self.bundle_path}",
                   file=sys.stderr, flush=True)
+
+
+    def on_exception(self, trainer, pl_module, exception):
+        """A run that its data stops once training runs (StopsTraining: a sample its masks leave no target in) keeps
+        what it trained, as a Ctrl+C stop does: rwkv-last.pth, the weights after the last optimizer step, and the one
+        line says so. No resume bundle: resumed, the run would draw the same sample again. (With several processes
+        the stopping one cannot have the others save: nothing is added then.)"""
+        if not (isinstance(exception, StopsTraining) and self.stop.training and trainer.world_size == 1
+                and self.saver.write):
+            return
+        last = self.bundle_path.parent / LAST_NAME
+        try:
+            self.saver.save(trainer, pl_module, LAST_NAME)
+        except UserInputError as e:  # a full disk: the stop's own line still comes first
+            exception.add(f"saving {last} failed too: {e}")
+            return
+        exception.add(f"{last} holds the weights trained so far ({trainer.global_step} optimizer steps)")
 
 
 def save_resume_bundle(trainer: pl.Trainer, path: Path) -> None:

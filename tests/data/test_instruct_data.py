@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train
-from helpers import TOKENIZER_20B_PARTS, WORLD_VOCAB_PARTS, package_file
+from helpers import TOKENIZER_20B_PARTS, WORLD_VOCAB_PARTS, package_file, refused_in_one_line
 from src.config import parse_args
 from src.data.dataset import TrainingSamples, load_token_data
 from src.data.instruct import DEFAULT_SYSTEM_LINES, fill_system_line, load_names, rename_speakers
@@ -47,7 +47,7 @@ def is_window(x, y):
 
 
 def test_the_share_of_chat_samples_is_the_ratio(tmp_path):
-    cfg, data = mixed(tmp_path, "--instruct_data_ratio", "0.3", "--ctx_len", "8")
+    cfg, data = mixed(tmp_path, "--instruct_data_ratio", "0.3", "--ctx_len", "64")  # the bot speaks after ~45 tokens
     draws = 4000
     ranks = [TrainingSamples(data, cfg, seed=1, rank=rank, world_size=2) for rank in (0, 1)]
     chat = [[not is_window(*samples[i]) for i in range(draws)] for samples in ranks]
@@ -80,6 +80,24 @@ def test_chat_samples_train_exactly_the_bots_lines(tmp_path, vocab_file):
         assert text.split("\n\n")[0] in openings and text.count("\n\nBob: question") >= 2  # chats joined
         said = "".join(text[a:b] for a, b in speaker_spans(text, "Alice"))
         assert trained_text(data.chats.tokenizer, ids, trained) == said and "thanks" not in said
+
+
+def test_chat_samples_in_which_the_bot_says_nothing_are_drawn_again(tmp_path, capsys):
+    """Chats in which the bot says nothing within the sample would count as a loss of 0: other chats are drawn (from
+    the sample's own generator), and a sample for which none is found stops the run in one line."""
+    cfg, _ = mixed(tmp_path, "--instruct_data_ratio", "1", "--ctx_len", "40")
+    late = [json.dumps({"text": f"Bob: {'hello? ' * 20}{i}\n\nAlice: too late"}) for i in range(20)]
+    chats = (tmp_path / "chats.jsonl").read_text()
+    (tmp_path / "chats.jsonl").write_text("\n".join(late) + "\n" + chats)
+    samples = TrainingSamples(load_token_data(cfg), cfg, seed=3, rank=0)
+    assert all((samples[i][1] != -100).any() for i in range(60))
+    (tmp_path / "chats.jsonl").write_text("\n".join(late) + "\n")
+    argv = ["--data_type", "numpy", "--data_file", str(tmp_path / "t.npy"), "--vocab_size", "65536", "--vocab_file",
+            TOKENIZER_20B, "--instruct_data_file", str(tmp_path / "chats.jsonl"), "--instruct_data_ratio", "1",
+            "--ctx_len", "40", "--n_layer", "1", "--n_embd", "16", "--micro_bsz", "1", "--epoch_steps", "2",
+            "--wkv_backend", "torch", "--enable_progress_bar", "0", "--proj_dir", str(tmp_path / "out")]
+    refused_in_one_line(argv, capsys, f"--instruct_data_file {tmp_path / 'chats.jsonl'}: the chats drawn for a "
+                        "sample of 41 tokens, and those drawn 1000 more times for it, hold no paragraph of the bot")
 
 
 def test_names_replace_the_tags_pair_by_pair(tmp_path):
@@ -130,14 +148,14 @@ def test_speaker_tags_are_renamed_once():
                                                  ("uint16", ["--state_cp", "1", "--ctx_parts", "4"])])
 def test_train_mixes_chats_into_batches_of_two(tmp_path, data_type, state_cp):
     chats = write_chats(tmp_path / "chats.jsonl")
-    if data_type == "uint16":  # rows of 9 tokens (samples of 8) beside chat samples of 16
+    if data_type == "uint16":  # rows of 9 tokens (samples of 8) beside chat samples of 64 (the bot speaks after ~45)
         np.random.default_rng(0).integers(0, 50277, 9 * 20).astype(np.uint16).tofile(tmp_path / "rows.bin")
         data = ["--data_file", str(tmp_path / "rows.bin"), "--my_sample_len", "9"]
     else:
         data = ["--data_file", write_chats(tmp_path / "docs.jsonl")]
     argv = ["--data_type", data_type, *data, "--vocab_size", "50277", "--vocab_file", TOKENIZER_20B,
             "--instruct_data_file", chats, "--instruct_data_ratio", "0.5", "--n_layer", "1", "--n_embd", "16",
-            "--ctx_len", "16", "--micro_bsz", "2", "--epoch_steps", "6", "--epoch_count", "1", "--wkv_backend",
+            "--ctx_len", "64", "--micro_bsz", "2", "--epoch_steps", "6", "--epoch_count", "1", "--wkv_backend",
             "torch", "--enable_progress_bar", "0", "--random_seed", "1", "--proj_dir", str(tmp_path / "out"), *state_cp]
     assert train.main(argv) == 0
     rows = (tmp_path / "out" / "train_steps.tsv").read_text().splitlines()[1:]

@@ -280,7 +280,7 @@ def test_existing_outputs_are_refused_unless_overwrite(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("prefix, message", [
-    ("in.jsonl/out", "is a file, not a folder"),
+    ("in.jsonl/out", "lies inside --input"),
     ("/proc/rwkv-infctx-test/out", "cannot create files in /proc ("),
 ])
 def test_an_output_prefix_that_cannot_be_written_is_refused_before_the_work(tmp_path, capsys, prefix, message):

@@ -1,15 +1,17 @@
 """Never lose work (issue 35), preprocess_data.py: hostile or careless inputs through the real command line
 (preprocess_data.main), into a folder that holds an earlier output. Each row: exit 2, one line on stderr naming the
-flag or file, no traceback, and every earlier file byte-identical (no partial file left)."""
+flag or file, no traceback, and every earlier file byte-identical (no partial file left). Real SIGINT and SIGTERM during
+the work, and a second Ctrl+C during the first one's cleanup, leave nothing either (no worker process left behind)."""
 import errno
 import json
 import os
 import re
+import signal
 
 import pytest
 
 import preprocess_data
-from helpers import TOKENIZER_20B_PARTS, folder_snapshot, package_file
+from helpers import CLEANING, TOKENIZER_20B_PARTS, folder_snapshot, package_file, signalled, signalled_both
 from src.data import binidx, preprocess
 
 TOKENIZER_20B = package_file(*TOKENIZER_20B_PARTS)
@@ -50,6 +52,12 @@ ROWS = {  # name: (extra argv, set-up, texts the one line holds)
                           ["--input {tmp}/folder.jsonl is a folder; give the JSON lines files in it"]),
     "input is not JSON lines": (["--input", "{tmp}/earlier_text_document.bin"], None, ["expected JSON lines"]),
     "output exists": ([], None, ["out_text_document.bin", "--overwrite"]),
+    "output is an input under another name": (
+        ["--input", "{tmp}/linked.jsonl", "--overwrite"], lambda monkeypatch: None,
+        ["the output {tmp}/out_text_document.bin is --input {tmp}/linked.jsonl, which writing it would destroy"]),
+    "output is the tokenizer's file": (
+        ["--vocab-file", "{tmp}/out_text_document.idx", "--overwrite"], None,
+        ["the output {tmp}/out_text_document.idx is --vocab-file {tmp}/out_text_document.idx"]),
 }
 
 
@@ -61,6 +69,7 @@ def test_hostile_input_is_one_line_and_loses_nothing(name, tmp_path, capsys, mon
     argv = ["--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "out"),
             "--vocab-file", TOKENIZER_20B, "--tokenizer-type", "HFTokenizer"]
     assert preprocess_data.main(argv) == 0  # the earlier output
+    os.link(tmp_path / "out_text_document.bin", tmp_path / "linked.jsonl")  # JSON lines by name only
     for suffix in (".bin", ".idx"):
         earlier = (tmp_path / f"out_text_document{suffix}").read_bytes()
         (tmp_path / f"earlier_text_document{suffix}").write_bytes(earlier)
@@ -76,6 +85,52 @@ def test_hostile_input_is_one_line_and_loses_nothing(name, tmp_path, capsys, mon
         assert fill(text) in err, (fill(text), err)
     assert not re.search(r"\b0 bytes needed|than 0 bytes", err), err
     assert folder_snapshot(tmp_path) == before and sorted(os.listdir(tmp_path)) == sorted([*before, "folder.jsonl"])
+
+
+def big_input(folder):
+    """About 12 MB of JSON lines: tokenizing them takes seconds, so a signal sent once the work starts lands in it."""
+    line = json.dumps({"text": "Some words to tokenize, again and again. " * 30}) + "\n"
+    path = folder / "big.jsonl"
+    path.write_text(line * 10_000)
+    return path
+
+
+def working_in(folder):
+    """Whether the temporary output files exist: the tokenizing has started."""
+    return lambda printed: any(p.name.endswith(".partial") for p in folder.iterdir())
+
+
+def preprocess_argv(folder, workers):
+    return ["--input", big_input(folder), "--output-prefix", folder / "out", "--vocab-file", TOKENIZER_20B,
+            "--tokenizer-type", "HFTokenizer", "--overwrite", "--workers", workers]
+
+
+def test_sigint_and_sigterm_during_the_work_leave_nothing(tmp_path):
+    """A real SIGINT and a real SIGTERM, each to its own process, while it tokenizes into its temporary files: one line
+    each, exit 130 / 143, the earlier outputs as they were, no temporary file."""
+    folders = {signum: tmp_path / signum.name for signum in (signal.SIGINT, signal.SIGTERM)}
+    for folder in folders.values():
+        folder.mkdir()
+        for suffix in (".bin", ".idx"):
+            (folder / f"out_text_document{suffix}").write_bytes(b"an earlier output")
+    runs = {signum: (preprocess_argv(folder, 1), working_in(folder)) for signum, folder in folders.items()}
+    before = {signum: folder_snapshot(folder) for signum, folder in folders.items()}
+    for signum, (returncode, printed, err) in signalled_both("preprocess_data.py", runs).items():
+        assert returncode == 128 + signum, (printed, err)
+        assert err.endswith("\npreprocess_data.py: interrupted; no output was written\n") and "Traceback" not in err
+        assert folder_snapshot(folders[signum]) == before[signum]
+        assert not [p for p in folders[signum].iterdir() if p.name.startswith(".")]
+
+
+def test_a_second_ctrl_c_during_the_cleanup_quits_at_once_and_leaves_nothing(tmp_path):
+    """Ctrl+C while two workers tokenize, and again while the temporary files are being removed: the second one quits
+    at once (exit 130, its one line), the hard exit removes the temporary files and ends the workers (signalled
+    checks that no process of the command is left)."""
+    returncode, printed, err = signalled("preprocess_data.py", preprocess_argv(tmp_path, 2), signal.SIGINT,
+                                         working_in(tmp_path), slow_cleanup=3, again=lambda out: CLEANING in out)
+    assert returncode == 130, (printed, err)
+    assert err.endswith("\nSIGINT again: quitting at once; files already written are whole.\n"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.jsonl"]
 
 
 def test_more_workers_than_blocks_or_cores_are_lowered_with_a_note(tmp_path, capsys):

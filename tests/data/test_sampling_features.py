@@ -118,7 +118,8 @@ def test_ranks_share_out_the_documents(tmp_path):
 @pytest.mark.parametrize("content,extra,message", [
     ('{"text": "ok"}\n{"text": "x"\n', [], "c.jsonl:2: malformed JSON"),
     ('{"text": "x"}\n{"text": ""}\n', [], "has no document of two or more tokens"),
-    ('{"text": "Bob: hi\\n\\nBob: bye"}\n', ["--select_name", "Alice"], "no paragraph of .* starts with 'Alice:'"),
+    ('{"text": "Bob: hi\\n\\nBob: bye"}\n', ["--select_name", "Alice"],
+     "no document of .* has a paragraph by 'Alice:' in the first 1,025 tokens"),
 ])
 def test_bad_jsonl_data(tmp_path, content, extra, message):
     (tmp_path / "c.jsonl").write_text(content)
@@ -264,6 +265,24 @@ def test_train_on_jsonl_with_select_name(tmp_path):
     assert run(tmp_path, "--data_type", "jsonl", "--data_file", chats, "--vocab_file", TOKENIZER_20B,
                "--vocab_size", "50277", "--select_name", "Alice", "--train_data_sort", "shuffle") == 0
     assert (tmp_path / "out" / "rwkv-final.pth").is_file()
+
+
+def test_documents_the_speaker_says_nothing_in_are_left_out_with_a_note(tmp_path, capsys):
+    """A document without a paragraph of --select_name (or with one only past the shortest sample) trained at loss 0:
+    it is left out, and the run says so in one line."""
+    path = write_chats(tmp_path / "c.jsonl", 4)
+    with open(path, "a") as f:
+        f.write(json.dumps({"text": "Bob: nobody answers\n\nBob: still nobody"}) + "\n")
+        f.write(json.dumps({"text": "Bob: " + "wait " * 40 + "\n\nAlice: too late"}) + "\n")
+    argv = ["--data_type", "jsonl", "--data_file", str(path), "--vocab_file", TOKENIZER_20B, "--vocab_size", "50277",
+            "--select_name", "Alice"]
+    data = load_token_data(parse_args([*TINY, *argv]))
+    assert len(data.documents) == 4
+    capsys.readouterr()
+    assert run(tmp_path, *argv) == 0
+    assert f"Note: --select_name Alice: 2 of the 6 documents of {path} have no paragraph by 'Alice:' in the first 17 " \
+           f"tokens (the shortest sample) and are left out: their samples would train nothing.\n" \
+           in capsys.readouterr().out
 
 
 def test_train_refuses_jsonl_ids_beyond_the_vocabulary(tmp_path, capsys):

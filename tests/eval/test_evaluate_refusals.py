@@ -45,6 +45,8 @@ CASES = {
                                  ["the masks (--my_script_mask 0_16) leave no target in any of its 24 windows"]),
     "NaN in the weights": (["--load_model", "{f}/nan.pth", "--data_type", "numpy", "--data_file", "{f}/tokens.npy",
                             "--ctx_len", "16"], ["the loss of", "nan.pth", "is nan", "non-finite logits"]),
+    "fp16 on the CPU": (NUMPY + ["--precision", "fp16", "--accelerator", "cpu"],
+                        ["--precision fp16 needs a CUDA GPU, and this evaluation runs on cpu", "use --precision bf16"]),
     "a named pipe as the model": (["--load_model", "{f}/pipe", "--data_type", "numpy", "--data_file",
                                    "{f}/tokens.npy"], ["--load_model {f}/pipe is not a regular file"]),
 }

@@ -344,10 +344,9 @@ def test_the_table_and_the_json_line(files, capsys):
     assert {"loss", "perplexity", "tokens", "loss_by_position"} <= summary.keys() and summary["tokens"] == 800
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_16_bit_weights_under_autocast_are_close_to_fp32(files, capsys, precision):
+def test_bf16_weights_under_autocast_are_close_to_fp32(files, capsys):
     full = run(capsys, *numpy_args(files, "--ctx_len", "100", "--micro_bsz", "9"))
-    half = run(capsys, *numpy_args(files, "--ctx_len", "100", "--micro_bsz", "9", "--precision", precision,
+    half = run(capsys, *numpy_args(files, "--ctx_len", "100", "--micro_bsz", "9", "--precision", "bf16",
                                    "--state_cp", "1", "--ctx_parts", "2"))
     assert abs(half["loss"] - full["loss"]) <= 0.02 and half["tokens"] == full["tokens"]
 

@@ -346,7 +346,7 @@ def test_an_existing_output_is_refused_unless_overwrite(tmp_path, files, capsys)
 
 @pytest.mark.parametrize("output, message", [
     ("{tmp}", "is a folder; give a file name"),
-    ("{tmp}/base.pth/merged.pth", "is a file, not a folder"),
+    ("{tmp}/base.pth/merged.pth", "lies inside the base model"),
     ("/proc/rwkv-infctx-test.pth", "cannot create files in /proc ("),
 ])
 def test_an_output_that_cannot_be_written_is_refused_before_the_merge(tmp_path, files, capsys, output, message):

@@ -113,7 +113,8 @@ class ToyFamily(ModelFamily):
             return EMBEDDING
         return int(name.split(".")[1]) if name.startswith("blocks.") else HEAD
 
-    def activation_bytes(self, shape, batch, tokens, dtype_bytes, checkpointed, inputs_on_device=True):
+    def activation_bytes(self, shape, batch, tokens, dtype_bytes, checkpointed, inputs_on_device=True,
+                         wkv_kernel=True):
         return 4 * shape.n_layer * batch * tokens * shape.n_embd * dtype_bytes
 
 

@@ -8,12 +8,14 @@ import pickle
 
 import numpy as np
 import pytest
+import torch
 
 import train
 from conftest import TINY_RUN
 from helpers import folder_snapshot
 from src.data.binidx import MMapIndexedDatasetBuilder
 from src.data.dataset import WINDOW_REDRAWS, dummy_text
+from src.io.checkpoint import load_weights
 
 OVERWRITE = ["--overwrite_proj_dir", "1"]
 HELD_OUT = ["--valid_data_file", "{tmp}/held_out.txt", "--valid_data_type", "utf-8"]
@@ -41,6 +43,7 @@ def hostile_files(tmp, proj_dir):
     os.mkfifo(tmp / "pipe")  # a reader would wait on it for ever
     write_binidx(tmp / "docs" / "valid_text_document", [50] * 20)
     write_binidx(tmp / "single_tokens", [1] * 400)
+    (tmp / "bob_only.jsonl").write_text(json.dumps({"text": "Bob: hello?\n\nBob: anyone?"}) + "\n")
 
 
 def lock(record):
@@ -126,6 +129,19 @@ ROWS = {  # name: (argv after TINY_RUN --proj_dir, what to do to --proj_dir firs
         [*BINIDX, "{tmp}/docs/valid_text_document", "--valid_data_file", "{tmp}/single_tokens",
          "--my_script_mask", "1_0", *OVERWRITE], None,
         ["--valid_data_file {tmp}/single_tokens: --my_script_mask 1_0 masks every target of its 24 windows"]),
+    "--select_name nobody says a word": (
+        ["--data_type", "jsonl", "--data_file", "{tmp}/bob_only.jsonl", "--vocab_file", "20B_tokenizer.json",
+         "--vocab_size", "50277", "--select_name", "Alice", *OVERWRITE], None,
+        ["--select_name Alice: no document of {tmp}/bob_only.jsonl has a paragraph by 'Alice:' in the first 17 tokens "
+         "(the shortest sample), so nothing would be trained"]),
+    # an output that is an input: --overwrite_proj_dir 1 replaced the weights the run started from
+    "--load_model is an output": (
+        ["--load_model", "{proj_dir}/rwkv-final.pth", *OVERWRITE], None,
+        ["this run's output {proj_dir}/rwkv-final.pth is --load_model {proj_dir}/rwkv-final.pth, which writing it "
+         "would destroy; copy it elsewhere and give that copy, or choose another --proj_dir"]),
+    "--data_file is the step log": (
+        ["--data_type", "utf-8", "--data_file", "{proj_dir}/train_steps.tsv", *OVERWRITE], None,
+        ["this run's output {proj_dir}/train_steps.tsv is --data_file {proj_dir}/train_steps.tsv"]),
 }
 
 
@@ -147,10 +163,12 @@ def test_hostile_input_is_one_line_and_loses_nothing(name, finished_copy, tmp_pa
     assert {path: path.read_bytes() if path.is_file() else None for path in tmp_path.rglob("*")} == before
 
 
-def test_a_window_masked_whole_mid_run_stops_in_one_line_and_keeps_what_was_saved(tmp_path, capsys):
-    """Documents of one token, and one of 40 that the mask trains: the run starts (some window trains), and a sample
-    whose window, and every window drawn again for it, is masked whole stops it, naming the mask and the window."""
-    write_binidx(tmp_path / "rare", [40] + [1] * 1_000_000)
+def test_a_window_masked_whole_mid_run_stops_in_one_line_and_keeps_what_was_trained(tmp_path, capsys):
+    """Documents of one token, and 54 of 40 that the mask trains: the run starts (some windows train: the samples of
+    the first mini-epoch find one), and a sample whose window, and every window drawn again for it, is masked whole
+    (the first of the second mini-epoch) stops it, naming the mask and the window. What it trained is saved as
+    rwkv-last.pth, as a Ctrl+C stop saves it, and the line says so."""
+    write_binidx(tmp_path / "rare", [40] * 54 + [1] * 1_000_000)
     (tmp_path / "keep.txt").write_text("earlier work")
     proj_dir = tmp_path / "out"
     before = folder_snapshot(tmp_path)
@@ -161,6 +179,10 @@ def test_a_window_masked_whole_mid_run_stops_in_one_line_and_keeps_what_was_save
     assert err.startswith("train.py: error: --my_script_mask 1_2 masks every target of the window of tokens ") and \
         err.count("\n") == 1, err
     assert f"rare.bin (its document ends at token " in err and f"{WINDOW_REDRAWS} more windows drawn" in err
+    steps = len((proj_dir / "train_steps.tsv").read_text().splitlines()) - 1
+    assert err.endswith(f"; {proj_dir / 'rwkv-last.pth'} holds the weights trained so far ({steps} optimizer steps)\n")
+    last, init = load_weights(proj_dir / "rwkv-last.pth"), load_weights(proj_dir / "rwkv-init.pth")
+    assert steps == 2 and last.keys() == init.keys() and any(not torch.equal(last[k], init[k]) for k in last)
     after = folder_snapshot(tmp_path)
     assert all(after[name] == data for name, data in before.items())
-    assert not (proj_dir / "rwkv-run.lock").exists()
+    assert not (proj_dir / "rwkv-run.lock").exists() and not (proj_dir / "rwkv-resume.ckpt").exists()

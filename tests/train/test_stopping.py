@@ -121,7 +121,7 @@ def test_second_ctrl_c_quits_at_once_leaving_files_whole(tmp_path):
     time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGINT)
     output, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "Quitting now" in output, output
+    assert proc.returncode == 130 and "SIGINT again: quitting at once" in output, output
     assert no_temporary_files(proj_dir) and not (proj_dir / LOCK_NAME).exists()
     for path in proj_dir.glob("*.pth"):
         load_weights(path)  # every file that exists is complete

@@ -77,7 +77,7 @@ class Rwkv4Family(ModelFamily):
         return hf_format
 
     def activation_bytes(self, shape: RWKVConfig, batch: int, tokens: int, dtype_bytes: int, checkpointed: bool,
-                         inputs_on_device: bool = True) -> int:
+                         inputs_on_device: bool = True, wkv_kernel: bool = True) -> int:
         return anatomy.activation_bytes(shape, batch, tokens, dtype_bytes, checkpointed, inputs_on_device)
 
 

@@ -18,7 +18,7 @@ from typing import Optional, Union
 from src.errors import UserInputError
 from src.layer_spec import format_layers
 from src.models.family import EMBEDDING, HEAD  # HEAD: ln_out and head, everything after the last block
-from src.models.rwkv7.config import RWKV7Config
+from src.models.rwkv7.config import KERNEL_HEAD_SIZE, RWKV7Config
 
 # LoRA parts (--lora_parts), applied to the layers of --lora_layers:
 #   att   LoRA on the time-mix receptance, key, value and output
@@ -112,20 +112,23 @@ def config_of_weights(weights: dict, path="base") -> RWKV7Config:
 
 
 def activation_bytes(cfg: RWKV7Config, batch: int, tokens: int, dtype_bytes: int, checkpointed: bool,
-                     inputs_on_device: bool = True) -> int:
+                     inputs_on_device: bool = True, wkv_kernel: bool = True) -> int:
     """An estimate of what the blocks keep for their backward over batch x tokens, in bytes.
 
     Per block and token: about 36 C values in the model's dtype (the norms' inputs and outputs, the shift, the six
     mixed inputs, r/w/k/v/a/g and their pre-activations, kk, the WKV-7 inputs and output, ln_x, the bonus, the gated
-    output), the low-rank hidden values (Dw + Da + Dv + Dg) and the channel-mix's 2 F; plus the torch twin of the
-    WKV-7 operator, whose autograd keeps one fp32 state per token (N values per channel, 4 N C bytes). A GPU kernel
-    that keeps a state per chunk of 16 tokens will replace that term. Without checkpointing every block keeps them;
+    output), the low-rank hidden values (Dw + Da + Dv + Dg) and the channel-mix's 2 F; plus what the WKV-7 operator
+    keeps: with `wkv_kernel` (the CUDA kernel, head size 64) S a per token in fp32 (4 C bytes) and a state per 16
+    tokens (4 N C / 16 bytes), else the torch twin's autograd, one fp32 state per token (4 N C bytes). Without
+    checkpointing every block keeps them;
     with it (--grad_cp, --state_cp) one block at a time does, plus each block's input where the inputs stay on the
     device (--grad_cp).
     """
     C, N, F = cfg.n_embd, cfg.head_size, cfg.dim_ffn
     low_rank = cfg.d_decay_lora + cfg.d_aaa_lora + cfg.d_mv_lora + cfg.d_gate_lora
-    per_token = (36 * C + low_rank + 2 * F) * dtype_bytes + 4 * N * C
+    kernel = wkv_kernel and N == KERNEL_HEAD_SIZE
+    wkv = 4 * C + 4 * N * C // 16 if kernel else 4 * N * C
+    per_token = (36 * C + low_rank + 2 * F) * dtype_bytes + wkv
     one_block = batch * tokens * per_token
     if not checkpointed:
         return cfg.n_layer * one_block

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 DEFAULT_HEAD_SIZE = 64
+KERNEL_HEAD_SIZE = 64  # the one head size the WKV-7 CUDA kernel is built for (kHeadSize of cuda/wkv7.h)
 # BlinkDL's D_DECAY_LORA, D_AAA_LORA, D_MV_LORA, D_GATE_LORA: max(32, round(factor * sqrt(C) / 32) * 32)
 LOW_RANK_FACTORS = {"d_decay_lora": 2.5, "d_aaa_lora": 2.5, "d_mv_lora": 1.7, "d_gate_lora": 5.0}
 LN_X_EPS = 64e-5  # the group norm of the time-mix output (BlinkDL: "notice eps value"; the rwkv package uses it too)
@@ -67,11 +68,11 @@ class RWKV7Config:
 class ForwardOptions:
     """How the forward runs; outputs and gradients are the same for every choice (up to rounding)."""
     grad_cp: bool = False  # recompute each block's activations in the backward pass instead of keeping them
-    wkv_backend: str = "torch"  # the WKV-7 operator: only the plain-torch twin so far (a GPU kernel comes later)
+    wkv_backend: str = "auto"  # "cuda" kernel, "torch" twin, "auto": the kernel where it runs (src/models/rwkv7/wkv.py)
     ctx_part_len: Optional[int] = None  # run the WKV-7 operator in parts of at most this many tokens
 
     @classmethod
     def from_flags(cls, flags) -> "ForwardOptions":
-        """--grad_cp and --ctx_parts (as its part length) of train.py's flags; --wkv_backend auto and torch both run
-        the twin (family.check_flags refuses cuda), and --compile fuses nothing here yet."""
-        return cls(grad_cp=bool(flags.grad_cp), ctx_part_len=flags.ctx_part_len)
+        """--grad_cp, --wkv_backend and --ctx_parts (as its part length) of train.py's flags; --compile fuses nothing
+        here yet."""
+        return cls(grad_cp=bool(flags.grad_cp), wkv_backend=flags.wkv_backend, ctx_part_len=flags.ctx_part_len)

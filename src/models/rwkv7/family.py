@@ -4,7 +4,8 @@ called."""
 from src.errors import UserInputError
 from src.models.family import ModelFamily
 from src.models.rwkv7 import anatomy
-from src.models.rwkv7.config import LOW_RANK_FACTORS, ForwardOptions, RWKV7Config, default_dim_ffn, low_rank_width
+from src.models.rwkv7.config import (KERNEL_HEAD_SIZE, LOW_RANK_FACTORS, ForwardOptions, RWKV7Config,
+                                     default_dim_ffn, low_rank_width)
 from src.models.rwkv7.flags import Rwkv7ShapeFlags
 
 # RWKV-4's shape flags that have no meaning here, with the value that leaves them off
@@ -32,9 +33,10 @@ class Rwkv7Family(ModelFamily):
         if flags.n_embd % flags.head_size:
             raise UserInputError(f"--n_embd {flags.n_embd} must be a multiple of --head_size {flags.head_size}: "
                                  f"RWKV-7's heads split the channels evenly.")
-        if flags.wkv_backend == "cuda":
-            raise UserInputError("--wkv_backend cuda: RWKV-7 has no CUDA WKV-7 kernel in this toolkit yet; use "
-                                 "--wkv_backend torch (or auto), which runs its plain-torch twin.")
+        if flags.wkv_backend == "cuda" and flags.head_size != KERNEL_HEAD_SIZE:
+            raise UserInputError(f"--wkv_backend cuda: the WKV-7 kernel is built for --head_size {KERNEL_HEAD_SIZE}, "
+                                 f"not {flags.head_size}; use --wkv_backend auto (or torch), which runs the "
+                                 f"plain-torch twin for other head sizes.")
 
     def fill_flag_defaults(self, flags) -> None:
         flags.dim_ffn = default_dim_ffn(flags.n_embd, flags.dim_ffn)
@@ -48,7 +50,7 @@ class Rwkv7Family(ModelFamily):
         return ForwardOptions.from_flags(flags)
 
     def reference_options(self) -> ForwardOptions:
-        return ForwardOptions()
+        return ForwardOptions(wkv_backend="torch")
 
     def detect(self, weights: dict) -> bool:
         return anatomy.is_rwkv7(weights)
@@ -89,8 +91,8 @@ class Rwkv7Family(ModelFamily):
         return None
 
     def activation_bytes(self, shape: RWKV7Config, batch: int, tokens: int, dtype_bytes: int, checkpointed: bool,
-                         inputs_on_device: bool = True) -> int:
-        return anatomy.activation_bytes(shape, batch, tokens, dtype_bytes, checkpointed, inputs_on_device)
+                         inputs_on_device: bool = True, wkv_kernel: bool = True) -> int:
+        return anatomy.activation_bytes(shape, batch, tokens, dtype_bytes, checkpointed, inputs_on_device, wkv_kernel)
 
 
 RWKV7 = Rwkv7Family()

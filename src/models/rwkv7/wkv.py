@@ -1,5 +1,5 @@
-"""The WKV-7 operator with state in and out, as a plain-torch twin of the recurrence (the CPU path and the reference
-of every test; a GPU kernel comes later with the same contract).
+"""The WKV-7 operator with state in and out: a plain-torch twin of the recurrence (the CPU path and the reference of
+every test) and the dispatch to the CUDA kernel (src/models/rwkv7/wkv_cuda.py), which keeps the same contract.
 
 Per batch b and head h, the state S is an N x N matrix (rows: value channels i, columns: key channels j), and each
 token t does, as the `rwkv` package's RWKV_x070 (RWKV_x070_TMix_seq, its CPU loop) and BlinkDL's state-passing
@@ -59,22 +59,40 @@ def _check_inputs(r, w, k, v, a, b, s0) -> None:
 
 
 def wkv7(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-         s0: Optional[torch.Tensor] = None, backend: str = "torch", part_len: Optional[int] = None) -> tuple:
+         s0: Optional[torch.Tensor] = None, backend: str = "auto", part_len: Optional[int] = None) -> tuple:
     """WKV-7 with state: returns (y, sT). See the module docstring for shapes.
 
-    backend: "torch" (the twin; the only one so far).
+    backend: "torch" (the twin), "cuda" (the kernel: CUDA tensors, head size 64, fp32, bf16 or fp16; anything else
+        is refused), "auto" (the kernel where it can run, the twin elsewhere: CPU tensors, other head sizes, fp64).
     part_len: run the operator in consecutive parts of at most this many tokens, passing the state between them
         (--ctx_parts); results are the same.
     """
     _check_inputs(r, w, k, v, a, b, s0)
-    if backend != "torch":
-        raise ValueError(f"wkv7: backend {backend!r} does not exist yet; RWKV-7 runs the torch twin")
+    op = _resolve_backend(backend, r)
     T = r.shape[1]
     if not part_len or part_len >= T:
-        return wkv7_torch(r, w, k, v, a, b, s0)
+        return op(r, w, k, v, a, b, s0)
     ys, state = [], s0
     for start in range(0, T, part_len):
         part = slice(start, min(start + part_len, T))
-        y, state = wkv7_torch(*(t[:, part] for t in (r, w, k, v, a, b)), state)
+        y, state = op(*(t[:, part] for t in (r, w, k, v, a, b)), state)
         ys.append(y)
     return torch.cat(ys, dim=1), state
+
+
+def _resolve_backend(backend: str, r: torch.Tensor):
+    """The function that runs `backend` on inputs like r, or a ValueError saying why it cannot."""
+    if backend == "torch":
+        return wkv7_torch
+    if backend not in ("cuda", "auto"):
+        raise ValueError(f"unknown wkv7 backend {backend!r}; choose auto, cuda or torch")
+    from src.models.rwkv7 import wkv_cuda  # compiled on first use, not at import
+
+    reason = wkv_cuda.unsupported(r)
+    if backend == "auto":
+        return wkv_cuda.op(fallback=wkv7_torch) if r.is_cuda and reason is None else wkv7_torch
+    if reason:
+        raise ValueError(f"wkv7 backend 'cuda': {reason}; backend 'auto' runs the torch twin for such inputs")
+    if not r.is_cuda:
+        raise ValueError("wkv7 backend 'cuda' needs CUDA tensors; use backend 'torch' (or 'auto') on CPU")
+    return wkv_cuda.op()

@@ -308,9 +308,16 @@ def test_n_embd_must_split_into_heads(tmp_path, capsys):
                         "--n_embd 32 must be a multiple of --head_size 12")
 
 
-def test_no_cuda_kernel_yet(tmp_path, capsys):
+def test_the_kernel_is_refused_for_other_head_sizes(tmp_path, capsys):
     refused_in_one_line([*RUN, "--wkv_backend", "cuda", "--proj_dir", str(tmp_path / "out")], capsys,
-                        "RWKV-7 has no CUDA WKV-7 kernel")
+                        "--wkv_backend cuda: the WKV-7 kernel is built for --head_size 64, not 8",
+                        "--wkv_backend auto")
+
+
+def test_the_kernel_is_refused_on_the_cpu(tmp_path, capsys):
+    refused_in_one_line([*RUN, "--n_embd", "64", "--head_size", "64", "--wkv_backend", "cuda", "--accelerator", "cpu",
+                         "--proj_dir", str(tmp_path / "out")], capsys,
+                        "--wkv_backend cuda runs the WKV kernel on a CUDA GPU")
 
 
 def test_hf_export_is_refused_with_the_reason(tmp_path, capsys):
@@ -319,3 +326,17 @@ def test_hf_export_is_refused_with_the_reason(tmp_path, capsys):
     save_weights(tiny_model(n_layer=1).state_dict(), tmp_path / "model.pth")
     refused_in_one_line([str(tmp_path / "model.pth"), str(tmp_path / "hf")], capsys,
                         "transformers has no RWKV-7 class in-tree", main=export_hf.main, prog="export_hf.py")
+
+
+def test_the_activation_estimate_counts_what_the_wkv_operator_keeps():
+    """Per block and token the CUDA kernel keeps S a (4 C bytes) and a state per 16 tokens (N C / 4 bytes); the torch
+    twin's autograd keeps a state per token (4 N C bytes). Other head sizes run the twin, kernel or not."""
+    from src.models.rwkv7.anatomy import activation_bytes
+
+    def per_token(cfg, wkv_kernel):
+        return activation_bytes(cfg, 1, 1, 2, checkpointed=True, inputs_on_device=False, wkv_kernel=wkv_kernel)
+
+    cfg = RWKV7Config(vocab_size=65536, n_layer=2, n_embd=256, head_size=64)
+    assert per_token(cfg, False) - per_token(cfg, True) == 4 * 64 * 256 - (4 * 256 + 64 * 256 // 4)
+    other = RWKV7Config(vocab_size=65536, n_layer=2, n_embd=256, head_size=32)
+    assert per_token(other, True) == per_token(other, False)

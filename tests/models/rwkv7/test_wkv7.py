@@ -1,6 +1,9 @@
 """The WKV-7 operator's plain-torch twin: the rwkv package's recurrence, token by token; one call equals the same
 sequence in pieces with the state passed on (outputs, final state and every gradient, the initial state's included);
---ctx_parts' part length changes nothing."""
+--ctx_parts' part length changes nothing. The backends on the CPU: "auto" runs the twin, "cuda" refuses what the
+kernel cannot take, a failed kernel build falls back to the twin with one warning (or raises without a fallback)."""
+import warnings
+
 import pytest
 import torch
 
@@ -95,11 +98,74 @@ def test_part_length_changes_nothing():
     torch.testing.assert_close(parts[1], whole[1], rtol=1e-12, atol=1e-12)
 
 
-def test_bad_shapes_and_backends_are_refused():
+def test_bad_shapes_are_refused():
     r, w, k, v, a, b, s0 = inputs()
     with pytest.raises(ValueError, match="must all be"):
         wkv7(r, w[:, :2], k, v, a, b, s0)
     with pytest.raises(ValueError, match="state must be"):
         wkv7(r, w, k, v, a, b, s0[:, :1])
-    with pytest.raises(ValueError, match="does not exist yet"):
-        wkv7(r, w, k, v, a, b, s0, backend="cuda")
+
+
+def test_auto_runs_the_twin_on_cpu():
+    tensors = [t.detach().float() for t in inputs()]
+    for got, want in zip(wkv7(*tensors, backend="auto"), wkv7_torch(*tensors)):
+        assert torch.equal(got, want)
+
+
+def test_backends_the_inputs_cannot_take_are_refused():
+    """backend "cuda" names what stops the kernel (head size, dtype, device); "auto" would run the twin instead."""
+    small = [t.detach().float() for t in inputs()]  # head size 4
+    with pytest.raises(ValueError, match="built for head size 64, and these heads have 4 channels"):
+        wkv7(*small, backend="cuda")
+    wide = [torch.zeros(1, 2, 1, 64, dtype=torch.float64) for _ in range(6)]
+    with pytest.raises(ValueError, match="takes fp32, bf16 or fp16 inputs, not torch.float64"):
+        wkv7(*wide, backend="cuda")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        wkv7(*(t.float() for t in wide), backend="cuda")
+    with pytest.raises(ValueError, match="unknown wkv7 backend 'triton'"):
+        wkv7(*small, backend="triton")
+
+
+def test_the_kernel_without_tokens_passes_the_state_through():
+    """T = 0 never reaches the extension: y is empty and the final state is s0 (zeros without one), as the twin."""
+    from src.models.rwkv7.wkv_cuda import wkv7_cuda
+
+    empty = [torch.zeros(2, 0, 3, 64) for _ in range(6)]
+    s0 = torch.randn(2, 3, 64, 64)
+    y, sT = wkv7_cuda(*empty, s0)
+    assert y.shape == (2, 0, 3, 64) and torch.equal(sT, s0)
+    assert torch.equal(wkv7_cuda(*empty)[1], torch.zeros(2, 3, 64, 64))
+
+
+@pytest.fixture
+def failing_build(monkeypatch):
+    """The WKV-7 extension's build replaced by one that fails like a compiler error."""
+    from src import cuda_extension
+    from src.models.rwkv7 import wkv_cuda
+
+    def fail():
+        raise RuntimeError("Error building extension 'wkv7': ...\n"
+                           "wkv7_cuda.cu(12): error: identifier \"x\" is undefined\n"
+                           "ninja: build stopped: subcommand failed.")
+
+    monkeypatch.setattr(wkv_cuda.EXTENSION, "build", fail)
+    monkeypatch.setattr(wkv_cuda.EXTENSION, "_loaded", None)
+    cuda_extension._warn_fallback.cache_clear()
+    yield wkv_cuda
+    cuda_extension._warn_fallback.cache_clear()
+
+
+def test_a_failed_build_falls_back_to_the_twin_with_one_warning(failing_build):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert failing_build.op(fallback=wkv7_torch) is wkv7_torch
+        assert failing_build.op(fallback=wkv7_torch) is wkv7_torch
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1, messages
+    assert "the WKV-7 CUDA kernel unavailable" in messages[0] and 'identifier "x" is undefined' in messages[0]
+    assert "plain-torch twin" in messages[0]
+
+
+def test_a_failed_build_raises_without_fallback(failing_build):
+    with pytest.raises(RuntimeError, match=r'WKV-7 CUDA kernel could not be built: .*identifier "x" is undefined'):
+        failing_build.op()

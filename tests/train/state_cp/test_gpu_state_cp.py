@@ -11,6 +11,11 @@ oracle is still the fp32 plain run: bf16 plain backpropagation is itself some di
 segmented bf16 gradients must be no further than 1.5 e overall and 2 e + 1e-3 for every tensor, i.e. state
 checkpointing adds no error beyond bf16's own. A wrong gradient (a segment or a state gradient missing, a
 sum counted twice) is off by O(1).
+
+RWKV-7 (--my_testing x070, L4 D256, head size 64) runs under ZeRO-2 with the same samples, segments and tolerances,
+from a base whose every tensor is BlinkDL's initialisation plus noise: his zero att.output, ffn.value and low-rank
+w1/a1/v1/g1 would zero the first step's gradient of everything behind them (the time-mix, and with it the WKV-7
+state's gradient from one segment to the one before), which the comparison is there to check.
 """
 import importlib.util
 import subprocess
@@ -24,16 +29,19 @@ ROOT = Path(__file__).resolve().parents[3]  # also run as a child process (pytho
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")
 
 FP32_RTOL = 1e-4
-# L6 D512 on the built-in data, grad_cp; samples of 1024 tokens, in 4 segments of 256 with --state_cp 1
-RUN = ["--data_type", "dummy", "--n_layer", "6", "--n_embd", "512", "--ctx_len", "1024", "--ctx_parts", "4",
-       "--micro_bsz", "2", "--epoch_steps", "12", "--epoch_count", "1", "--epoch_save", "0", "--lr_init", "1e-3",
-       "--lr_final", "1e-3", "--grad_cp", "1", "--random_seed", "1", "--enable_progress_bar", "0",
-       "--accelerator", "gpu", "--devices", "1"]
+# the built-in data, grad_cp; samples of 1024 tokens, in 4 segments of 256 with --state_cp 1
+SAMPLES = ["--data_type", "dummy", "--ctx_len", "1024", "--ctx_parts", "4", "--micro_bsz", "2", "--epoch_steps", "12",
+           "--epoch_count", "1", "--epoch_save", "0", "--lr_init", "1e-3", "--lr_final", "1e-3", "--grad_cp", "1",
+           "--random_seed", "1", "--enable_progress_bar", "0", "--accelerator", "gpu", "--devices", "1"]
+RUN = ["--n_layer", "6", "--n_embd", "512", *SAMPLES]  # RWKV-4 L6 D512
+RWKV7_SHAPE = dict(n_layer=4, n_embd=256, head_size=64, vocab_size=13)  # the built-in data has 13 characters
+RWKV7_RUN = ["--my_testing", "x070", "--n_layer", "4", "--n_embd", "256", "--head_size", "64", *SAMPLES]
 
 
-def train_and_save_first_gradients(proj_dir: Path, *argv) -> tuple:
-    """train.py with `argv` (this module run as a script); returns (gradients of step 1, step losses)."""
-    command = [sys.executable, "-m", "tests.train.state_cp.test_gpu_state_cp", *RUN, *argv, "--proj_dir", str(proj_dir)]
+def train_and_save_first_gradients(proj_dir: Path, *argv, run: list = RUN) -> tuple:
+    """train.py with `run` and `argv` (this module run as a script); returns (gradients of step 1, step losses)."""
+    command = [sys.executable, "-m", "tests.train.state_cp.test_gpu_state_cp", *run, *argv, "--proj_dir",
+               str(proj_dir)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     rows = (proj_dir / "train_steps.tsv").read_text().splitlines()[1:]
@@ -50,12 +58,37 @@ def relative_errors(got: dict, expected: dict) -> tuple:
     return overall, {name: error(got[name], g) for name, g in expected.items()}
 
 
+def assert_fp32_equals_plain(label: str, got: dict, plain_fp32: dict) -> None:
+    overall, errors = relative_errors(got, plain_fp32)
+    worst = max(errors, key=errors.get)
+    print(f"\n[state_cp] {label}: gradient error vs plain {overall:.1e}, worst {worst} {errors[worst]:.1e}")
+    assert errors[worst] <= FP32_RTOL
+
+
+def assert_no_error_beyond_bf16s_own(label: str, got: dict, losses: list, plain: dict) -> None:
+    """`got`, bf16 segmented, against the fp32 plain oracle, within bounds set by bf16 plain's own error; and the
+    12 steps train."""
+    overall, errors = relative_errors(got, plain["fp32"])
+    bf16_overall, bf16_errors = relative_errors(plain["bf16"], plain["fp32"])
+    worst = max(errors, key=lambda n: errors[n] / (bf16_errors[n] + 1e-3))
+    print(f"\n[state_cp] {label}: gradient error vs fp32 plain {overall:.2e} (bf16 plain: "
+          f"{bf16_overall:.2e}); worst {worst} {errors[worst]:.2e} ({bf16_errors[worst]:.2e}); "
+          f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps")
+    assert overall <= 1.5 * bf16_overall
+    assert all(errors[n] <= 2 * bf16_errors[n] + 1e-3 for n in errors), worst
+    assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3]) - 0.3
+
+
+def plain_gradients(folder: Path, *argv, run: list = RUN) -> dict:
+    """Plain backpropagation's first gradients under ZeRO-2 in fp32 (the oracle) and in bf16 (bf16's own error)."""
+    return {precision: train_and_save_first_gradients(folder / precision, *argv, "--precision", precision,
+                                                      "--strategy", "deepspeed_stage_2", run=run)[0]
+            for precision in ("fp32", "bf16")}
+
+
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory):
-    """Plain backpropagation's first gradients in fp32 (the oracle) and in bf16 (bf16's own error)."""
-    folder = tmp_path_factory.mktemp("plain")
-    return {precision: train_and_save_first_gradients(folder / precision, "--precision", precision, "--strategy",
-                                                      "deepspeed_stage_2")[0] for precision in ("fp32", "bf16")}
+    return plain_gradients(tmp_path_factory.mktemp("plain"))
 
 
 @needs_deepspeed
@@ -63,11 +96,7 @@ def plain(tmp_path_factory):
 def test_state_cp_fp32_gradients_equal_plain_backpropagation(plain, tmp_path):
     got, _ = train_and_save_first_gradients(tmp_path, "--precision", "fp32", "--strategy", "deepspeed_stage_2",
                                             "--state_cp", "1")
-    overall, errors = relative_errors(got, plain["fp32"])
-    worst = max(errors, key=errors.get)
-    print(f"\n[state_cp] fp32 deepspeed_stage_2: gradient error vs plain {overall:.1e}, worst {worst} "
-          f"{errors[worst]:.1e}")
-    assert errors[worst] <= FP32_RTOL
+    assert_fp32_equals_plain("fp32 deepspeed_stage_2", got, plain["fp32"])
 
 
 @needs_deepspeed
@@ -76,15 +105,46 @@ def test_state_cp_fp32_gradients_equal_plain_backpropagation(plain, tmp_path):
 def test_state_cp_bf16_trains_with_no_error_beyond_bf16s_own(plain, tmp_path, strategy):
     got, losses = train_and_save_first_gradients(tmp_path, "--precision", "bf16", "--strategy", strategy,
                                                  "--state_cp", "1")
-    overall, errors = relative_errors(got, plain["fp32"])
-    bf16_overall, bf16_errors = relative_errors(plain["bf16"], plain["fp32"])
-    worst = max(errors, key=lambda n: errors[n] / (bf16_errors[n] + 1e-3))
-    print(f"\n[state_cp] bf16 {strategy}: gradient error vs fp32 plain {overall:.2e} (bf16 plain: "
-          f"{bf16_overall:.2e}); worst {worst} {errors[worst]:.2e} ({bf16_errors[worst]:.2e}); "
-          f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps")
-    assert overall <= 1.5 * bf16_overall
-    assert all(errors[n] <= 2 * bf16_errors[n] + 1e-3 for n in errors), worst
-    assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3]) - 0.3
+    assert_no_error_beyond_bf16s_own(f"bf16 {strategy}", got, losses, plain)
+
+
+def noisy_rwkv7_base(path: Path) -> Path:
+    """An RWKV-7 base of RWKV7_SHAPE: BlinkDL's initialisation plus N(0, 0.02^2) on every tensor, saved as fp32."""
+    from src.io.checkpoint import save_weights
+    from src.models.rwkv7.config import RWKV7Config
+    from src.models.rwkv7.family import RWKV7
+
+    torch.manual_seed(0)
+    weights = RWKV7.init_weights(RWKV7.build(RWKV7Config(**RWKV7_SHAPE)), 1e-3)
+    save_weights({name: w + 0.02 * torch.randn_like(w) for name, w in weights.items()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def rwkv7_plain(tmp_path_factory):
+    """(the noisy base's flag, plain backpropagation's first gradients in fp32 and bf16) for RWKV-7."""
+    folder = tmp_path_factory.mktemp("rwkv7_plain")
+    base = ["--load_model", str(noisy_rwkv7_base(folder / "base.pth"))]
+    return base, plain_gradients(folder, *base, run=RWKV7_RUN)
+
+
+@needs_deepspeed
+@pytest.mark.gpu
+def test_rwkv7_state_cp_fp32_gradients_equal_plain_backpropagation(rwkv7_plain, tmp_path):
+    base, plain = rwkv7_plain
+    assert all(g.norm() > 0 for g in plain["fp32"].values())  # every tensor's gradient checked, none zero by init
+    got, _ = train_and_save_first_gradients(tmp_path, *base, "--precision", "fp32", "--strategy",
+                                            "deepspeed_stage_2", "--state_cp", "1", run=RWKV7_RUN)
+    assert_fp32_equals_plain("RWKV-7 fp32 deepspeed_stage_2", got, plain["fp32"])
+
+
+@needs_deepspeed
+@pytest.mark.gpu
+def test_rwkv7_state_cp_bf16_trains_with_no_error_beyond_bf16s_own(rwkv7_plain, tmp_path):
+    base, plain = rwkv7_plain
+    got, losses = train_and_save_first_gradients(tmp_path, *base, "--precision", "bf16", "--strategy",
+                                                 "deepspeed_stage_2", "--state_cp", "1", run=RWKV7_RUN)
+    assert_no_error_beyond_bf16s_own("RWKV-7 bf16 deepspeed_stage_2", got, losses, plain)
 
 
 def main(argv) -> int:
