@@ -109,7 +109,10 @@ def run_training(cfg: TrainConfig, stop, extra_callbacks: list, held_until_the_e
     if held_out_windows is not None:  # after TrainingLog: its line and W&B step come first
         lightning_trainer.callbacks.append(held_out.Validation(cfg, held_out_windows, log))
     if rank_zero:
-        for line in (lora_summary, pile_resume, data.note):
+        offload_note = ("--strategy offload with --lora: LoRA trains few parameters, so moving their Adam state to "
+                        "host memory saves almost no GPU memory; --strategy auto keeps it on the GPU"
+                        if cfg.offload and cfg.lora else "")
+        for line in (lora_summary, offload_note, pile_resume, data.note):
             if line:
                 print(line, flush=True)
         console.print_banner(cfg, data.vocab_size, sum(p.numel() for p in model.parameters()), seed,

@@ -16,6 +16,7 @@ moments, a 16-bit staging copy): 123.9 GiB for the 7B shape; the memory check co
 (src/train/memory_check.py).
 
     python -m bench.seven_b_offload --gpu_gib 24 --steps 3
+    python -m bench.seven_b_offload --gpu_gib 24 --steps 3 --strategy offload       # ours: 14 bytes per parameter
     python -m bench.seven_b_offload --load_model RWKV-4-Pile-7B.pth
     python -m bench.seven_b_offload --n_layer 32 --n_embd 2560      # a smaller model (2.7B) where the host is small
 """
@@ -43,8 +44,10 @@ def fine_tune_flags(weights: str, tokens: Path, proj_dir: Path, args) -> list:
     return ["--load_model", weights, "--data_type", "numpy", "--data_file", str(tokens), "--vocab_size", str(VOCAB),
             "--proj_dir", str(proj_dir), "--n_layer", str(args.n_layer), "--n_embd", str(args.n_embd),
             "--ctx_len", str(args.ctx_len), "--ctx_parts", "4", "--micro_bsz", "1", "--grad_cp", "1",
-            "--precision", "bf16", "--strategy", "deepspeed_stage_2_offload", "--accelerator", "gpu", "--devices", "1",
-            "--epoch_steps", str(args.steps), "--epoch_count", "1", "--epoch_save", "0", "--lr_init", "1e-5",
+            "--precision", "bf16", "--strategy", args.strategy, "--accelerator", "gpu", "--devices", "1",
+            "--accumulate_grad_batches", str(args.accumulate),
+            "--epoch_steps", str(args.steps * args.accumulate), "--epoch_count", "1", "--epoch_save", "0",
+            "--lr_init", "1e-5",
             "--lr_final", "1e-5", "--enable_progress_bar", "0", "--random_seed", "0"]
 
 
@@ -58,7 +61,8 @@ def run_child(args) -> int:
     filler = cap_gpu_memory(args.gpu_gib)
     proj_dir = Path(tempfile.mkdtemp(prefix="rwkv-offload-"))
     tokens = proj_dir / "tokens.npy"
-    np.save(tokens, np.random.default_rng(0).integers(0, VOCAB, args.ctx_len * (args.steps + 2), dtype=np.int32))
+    samples = args.steps * args.accumulate + 2
+    np.save(tokens, np.random.default_rng(0).integers(0, VOCAB, args.ctx_len * samples, dtype=np.int32))
     cfg = parse_args(fine_tune_flags(args.load_model, tokens, proj_dir, args))
     estimate = memory_check.run_need(cfg, VOCAB, world_size=1, processes_per_host=1, on_gpu=True)
     timer = StepTimes()
@@ -101,6 +105,10 @@ def main() -> int:
     parser.add_argument("--ctx_len", type=int, default=4096)
     parser.add_argument("--n_layer", type=int, default=32, help="a smaller model where the host cannot hold 7B")
     parser.add_argument("--n_embd", type=int, default=4096)
+    parser.add_argument("--strategy", default="deepspeed_stage_2_offload",
+                        choices=("deepspeed_stage_2_offload", "offload"),
+                        help="DeepSpeed's ZeRO-2 offload (the fork's), or ours (src/optim/host_offload.py)")
+    parser.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -138,8 +146,7 @@ def main() -> int:
     print("\n| what | measured | memory check's estimate |\n|---|---|---|")
     print(f"| card | {torch.cuda.get_device_name(0)}, capped at {args.gpu_gib:g} GiB | |")
     print(f"| model | L{args.n_layer} D{args.n_embd} vocab {VOCAB}, ctx {args.ctx_len}, bf16, "
-          f"deepspeed_stage_2_offload, "
-          f"grad_cp, ctx_parts 4, --load_model {args.load_model} | |")
+          f"{args.strategy}, accumulation {args.accumulate}, grad_cp, ctx_parts 4, --load_model {args.load_model} | |")
     print(f"| exit code; optimizer steps | {result['exit']}; {steps} (losses "
           f"{', '.join(f'{x:.3f}' for x in result['losses'])}) | |")
     print(f"| peak GPU allocated / reserved | {result['peak_allocated_gib']:.2f} / "

@@ -26,7 +26,7 @@ from src.data.script_mask import parse_script_mask
 
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 STRATEGIES = (
-    "auto", "single_device", "ddp", "ddp_find_unused_parameters_false", "ddp_find_unused_parameters_true",
+    "auto", "single_device", "offload", "ddp", "ddp_find_unused_parameters_false", "ddp_find_unused_parameters_true",
     "deepspeed", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload",
     "deepspeed_stage_3", "deepspeed_stage_3_offload",
 )
@@ -205,7 +205,9 @@ class TrainConfig(*flag_groups()):  # the shape flags of each model family (src/
     num_nodes: int = flag(1, "lightning", "Number of nodes.", valid=AT_LEAST_1)
     precision: str = flag("fp32", "lightning", "fp32, tf32 (fp32 with TF32 matmuls), fp16 or bf16 (mixed; "
                           "training keeps fp32 master weights).", choices=PRECISIONS)
-    strategy: str = flag("auto", "lightning", "Distribution strategy.", choices=STRATEGIES)
+    strategy: str = flag("auto", "lightning", "Distribution strategy. offload: one GPU holds the bf16 weights and "
+                         "the activations, host memory Adam's fp32 state (14 bytes per trained parameter), with "
+                         "--precision bf16.", choices=STRATEGIES)
     accumulate_grad_batches: int = flag(1, "lightning", "Micro-batches per optimizer step.", valid=COUNT)
     max_epochs: Optional[int] = flag(None, "lightning", "Cap on mini-epochs in this run (default: until "
                                      "--epoch_count).", valid=COUNT)
@@ -249,6 +251,12 @@ class TrainConfig(*flag_groups()):  # the shape flags of each model family (src/
             return None
         stage = 2 if self.strategy == "deepspeed" else int(self.strategy.split("_")[2])
         return stage, self.strategy.endswith("_offload")
+
+    @property
+    def offload(self) -> bool:
+        """--strategy offload: bf16 weights on one GPU, fp32 masters and Adam in host memory
+        (src/optim/host_offload.py)."""
+        return self.strategy == "offload"
 
     @property
     def master_weights(self) -> bool:
@@ -392,6 +400,9 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.lora and not (cfg.load_model or cfg.resume or cfg.estimate_memory):
         raise UserInputError("--lora trains adapters on a base model: pass the base with --load_model (e.g. "
                              "RWKV-4-Pile-1B5.pth); to train a whole model from scratch, leave out --lora.")
+    if cfg.offload and cfg.precision != "bf16":
+        raise UserInputError(f"--strategy offload trains bf16 weights with fp32 masters in host memory; add "
+                             f"--precision bf16 (got --precision {cfg.precision}).")
     if cfg.state_cp:
         _validate_state_cp(cfg)
     _validate_instruct_mixing(cfg)

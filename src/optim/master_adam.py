@@ -1,10 +1,11 @@
 """One Adam step of 16-bit weights through their fp32 masters, for many tensors at once.
 
-Two twins with one signature, updating their arguments in place:
+Three twins with one signature, updating their arguments in place:
 
     master_adam_torch(weights, grads, masters, exp_avgs, exp_avg_sqs, *, lr, betas, eps, weight_decay, adamw,
                       step, clip)    # the reference: PyTorch operations, any device
     master_adam_cuda(...)            # one kernel launch for all the tensors (src/optim/cuda/master_adam.cu)
+    master_adam_host(...)            # torch's fused one-pass CPU Adam, for host tensors (--strategy offload)
 
 `weights` and `grads` are 16-bit (or fp32) tensors of one dtype; `masters`, `exp_avgs` and `exp_avg_sqs` are their
 fp32 master copy and Adam's moments; `step` is this step's number (1 for the first) for every tensor of the call;
@@ -17,12 +18,14 @@ as torch's Adam and AdamW compute it:
 
 The kernel moves 28 bytes per element (reads the 16-bit gradient, master and moments; writes them and the weight)
 and allocates nothing but a table of the tensors' addresses; the reference makes fp32 temporaries of one tensor
-at a time (8 bytes per element of the largest). tests/optim/test_master_adam.py compares the twins.
+at a time (8 bytes per element of the largest). The host twin converts a 16-bit gradient to fp32 first (a fp32
+gradient with clip None is read as it is). tests/optim/test_master_adam.py compares the twins.
 """
 from pathlib import Path
 from typing import Callable, List, Optional
 
 import torch
+from torch.optim.adam import adam
 
 from src.cuda_extension import CudaExtension
 
@@ -51,6 +54,25 @@ def master_adam_torch(weights: Tensors, grads: Tensors, masters: Tensors, exp_av
         exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         denom = exp_avg_sq.sqrt().div_(bias2_sqrt).add_(eps)
         master.addcdiv_(exp_avg, denom, value=-step_size)
+        weight.copy_(master)
+
+
+def master_adam_host(weights: Tensors, grads: Tensors, masters: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors,
+                     *, lr: float, betas: tuple, eps: float, weight_decay: float, adamw: bool, step: int,
+                     clip: Optional[torch.Tensor]) -> None:
+    """The same step with torch's fused CPU Adam (one vectorised pass over master and moments per tensor), which
+    bench/host_adam.py measured at several times the reference's speed on the host."""
+    beta1, beta2 = betas
+    for weight, grad, master, exp_avg, exp_avg_sq in zip(weights, grads, masters, exp_avgs, exp_avg_sqs):
+        g = grad
+        if grad.dtype != torch.float32 or clip is not None:
+            g = grad.to(torch.float32, copy=True)
+            if clip is not None:
+                g.mul_(clip)
+        # the fused kernel counts the step itself: it is given the count of steps before this one
+        adam([master], [g], [exp_avg], [exp_avg_sq], [], [torch.tensor(float(step - 1))], fused=True,
+             decoupled_weight_decay=adamw, amsgrad=False, beta1=beta1, beta2=beta2, lr=lr,
+             weight_decay=weight_decay, eps=eps, maximize=False)
         weight.copy_(master)
 
 

@@ -16,6 +16,8 @@ The state (`footprint`): bytes per parameter (P all parameters, T the trainable 
                                                                            2 more: a margin, not attributed)
     deepspeed_stage_3, 16-bit     (2 P + 14 T) / W                         -
     deepspeed_stage_3_offload     -                                        2 P + 16 T
+    offload (bf16, one GPU)       2 P                                      14 T (fp32 master, Adam, a bf16 buffer the
+                                                                           gradient arrives in and the weight leaves)
 (DeepSpeed's partitions are per process: a machine holds its processes' share, processes / W of the total.)
 DeepSpeed with fp32 weights keeps 4 bytes where the table says 2. On a CPU-only run the host holds what
 the first row puts on the GPU. 18 of the 20 bytes of ZeRO-1/2 offload are DeepSpeed's stage_1_and_2.py buffers
@@ -29,6 +31,7 @@ with offload a 16-bit and an fp64 copy of the largest gradient, the latter for i
 memory outside PyTorch's allocator; on the host each process's own memory (Python, torch, the CUDA runtime).
 BENCHMARKS.md puts these estimates beside measured peaks.
 """
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -60,6 +63,9 @@ PROCESS_GPU_RUNTIME_BYTES = 1 * GIB
 OFFLOAD_UNATTRIBUTED_BYTES = 2
 # DeepSpeed ZeRO-1/2 offload's host bytes per trained parameter (see the module docstring)
 OFFLOAD_HOST_BYTES = 18 + OFFLOAD_UNATTRIBUTED_BYTES
+# --strategy offload's host bytes per trained parameter (src/optim/host_offload.py): fp32 master and moments, a bf16
+# staging buffer. Not yet measured on a GPU machine: no margin is added.
+OFFLOAD_STRATEGY_HOST_BYTES = 14
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,8 @@ class Footprint:
 def footprint(cfg: TrainConfig, params: int, trainable: int, world_size: int, processes_per_host: int,
               on_gpu: bool) -> Footprint:
     """The weights, gradients and optimizer state of the run (see the module docstring)."""
+    if cfg.offload:
+        return Footprint(gpu=2 * params, host=OFFLOAD_STRATEGY_HOST_BYTES * trainable * processes_per_host)
     if cfg.deepspeed is None:
         if cfg.master_weights:  # bf16 weights and gradients, fp32 masters and Adam (+ the reference step's temporaries)
             state = 2 * params + 14 * trainable + (0 if on_gpu else 8 * min(trainable, OPTIMIZER_GROUP_NUMEL))
@@ -95,11 +103,17 @@ def footprint(cfg: TrainConfig, params: int, trainable: int, world_size: int, pr
 def deepspeed_gpu_buffers(cfg: TrainConfig, largest_trainable: int) -> int:
     """GPU bytes DeepSpeed ZeRO 1/2 allocates beside the weights: two gradient buckets of --ds_bucket_mb
     (contiguous gradients) and, with the optimizer offloaded, a 16-bit copy of the largest gradient on its way to
-    the host and an fp64 copy of it for its norm (stage_1_and_2.py set_norm_for_param_grad_in_gpu)."""
+    the host and an fp64 copy of it for its norm (stage_1_and_2.py set_norm_for_param_grad_in_gpu). Under
+    --strategy offload: bf16 gradients on their way to the host, counted as two of the largest."""
+    if cfg.offload:
+        return 2 * 2 * largest_trainable
     if cfg.deepspeed is None or cfg.deepspeed[0] == 3:
         return 0
     buckets = 2 * cfg.ds_bucket_mb * 1000 * 1000
     return buckets + ((2 + 8) * largest_trainable if cfg.deepspeed[1] else 0)
+
+
+BUFFERS_OF = {False: "DeepSpeed buffers", True: "gradients on their way to the host"}  # by cfg.offload
 
 
 def run_footprint(cfg: TrainConfig, state: Footprint, largest_trainable: int, activations: int, on_gpu: bool,
@@ -115,18 +129,21 @@ def run_footprint(cfg: TrainConfig, state: Footprint, largest_trainable: int, ac
                          host_parts=f"{state.host / GIB:.1f} GiB of weights, gradients and optimizer state, "
                                     f"{activations / GIB:.1f} GiB of activations, {processes}")
     runtime = PROCESS_GPU_RUNTIME_BYTES
+    scratch = 4 * largest_trainable if cfg.offload else 0  # HostOffloadAdam's fp32 gradient of one parameter
     return Footprint(
-        gpu=state.gpu + activations + buffers + runtime, host=state.host + process,
+        gpu=state.gpu + activations + buffers + runtime, host=state.host + scratch + process,
         gpu_parts=f"{state.gpu / GIB:.1f} GiB of weights, gradients and optimizer state, {activations / GIB:.1f} GiB "
-                  f"of activations" + (f", {buffers / GIB:.1f} GiB of DeepSpeed buffers" if buffers else "")
+                  f"of activations" + (f", {buffers / GIB:.1f} GiB of {BUFFERS_OF[cfg.offload]}" if buffers else "")
                   + f", {runtime / GIB:.0f} GiB for the CUDA libraries",
         host_parts=(f"{state.host / GIB:.1f} GiB of offloaded optimizer state, " if state.host else "")
-        + processes)
+        + (f"{scratch / GIB:.1f} GiB for one fp32 gradient, " if scratch else "") + processes)
 
 
-def check_fits(cfg: TrainConfig, need: Footprint, gpu_free: Optional[int], host_available: Optional[int]) -> None:
+def check_fits(cfg: TrainConfig, need: Footprint, gpu_free: Optional[int], host_available: Optional[int],
+               lean_alternative: Optional[Footprint] = None) -> None:
     """Refuse the run when it needs more than the free GPU memory or the host's available memory (None: not known
-    here, not checked)."""
+    here, not checked). `lean_alternative`: what the same run needs under --strategy offload, named in a DeepSpeed
+    offload run's refusal where it fits."""
     if gpu_free is not None and need.gpu > gpu_free:
         raise UserInputError(
             f"--strategy {cfg.strategy} --precision {cfg.precision}: this run needs {need.gpu / GIB:.1f} GiB per GPU "
@@ -136,10 +153,14 @@ def check_fits(cfg: TrainConfig, need: Footprint, gpu_free: Optional[int], host_
     if host_available is not None and need.host > host_available:
         where = "the optimizer state offloaded to host memory" if need.gpu else "the weights, gradients and Adam state"
         parts = f" ({need.host_parts})" if need.host_parts else ""
+        lean = lean_alternative
+        instead = (f"--strategy offload (one GPU: {lean.host / GIB:.1f} GiB of host memory, {lean.gpu / GIB:.1f} "
+                   f"GiB of GPU memory), " if lean and lean.host <= host_available
+                   and (gpu_free is None or lean.gpu <= gpu_free) else "")
         raise UserInputError(
             f"--strategy {cfg.strategy}: {where} need {need.host / GIB:.1f} GiB of host memory on this machine"
-            f"{parts}, and {host_available / GIB:.1f} GiB are available; use a machine with more memory, more "
-            f"machines, --lora, or a smaller model.")
+            f"{parts}, and {host_available / GIB:.1f} GiB are available; use {instead}a machine with more memory, "
+            f"more machines, --lora, or a smaller model.")
 
 
 def available_host_memory() -> Optional[int]:
@@ -160,7 +181,10 @@ def check_run(cfg: TrainConfig, vocab_size: int, lightning_trainer) -> None:
     on_gpu = device.type == "cuda"
     need = run_need(cfg, vocab_size, lightning_trainer.world_size, lightning_trainer.num_devices, on_gpu)
     gpu_free = torch.cuda.mem_get_info(device)[0] if on_gpu else None
-    check_fits(cfg, need, gpu_free, available_host_memory())
+    lean = None
+    if on_gpu and cfg.deepspeed is not None and cfg.deepspeed[1] and lightning_trainer.world_size == 1:
+        lean = run_need(dataclasses.replace(cfg, strategy="offload", precision="bf16"), vocab_size, 1, 1, True)
+    check_fits(cfg, need, gpu_free, available_host_memory(), lean)
 
 
 def run_need(cfg: TrainConfig, vocab_size: int, world_size: int, processes_per_host: int, on_gpu: bool,

@@ -39,6 +39,8 @@ def check_device_flags(cfg: TrainConfig) -> None:
     if cfg.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise UserInputError(f"--accelerator {cfg.accelerator}: torch sees no CUDA GPU here; use --accelerator cpu "
                              f"(or auto)")
+    if cfg.offload:
+        check_offload_devices(cfg)
     if training_device(cfg) != "cpu":
         check_fused_kernels(cfg)
         return
@@ -48,6 +50,17 @@ def check_device_flags(cfg: TrainConfig) -> None:
     if cfg.wkv_backend == "cuda":
         raise UserInputError("--wkv_backend cuda runs the WKV kernel on a CUDA GPU, and this run trains on the CPU; "
                              "use --wkv_backend torch (or auto)")
+
+
+def check_offload_devices(cfg: TrainConfig) -> None:
+    """--strategy offload trains on exactly one GPU."""
+    if training_device(cfg) == "cpu":
+        raise UserInputError("--strategy offload keeps Adam's state in host memory for the weights on one GPU, and "
+                             "this run has no CUDA GPU to train on; use --strategy auto")
+    gpus = int(cfg.devices) if cfg.devices.isdigit() else torch.cuda.device_count()
+    if gpus * cfg.num_nodes > 1:
+        raise UserInputError(f"--strategy offload trains on one GPU, and this run has {gpus * cfg.num_nodes}; use "
+                             f"--strategy deepspeed_stage_2_offload for several GPUs, or --devices 1")
 
 
 def check_fused_kernels(cfg: TrainConfig) -> None:
@@ -68,7 +81,7 @@ def set_float_precision(cfg: TrainConfig) -> None:
 
 def build_strategy(cfg: TrainConfig):
     """The strategy object (or Lightning name) for --strategy."""
-    if cfg.strategy == "single_device":
+    if cfg.strategy in ("single_device", "offload"):
         from lightning.pytorch.strategies import SingleDeviceStrategy
         return SingleDeviceStrategy(device=torch.device(training_device(cfg)))
     if cfg.deepspeed:

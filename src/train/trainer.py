@@ -7,6 +7,7 @@ import torch
 from src.train.state_cp import engine
 from src.config import TrainConfig
 from src.models import family_of_model
+from src.optim.host_offload import HostOffloadAdam
 from src.optim.master_weights import MasterWeightAdam
 from src.train.memory_check import OPTIMIZER_GROUP_NUMEL
 from src.train.strategy import build_strategy, is_deepspeed, lightning_precision
@@ -59,7 +60,8 @@ class RWKVModule(pl.LightningModule):
 
     def configure_optimizers(self):
         """Adam on fp32 master weights: DeepSpeed's FusedAdam (DeepSpeedCPUAdam when ZeRO offloads the optimizer),
-        MasterWeightAdam for a bf16 model (src/optim/master_weights.py, one CUDA kernel per group), or torch's own on fp32
+        MasterWeightAdam for a bf16 model (src/optim/master_weights.py, one CUDA kernel per group), HostOffloadAdam
+        under --strategy offload (src/optim/host_offload.py: the same step on the host), or torch's own on fp32
         weights (fused on CUDA in fp32/tf32). weight_decay is decoupled (AdamW) and per group."""
         strategy = self.trainer.strategy
         bounded = is_deepspeed(strategy) or self.cfg.master_weights
@@ -73,6 +75,8 @@ class RWKVModule(pl.LightningModule):
             if "offload_optimizer" in strategy.config["zero_optimization"]:
                 return DeepSpeedCPUAdam(groups, **settings, bias_correction=True, adamw_mode=adamw, amsgrad=False)
             return FusedAdam(groups, **settings, bias_correction=True, adam_w_mode=adamw, amsgrad=False)
+        if self.cfg.offload:
+            return HostOffloadAdam(groups, **settings, adamw=adamw, max_grad_norm=self.cfg.gradient_clip_val)
         if self.cfg.master_weights:
             return MasterWeightAdam(groups, **settings, adamw=adamw, max_grad_norm=self.cfg.gradient_clip_val)
         # Lightning's mixed-precision plugin refuses gradient clipping with fused Adam (it assumes the fused step

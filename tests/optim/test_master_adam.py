@@ -1,9 +1,10 @@
-"""The master-weight Adam step's twins: the reference against torch's Adam and AdamW, the CUDA kernel against
-the reference (all dtypes, sizes across the kernel's chunk boundaries, tensors at odd offsets in shared storage)."""
+"""The master-weight Adam step's twins: the reference against torch's Adam and AdamW, the CUDA kernel and the host
+(fused CPU) step against the reference (all dtypes, sizes across the kernel's chunk boundaries, tensors at odd offsets
+in shared storage)."""
 import pytest
 import torch
 
-from src.optim.master_adam import master_adam_cuda, master_adam_torch
+from src.optim.master_adam import master_adam_cuda, master_adam_host, master_adam_torch
 
 gpu = pytest.mark.gpu
 SETTINGS = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8)
@@ -127,3 +128,38 @@ def test_kernel_equals_reference(adamw, weight_decay, clip, dtype, shared):
         assert torch.equal(weight, master.to(dtype))
     for name, guard in guards.items():
         assert torch.all(kernel_storages[name][guard] == 7.0), name
+
+
+@pytest.mark.parametrize("adamw, weight_decay", [(False, 0.0), (False, 0.1), (True, 0.1)])
+@pytest.mark.parametrize("clip", [None, 0.25])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_host_step_equals_reference(adamw, weight_decay, clip, dtype):
+    """Three steps of torch's fused CPU Adam (--strategy offload's host step) and the reference from the same start:
+    masters and moments within fp32 rounding (the fused kernel orders its operations differently) except where
+    weight decay cancels the gradient, weights exactly the rounded masters, the gradients left as they were, and
+    nothing written between the tensors."""
+    (storages, host), (_, reference) = (random_problem(dtype, "cpu") for _ in range(2))
+    guards = {}
+    for name, storage in storages.items():
+        guards[name] = torch.ones(storage.numel(), dtype=torch.bool)
+        for t in host[name]:
+            guards[name][t.storage_offset():t.storage_offset() + t.numel()] = False
+        storage[guards[name]] = 7.0
+    clip_tensor = None if clip is None else torch.tensor(clip)
+    skipped = [torch.zeros_like(m, dtype=torch.bool) for m in reference["master"]]
+    for step in (1, 2, 3):
+        grads = gradients(host, dtype, step)
+        given = [g.clone() for g in grads]
+        for mask, ill in zip(skipped, ill_conditioned(grads, reference["master"], clip, weight_decay, adamw)):
+            mask |= ill
+        run(master_adam_host, host, grads, step, weight_decay, adamw, clip_tensor)
+        run(master_adam_torch, reference, grads, step, weight_decay, adamw, clip_tensor)
+        assert all(torch.equal(g, before) for g, before in zip(grads, given))
+    assert sum(int(m.sum()) for m in skipped) <= 1e-4 * sum(m.numel() for m in skipped)
+    for name in ("master", "exp_avg", "exp_avg_sq"):
+        for got, want, mask in zip(host[name], reference[name], skipped):
+            torch.testing.assert_close(got[~mask], want[~mask], rtol=1e-5, atol=1e-6 * want.abs().max().item())
+    for weight, master in zip(host["weight"], host["master"]):
+        assert torch.equal(weight, master.to(dtype))
+    for name, guard in guards.items():
+        assert torch.all(storages[name][guard] == 7.0), name
