@@ -52,8 +52,12 @@ def locate_tokenizer_file(name: Optional[str]) -> Optional[str]:
 
 
 def _read_text(path, what: str) -> str:
+    """Every tokenizer file is read here."""
+    path = Path(path)
+    if path.exists() and not (path.is_file() or path.is_dir()):  # a reader would wait on a named pipe for ever
+        raise UserInputError(f"{what} {path} is not a regular file (a named pipe or a device); pass the file")
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserInputError(f"{what} {path}: file not found")
     except IsADirectoryError:

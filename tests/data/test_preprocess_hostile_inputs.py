@@ -55,6 +55,12 @@ ROWS = {  # name: (extra argv, set-up, texts the one line holds)
     "output is an input under another name": (
         ["--input", "{tmp}/linked.jsonl", "--overwrite"], lambda monkeypatch: None,
         ["the output {tmp}/out_text_document.bin is --input {tmp}/linked.jsonl, which writing it would destroy"]),
+    # a named pipe given as a tokenizer file was read for ever
+    "tokenizer file is a named pipe": (["--vocab-file", "{tmp}/pipe.json", "--overwrite"], None,
+                                       ["tokenizer file {tmp}/pipe.json is not a regular file (a named pipe"]),
+    "special tokens file is a named pipe": (
+        ["--tokenizer-type", "RWKVTokenizer", "--vocab-file", "rwkv_vocab_v20230424.txt", "--special_tokens_dict_path",
+         "{tmp}/pipe.json", "--overwrite"], None, ["special tokens file {tmp}/pipe.json is not a regular file"]),
     "output is the tokenizer's file": (
         ["--vocab-file", "{tmp}/out_text_document.idx", "--overwrite"], None,
         ["the output {tmp}/out_text_document.idx is --vocab-file {tmp}/out_text_document.idx"]),
@@ -66,6 +72,7 @@ def test_hostile_input_is_one_line_and_loses_nothing(name, tmp_path, capsys, mon
     extra, setup, expected = ROWS[name]
     (tmp_path / "in.jsonl").write_text("\n".join(LINES) + "\n")
     (tmp_path / "folder.jsonl").mkdir()
+    os.mkfifo(tmp_path / "pipe.json")
     argv = ["--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "out"),
             "--vocab-file", TOKENIZER_20B, "--tokenizer-type", "HFTokenizer"]
     assert preprocess_data.main(argv) == 0  # the earlier output
@@ -84,7 +91,8 @@ def test_hostile_input_is_one_line_and_loses_nothing(name, tmp_path, capsys, mon
     for text in expected:
         assert fill(text) in err, (fill(text), err)
     assert not re.search(r"\b0 bytes needed|than 0 bytes", err), err
-    assert folder_snapshot(tmp_path) == before and sorted(os.listdir(tmp_path)) == sorted([*before, "folder.jsonl"])
+    assert folder_snapshot(tmp_path) == before
+    assert sorted(os.listdir(tmp_path)) == sorted([*before, "folder.jsonl", "pipe.json"])
 
 
 def big_input(folder):
