@@ -155,6 +155,23 @@ def test_a_signal_during_start_up_stops_at_once_and_writes_nothing(tmp_path, sig
     assert list(tmp_path.iterdir()) == []  # not even the folder it was to write into
 
 
+def test_two_ctrl_c_during_start_up_leave_nothing(tmp_path):
+    """Ctrl+C twice in a row once the run holds --proj_dir: the first stops the start-up, the second (if it lands
+    while the first one unwinds) quits at once; either way exit 130, no traceback, no lock, nothing written."""
+    proj_dir = tmp_path / "new" / "out"
+    proc = subprocess.Popen([sys.executable, "train.py", *RUN, "--proj_dir", str(proj_dir)], cwd=ROOT,
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    until((proj_dir / LOCK_NAME).exists, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, (out, err)
+    assert err in ("train.py: SIGINT before training started: stopped; nothing was written\n",
+                   "\nSIGINT again: quitting at once; files already written are whole.\n"), err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_resume_refuses_other_flags(straight_run, tmp_path, capsys):
     proj_dir = tmp_path / "out"
     returncode, output = interrupt(proj_dir, signal.SIGINT)
