@@ -49,25 +49,30 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
-# What a hard exit runs first: src/io/atomic.py registers the deletion of its temporary files in flight,
-# src/io/run_lock.py the release of the locks this process holds.
-_BEFORE_HARD_EXIT: list = []
+# What runs when a command ends, however it ends: src/io/atomic.py registers the deletion of the temporary files still
+# in flight, src/io/run_lock.py the release of the locks this process holds.
+_AT_THE_END: list = []
 
 
-def before_hard_exit(cleanup: Callable[[], None]) -> None:
-    """Have `cleanup` run when a second signal quits a command at once (see quit_at_once)."""
-    if cleanup not in _BEFORE_HARD_EXIT:
-        _BEFORE_HARD_EXIT.append(cleanup)
+def at_the_end(cleanup: Callable[[], None]) -> None:
+    """Have `cleanup` run when a command ends: after its work, whatever ended it (run_main; a signal may land before a
+    writer had the chance to note what it must delete), and when a second signal quits it at once (quit_at_once)."""
+    if cleanup not in _AT_THE_END:
+        _AT_THE_END.append(cleanup)
+
+
+def _clean_up() -> None:
+    for cleanup in _AT_THE_END:
+        cleanup()
 
 
 def quit_at_once(signum: int) -> None:
     """A second Ctrl+C or SIGTERM while the first one's stop is under way: one line, the cleanups registered with
-    before_hard_exit (temporary files deleted, locks released), the worker processes this process started ended (a
-    pool's workers would wait for work for ever), then os._exit(128 + signum). No `finally` block runs."""
+    at_the_end (temporary files deleted, locks released), the worker processes this process started ended (a pool's
+    workers would wait for work for ever), then os._exit(128 + signum). No `finally` block runs."""
     print(f"\n{signal.Signals(signum).name} again: quitting at once; files already written are whole.",
           file=sys.stderr, flush=True)
-    for cleanup in _BEFORE_HARD_EXIT:
-        cleanup()
+    _clean_up()
     for child in multiprocessing.active_children():
         child.kill()
     os._exit(128 + signum)
@@ -115,6 +120,8 @@ def run_main(prog: str, body: Callable[[], int], interrupted: Optional[str] = No
         signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
         print(interrupted.format(prog=prog, signal=signal.Signals(signum).name), file=sys.stderr, flush=True)
         return 128 + signum
+    finally:
+        _clean_up()
 
 
 def exit_process(code: int) -> None:

@@ -1,4 +1,5 @@
-"""What every command line shares (src/cli.py): --help exits 0; a usage error is one line and exit code 2."""
+"""What every command line shares (src/cli.py): --help exits 0; a usage error is one line and exit code 2; a second
+signal quits at once; temporary files still in flight when a command ends are deleted."""
 import os
 import re
 import signal
@@ -17,6 +18,9 @@ import plot_run
 import preprocess_data
 import train
 from conftest import ROOT
+from src import cli
+from src.errors import UserInputError
+from src.io import atomic
 
 CLIS = {"train.py": train, "merge_lora.py": merge_lora, "merge_lora_plus.py": merge_lora_plus,
         "preprocess_data.py": preprocess_data, "export_hf.py": export_hf, "import_hf.py": import_hf,
@@ -85,3 +89,16 @@ def test_a_second_signal_quits_at_once_and_nothing_is_left(tmp_path):
     assert proc.returncode == 130 and list(tmp_path.iterdir()) == [], (out, err)
     assert err == "\nSIGINT again: quitting at once; files already written are whole.\n", err
     assert time.monotonic() - started < 2.5
+
+
+@pytest.mark.parametrize("stop", [cli.Interrupted(signal.SIGTERM), UserInputError("bad")])
+def test_temporary_files_a_stop_left_in_flight_are_deleted_when_the_command_ends(tmp_path, capsys, stop):
+    """A signal can land between the creation of a temporary file and the code that would delete it (a writer being
+    set up): run_main deletes what is still in flight when the command ends."""
+    def body():
+        atomic.temporary_path(tmp_path / "out.bin").write_bytes(b"half")
+        raise stop
+
+    code = cli.run_main("prog.py", body, interrupted="{prog}: {signal}: stopped; nothing was written")
+    assert code == (143 if isinstance(stop, cli.Interrupted) else 2) and list(tmp_path.iterdir()) == []
+    assert capsys.readouterr().err.count("\n") == 1

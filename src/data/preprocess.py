@@ -8,7 +8,7 @@ Per document and key, as gpt-neox: one item of the document's tokens (+ the EOD 
 the end of the document. Documents that tokenize to nothing are skipped and counted (gpt-neox dropped
 empty strings and crashed on other empty documents with --append-eod).
 """
-import gc
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -199,6 +199,20 @@ def _encode_in_worker(block: Block) -> EncodedBlock:
     return _worker_encoder(block)
 
 
+def _start_pool(workers: int, options: EncodeOptions):
+    """The worker processes, spawned (they start clean: no copied threads or locks), with /dev/null as their stderr:
+    they report through the pool's results, and Ctrl+C, which the terminal sends to them too, made a worker that was
+    still importing print a KeyboardInterrupt traceback (once started, they ignore it: the main process stops them)."""
+    stderr = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        return multiprocessing.get_context("spawn").Pool(workers, _start_worker, (options,))
+    finally:
+        os.dup2(stderr, 2)
+        os.close(stderr)
+
+
 def encoded_blocks(blocks: Iterator[Block], options: EncodeOptions, workers: int,
                    tokenizer: Tokenizer) -> Iterator[EncodedBlock]:
     """Encoded blocks in input order; with workers > 1, up to 2 * workers blocks are in flight."""
@@ -206,22 +220,14 @@ def encoded_blocks(blocks: Iterator[Block], options: EncodeOptions, workers: int
         encoder = BlockEncoder(options, tokenizer)
         yield from map(encoder, blocks)
         return
-    # spawn: workers start clean (no copied threads or locks) on every platform
-    pool = multiprocessing.get_context("spawn").Pool(workers, _start_worker, (options,))
-    pending = deque()
-    try:
+    with _start_pool(workers, options) as pool:
+        pending = deque()
         for block in blocks:
             pending.append(pool.apply_async(_encode_in_worker, (block,)))
             if len(pending) >= 2 * workers:
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
-    finally:
-        pool.terminate()
-        # the pool's queues go now, and with them their named semaphores, not with the traceback of a stop: a second
-        # Ctrl+C during the removal of the partial outputs quits at once, after which they would count as leaked
-        del pool, pending
-        gc.collect()
 
 
 @dataclass
@@ -304,12 +310,14 @@ def preprocess(options: EncodeOptions, inputs, output_prefix: str, workers: int 
     builders = {key: MMapIndexedDatasetBuilder(output_prefix_for(output_prefix, key), dtype) for key in options.keys}
     totals = Totals(options.keys, tokenizer.name, tokenizer.vocab_size, np.dtype(dtype))
     try:
-        for block in encoded_blocks(read_blocks(paths, block_bytes), options, workers, tokenizer):
-            for key, builder in builders.items():
-                builder.add_documents(block.tokens[key], block.sizes[key])
-            totals.add(block)
-            if progress:
-                progress.update(totals)
+        # closed on the way out: a pool's workers end before the partial outputs are removed
+        with contextlib.closing(encoded_blocks(read_blocks(paths, block_bytes), options, workers, tokenizer)) as blocks:
+            for block in blocks:
+                for key, builder in builders.items():
+                    builder.add_documents(block.tokens[key], block.sizes[key])
+                totals.add(block)
+                if progress:
+                    progress.update(totals)
         if progress:
             progress.close()
         for key in options.keys:

@@ -1,5 +1,6 @@
 """Every file and folder the toolkit writes appears whole or not at all: written under a temporary name beside
-its final path, then renamed over it. A hard exit (a second Ctrl+C) deletes the temporary names in flight.
+its final path, then renamed over it. The temporary names still in flight when a command ends (a signal that landed
+before a writer could delete its own, a hard exit after a second Ctrl+C) are deleted then.
 
     with atomic_path("out/rwkv-3.pth") as tmp:   # tmp = out/.rwkv-3.pth.<pid>.partial
         write(tmp); fsync; publish(tmp, "out/rwkv-3.pth")
@@ -18,7 +19,7 @@ The output discipline of every command that writes:
 - what the check found there (a Found) is what publishing may replace: a file or folder that appeared or changed while
   the command ran is left as it is and the command's output is discarded with one line;
 - the temporary name is this process's own, deleted when the block raises (an error, a signal: see
-  src/cli.signals_interrupt) and on a hard exit (remove_partial_files).
+  src/cli.signals_interrupt), and when the command ends or quits at once (remove_partial_files).
 """
 import contextlib
 import errno
@@ -34,7 +35,7 @@ from src.errors import UserInputError
 
 # Temporary files and folders being written right now.
 _IN_FLIGHT: set = set()
-# Old folders moved aside while a new one takes their name: {aside: path}, put back on a hard exit.
+# Old folders moved aside while a new one takes their name: {aside: path}, put back when a command ends meanwhile.
 _ASIDE: dict = {}
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
@@ -418,13 +419,13 @@ def remove_path(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def remove_partial_files() -> None:  # registered below with cli.before_hard_exit
-    """Delete whatever atomic writes are in progress, and put back an old folder moved aside for a new one (called
-    just before a hard exit)."""
+def remove_partial_files() -> None:  # registered below with cli.at_the_end
+    """Delete whatever atomic writes are in flight, and put back an old folder moved aside for a new one (called when
+    a command ends, and just before a hard exit)."""
     for tmp in list(_IN_FLIGHT):
         remove_path(tmp)
     for aside, path in list(_ASIDE.items()):
         _put_back(aside, path)
 
 
-cli.before_hard_exit(remove_partial_files)
+cli.at_the_end(remove_partial_files)

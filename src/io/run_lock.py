@@ -74,8 +74,9 @@ def release(path: Path) -> None:
     _remove_empty(created)
 
 
-def release_all() -> None:  # registered below with cli.before_hard_exit
-    """Remove every lock this process holds (just before a hard exit, which runs no `finally`)."""
+def release_all() -> None:  # registered below with cli.at_the_end
+    """Remove every lock this process holds (when a command ends, and just before a hard exit, which runs no
+    `finally`)."""
     for path in list(_HELD):
         release(path)
 
@@ -226,4 +227,4 @@ def _remove_empty(folders: list) -> None:
             return
 
 
-cli.before_hard_exit(release_all)
+cli.at_the_end(release_all)
