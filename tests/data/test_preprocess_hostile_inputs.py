@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import time
 
 import pytest
 
@@ -103,9 +104,15 @@ def big_input(folder):
     return path
 
 
-def working_in(folder):
-    """Whether the temporary output files exist: the tokenizing has started."""
-    return lambda printed: any(p.name.endswith(".partial") for p in folder.iterdir())
+def working_in(folder, after: float = 0.0):
+    """Whether the temporary output files exist (the workers start then, and the tokenizing follows), `after` seconds
+    after they appeared."""
+    def ready(printed):
+        if not any(p.name.endswith(".partial") for p in folder.iterdir()):
+            return False
+        time.sleep(after)
+        return True
+    return ready
 
 
 def preprocess_argv(folder, workers):
@@ -114,14 +121,15 @@ def preprocess_argv(folder, workers):
 
 
 def test_sigint_and_sigterm_during_the_work_leave_nothing(tmp_path):
-    """A real SIGINT and a real SIGTERM, each to its own process, while it tokenizes into its temporary files: one line
-    each, exit 130 / 143, the earlier outputs as they were, no temporary file."""
+    """A real SIGINT and a real SIGTERM, each to its own process group, while the two workers start (Ctrl+C reaches
+    them too, and printed their KeyboardInterrupt tracebacks): one line each, exit 130 / 143, the earlier outputs as
+    they were, no temporary file, no worker left."""
     folders = {signum: tmp_path / signum.name for signum in (signal.SIGINT, signal.SIGTERM)}
     for folder in folders.values():
         folder.mkdir()
         for suffix in (".bin", ".idx"):
             (folder / f"out_text_document{suffix}").write_bytes(b"an earlier output")
-    runs = {signum: (preprocess_argv(folder, 1), working_in(folder)) for signum, folder in folders.items()}
+    runs = {signum: (preprocess_argv(folder, 2), working_in(folder, after=0.15)) for signum, folder in folders.items()}
     before = {signum: folder_snapshot(folder) for signum, folder in folders.items()}
     for signum, (returncode, printed, err) in signalled_both("preprocess_data.py", runs).items():
         assert returncode == 128 + signum, (printed, err)
