@@ -20,11 +20,12 @@ Where the work happens, so that the GPU waits as little as possible:
   the updated bf16 weights of the parameters before go back to the GPU on the side stream.
 On a machine without CUDA the same code runs with the host as the device (the tests use it that way).
 """
-from typing import Callable, List, Optional
+from typing import Callable, List
 
 import torch
 
 from src.optim.master_adam import master_adam_host
+from src.optim.master_weights import MasterWeightAdam
 
 
 class HostOffloadAdam(torch.optim.Optimizer):
@@ -138,26 +139,7 @@ class HostOffloadAdam(torch.optim.Optimizer):
                 param.copy_(weight, non_blocking=True)
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
 
-    def _clip_coefficient(self, grads: List[torch.Tensor]) -> Optional[torch.Tensor]:
-        """min(1, max_norm / (total norm + 1e-6)) as a 0-d fp32 tensor, or None without clipping."""
-        if not self.max_grad_norm or self.max_grad_norm <= 0:
-            return None
-        norms = torch.stack([torch.linalg.vector_norm(grad, dtype=torch.float32) for grad in grads])
-        return (self.max_grad_norm / (torch.linalg.vector_norm(norms) + 1e-6)).clamp(max=1.0)
-
-    # ---------------------------------------------------------------- resume bundles
-
-    def state_dict(self) -> dict:
-        """The groups, the host fp32 masters, the moments and step counts (the tensors themselves)."""
-        return {"param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
-                "masters": self.masters, "exp_avgs": self.exp_avgs, "exp_avg_sqs": self.exp_avg_sqs,
-                "steps": self.steps}
-
-    def load_state_dict(self, state: dict) -> None:
-        for group, saved in zip(self.param_groups, state["param_groups"]):
-            group.update(saved)
-        for name in ("masters", "exp_avgs", "exp_avg_sqs"):
-            for mine, saved in zip(getattr(self, name), state[name]):
-                for tensor, value in zip(mine, saved):
-                    tensor.copy_(value)
-        self.steps = [list(steps) for steps in state["steps"]]
+    # MasterWeightAdam keeps the same attributes: its clip coefficient, and its resume bundle's layout and restore
+    _clip_coefficient = MasterWeightAdam._clip_coefficient
+    state_dict = MasterWeightAdam.state_dict
+    load_state_dict = MasterWeightAdam.load_state_dict
