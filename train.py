@@ -167,7 +167,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, save_dtype):
     if cfg.resume:
         return model
     if cfg.load_model:
-        weights = checkpoint.load_weights(cfg.load_model)
+        weights = family.canonical_weights(checkpoint.load_weights(cfg.load_model))
         checkpoint.check_compatible(model.state_dict(), weights, cfg.load_model, family.shape_flags,
                                     allow_missing=bool(cfg.load_partial))
         if replaced_whole:

@@ -17,7 +17,7 @@ from src.data.jsonl_lines import check_input_file
 from src.errors import UserInputError
 from src.lora.adapters import attach_lora
 from src.lora.merge import LoraCheckpoint, check_fits_base, resolve_alpha
-from src.models import family_of_weights
+from src.models import read_model_weights
 
 
 def load_model(path, lora_path: str = "", lora_alpha: Optional[float] = None, device="cpu",
@@ -28,7 +28,7 @@ def load_model(path, lora_path: str = "", lora_alpha: Optional[float] = None, de
     if is_lora_checkpoint(weights):
         raise UserInputError(f"--load_model {path} is a LoRA checkpoint, not a whole model: pass the base model it "
                              f"was trained on as --load_model and {path} as --lora_load")
-    family = family_of_weights(weights, f"--load_model {path}")
+    family, weights = read_model_weights(weights, f"--load_model {path}")
     cfg = family.shape_of_weights(weights, f"--load_model {path}")
     lora = None
     if lora_path:

@@ -19,7 +19,7 @@ from src.io.checkpoint import compare_weights, is_lora_checkpoint
 from src.errors import UserInputError
 from src.lora.adapters import SETTINGS_KEY, attach_lora, decode_settings, identity_differences
 from src.lora.settings import LoraSettings
-from src.models import ModelFamily, default_family, family_named, family_of_weights
+from src.models import ModelFamily, default_family, family_named, read_model_weights
 
 # The merge check: logits of the merged model (fp32, before the cast to the base dtype) against the
 # base + LoRA model, on CHECK_TOKENS tokens, must agree within CHECK_RTOL * max(1, max |logit|).
@@ -242,12 +242,13 @@ def merge_checked(base: dict, lora: LoraCheckpoint, alpha: float, layer_coef: Op
                   device="cpu", base_path="base") -> tuple:
     """Validate, merge in fp32, check merged against unmerged logits, cast back.
 
-    Returns (state dict with exactly base's keys, each in base's dtype, on the CPU; MergeReport).
+    Returns (state dict with exactly base's keys in its family's layout (ModelFamily.canonical_weights), each in
+    base's dtype, on the CPU; MergeReport).
     """
     if is_lora_checkpoint(base):
         raise UserInputError(f"{base_path} is itself a LoRA checkpoint (it holds lora_A/lora_B keys or LoRA "
                              f"settings); pass the full base model it was trained on, then the LoRA file.")
-    family = family_of_weights(base, base_path)
+    family, base = read_model_weights(base, base_path)
     cfg = family.shape_of_weights(base, base_path)
     check_fits_base(lora, base, family, cfg, base_path)
     if layer_coef and max(layer_coef) >= cfg.n_layer:

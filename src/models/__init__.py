@@ -75,3 +75,9 @@ def family_of_weights(weights: dict, path: str = "base") -> ModelFamily:
     default_family().shape_of_weights(weights, path)  # raises its own reason
     raise UserInputError(f"{path} is not a model of a family this toolkit knows "
                          f"({', '.join(f.title for f in FAMILIES.values())}).")
+
+
+def read_model_weights(weights: dict, path: str = "base") -> tuple:
+    """(the family of a model's state dict, the state dict in that family's layout: ModelFamily.canonical_weights)."""
+    family = family_of_weights(weights, path)
+    return family, family.canonical_weights(weights)

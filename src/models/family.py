@@ -65,6 +65,11 @@ class ModelFamily:
         """Whether a state dict's keys are this family's."""
         raise NotImplementedError
 
+    def canonical_weights(self, weights: dict) -> dict:
+        """`weights` (detected as this family's) in the layout this toolkit's model holds: tensors another trainer
+        writes but the model never reads are left out. Every file read as a model passes through it."""
+        return weights
+
     def shape_of_weights(self, weights: dict, path: str = "base"):
         """The shape whose state dict has the keys and shapes of `weights`, or a UserInputError naming `path`."""
         raise NotImplementedError

@@ -2,6 +2,7 @@
 them). Nothing outside src/models/rwkv7/ names a parameter of this model.
 
     is_rwkv7(weights)           whether a state dict has this family's keys
+    without_unread(weights)     a state dict less the tensors BlinkDL's trainer writes that the model never reads
     piece_of(name)              which piece of the forward owns it: "embedding", a block number, or "head"
     layer_of(name)              the block number of a block's parameter, else None
     lr_multiplier(name)         BlinkDL's LR groups: att.w0 at 2x, everything else 1x
@@ -37,6 +38,18 @@ _BLOCK_NORM = re.compile(r"^blocks\.\d+\.(?:ln[012]|att\.ln_x)\.(?:weight|bias)$
 def is_rwkv7(weights: dict) -> bool:
     """An x070 state dict: an embedding, and block 0 with RWKV-7's time-mix (its decay base w0 and bonus r_k)."""
     return "emb.weight" in weights and "blocks.0.att.w0" in weights and "blocks.0.att.r_k" in weights
+
+
+# BlinkDL's RWKV-v7/train_temp builds the value residual's v0/v1/v2 in every block, so his trainer's checkpoints hold
+# them for block 0 too; block 0's value is v_first itself and never reads them. Released files leave them out, and so
+# does our model.
+UNREAD_IN_BLOCK_0 = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")
+
+
+def without_unread(weights: dict) -> dict:
+    """`weights` less block 0's v0/v1/v2 (UNREAD_IN_BLOCK_0): a checkpoint of BlinkDL's trainer in the released
+    layout. Leaving them out changes no output."""
+    return {k: v for k, v in weights.items() if k not in UNREAD_IN_BLOCK_0}
 
 
 def layer_of(name: str) -> Optional[int]:

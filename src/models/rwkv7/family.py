@@ -55,6 +55,9 @@ class Rwkv7Family(ModelFamily):
     def detect(self, weights: dict) -> bool:
         return anatomy.is_rwkv7(weights)
 
+    def canonical_weights(self, weights: dict) -> dict:
+        return anatomy.without_unread(weights)
+
     def shape_of_weights(self, weights: dict, path: str = "base") -> RWKV7Config:
         return anatomy.config_of_weights(weights, path)
 

@@ -67,6 +67,31 @@ def test_a_checkpoint_continues_by_its_keys(tmp_path):
     assert set(load_weights(tmp_path / "second" / "rwkv-final.pth")) == set(load_weights(final))
 
 
+def test_a_checkpoint_of_blinkdls_trainer_loads_without_block_0s_unread_tensors(tmp_path, capsys):
+    """BlinkDL's train_temp builds v0/v1/v2 in block 0 too (never read there): his checkpoints are fine-tuned, merged
+    and evaluated as the released layout, and the extra tensors change nothing."""
+    released = tiny_model(vocab_size=DUMMY_VOCAB, n_layer=2).state_dict()
+    C, Dv = released["blocks.1.att.v1"].shape
+    blinkdl = {**released, "blocks.0.att.v0": torch.randn(1, 1, C), "blocks.0.att.v1": torch.randn(C, Dv),
+               "blocks.0.att.v2": torch.randn(Dv, C)}
+    save_weights(released, tmp_path / "released.pth")
+    save_weights(blinkdl, tmp_path / "blinkdl.pth")
+    tokens = torch.tensor([TOKENS]) % DUMMY_VOCAB
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path / "blinkdl.pth")(tokens)[0],
+                           load_model(tmp_path / "released.pth")(tokens)[0])
+    again = [a for a in RUN if a not in ("--my_testing", "x070")]
+    assert train.main([*again, "--epoch_count", "1", "--load_model", str(tmp_path / "blinkdl.pth"),
+                       "--proj_dir", str(tmp_path / "tuned")]) == 0
+    assert set(load_weights(tmp_path / "tuned" / "rwkv-final.pth")) == set(released)
+    assert train.main([*again, "--epoch_count", "1", "--load_model", str(tmp_path / "blinkdl.pth"), "--lora",
+                       "--lora_r", "4", "--proj_dir", str(tmp_path / "lora")]) == 0
+    merged = tmp_path / "merged.pth"
+    assert merge_lora.main([str(tmp_path / "blinkdl.pth"), str(tmp_path / "lora" / "rwkv-final.pth"),
+                            str(merged)]) == 0
+    assert set(load_weights(merged)) == set(released)
+
+
 # ---------------------------------------------------------------- --state_cp is exact
 
 
