@@ -16,13 +16,17 @@ from typing import Optional
 
 from src import cli
 from src.accumulation import parse_accumulation_schedule
-from src.data.types import CHARACTER_DATA_TYPES, DATA_TYPES, REFUSED_DATA_TYPES, WINDOW_DATA_TYPES
+from src.data.instruct import check_instruct_flags
+from src.data.jsonl import check_jsonl_flags
+from src.data.types import CHARACTER_DATA_TYPES, DATA_TYPES, REFUSED_DATA_TYPES
 from src.errors import UserInputError
 from src.flags import ABOVE_0, AT_LEAST_0, AT_LEAST_1, COUNT, MAX_LAYERS, MAX_WIDTH, Range, flag
-from src.lora.settings import LoraSettings
-from src.data.pile_mode import PILE_DEFAULTS, PILE_SAMPLES_PER_EPOCH
+from src.lora.settings import LoraSettings, check_lora_flags
+from src.data.pile_mode import PILE_DEFAULTS, PILE_SAMPLES_PER_EPOCH, check_pile_mode_flags
 from src.models import FAMILIES, ModelFamily, family_of_flags, flag_groups
-from src.data.script_mask import parse_script_mask
+from src.data.script_mask import check_script_mask_flags
+from src.train.held_out_rules import check_held_out_flags
+from src.train.state_cp.rules import check_state_cp_flags
 
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 STRATEGIES = (
@@ -393,20 +397,18 @@ def validate(cfg: TrainConfig) -> None:
         raise UserInputError(f"--data_file is required for --data_type {cfg.data_type}.")
     if cfg.data_type == "uint16" and cfg.my_sample_len < 2:
         raise UserInputError("--data_type uint16 needs --my_sample_len (the row length, at least 2).")
-    _validate_sampling_features(cfg)
-    if cfg.lora_load and not cfg.lora:
-        raise UserInputError(f"--lora_load {cfg.lora_load} continues LoRA adapters, which only a --lora run trains; "
-                             f"add --lora (with the base model in --load_model), or remove --lora_load.")
-    if cfg.lora and not (cfg.load_model or cfg.resume or cfg.estimate_memory):
-        raise UserInputError("--lora trains adapters on a base model: pass the base with --load_model (e.g. "
-                             "RWKV-4-Pile-1B5.pth); to train a whole model from scratch, leave out --lora.")
+    # each feature's rules live beside it and name the flags they read; this order picks the refusal a command with
+    # several mistakes gets
+    check_jsonl_flags(cfg)
+    check_script_mask_flags(cfg)
+    check_pile_mode_flags(cfg)
+    check_lora_flags(cfg)
     if cfg.offload and cfg.precision != "bf16":
         raise UserInputError(f"--strategy offload trains bf16 weights with fp32 masters in host memory; add "
                              f"--precision bf16 (got --precision {cfg.precision}).")
-    if cfg.state_cp:
-        _validate_state_cp(cfg)
-    _validate_instruct_mixing(cfg)
-    _validate_held_out_data(cfg)
+    check_state_cp_flags(cfg)
+    check_instruct_flags(cfg)
+    check_held_out_flags(cfg)
     if cfg.accumulate_grad_batches_dict is not None:
         parse_accumulation_schedule(cfg.accumulate_grad_batches_dict)
         if cfg.deepspeed:
@@ -424,122 +426,3 @@ def _validate_ranges(cfg: TrainConfig) -> None:
         if valid is not None and value is not None and not valid.admits(value):
             not_a_number = "" if math.isfinite(value) else " is not a finite number: it"
             raise UserInputError(f"--{f.name} {value}{not_a_number} must be {valid.describe()}.")
-
-
-def _validate_state_cp(cfg: TrainConfig) -> None:
-    """--state_cp carries the state between segments: features that see the whole window at once cannot follow."""
-    windowed = cfg.family.windowed_features(cfg)
-    if windowed:
-        raise UserInputError(f"--state_cp 1 cannot train --{windowed[0]}: it attends over the whole window at once, "
-                             f"so it cannot continue from the state of an earlier segment; remove one of the two.")
-    if cfg.deepspeed and cfg.deepspeed[0] == 3:
-        raise UserInputError(f"--state_cp 1 cannot run under --strategy {cfg.strategy} (ZeRO-3 gathers each parameter "
-                             f"in module hooks, which the segment passes bypass); use deepspeed_stage_2 or "
-                             f"deepspeed_stage_2_offload.")
-
-
-_TOKENIZER_HINT = "20B_tokenizer.json (Pile/Raven/Novel models) or rwkv_vocab_v20230424.txt (World models)"
-
-
-def _validate_sampling_features(cfg: TrainConfig) -> None:
-    """jsonl documents, script masks and magic-prime sampling: which data types and flags go together."""
-    jsonl_only = {"select_name": cfg.select_name, "train_split_ratio": cfg.train_split_ratio,
-                  "train_data_sort": cfg.train_data_sort}
-    if cfg.data_type == "jsonl" and not cfg.vocab_file:
-        raise UserInputError(f"--data_type jsonl needs --vocab_file, the tokenizer of the text: {_TOKENIZER_HINT}.")
-    if cfg.vocab_file and "jsonl" not in (cfg.data_type, cfg.valid_data_type) and not cfg.instruct_data_file:
-        raise UserInputError(f"--vocab_file applies to --data_type jsonl and --instruct_data_file only (and to "
-                             f"--valid_data_type jsonl; this run reads {cfg.data_type}).")
-    for name, value in jsonl_only.items():
-        if value is not None and cfg.data_type != "jsonl":
-            raise UserInputError(f"--{name} applies to --data_type jsonl only (this run reads {cfg.data_type}).")
-    if cfg.select_name == "":
-        raise UserInputError("--select_name needs the speaker's name, as written before the colon.")
-    if cfg.my_script_mask is not None:
-        cut, _ = parse_script_mask(cfg.my_script_mask)
-        if cfg.data_type not in WINDOW_DATA_TYPES:
-            raise UserInputError(f"--my_script_mask masks windows of {', '.join(WINDOW_DATA_TYPES)} data, not "
-                                 f"--data_type {cfg.data_type}.")
-        if cut and cfg.data_type != "binidx":
-            raise UserInputError(f"--my_script_mask {cfg.my_script_mask}: cut=1 needs the document boundaries of "
-                                 f"--data_type binidx; use 0_<n> for {cfg.data_type}.")
-    if cfg.my_pile_stage == 0:
-        if cfg.magic_prime or cfg.my_pile_shift != -1:
-            raise UserInputError("--magic_prime and --my_pile_shift apply to --my_pile_stage sampling only; add "
-                                 "--my_pile_stage or remove them.")
-        return
-    if cfg.data_type not in WINDOW_DATA_TYPES:
-        raise UserInputError(f"--my_pile_stage samples windows of {', '.join(WINDOW_DATA_TYPES)} data, not "
-                             f"--data_type {cfg.data_type}.")
-    if not cfg.devices.isdigit():
-        raise UserInputError(f"--my_pile_stage splits {PILE_SAMPLES_PER_EPOCH} samples per mini-epoch over devices x "
-                             f"nodes x micro_bsz; pass the number of devices with --devices.")
-    real_bsz = int(cfg.devices) * cfg.num_nodes * cfg.micro_bsz
-    if PILE_SAMPLES_PER_EPOCH % real_bsz:
-        raise UserInputError(f"--my_pile_stage: {PILE_SAMPLES_PER_EPOCH} samples per mini-epoch do not divide into "
-                             f"batches of {real_bsz} (devices x nodes x micro_bsz); choose a divisor of "
-                             f"{PILE_SAMPLES_PER_EPOCH}.")
-    if cfg.my_pile_stage != 4 and not cfg.magic_prime and cfg.ctx_len not in PILE_DEFAULTS:
-        raise UserInputError(f"--my_pile_stage {cfg.my_pile_stage} needs --magic_prime for --ctx_len {cfg.ctx_len}: "
-                             f"the largest prime p with p % 3 == 2 below tokens / ctx_len.")
-    if cfg.my_pile_stage == 1 and cfg.load_model:
-        raise UserInputError("--my_pile_stage 1 starts from fresh weights (rwkv-init.pth); remove --load_model, or "
-                             "continue with --my_pile_stage 2 or 3.")
-    if cfg.my_pile_stage == 2 and cfg.lr_final != cfg.lr_init:
-        raise UserInputError(f"--my_pile_stage 2 trains at a constant LR: set --lr_final to --lr_init "
-                             f"({cfg.lr_init}).")
-
-
-def _validate_held_out_data(cfg: TrainConfig) -> None:
-    """--valid_* flags: the held-out data must be readable with the training's masks and numbered like its data."""
-    if not cfg.valid_data_file:
-        defaults = {"valid_data_type": None, "valid_every": 1, "valid_tokens": 0}
-        given = [name for name, default in defaults.items() if getattr(cfg, name) != default]
-        if given:
-            raise UserInputError(f"--{given[0]} applies to --valid_data_file, the held-out data; add it or remove "
-                                 f"--{given[0]}.")
-        return
-    kind = cfg.valid_data_type or cfg.data_type
-    if (kind in CHARACTER_DATA_TYPES) != (cfg.data_type in CHARACTER_DATA_TYPES):
-        raise UserInputError(f"--valid_data_type {kind} cannot hold out data for --data_type {cfg.data_type}: "
-                             f"character-level text ({', '.join(CHARACTER_DATA_TYPES)}) and token ids mean different "
-                             f"things to the model; give held-out data of the training's kind.")
-    if kind == "jsonl" and not cfg.vocab_file:
-        raise UserInputError(f"--valid_data_type jsonl needs --vocab_file, the tokenizer of the text: "
-                             f"{_TOKENIZER_HINT}.")
-    if kind == "uint16" and cfg.my_sample_len < 2:
-        raise UserInputError("--valid_data_type uint16 needs --my_sample_len (the row length, at least 2).")
-    if cfg.select_name is not None and kind != "jsonl":
-        raise UserInputError(f"--select_name masks jsonl documents; the held-out data (--valid_data_type {kind}) has "
-                             f"no speakers to mask: hold out jsonl data too.")
-    if cfg.my_script_mask is not None:
-        cut, _ = parse_script_mask(cfg.my_script_mask)
-        if kind not in WINDOW_DATA_TYPES or (cut and kind != "binidx"):
-            raise UserInputError(f"--my_script_mask {cfg.my_script_mask} cannot mask the held-out data "
-                                 f"(--valid_data_type {kind}); hold out data of --data_type {cfg.data_type}.")
-    if cfg.strategy.startswith("deepspeed_stage_3"):
-        raise UserInputError(f"--valid_data_file cannot be evaluated under --strategy {cfg.strategy} (the "
-                             f"evaluation reads the head's weight outside the module hooks where ZeRO-3 gathers it); "
-                             f"use deepspeed_stage_2, or leave --valid_data_file out and run evaluate.py on the saved "
-                             f"files.")
-
-
-def _validate_instruct_mixing(cfg: TrainConfig) -> None:
-    """--instruct_data_file, --instruct_data_ratio and --names_data_file go together, on tokenized data."""
-    ratio = cfg.instruct_data_ratio
-    if not cfg.instruct_data_file:
-        if ratio > 0:
-            raise UserInputError("--instruct_data_ratio needs --instruct_data_file, the chats to build samples from.")
-        if cfg.names_data_file is not None:
-            raise UserInputError("--names_data_file names the speakers of --instruct_data_file chats; add "
-                                 "--instruct_data_file or remove --names_data_file.")
-        return
-    if ratio == 0:
-        raise UserInputError("--instruct_data_file needs --instruct_data_ratio P (0 < P <= 1), the share of samples "
-                             "built from its chats.")
-    if cfg.data_type in CHARACTER_DATA_TYPES:
-        raise UserInputError(f"--instruct_data_file mixes tokenized chats into token data (binidx, numpy, uint16, "
-                             f"jsonl); --data_type {cfg.data_type} numbers the characters of its own text.")
-    if not cfg.vocab_file:
-        raise UserInputError(f"--instruct_data_file needs --vocab_file, the tokenizer of the chats: "
-                             f"{_TOKENIZER_HINT}.")

@@ -9,7 +9,8 @@ from conftest import ROOT
 SRC = ROOT / "src"
 CONFIG = "config"
 # what src/config.py may read: rules that need no torch (the README's architecture section says why)
-CONFIG_READS = {"cli", "errors", "flags", "accumulation", "data/types", "data/pile_mode", "data/script_mask", "lora/settings",
+CONFIG_READS = {"cli", "errors", "flags", "accumulation", "data/types", "data/pile_mode", "data/script_mask",
+                "data/jsonl", "data/instruct", "lora/settings", "train/held_out_rules", "train/state_cp/rules",
                 "models/__init__"}
 
 

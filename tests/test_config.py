@@ -216,9 +216,3 @@ def test_every_numeric_flag_declares_its_range():
 def _numeric(hint) -> bool:
     types = [t for t in (typing.get_args(hint) or (hint,)) if t is not type(None)]
     return types[0] in (int, float)
-
-
-def test_lora_load_without_lora_is_refused():
-    with pytest.raises(UserInputError, match="--lora_load adapter.pth continues LoRA adapters, which only a --lora "
-                                             "run trains; add --lora"):
-        parse_args(["--data_type", "dummy", "--lora_load", "adapter.pth"])

@@ -26,9 +26,9 @@ from typing import Optional
 
 import numpy as np
 
-from src.config import TrainConfig
 from src.errors import UserInputError
-from src.data.jsonl import read_texts, speaker_mask, speaker_spans
+from src.data.jsonl import TOKENIZER_HINT, read_texts, speaker_mask, speaker_spans
+from src.data.types import CHARACTER_DATA_TYPES
 from src.data.jsonl_lines import check_input_file
 from src.data.tokenizer import Tokenizer, tokenizer_for_file
 
@@ -110,8 +110,31 @@ class Chats:
         return np.concatenate(pieces)[:n_tokens], np.concatenate(flags)[:n_tokens]
 
 
-def load_chats(cfg: TrainConfig) -> Chats:
-    """The chats of --instruct_data_file, the tokenizer of --vocab_file and the names of --names_data_file."""
+def check_instruct_flags(cfg) -> None:
+    """--instruct_data_file, --instruct_data_ratio and --names_data_file go together, on tokenized data (cfg:
+    train.py's flags; reads only those three, --data_type and --vocab_file)."""
+    ratio = cfg.instruct_data_ratio
+    if not cfg.instruct_data_file:
+        if ratio > 0:
+            raise UserInputError("--instruct_data_ratio needs --instruct_data_file, the chats to build samples from.")
+        if cfg.names_data_file is not None:
+            raise UserInputError("--names_data_file names the speakers of --instruct_data_file chats; add "
+                                 "--instruct_data_file or remove --names_data_file.")
+        return
+    if ratio == 0:
+        raise UserInputError("--instruct_data_file needs --instruct_data_ratio P (0 < P <= 1), the share of samples "
+                             "built from its chats.")
+    if cfg.data_type in CHARACTER_DATA_TYPES:
+        raise UserInputError(f"--instruct_data_file mixes tokenized chats into token data (binidx, numpy, uint16, "
+                             f"jsonl); --data_type {cfg.data_type} numbers the characters of its own text.")
+    if not cfg.vocab_file:
+        raise UserInputError(f"--instruct_data_file needs --vocab_file, the tokenizer of the chats: "
+                             f"{TOKENIZER_HINT}.")
+
+
+def load_chats(cfg) -> Chats:
+    """The chats of --instruct_data_file, the tokenizer of --vocab_file and the names of --names_data_file (cfg:
+    train.py's flags; reads only those three)."""
     path = Path(cfg.instruct_data_file)
     check_input_file("--instruct_data_file", path, "a .jsonl file of chats")
     texts = [text.strip() for text in read_texts(path, "--instruct_data_file") if text.strip()]

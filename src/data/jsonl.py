@@ -23,10 +23,30 @@ from typing import Optional
 
 import numpy as np
 
-from src.config import TrainConfig
 from src.errors import UserInputError
 from src.data.jsonl_lines import UTF8_BOM, BadLine, open_input, parse_record, read_errors
 from src.data.tokenizer import Tokenizer, tokenizer_for_file
+
+# the tokenizer files users pass as --vocab_file, named by the refusals that ask for one
+TOKENIZER_HINT = "20B_tokenizer.json (Pile/Raven/Novel models) or rwkv_vocab_v20230424.txt (World models)"
+
+
+def check_jsonl_flags(cfg) -> None:
+    """The flags of jsonl documents go with --data_type jsonl, before anything is read (cfg: train.py's flags; reads
+    only --data_type, --vocab_file, --valid_data_type, --instruct_data_file, --select_name, --train_split_ratio and
+    --train_data_sort)."""
+    jsonl_only = {"select_name": cfg.select_name, "train_split_ratio": cfg.train_split_ratio,
+                  "train_data_sort": cfg.train_data_sort}
+    if cfg.data_type == "jsonl" and not cfg.vocab_file:
+        raise UserInputError(f"--data_type jsonl needs --vocab_file, the tokenizer of the text: {TOKENIZER_HINT}.")
+    if cfg.vocab_file and "jsonl" not in (cfg.data_type, cfg.valid_data_type) and not cfg.instruct_data_file:
+        raise UserInputError(f"--vocab_file applies to --data_type jsonl and --instruct_data_file only (and to "
+                             f"--valid_data_type jsonl; this run reads {cfg.data_type}).")
+    for name, value in jsonl_only.items():
+        if value is not None and cfg.data_type != "jsonl":
+            raise UserInputError(f"--{name} applies to --data_type jsonl only (this run reads {cfg.data_type}).")
+    if cfg.select_name == "":
+        raise UserInputError("--select_name needs the speaker's name, as written before the colon.")
 
 
 @dataclass
@@ -135,7 +155,9 @@ def tokenize_documents(texts, tokenizer: Tokenizer, select_name: Optional[str], 
     return tokens, trained, starts, left_out
 
 
-def load_documents(cfg: TrainConfig) -> Documents:
+def load_documents(cfg) -> Documents:
+    """The documents of --data_file (cfg: train.py's flags; reads only --data_file, --vocab_file,
+    --train_split_ratio, --initial_ctx_len, --ctx_len, --select_name and --train_data_sort)."""
     path = Path(cfg.data_file)
     tokenizer = tokenizer_for_file(cfg.vocab_file)
     texts = read_texts(path)

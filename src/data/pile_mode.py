@@ -11,12 +11,44 @@ import re
 from pathlib import Path
 
 from src.errors import UserInputError
+from src.data.types import WINDOW_DATA_TYPES
 
 # BlinkDL's Pile mode: (magic_prime, my_pile_shift) defaults per ctx_len, and the samples of one mini-epoch.
 PILE_DEFAULTS = {1024: (324331313, 0), 2048: (162165671, 512), 4096: (81082817, 768)}
 PILE_SAMPLES_PER_EPOCH = 40320
 GOLDEN_RATIO_FRACTION = (math.sqrt(5) - 1) / 2  # the original's float, so positions match it exactly
 _MILLER_RABIN_BASES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)  # exact for n < 3.3e24
+
+
+def check_pile_mode_flags(cfg) -> None:
+    """The flags of --my_pile_stage sampling and what they need, before anything is read (cfg: train.py's flags;
+    reads only --my_pile_stage, --magic_prime, --my_pile_shift, --data_type, --devices, --num_nodes, --micro_bsz,
+    --ctx_len, --load_model, --lr_init and --lr_final)."""
+    if cfg.my_pile_stage == 0:
+        if cfg.magic_prime or cfg.my_pile_shift != -1:
+            raise UserInputError("--magic_prime and --my_pile_shift apply to --my_pile_stage sampling only; add "
+                                 "--my_pile_stage or remove them.")
+        return
+    if cfg.data_type not in WINDOW_DATA_TYPES:
+        raise UserInputError(f"--my_pile_stage samples windows of {', '.join(WINDOW_DATA_TYPES)} data, not "
+                             f"--data_type {cfg.data_type}.")
+    if not cfg.devices.isdigit():
+        raise UserInputError(f"--my_pile_stage splits {PILE_SAMPLES_PER_EPOCH} samples per mini-epoch over devices x "
+                             f"nodes x micro_bsz; pass the number of devices with --devices.")
+    real_bsz = int(cfg.devices) * cfg.num_nodes * cfg.micro_bsz
+    if PILE_SAMPLES_PER_EPOCH % real_bsz:
+        raise UserInputError(f"--my_pile_stage: {PILE_SAMPLES_PER_EPOCH} samples per mini-epoch do not divide into "
+                             f"batches of {real_bsz} (devices x nodes x micro_bsz); choose a divisor of "
+                             f"{PILE_SAMPLES_PER_EPOCH}.")
+    if cfg.my_pile_stage != 4 and not cfg.magic_prime and cfg.ctx_len not in PILE_DEFAULTS:
+        raise UserInputError(f"--my_pile_stage {cfg.my_pile_stage} needs --magic_prime for --ctx_len {cfg.ctx_len}: "
+                             f"the largest prime p with p % 3 == 2 below tokens / ctx_len.")
+    if cfg.my_pile_stage == 1 and cfg.load_model:
+        raise UserInputError("--my_pile_stage 1 starts from fresh weights (rwkv-init.pth); remove --load_model, or "
+                             "continue with --my_pile_stage 2 or 3.")
+    if cfg.my_pile_stage == 2 and cfg.lr_final != cfg.lr_init:
+        raise UserInputError(f"--my_pile_stage 2 trains at a constant LR: set --lr_final to --lr_init "
+                             f"({cfg.lr_init}).")
 
 
 def is_prime(n: int) -> bool:

@@ -10,6 +10,7 @@ import numpy as np
 
 from src.data.binidx import MMapIndexedDataset
 from src.errors import UserInputError
+from src.data.types import WINDOW_DATA_TYPES
 
 
 def parse_script_mask(value: str) -> tuple:
@@ -19,6 +20,20 @@ def parse_script_mask(value: str) -> tuple:
         raise UserInputError(f"--my_script_mask {value!r} must be '<cut>_<n>' with cut 0 or 1 and n the number of "
                              f"first targets to mask, e.g. 1_4.")
     return cut == "1", int(prefix)
+
+
+def check_script_mask_flags(cfg) -> None:
+    """--my_script_mask: its syntax, and a --data_type it can mask (cfg: train.py's flags; reads only
+    --my_script_mask and --data_type)."""
+    if cfg.my_script_mask is None:
+        return
+    cut, _ = parse_script_mask(cfg.my_script_mask)
+    if cfg.data_type not in WINDOW_DATA_TYPES:
+        raise UserInputError(f"--my_script_mask masks windows of {', '.join(WINDOW_DATA_TYPES)} data, not "
+                             f"--data_type {cfg.data_type}.")
+    if cut and cfg.data_type != "binidx":
+        raise UserInputError(f"--my_script_mask {cfg.my_script_mask}: cut=1 needs the document boundaries of "
+                             f"--data_type binidx; use 0_<n> for {cfg.data_type}.")
 
 
 def trained_targets(start: int, n_targets: int, cut: bool, prefix: int, data: MMapIndexedDataset) -> np.ndarray:

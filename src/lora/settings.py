@@ -10,6 +10,18 @@ from src.errors import UserInputError
 from src.flags import MAX_WIDTH
 from src.layer_spec import format_layers, parse_layer_spec
 
+
+def check_lora_flags(cfg) -> None:
+    """--lora and --lora_load need what they train on (cfg: train.py's flags; reads only --lora, --lora_load,
+    --load_model, --resume and --estimate_memory). The --lora_* values themselves are LoraSettings.from_flags's."""
+    if cfg.lora_load and not cfg.lora:
+        raise UserInputError(f"--lora_load {cfg.lora_load} continues LoRA adapters, which only a --lora run trains; "
+                             f"add --lora (with the base model in --load_model), or remove --lora_load.")
+    if cfg.lora and not (cfg.load_model or cfg.resume or cfg.estimate_memory):
+        raise UserInputError("--lora trains adapters on a base model: pass the base with --load_model (e.g. "
+                             "RWKV-4-Pile-1B5.pth); to train a whole model from scratch, leave out --lora.")
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     r: int

@@ -162,6 +162,12 @@ def test_lora_flags_are_ignored_without_lora():
     assert cfg.lora_r == 0 and cfg.lora_settings is None
 
 
+def test_lora_load_without_lora_is_refused():
+    with pytest.raises(UserInputError, match="--lora_load adapter.pth continues LoRA adapters, which only a --lora "
+                                             "run trains; add --lora"):
+        parse_args(["--data_type", "dummy", "--lora_load", "adapter.pth"])
+
+
 def test_lora_settings_are_derived_once_from_the_flags():
     cfg = parse_args([*TINY, "--lora", "--load_model", "base.pth", "--lora_r", "4", "--lora_parts", "ffn, att",
                       "--lora_layers", "1"])
