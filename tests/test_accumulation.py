@@ -106,10 +106,10 @@ def test_a_run_takes_the_scheduled_steps_per_mini_epoch(straight_run):
 @pytest.mark.parametrize("stop_after", [3, 10])  # before the change, and half-way through the accumulating epoch
 def test_resume_is_exact_across_the_change(straight_run, tmp_path, monkeypatch, stop_after):
     proj_dir = tmp_path / "out"
-    agreed = stopping.agreed_signal
+    agreed = stopping.StopAgreement.signal
     # a Ctrl+C that every rank agrees on right after optimizer step `stop_after`
-    monkeypatch.setattr(stopping, "agreed_signal", lambda trainer, signum: agreed(
-        trainer, signal.SIGINT if trainer.global_step == stop_after else signum))
+    monkeypatch.setattr(stopping.StopAgreement, "signal", lambda self, trainer, signum: agreed(
+        self, trainer, signal.SIGINT if trainer.global_step == stop_after else signum))
     assert train.main([*RUN, "--proj_dir", str(proj_dir)]) == 130
     assert len(step_rows(proj_dir)) == stop_after
     monkeypatch.undo()

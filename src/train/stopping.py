@@ -2,9 +2,10 @@
 data stops (StopsTraining) saves rwkv-last.pth too, then exits 2 with one line.
 
 Before training starts (loading, checks, set-up) a signal ends the run at once: nothing has been written into
---proj_dir yet, so there is nothing to save. From the start of training the first signal only sets a flag. At the
-next optimizer-step boundary every rank agrees (any rank that got a signal stops them all), rank 0 writes
-rwkv-last.pth, all ranks write the resume bundle (a Lightning checkpoint: weights in fp32, optimizer, step and
+--proj_dir yet, so there is nothing to save. From the start of training the first signal only sets a flag. At an
+optimizer-step boundary every rank agrees to stop (any rank that got a signal stops them all: StopAgreement, at the
+next boundary with one process, at the one after it with several, so that no step waits for the agreement), rank 0
+writes rwkv-last.pth, all ranks write the resume bundle (a Lightning checkpoint: weights in fp32, optimizer, step and
 epoch counters, data position, RNG, the TrainingLog sums; a folder under DeepSpeed), and training ends. A second
 Ctrl+C quits at once: writes in progress are deleted, files already written stay whole (every write is temp file +
 rename), and the --proj_dir lock is released.
@@ -33,6 +34,7 @@ class StopSignal:
     def __init__(self):
         self.signum = None
         self.training = False  # set by StartOfTraining
+        self.ranks = 1  # set by StartOfTraining: several agree on the stop one step later (StopAgreement)
         self.previous = {}
         self.pid = os.getpid()
 
@@ -55,8 +57,10 @@ class StopSignal:
         self.signum = signum
         if not self.training:
             raise cli.Interrupted(signum)
-        print(f"\n{signal.Signals(signum).name}: finishing this optimizer step, then saving rwkv-last.pth and "
-              f"the resume bundle. Press Ctrl+C again to quit at once.", file=sys.stderr, flush=True)
+        steps = ("this optimizer step" if self.ranks == 1 else
+                 "this optimizer step and the next (the processes agree on the stop without waiting for one another)")
+        print(f"\n{signal.Signals(signum).name}: finishing {steps}, then saving rwkv-last.pth and the resume bundle. "
+              f"Press Ctrl+C again to quit at once.", file=sys.stderr, flush=True)
 
     @property
     def requested(self) -> bool:
@@ -68,17 +72,61 @@ def completes_optimizer_step(trainer: pl.Trainer, batch_idx: int) -> bool:
     return (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or batch_idx + 1 == trainer.num_training_batches
 
 
-def agreed_signal(trainer: pl.Trainer, local_signum) -> int:
-    """The largest signal number any rank received (0 for none): every rank takes the same decision.
+class StopAgreement:
+    """Asked at every optimizer-step boundary: the largest signal number any rank received (0 for none), the same
+    answer on every rank, so that they all stop at the same step.
 
-    Asked after every optimizer step. With one process the answer is its own signal, read without touching the
-    GPU: a flag on the device read back with .item() would make the host wait for the whole step's GPU work,
-    after which the GPU idles while the host prepares the next step."""
-    if trainer.world_size == 1:
-        return local_signum or 0
-    flag = torch.tensor([local_signum or 0], dtype=torch.int32, device=trainer.strategy.root_device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return int(flag.item())
+    One process: its own signal, at once, read without touching the GPU (a flag on the device read back with .item()
+    would make the host wait for the whole step's GPU work, after which the GPU idles while the host prepares the
+    next step).
+
+    Several processes: each boundary launches an all-reduce (MAX) of this rank's flag without waiting for it, and
+    reads the all-reduce launched at the boundary before, which finished during the step between. The ranks agree
+    one optimizer step late (a signal during step k stops them all after step k + 1; one step later still when a
+    mini-epoch ends between, whose last boundary saves instead of asking), and no boundary waits for the step's GPU
+    work, or for the slowest rank to arrive, as a blocking all-reduce and .item() did every step.
+    """
+
+    def __init__(self):
+        # the all-reduce launched at the last boundary: (its work, or None when already waited for on the stream;
+        # the reduced flag, or its copy in host memory; the CUDA event after that copy, or None on the CPU)
+        self.pending = None
+
+    def signal(self, trainer: pl.Trainer, local_signum) -> int:
+        if trainer.world_size == 1:
+            return local_signum or 0
+        agreed = self.previous()
+        if not agreed:  # after a stop nothing more is launched: every rank stops here
+            self.pending = _launch_max(local_signum or 0, trainer.strategy.root_device)
+        return agreed
+
+    def previous(self) -> int:
+        """What the all-reduce launched at the last boundary agreed on (0 when none is pending)."""
+        if self.pending is None:
+            return 0
+        work, flag, copied = self.pending
+        self.pending = None
+        if work is not None:
+            work.wait()  # gloo: done on its own thread during the step; nothing left to wait for
+        if copied is not None:
+            copied.synchronize()  # the previous step's end at most: this step's GPU work is queued behind it
+        return int(flag.item())
+
+
+def _launch_max(signum: int, device: torch.device) -> tuple:
+    """An all-reduce (MAX) of `signum` over the ranks, launched without waiting: StopAgreement.pending."""
+    flag = torch.full((1,), signum, dtype=torch.int32, device=device)  # filled on the device: no copy, no sync
+    work = torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, async_op=True)
+    if device.type != "cuda":
+        return work, flag, None
+    # NCCL: the stream waits for the all-reduce and copies its result into pinned host memory; the host waits for
+    # neither, and the event tells the next boundary when the copy is there
+    work.wait()
+    host = torch.empty(1, dtype=torch.int32, pin_memory=True)
+    host.copy_(flag, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return None, host, copied
 
 
 class StartOfTraining(pl.Callback):
@@ -90,6 +138,7 @@ class StartOfTraining(pl.Callback):
 
     def on_train_start(self, trainer, pl_module):
         self.stop.install()  # again: Lightning installs its own SIGTERM handler when fit starts
+        self.stop.ranks = trainer.world_size
         self.stop.training = True
 
 
@@ -100,12 +149,13 @@ class StopOnSignal(pl.Callback):
         self.stop = stop
         self.saver = saver  # callbacks.WeightSaver: saver.save(trainer, pl_module, name), collective under ZeRO-3
         self.bundle_path = Path(bundle_path)
+        self.agreement = StopAgreement()
         self.exit_code = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if not completes_optimizer_step(trainer, batch_idx) or batch_idx + 1 == trainer.num_training_batches:
             return  # mid-accumulation, or the epoch's end (whose saves run next): stop at the next step
-        signum = agreed_signal(trainer, self.stop.signum)
+        signum = self.agreement.signal(trainer, self.stop.signum)
         if not signum:
             return
         self.saver.save(trainer, pl_module, LAST_NAME)
@@ -118,7 +168,6 @@ class StopOnSignal(pl.Callback):
                   f"{self.bundle_path.parent}/rwkv-last.pth and {self.bundle_path}; continue with the same command "
                   f"plus --resume {self.bundle_path}",
                   file=sys.stderr, flush=True)
-
 
     def on_exception(self, trainer, pl_module, exception):
         """A run that its data stops once training runs (StopsTraining: a sample its masks leave no target in) keeps
