@@ -100,27 +100,46 @@ def footprint(cfg: TrainConfig, params: int, trainable: int, world_size: int, pr
     return Footprint(gpu=weight * params + grads + 12 * trainable // world_size, host=0)
 
 
-def deepspeed_gpu_buffers(cfg: TrainConfig, largest_trainable: int) -> int:
-    """GPU bytes DeepSpeed ZeRO 1/2 allocates beside the weights: two gradient buckets of --ds_bucket_mb
-    (contiguous gradients) and, with the optimizer offloaded, a 16-bit copy of the largest gradient on its way to
-    the host and an fp64 copy of it for its norm (stage_1_and_2.py set_norm_for_param_grad_in_gpu). Under
-    --strategy offload: bf16 gradients on their way to the host, counted as two of the largest."""
+def deepspeed_bucket_elements(cfg: TrainConfig, trainable: int, world_size: int) -> int:
+    """Elements of each of DeepSpeed's reduce and allgather buckets (src/train/strategy.py sets them): --ds_bucket_mb MB
+    of gradients in the run's dtype. Under --lora the gradients are few, and a bucket of 200 MB held mostly nothing
+    (DeepSpeed allocates its buckets whole): on one GPU, which reduces with nobody, one bucket of the trainable count
+    holds every gradient (one flush per step); on several, no more than the trainable count either."""
+    flag = cfg.ds_bucket_mb * 1000 * 1000 // _gradient_bytes(cfg)
+    if not cfg.lora:
+        return flag
+    return trainable if world_size == 1 else min(trainable, flag)
+
+
+def _gradient_bytes(cfg: TrainConfig) -> int:
+    """Bytes of a gradient element under DeepSpeed: the model's dtype (16-bit with bf16 and fp16)."""
+    return 2 if cfg.precision in ("bf16", "fp16") else 4
+
+
+def deepspeed_gpu_buffers(cfg: TrainConfig, largest_trainable: int, trainable: int, world_size: int) -> int:
+    """GPU bytes DeepSpeed ZeRO 1/2 allocates beside the weights: two gradient buckets (contiguous gradients,
+    overlapped communication) of deepspeed_bucket_elements and, with the optimizer offloaded, a 16-bit copy of the
+    largest gradient on its way to the host and an fp64 copy of it for its norm (stage_1_and_2.py
+    set_norm_for_param_grad_in_gpu). Under --strategy offload: bf16 gradients on their way to the host, counted as two
+    of the largest."""
     if cfg.offload:
         return 2 * 2 * largest_trainable
     if cfg.deepspeed is None or cfg.deepspeed[0] == 3:
         return 0
-    buckets = 2 * cfg.ds_bucket_mb * 1000 * 1000
+    buckets = 2 * deepspeed_bucket_elements(cfg, trainable, world_size) * _gradient_bytes(cfg)
     return buckets + ((2 + 8) * largest_trainable if cfg.deepspeed[1] else 0)
 
 
 BUFFERS_OF = {False: "DeepSpeed buffers", True: "gradients on their way to the host"}  # by cfg.offload
 
 
-def run_footprint(cfg: TrainConfig, state: Footprint, largest_trainable: int, activations: int, on_gpu: bool,
-                  processes_per_host: int) -> Footprint:
+def run_footprint(cfg: TrainConfig, state: Footprint, trained: tuple, activations: int, on_gpu: bool,
+                  processes_per_host: int, world_size: int) -> Footprint:
     """The whole run: the state, plus on the GPU the activations (bytes, the model's estimate) and DeepSpeed's
-    buffers, plus on the host each process's own memory (see the module docstring)."""
-    buffers = deepspeed_gpu_buffers(cfg, largest_trainable)
+    buffers, plus on the host each process's own memory (see the module docstring). `trained`: the number of elements
+    of each trained parameter."""
+    largest_trainable = max(trained, default=0)
+    buffers = deepspeed_gpu_buffers(cfg, largest_trainable, sum(trained), world_size)
     process = PROCESS_HOST_BYTES[on_gpu] * processes_per_host
     processes = (f"{process / GIB:.0f} GiB per process" if processes_per_host == 1 else
                  f"{process / GIB:.0f} GiB for its {processes_per_host} processes")
@@ -207,7 +226,7 @@ def run_need(cfg: TrainConfig, vocab_size: int, world_size: int, processes_per_h
                                            wkv_kernel=on_gpu and cfg.wkv_backend != "torch")
                    + loss.head_loss_bytes(cfg.micro_bsz * tokens, vocab_size, shape.n_embd, dtype_bytes,
                                           head_trains=counts.head_trains))
-    return run_footprint(cfg, state, max(counts.trained, default=0), activations, on_gpu, processes_per_host)
+    return run_footprint(cfg, state, counts.trained, activations, on_gpu, processes_per_host, world_size)
 
 
 @dataclass(frozen=True)

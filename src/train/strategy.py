@@ -8,6 +8,7 @@ import torch
 
 from src.config import TrainConfig
 from src.errors import UserInputError
+from src.train.memory_check import deepspeed_bucket_elements
 
 # --precision of the original -> Lightning precision. fp16 is mixed (fp32 weights, autocast, loss scaling); bf16
 # runs bf16 weights with fp32 masters: DeepSpeed's own ("bf16-mixed" tells DeepSpeed), or src/optim/master_weights.py
@@ -90,25 +91,32 @@ def build_strategy(cfg: TrainConfig):
 
 
 def build_deepspeed_strategy(cfg: TrainConfig):
-    """Lightning's DeepSpeedStrategy built explicitly: stage, offload and bucket sizes from the flags.
+    """Lightning's DeepSpeedStrategy built explicitly: stage and offload from the flags; its buckets are set by
+    size_buckets once the trained parameters are known.
 
-    DeepSpeed counts bucket sizes in elements: --ds_bucket_mb MB of gradients in the run's dtype. With bf16 its
-    per-parameter overflow check (two reductions and a host decision per parameter, every step) is off: bf16 has
-    fp32's range, there is no loss scale to adjust, and a diverged loss is caught by the step log (NaN check).
+    With bf16 its per-parameter overflow check (two reductions and a host decision per parameter, every step) is off:
+    bf16 has fp32's range, there is no loss scale to adjust, and a diverged loss is caught by the step log (NaN check).
     """
     from lightning.pytorch.strategies import DeepSpeedStrategy
     stage, offload = cfg.deepspeed
-    bucket = cfg.ds_bucket_mb * 1000 * 1000 // SAVE_DTYPE[cfg.precision].itemsize
     strategy = DeepSpeedStrategy(
         stage=stage,
         offload_optimizer=offload,
         offload_parameters=offload and stage == 3,
-        allgather_bucket_size=bucket,
-        reduce_bucket_size=bucket,
     )
     if cfg.precision == "bf16":
         strategy.config["bf16"] = {"enabled": True, "check_grad_overflow": False}
     return strategy
+
+
+def size_buckets(strategy, cfg: TrainConfig, trainable: int, world_size: int) -> None:
+    """DeepSpeed's allgather and reduce buckets, in elements: --ds_bucket_mb MB of gradients in the run's dtype, under
+    --lora sized by the `trainable` count, one bucket on one GPU (memory_check.deepspeed_bucket_elements, which the
+    memory check counts). Called by the module's setup hook, after --lora has chosen what trains and before the
+    strategy builds DeepSpeed's engine from its config."""
+    zero = strategy.config["zero_optimization"]
+    zero["allgather_bucket_size"] = zero["reduce_bucket_size"] = deepspeed_bucket_elements(cfg, trainable, world_size)
+
 
 def is_deepspeed(strategy) -> bool:
     from lightning.pytorch.strategies import DeepSpeedStrategy  # importable without deepspeed installed

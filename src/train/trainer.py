@@ -10,7 +10,7 @@ from src.models import family_of_model
 from src.optim.host_offload import HostOffloadAdam
 from src.optim.master_weights import MasterWeightAdam
 from src.train.memory_check import OPTIMIZER_GROUP_NUMEL
-from src.train.strategy import build_strategy, is_deepspeed, lightning_precision
+from src.train.strategy import build_strategy, is_deepspeed, lightning_precision, size_buckets
 
 
 def build_param_groups(model: torch.nn.Module, cfg: TrainConfig, max_group_numel: int = 0) -> list:
@@ -48,6 +48,12 @@ class RWKVModule(pl.LightningModule):
         self.model = model
         self.cfg = cfg
         self.keep_bytes = None  # --state_cp: host memory for block inputs kept between its passes (bytes)
+
+    def setup(self, stage):
+        """Before the strategy sets up: DeepSpeed's buckets sized for what this run trains (--lora: few parameters)."""
+        if is_deepspeed(self.trainer.strategy):
+            trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            size_buckets(self.trainer.strategy, self.cfg, trainable, self.trainer.world_size)
 
     def training_step(self, batch, batch_idx):
         x, y = batch  # (B, T) token ids, (B, T) targets
