@@ -1,8 +1,10 @@
-"""What the GPU benchmarks share: a card made to look smaller, step times of a real train.py run, CUDA-event
-timing, the copy bandwidth and bf16 matmul rate of this card (the hardware limits the tables compare against),
-peak memory without the filler, host memory of a process tree, and the tables' header lines.
+"""What the GPU benchmarks share: a card made to look smaller, the step times of a real train.py run (which steps are
+timed and how: StepTimes, StepReport), CUDA-event timing, the copy bandwidth and bf16 matmul rate of this card (the
+hardware limits the tables compare against), peak memory without the filler, host memory of a process tree, and the
+tables' header lines.
 """
 import collections
+import dataclasses
 import datetime
 import json
 import statistics
@@ -11,9 +13,12 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 import lightning.pytorch as pl
 import torch
+
+from src.train.stopping import completes_optimizer_step
 
 GIB = 2 ** 30
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,24 +55,107 @@ def pinned_host_peak_gib() -> float:
     return stats.get("reserved_bytes.peak", stats.get("allocated_bytes.peak", 0)) / GIB
 
 
+# bench.train_throughput and bench.profile_step time the same optimizer steps of a train.py run the same way
+# (StepTimes): the first WARMUP_STEPS are warm-up (torch.compile's kernels, the allocator's growth, DeepSpeed's and the
+# optimizer's first allocations), the TIMED_STEPS after them are timed, and what runs after those (a profiler's steps)
+# is printed, not timed. Twelve timed steps show a slow step that comes back every few steps.
+WARMUP_STEPS = 2
+TIMED_STEPS = 12
+# a timed step this many times the median of the timed steps is reported as slow, with its index
+SLOW_STEP = 1.5
+
+
 class StepTimes(pl.Callback):
-    """Wall time of each optimizer step of a train.py run (data loading and Lightning included), GPU synced."""
+    """Each optimizer step's time in a train.py run, from CUDA events on the training stream: one when training
+    starts, one after each optimizer step (at its on_train_batch_end). A step's time runs from the end of the previous
+    step's work to the end of its own, so what runs between steps (data loader, Lightning, callbacks) counts once, and
+    a host that falls behind the GPU shows as the GPU's idle time. Nothing waits for the GPU during the run: a sync
+    after every step would keep the host from queuing the next step while the GPU runs this one, which the training
+    itself does not do, and would slow most the steps with the most host work (DeepSpeed's)."""
 
     def __init__(self):
-        self.ends = []
+        self.events = []
+
+    def _record(self) -> None:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        self.events.append(event)
 
     def on_train_start(self, trainer, pl_module):
-        torch.cuda.synchronize()
-        self.ends.append(time.perf_counter())
+        self._record()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        torch.cuda.synchronize()
-        self.ends.append(time.perf_counter())
+        if completes_optimizer_step(trainer, batch_idx):
+            self._record()
 
-    def steady_seconds(self, warmup: int = 1) -> float:
-        """Median seconds per step after the first `warmup` steps (all steps when there are no more)."""
-        durations = [b - a for a, b in zip(self.ends, self.ends[1:])]
-        return statistics.median(durations[warmup:] or durations)
+    def seconds(self) -> list:
+        """Seconds of every optimizer step so far, in order (waits for the GPU: call it after the run)."""
+        torch.cuda.synchronize()
+        return [a.elapsed_time(b) / 1000 for a, b in zip(self.events, self.events[1:])]
+
+    def report(self, warmup: int = WARMUP_STEPS, timed: Optional[int] = TIMED_STEPS) -> "StepReport":
+        return StepReport(self.seconds(), warmup, timed)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepReport:
+    """Every optimizer step's seconds (`seconds`, step 0 first) and which are timed: those after the first `warmup`,
+    `timed` of them (None: all the rest). A run shorter than its warm-up has all its steps timed."""
+    seconds: tuple
+    warmup: int = WARMUP_STEPS
+    timed: Optional[int] = TIMED_STEPS
+
+    def __post_init__(self):
+        object.__setattr__(self, "seconds", tuple(self.seconds))  # a list from a RESULT line's JSON too
+
+    @property
+    def timed_steps(self) -> range:
+        end = len(self.seconds) if self.timed is None else min(self.warmup + self.timed, len(self.seconds))
+        return range(self.warmup, end) if self.warmup < end else range(len(self.seconds))
+
+    @property
+    def median(self) -> float:
+        """Median seconds of the timed steps: what the tables' tokens/s come from."""
+        return statistics.median(self.seconds[i] for i in self.timed_steps)
+
+    @property
+    def mean(self) -> float:
+        """Mean seconds of the timed steps: what a long run sees, slow steps included."""
+        return statistics.fmean(self.seconds[i] for i in self.timed_steps)
+
+    @property
+    def slow(self) -> list:
+        """Indices of the timed steps that took more than SLOW_STEP times the median."""
+        median = self.median
+        return [i for i in self.timed_steps if self.seconds[i] > SLOW_STEP * median]
+
+    @property
+    def period(self) -> Optional[int]:
+        """Steps between the slow steps when there are two or more, evenly spaced; None otherwise."""
+        gaps = {b - a for a, b in zip(self.slow, self.slow[1:])}
+        return gaps.pop() if len(gaps) == 1 else None
+
+    def lines(self) -> list:
+        """Two lines: every step's milliseconds (warm-up | timed | after), and the timed steps' median, mean and slow
+        steps (index, times the median, and their period)."""
+        steps = self.timed_steps
+        parts = [("warm-up", range(steps.start)), ("timed", steps), ("after", range(steps.stop, len(self.seconds)))]
+        every = " | ".join(f"{len(which)} {name}: " + " ".join(f"{1000 * self.seconds[i]:.1f}" for i in which)
+                           for name, which in parts if which)
+        median, slow = self.median, self.slow
+        summary = (f"timed steps {steps.start}-{steps.stop - 1}: median {1000 * median:.1f} ms, mean "
+                   f"{1000 * self.mean:.1f} ms; ")
+        if not slow:
+            summary += f"no step over {SLOW_STEP:g}x the median"
+        else:
+            summary += (f"slow (over {SLOW_STEP:g}x the median): "
+                        + ", ".join(f"step {i} ({self.seconds[i] / median:.1f}x)" for i in slow)
+                        + (f", every {self.period} steps" if self.period else ""))
+        return [f"step ms, {every}", summary]
+
+    def as_dict(self) -> dict:
+        """For a RESULT line; StepReport(**d) reads it back."""
+        return {"seconds": list(self.seconds), "warmup": self.warmup, "timed": self.timed}
 
 
 def time_ms(fn, calls: int = 20, rounds: int = 5) -> float:

@@ -6,7 +6,8 @@ included): L32 D4096 vocab 50277 with random weights, bf16, LoRA r16 alpha 32 on
 --strategy deepspeed_stage_1 (the fork's train_world.sh). Each length trains in a process of its own on a
 card made to look like a 24 GiB one: a filler allocation leaves 24 GiB free (DeepSpeed sizes buffers
 from free memory) and the allocator is capped at filler + 24 GiB. Peak memory is reported without the
-filler. tokens/s is the median over the steps after the first (with one step, that step).
+filler. tokens/s is the median over the steps after the first (with one step, that step), timed as
+bench.train_throughput times them (bench/common.py StepTimes); every step's time is printed under the table.
 
 The table puts each figure beside the original toolkit's on the same card model (the fork's own code,
 measured by this project on one H200 on 2026-12-01) and beside the hardware limit: the matmul work of a
@@ -35,7 +36,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from bench.common import StepTimes, cap_gpu_memory, matmul_tflops, peak_gib, run_child
+from bench.common import StepReport, StepTimes, cap_gpu_memory, matmul_tflops, peak_gib, run_child
 
 SEGMENT = 4096
 SHAPE = dict(n_layer=32, n_embd=4096, vocab_size=50277)
@@ -169,10 +170,12 @@ def run_one_length(args) -> int:
     code = train.train(parse_args(flags), [timer], write_weights=False)
     rows = [r.split("\t") for r in (proj_dir / "train_steps.tsv").read_text().splitlines()[1:]]
     allocated, reserved = peak_gib(filler)
+    step_report = timer.report(warmup=1, timed=None)
     print("RESULT " + json.dumps({
-        "ctx_len": args.ctx_len, "exit": code, "steps": len(timer.ends) - 1,
-        "tokens_per_s": args.ctx_len / timer.steady_seconds(), "peak_allocated_gib": allocated,
-        "peak_reserved_gib": reserved, "losses": [float(r[2]) for r in rows]}), flush=True)
+        "ctx_len": args.ctx_len, "exit": code, "steps": len(step_report.seconds),
+        "tokens_per_s": args.ctx_len / step_report.median, "step_times": step_report.as_dict(),
+        "peak_allocated_gib": allocated, "peak_reserved_gib": reserved, "losses": [float(r[2]) for r in rows]}),
+        flush=True)
     return code
 
 
@@ -238,6 +241,8 @@ def main() -> int:
               f"{f'{original_speed:,}' if original_speed else '-'} | {ratio} | {r['tokens_per_s'] / limit:.0%} | "
               f"{r['peak_allocated_gib']:.2f} / {r['peak_reserved_gib']:.2f} | {original_peak or '-'} | "
               f"{', '.join(f'{loss:.3f}' for loss in r['losses'])} |")
+    for r in results:
+        print(f"\nctx_len {r['ctx_len']:,}:\n" + "\n".join(StepReport(**r["step_times"]).lines()))
     if model.goals and results:
         print("\n" + "\n".join(goal_lines(model.goals, results)))
     return 0 if len(results) == len(args.lengths) else 1

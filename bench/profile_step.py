@@ -2,12 +2,17 @@
 and the tensors alive at the step's memory peak.
 
 Runs one real training (train.py's flags of bench.train_throughput or bench.long_context, no weights written)
-with three watchers:
-- phases: CUDA events at Lightning's hooks split each optimizer step into forward (training_step: the model,
+with these watchers:
+- steps: every optimizer step's time, timed as bench.train_throughput times them (bench/common.py StepTimes: CUDA
+  events after consecutive optimizer steps, nothing waiting for the GPU), on the same steps: --warmup steps of
+  warm-up (default WARMUP_STEPS, 2), then --timed_steps timed (default TIMED_STEPS, 12), whose median is the
+  headline ms per step and tokens/s; the profiled and memory-recorded steps come after them, printed, not timed.
+  Every step's time is printed, with the mean and any timed step over 1.5x the median (index, period);
+- phases: CUDA events at Lightning's hooks split each of the timed steps into forward (training_step: the model,
   the loss, and under --state_cp the whole segment forward), backward (DeepSpeed's gradient hooks and bucket
   reductions included), optimizer (gradient clipping, the optimizer step, DeepSpeed's copies back into the
-  16-bit weights) and between steps (data loader, Lightning, our callbacks); medians over the steps after
-  --warmup, each phase's share of the step, and host milliseconds per phase (where the CPU, not the GPU, waits);
+  16-bit weights) and between steps (data loader, Lightning, our callbacks); each phase's median over the timed
+  steps, its share of the median step, and host milliseconds per phase (where the CPU, not the GPU, waits);
 - kernels: torch.profiler over --profile_steps steps, a table of the operators by GPU time and one by CPU time;
 - memory (--memory): the CUDA allocator's history over one step (--memory_step; 0 is the first, where optimizer
   state is created), replayed to its peak; the live allocations at the peak grouped by the line of this repository
@@ -29,7 +34,7 @@ import lightning.pytorch as pl
 import torch
 
 from bench import long_context, train_throughput
-from bench.common import cap_gpu_memory, peak_gib
+from bench.common import TIMED_STEPS, WARMUP_STEPS, StepTimes, cap_gpu_memory, peak_gib
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("forward", "backward", "optimizer", "between steps")
@@ -157,10 +162,11 @@ def peak_report(snapshot: dict, baseline: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
+def parse_arguments(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder for the tables")
-    parser.add_argument("--warmup", type=int, default=3, help="optimizer steps before measuring")
+    parser.add_argument("--warmup", type=int, default=WARMUP_STEPS, help="optimizer steps before the timed ones")
+    parser.add_argument("--timed_steps", type=int, default=TIMED_STEPS, help="optimizer steps timed")
     parser.add_argument("--profile_steps", type=int, default=2)
     parser.add_argument("--memory", action="store_true", help="record the allocator history of one step")
     parser.add_argument("--memory_step", type=int, help="the optimizer step --memory records (default: the one "
@@ -170,7 +176,11 @@ def main() -> int:
     parser.add_argument("--weights", default="", help="long_context: the 7B base .pth (default: random, made once)")
     parser.add_argument("workload", choices=("throughput", "long_context"))
     parser.add_argument("what", nargs="+", help="throughput: SHAPE STRATEGY; long_context: CTX_LEN")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> int:
+    args = parse_arguments()
 
     import train
     from src.config import parse_args
@@ -178,7 +188,8 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     proj_dir = Path(tempfile.mkdtemp(prefix="profile-"))
-    steps = args.warmup + 3 + args.profile_steps + 3
+    timed = args.timed_steps  # before the profiler and the memory recording, which slow the steps they watch
+    steps = args.warmup + timed + args.profile_steps + 3
     if args.workload == "throughput":
         shape, strategy = args.what
         tokens = train_throughput.random_tokens(shape, proj_dir)
@@ -192,24 +203,26 @@ def main() -> int:
                                         steps) + ["--compile", str(args.compile)]
         tokens_per_step = ctx_len
     filler = cap_gpu_memory(args.gpu_gib) if args.gpu_gib else 0  # after the base is made: that needs the whole card
-    timed = 3  # steps timed by phases, before the profiler and the memory recording, which slow the steps they watch
-    phases = PhaseTimer()
-    watchers = [phases, KernelProfile(args.warmup + timed, args.profile_steps, out)]
+    step_times, phases = StepTimes(), PhaseTimer()
+    watchers = [step_times, phases, KernelProfile(args.warmup + timed, args.profile_steps, out)]
     if args.memory:
         default_step = args.warmup + timed + args.profile_steps + 1
         watchers.append(MemoryPeak(default_step if args.memory_step is None else args.memory_step, out))
     code = train.train(parse_args(flags), watchers, write_weights=False)
     table = phases.table(args.warmup, args.warmup + timed)
-    step_ms = sum(gpu for gpu, _ in table.values())
+    step_report = step_times.report(args.warmup, timed)
+    step_ms = 1000 * step_report.median
     allocated, reserved = peak_gib(filler)
     lines = [f"{' '.join(args.what)} ({args.workload}, --compile {args.compile}): exit {code}; "
              f"{torch.cuda.get_device_name(0)}; median of {timed} steps after {args.warmup}: {step_ms:.1f} ms per "
              f"step, {tokens_per_step / step_ms * 1000:,.0f} tokens/s; peak allocated / reserved {allocated:.2f} / "
-             f"{reserved:.2f} GiB", "", "| phase | GPU ms | share | host ms |", "|---|---|---|---|"]
+             f"{reserved:.2f} GiB", *step_report.lines(), "", "| phase | GPU ms | share | host ms |",
+             "|---|---|---|---|"]
     lines += [f"| {phase} | {gpu:.1f} | {gpu / step_ms:.0%} | {host:.1f} |" for phase, (gpu, host) in table.items()]
     report = "\n".join(lines)
     (out / "phases.md").write_text(report + "\n")
-    (out / "phases.json").write_text(json.dumps({"table": table, "peak_gib": [allocated, reserved]}))
+    (out / "phases.json").write_text(json.dumps({"table": table, "steps": step_report.as_dict(),
+                                                 "peak_gib": [allocated, reserved]}))
     print(report, flush=True)
     return code
 

@@ -72,11 +72,12 @@ def run_child(args) -> int:
         print(f"train.py: error: {e}", flush=True)
         code = 2
     allocated, reserved = peak_gib(filler)
+    steps = timer.report(warmup=1, timed=None)  # the median after the first optimizer step
     rows = [line.split("\t") for line in (proj_dir / "train_steps.tsv").read_text().splitlines()[1:]] \
         if (proj_dir / "train_steps.tsv").exists() else []
     print("RESULT " + json.dumps({
         "exit": code, "losses": [float(r[2]) for r in rows], "peak_allocated_gib": allocated,
-        "peak_reserved_gib": reserved, "seconds_per_step": timer.steady_seconds() if len(timer.ends) > 1 else None,
+        "peak_reserved_gib": reserved, "seconds_per_step": steps.median if steps.seconds else None,
         "pinned_gib": pinned_host_peak_gib(), "estimate_gpu_gib": estimate.gpu / GIB,
         "estimate_host_gib": estimate.host / GIB}), flush=True)
     return code

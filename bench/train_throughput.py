@@ -1,12 +1,16 @@
 """Training throughput and memory through our real training step, next to the original toolkit's figures.
 
 Three shapes at vocab 50277, ctx 4096, bf16, random tokens, each trained by train.py in a process of its own
-(model, loss, backward, optimizer step, data loader and Lightning included) for STEPS optimizer steps:
-tokens/s is the median after the first WARMUP steps. MFU = 6 N tokens/s over the bf16 matmul rate measured
-in this run (N = parameters without the embedding). Each shape runs under every path we offer on one GPU:
-`--strategy deepspeed_stage_2` (bf16 weights, fp32 master weights in DeepSpeed's optimizer) and
-`--strategy auto` (bf16 weights, fp32 master weights and their Adam kernel, src/optim/master_weights.py), with the
-elementwise work fused (`--compile 1`, the default) or not (`--compiles 0 1` runs both).
+(model, loss, backward, optimizer step, data loader and Lightning included) for WARMUP_STEPS + TIMED_STEPS optimizer
+steps (bench/common.py: 2 + 12). Which steps are timed, and how, is bench.profile_step's rule too, so the two agree:
+each optimizer step's time comes from CUDA events after consecutive optimizer steps (nothing waits for the GPU during
+the run), the first WARMUP_STEPS are warm-up, and tokens/s is the median over the TIMED_STEPS after them. Every step's
+time is printed under the table, with the mean and any timed step over 1.5x the median (its index, and the period
+when such steps come back evenly). MFU = 6 N tokens/s over the bf16 matmul rate measured in this run (N = parameters
+without the embedding). Each shape runs under every path we offer on one GPU: `--strategy deepspeed_stage_2` (bf16
+weights, fp32 master weights in DeepSpeed's optimizer) and `--strategy auto` (bf16 weights, fp32 master weights and
+their Adam kernel, src/optim/master_weights.py), with the elementwise work fused (`--compile 1`, the default) or not
+(`--compiles 0 1` runs both).
 
 The original's figures (the fork's own model and kernel, bf16 weights, forward + loss + backward without an
 optimizer step) were measured by this project on one H200 on 2026-12-01.
@@ -23,11 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import StepTimes, matmul_tflops, peak_gib, run_child
+from bench.common import TIMED_STEPS, WARMUP_STEPS, StepReport, StepTimes, matmul_tflops, peak_gib, run_child
 
 VOCAB = 50277
 CTX = 4096
-STEPS, WARMUP = 8, 2
 # name -> (n_layer, n_embd, micro_bsz, grad_cp)
 SHAPES = {"L24-D1024": (24, 1024, 4, 0), "L24-D2048": (24, 2048, 2, 0), "L32-D4096": (32, 4096, 1, 1)}
 # the original toolkit on one H200, 2026-12-01: shape -> (tokens/s, peak GiB)
@@ -41,7 +44,7 @@ def non_embedding_params(n_layer: int, n_embd: int) -> int:
     return n_layer * 13 * n_embd ** 2 + VOCAB * n_embd  # blocks (4 C^2 time-mix, 9 C^2 channel-mix) + head
 
 
-def train_flags(shape: str, strategy: str, tokens: Path, proj_dir: Path, steps: int = STEPS,
+def train_flags(shape: str, strategy: str, tokens: Path, proj_dir: Path, steps: int = WARMUP_STEPS + TIMED_STEPS,
                 compile: int = 1) -> list:
     """train.py's flags for one shape under one strategy, trained on the random tokens of `tokens`."""
     n_layer, n_embd, micro_bsz, grad_cp = SHAPES[shape]
@@ -72,8 +75,9 @@ def run_one(shape: str, strategy: str, compile: str) -> int:
     flags = train_flags(shape, strategy, random_tokens(shape, proj_dir), proj_dir, compile=int(compile))
     code = train.train(parse_args(flags), [timer], write_weights=False)
     allocated, reserved = peak_gib()
+    steps = timer.report()
     print("RESULT " + json.dumps({"shape": shape, "strategy": strategy, "compile": int(compile), "exit": code,
-                                  "tokens_per_s": micro_bsz * CTX / timer.steady_seconds(WARMUP),
+                                  "tokens_per_s": micro_bsz * CTX / steps.median, "steps": steps.as_dict(),
                                   "peak_allocated_gib": allocated, "peak_reserved_gib": reserved}), flush=True)
     return code
 
@@ -99,7 +103,7 @@ def main() -> int:
             results.append(result)
 
     print(f"\n{torch.cuda.get_device_name(0)}; bf16 matmul {tflops:.0f} TFLOP/s (8192^3); vocab {VOCAB}, ctx {CTX}, "
-          f"bf16; {STEPS} optimizer steps, median after {WARMUP}")
+          f"bf16; {WARMUP_STEPS + TIMED_STEPS} optimizer steps, median of the {TIMED_STEPS} after {WARMUP_STEPS}")
     print("\n| shape, micro_bsz | strategy | --compile | ours tokens/s | original tokens/s | ours / original | target "
           "| MFU | ours peak allocated / reserved GiB | original peak GiB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -113,6 +117,9 @@ def main() -> int:
               f"{r['tokens_per_s']:,.0f} | {original_speed:,} | {r['tokens_per_s'] / original_speed:.2f}x | "
               f"{target:,} {verdict} | {mfu:.0%} | {r['peak_allocated_gib']:.1f} / {r['peak_reserved_gib']:.1f} | "
               f"{original_peak} |")
+    for r in results:
+        print(f"\n{r['shape']} {r['strategy']} --compile {r['compile']}:")
+        print("\n".join(StepReport(**r["steps"]).lines()))
     return 0 if len(results) == len(runs) else 1
 
 
