@@ -59,8 +59,8 @@ class WKV7Function(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy, dsT):
-        r = ctx.saved_tensors[0]
-        return tuple(EXTENSION.module().backward(*ctx.saved_tensors, dy.to(r.dtype).contiguous(),
+        saved = ctx.saved_tensors  # read once: under non-reentrant checkpointing (--grad_cp 1) each read unpacks
+        return tuple(EXTENSION.module().backward(*saved, dy.to(saved[0].dtype).contiguous(),
                                                  dsT.float().contiguous()))
 
 
