@@ -83,7 +83,8 @@ def deepspeed_step_function() -> Callable:
 
 
 def torchao_seconds(total: int, per_tensor: int, steps: int) -> List[float]:
-    """Step times of torchao's CPUOffloadOptimizer (torch's fused AdamW inside) over bf16 GPU parameters."""
+    """Step times of torchao's CPUOffloadOptimizer (torch's fused AdamW inside) over bf16 GPU parameters: from the
+    gradients' arrival (their copy to the host) to the updated weights back on the GPU."""
     from torchao.optim import CPUOffloadOptimizer
 
     params = [torch.nn.Parameter(torch.randn(per_tensor, device="cuda", dtype=torch.bfloat16) * 0.02)
@@ -92,10 +93,12 @@ def torchao_seconds(total: int, per_tensor: int, steps: int) -> List[float]:
                                     betas=SETTINGS["betas"], weight_decay=SETTINGS["weight_decay"])
     seconds = []
     for _ in range(steps):
-        for p in params:
-            p.grad = torch.randn_like(p) * 1e-3
+        gradients = [torch.randn_like(p) * 1e-3 for p in params]
         torch.cuda.synchronize()
         started = time.perf_counter()
+        # gradients must arrive through autograd: its post-accumulate hooks copy them to the host and queue the
+        # parameter for step(), which steps only queued ones (a .grad set by hand made the row time nothing)
+        torch.autograd.backward(params, gradients)
         optimizer.step()
         torch.cuda.synchronize()
         seconds.append(time.perf_counter() - started)
