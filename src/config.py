@@ -132,7 +132,8 @@ class TrainConfig(*flag_groups()):  # the shape flags of each model family (src/
                                valid=AT_LEAST_0)
     layerwise_lr: int = flag(1, "optim", "1 = time_decay trains at 2x and time_first at 3x the LR.",
                              choices=(0, 1))
-    ds_bucket_mb: int = flag(200, "optim", "DeepSpeed allgather/reduce bucket size in MB.", valid=AT_LEAST_1)
+    ds_bucket_mb: int = flag(200, "optim", "DeepSpeed allgather/reduce bucket size in MB (with --lora: the trained "
+                             "parameters' size, at most this on several GPUs).", valid=AT_LEAST_1)
 
     # ---- run length, saving, logging
     proj_dir: str = flag("out", "run", "Output folder: checkpoints, train_log.txt, vocab.json.")
