@@ -132,8 +132,9 @@ def run_training(cfg: TrainConfig, stop, extra_callbacks: list, held_until_the_e
 
 def with_family_of_load_model(cfg: TrainConfig) -> TrainConfig:
     """--load_model picks the model family from the file's keys; --my_testing picks it for a run from scratch, and
-    where both are given they must agree. A file no family recognises (a LoRA file, a damaged one) keeps the flags'
-    family: building the model then says what is wrong with it."""
+    where both are given they must agree. The shape flags left to the family's rule (0) take the file's values
+    (ModelFamily.flags_of_weights: a released RWKV-7's own low-rank widths). A file no family recognises (a LoRA
+    file, a damaged one) keeps the flags' family: building the model then says what is wrong with it."""
     if not cfg.load_model or cfg.resume:
         return cfg
     from src import models
@@ -141,13 +142,18 @@ def with_family_of_load_model(cfg: TrainConfig) -> TrainConfig:
 
     weights = checkpoint.load_weights(cfg.load_model)  # memory-mapped: the keys and shapes only are read here
     found = [family for family in models.FAMILIES.values() if family.detect(weights)]
-    if checkpoint.is_lora_checkpoint(weights) or len(found) != 1 or found[0] is cfg.family:
+    if checkpoint.is_lora_checkpoint(weights) or len(found) != 1:
         return cfg
-    if cfg.my_testing:
-        raise UserInputError(f"--load_model {cfg.load_model} is an {found[0].title} model, but --my_testing "
-                             f"{cfg.my_testing} picks {cfg.family.title}; leave --my_testing out to train the file's "
-                             f"family.")
-    return dataclasses.replace(cfg, my_testing=found[0].my_testing).finalize()
+    family = found[0]
+    if family is not cfg.family:
+        if cfg.my_testing:
+            raise UserInputError(f"--load_model {cfg.load_model} is an {family.title} model, but --my_testing "
+                                 f"{cfg.my_testing} picks {cfg.family.title}; leave --my_testing out to train the "
+                                 f"file's family.")
+        cfg = dataclasses.replace(cfg, my_testing=family.my_testing).finalize()
+    from_file = {name: value for name, value in family.flags_of_weights(weights, f"--load_model {cfg.load_model}")
+                 .items() if name in cfg.rule_filled}
+    return dataclasses.replace(cfg, **from_file) if from_file else cfg
 
 
 def build_model(cfg: TrainConfig, vocab_size: int, save_dtype):

@@ -239,6 +239,8 @@ class TrainConfig(*flag_groups()):  # the shape flags of each model family (src/
     # ---- derived in finalize(), not flags
     timestamp: str = field(default="", metadata={"derived": True})
     lora_settings: Optional[LoraSettings] = field(default=None, metadata={"derived": True})  # None without --lora
+    # shape flags left at 0 that the family's rule filled: a --load_model file's own values replace them (train.py)
+    rule_filled: tuple = field(default=(), metadata={"derived": True})
 
     @property
     def family(self) -> ModelFamily:
@@ -295,7 +297,9 @@ class TrainConfig(*flag_groups()):  # the shape flags of each model family (src/
             self.lora_settings = LoraSettings.from_flags(self.lora_r, self.lora_alpha, self.lora_dropout,
                                                          self.lora_parts, self.lora_layers, self.n_layer,
                                                          self.family.lora_parts)
+        unset = {name for name in self.family.shape_flags if getattr(self, name) == 0}
         self.family.fill_flag_defaults(self)
+        self.rule_filled = tuple(sorted({*self.rule_filled, *(name for name in unset if getattr(self, name) != 0)}))
         if self.valid_data_file and self.valid_data_type is None:  # a file of the built-in data's kind is text
             self.valid_data_type = "utf-8" if self.data_type == "dummy" else self.data_type
         if not self.timestamp:

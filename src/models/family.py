@@ -74,6 +74,11 @@ class ModelFamily:
         """The shape whose state dict has the keys and shapes of `weights`, or a UserInputError naming `path`."""
         raise NotImplementedError
 
+    def flags_of_weights(self, weights: dict, path: str = "base") -> dict:
+        """{flag: value} of the shape flags a file decides where a run leaves them to the family's rule (0): a
+        released model's own widths. Default: none (the flags must name the file's shape)."""
+        return {}
+
     def identity(self, shape) -> dict:
         """The shape fields a LoRA records of its base, so it is not merged into another model."""
         return {"family": self.name, **dataclasses.asdict(shape)}

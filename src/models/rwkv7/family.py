@@ -61,6 +61,13 @@ class Rwkv7Family(ModelFamily):
     def shape_of_weights(self, weights: dict, path: str = "base") -> RWKV7Config:
         return anatomy.config_of_weights(weights, path)
 
+    def flags_of_weights(self, weights: dict, path: str = "base") -> dict:
+        """The channel-mix and low-rank widths: releases made by older versions of BlinkDL's code differ from
+        today's rule (the 0.4B's g1 is [1024, 128] where the rule gives 160). A one-block file has no v1, so no
+        d_mv_lora to give."""
+        shape = anatomy.config_of_weights(weights, path)
+        return {name: getattr(shape, name) for name in ("dim_ffn", *LOW_RANK_FACTORS) if getattr(shape, name)}
+
     def build(self, shape: RWKV7Config, options=None):
         from src.models.rwkv7.model import RWKV7Model
 

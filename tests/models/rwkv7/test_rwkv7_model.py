@@ -365,3 +365,20 @@ def test_the_activation_estimate_counts_what_the_wkv_operator_keeps():
     assert per_token(cfg, False) - per_token(cfg, True) == 4 * 64 * 256 - (4 * 256 + 64 * 256 // 4)
     other = RWKV7Config(vocab_size=65536, n_layer=2, n_embd=256, head_size=32)
     assert per_token(other, True) == per_token(other, False)
+
+
+def test_a_release_with_its_own_low_rank_widths_fine_tunes_without_width_flags(tmp_path):
+    """Releases made by older versions of BlinkDL's code have other widths than today's rule: with the width flags
+    left at 0, --load_model's file gives them (and an explicit flag that disagrees is still refused)."""
+    widths = dict(d_decay_lora=64, d_aaa_lora=48, d_mv_lora=40, d_gate_lora=96)  # the rule gives 32 at C = 32
+    model = RWKV7.build(RWKV7Config(vocab_size=DUMMY_VOCAB, n_layer=2, n_embd=32, head_size=8, dim_ffn=96, **widths))
+    save_weights(generate_init_weights(model), tmp_path / "release.pth")
+    plain = [a for a in RUN if a not in ("--my_testing", "x070")]
+    for picked in ([], ["--my_testing", "x070"]):  # the family from the file, or named as well
+        out = tmp_path / f"tuned{len(picked)}"
+        assert train.main([*plain, *picked, "--epoch_count", "1", "--load_model", str(tmp_path / "release.pth"),
+                           "--proj_dir", str(out)]) == 0
+        tuned = load_weights(out / "rwkv-final.pth")
+        assert {k: v.shape for k, v in tuned.items()} == {k: v.shape for k, v in model.state_dict().items()}
+    assert train.main([*plain, "--epoch_count", "1", "--load_model", str(tmp_path / "release.pth"),
+                       "--d_gate_lora", "32", "--proj_dir", str(tmp_path / "refused")]) == 2
