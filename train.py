@@ -134,8 +134,10 @@ def with_family_of_load_model(cfg: TrainConfig) -> TrainConfig:
     """--load_model picks the model family from the file's keys; --my_testing picks it for a run from scratch, and
     where both are given they must agree. The shape flags left to the family's rule (0) take the file's values
     (ModelFamily.flags_of_weights: a released RWKV-7's own low-rank widths). A file no family recognises (a LoRA
-    file, a damaged one) keeps the flags' family: building the model then says what is wrong with it."""
-    if not cfg.load_model or cfg.resume:
+    file, a damaged one) keeps the flags' family: building the model then says what is wrong with it. A resumed run
+    (the same command plus --resume) decides the same way, so that its flags match its bundle's; its weights come from
+    the bundle, so a file no longer there is not needed."""
+    if not cfg.load_model or (cfg.resume and not Path(cfg.load_model).is_file()):
         return cfg
     from src import models
     from src.io import checkpoint

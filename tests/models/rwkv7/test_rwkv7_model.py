@@ -10,7 +10,7 @@ import torch
 
 import merge_lora
 import train
-from helpers import refused_in_one_line
+from helpers import refused_in_one_line, stopped_by_one_sigint
 from src import models
 from src.eval.model_loader import load_model
 from src.io.checkpoint import load_weights, save_weights
@@ -90,6 +90,27 @@ def test_a_checkpoint_of_blinkdls_trainer_loads_without_block_0s_unread_tensors(
     assert merge_lora.main([str(tmp_path / "blinkdl.pth"), str(tmp_path / "lora" / "rwkv-final.pth"),
                             str(merged)]) == 0
     assert set(load_weights(merged)) == set(released)
+
+
+def test_a_fine_tune_of_a_file_resumes_with_the_same_command(tmp_path, monkeypatch):
+    """The family and the widths came from --load_model's file (no --my_testing, no width flags): Ctrl+C, then the
+    same command plus --resume, ends where a straight run ends (the resumed run was refused: its flags did not match
+    its bundle's)."""
+    widths = dict(d_decay_lora=64, d_aaa_lora=48, d_mv_lora=40, d_gate_lora=96)  # not the rule's 32 at C = 32
+    model = RWKV7.build(RWKV7Config(vocab_size=DUMMY_VOCAB, n_layer=2, n_embd=32, head_size=8, **widths))
+    save_weights(generate_init_weights(model), tmp_path / "release.pth")
+    command = [*[a for a in RUN if a not in ("--my_testing", "x070")], "--epoch_steps", "40", "--epoch_count", "1",
+               "--load_model", str(tmp_path / "release.pth"), "--proj_dir", "out"]
+    for folder in ("straight", "stopped"):
+        (tmp_path / folder).mkdir()
+    monkeypatch.chdir(tmp_path / "straight")
+    assert train.main(command) == 0
+    monkeypatch.chdir(tmp_path / "stopped")
+    assert stopped_by_one_sigint(command, tmp_path / "stopped" / "out") == 130
+    assert train.main([*command, "--resume", "out/rwkv-resume.ckpt"]) == 0
+    straight = load_weights(tmp_path / "straight" / "out" / "rwkv-final.pth")
+    resumed = load_weights(tmp_path / "stopped" / "out" / "rwkv-final.pth")
+    assert straight.keys() == resumed.keys() and all(torch.equal(resumed[k], straight[k]) for k in straight)
 
 
 # ---------------------------------------------------------------- --state_cp is exact
