@@ -72,10 +72,12 @@ def run_training(cfg: TrainConfig, stop, extra_callbacks: list, held_until_the_e
     strategy.set_float_precision(cfg)
 
     save_dtype = strategy.SAVE_DTYPE[cfg.precision]
-    saver = callbacks.WeightSaver(cfg, save_dtype, write_weights)  # every .pth, rwkv-last.pth of a stop included
+    files = outputs.RunFiles.from_flags(cfg)
+    # every .pth, rwkv-last.pth of a stop included
+    saver = callbacks.WeightSaver(files, cfg.lora_settings, save_dtype, write_weights)
     stopper = stopping.StopOnSignal(stop, saver, Path(cfg.proj_dir) / outputs.BUNDLE_NAME)
     schedule = callbacks.LearningRateSchedule(cfg)
-    progress_bar = console.shows_progress_bar(cfg)
+    progress_bar = console.shows_progress_bar(cfg.enable_progress_bar)
     log = callbacks.TrainingLog(cfg, schedule, print_epochs=not progress_bar)
     lightning_trainer = build_lightning_trainer(
         cfg, [stopping.StartOfTraining(stop), schedule, log, saver, stopper, *extra_callbacks], progress_bar)
@@ -85,10 +87,10 @@ def run_training(cfg: TrainConfig, stop, extra_callbacks: list, held_until_the_e
     if rank_zero:  # the other ranks start later, in fit, while rank 0 holds the folder
         held_until_the_end.enter_context(run_lock.proj_dir_lock(cfg.proj_dir))
         first_epoch, more_logs = bundle.epoch if bundle else 0, held_out.appended_logs(cfg)  # valid.tsv
-        outputs.check_inputs_apart(cfg, first_epoch, more_logs)
-        outputs.check_no_overwrite(cfg, first_epoch)
-        outputs.check_no_folder_in_the_way(cfg, first_epoch)
-        outputs.check_appended_logs(cfg, more_logs)  # train_log.txt, train_steps.tsv and those
+        outputs.check_inputs_apart(files, first_epoch, more_logs)
+        outputs.check_no_overwrite(files, first_epoch)
+        outputs.check_no_folder_in_the_way(files, first_epoch)
+        outputs.check_appended_logs(cfg.proj_dir, more_logs)  # train_log.txt, train_steps.tsv and those
 
     data = dataset.load_token_data(cfg)
     dataset.check_against_model(data, cfg, data.vocab_size)
@@ -125,7 +127,7 @@ def run_training(cfg: TrainConfig, stop, extra_callbacks: list, held_until_the_e
         if cfg.resume and not stopped:
             resuming.retire_bundle(cfg.resume)
         saved = saver.saved + ([outputs.BUNDLE_NAME] if stopped else [])
-        console.print_summary(cfg, saved, log.tokens_trained, log.seconds, log.last_mean_loss, stopped,
+        console.print_summary(cfg.proj_dir, saved, log.tokens_trained, log.seconds, log.last_mean_loss, stopped,
                               log.steady_speed())
     return stopper.exit_code
 
@@ -201,8 +203,9 @@ def build_lightning_trainer(cfg: TrainConfig, callbacks: list, progress_bar: boo
     from src.train import strategy, trainer
 
     strategy.check_device_flags(cfg)
+    max_epochs = outputs.run_epochs(outputs.RunFiles.from_flags(cfg))
     try:
-        return trainer.build_trainer(cfg, callbacks, max_epochs=outputs.run_epochs(cfg), progress_bar=progress_bar)
+        return trainer.build_trainer(cfg, callbacks, max_epochs=max_epochs, progress_bar=progress_bar)
     except MisconfigurationException as e:
         raise UserInputError(f"--accelerator {cfg.accelerator} --devices {cfg.devices} --strategy {cfg.strategy}: "
                              f"{' '.join(str(e).split())}")

@@ -5,6 +5,7 @@ import math
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Optional
 
 import lightning.pytorch as pl
 import torch
@@ -16,8 +17,9 @@ from src.io.checkpoint import save_weights
 from src.config import TrainConfig
 from src.data.dataset import context_length, write_char_vocab
 from src.errors import UserInputError
-from src.io.outputs import (FINAL_NAME, INIT_NAME, LOG_NAME, STEP_LOG_COLUMNS, STEP_LOG_NAME, epoch_file_name,
-                         saves_epoch, writes_init_file)
+from src.lora.settings import LoraSettings
+from src.io.outputs import (FINAL_NAME, INIT_NAME, LOG_NAME, STEP_LOG_COLUMNS, STEP_LOG_NAME, RunFiles,
+                            epoch_file_name, saves_epoch, writes_init_file)
 from src.train.stopping import completes_optimizer_step
 from src.train.strategy import full_state_dict, is_deepspeed
 
@@ -266,8 +268,9 @@ class WeightSaver(pl.Callback):
     --epoch_save mini-epochs and for the last one, and rwkv-final.pth when --epoch_count is reached; `save` also
     writes rwkv-last.pth for a stopped run. `saved` lists the .pth names written, for the run's summary."""
 
-    def __init__(self, cfg: TrainConfig, dtype: torch.dtype, write: bool = True):
-        self.cfg = cfg
+    def __init__(self, files: RunFiles, lora: Optional[LoraSettings], dtype: torch.dtype, write: bool = True):
+        self.files = files
+        self.lora = lora  # a LoRA run saves only what LoRA trains
         self.dtype = dtype  # of the .pth files (the run's precision)
         self.write = write  # False: a benchmark's run, which saves no weights
         self.char_vocab = None  # character-level data: the character of each token id, for vocab.json
@@ -276,8 +279,8 @@ class WeightSaver(pl.Callback):
 
     def on_train_start(self, trainer, pl_module):
         if trainer.is_global_zero and self.char_vocab is not None:
-            write_char_vocab(self.char_vocab, self.cfg.proj_dir)
-        if writes_init_file(self.cfg):
+            write_char_vocab(self.char_vocab, self.files.proj_dir)
+        if writes_init_file(self.files):
             self.save(trainer, pl_module, INIT_NAME)
 
     def save(self, trainer, pl_module, name: str) -> None:
@@ -287,22 +290,22 @@ class WeightSaver(pl.Callback):
         """
         if not self.write:
             return
-        model, settings = pl_module.model, self.cfg.lora_settings
+        model, settings = pl_module.model, self.lora
         names = adapters.trainable_names(model, settings) if settings else None
         weights = full_state_dict(trainer, pl_module, names)
         if trainer.is_global_zero:
             if settings:
                 weights = adapters.lora_state_dict(model, settings, weights)
-            save_weights(weights, Path(self.cfg.proj_dir) / name, self.dtype)
+            save_weights(weights, Path(self.files.proj_dir) / name, self.dtype)
             self.saved.append(name)
 
     def on_train_epoch_end(self, trainer, pl_module):
         if interrupted(trainer):
             return
         epoch = trainer.current_epoch
-        real_epoch = self.cfg.epoch_begin + epoch
-        self.finished = real_epoch == self.cfg.epoch_count - 1
-        if saves_epoch(epoch, self.cfg):
+        real_epoch = self.files.epoch_begin + epoch
+        self.finished = real_epoch == self.files.epoch_count - 1
+        if saves_epoch(epoch, self.files):
             self.save(trainer, pl_module, epoch_file_name(real_epoch))
 
     def on_train_end(self, trainer, pl_module):

@@ -33,12 +33,14 @@ def library_chatter_silenced():
                 logger.setLevel(level)
 
 
-def shows_progress_bar(cfg: TrainConfig) -> bool:
-    """Lightning's bar redraws itself with carriage returns: on a terminal only, never into a log file."""
-    return bool(cfg.enable_progress_bar) and sys.stdout.isatty()
+def shows_progress_bar(enable_progress_bar: int) -> bool:
+    """Lightning's bar (--enable_progress_bar) redraws itself with carriage returns: on a terminal only, never into a
+    log file."""
+    return bool(enable_progress_bar) and sys.stdout.isatty()
 
 
 def print_banner(cfg: TrainConfig, vocab_size: int, n_params: int, seed: int, world_size: int, device: str) -> None:
+    """The run at a glance before training: it shows most of train.py's flags, so it takes them all."""
     batch = cfg.micro_bsz * world_size
     print(f"\n{cfg.family.title} L{cfg.n_layer} D{cfg.n_embd} vocab {vocab_size}: {n_params / 1e6:.2f}M parameters, "
           f"precision {cfg.precision}, strategy {cfg.strategy}, seed {seed}\n"
@@ -57,14 +59,14 @@ def _state_cp_note(cfg: TrainConfig) -> str:
     return f" in {segments} segment{'s' if segments > 1 else ''} of {cfg.segment_len} tokens (--state_cp)"
 
 
-def print_summary(cfg: TrainConfig, saved: list, tokens: int, seconds: float, mean_loss, stopped: bool,
+def print_summary(proj_dir: str, saved: list, tokens: int, seconds: float, mean_loss, stopped: bool,
                   steady_speed=None) -> None:
     """The run's last lines: how it ended, what it trained (and how fast after the first step), what it saved where."""
     how = "Stopped" if stopped else "Finished"
     loss = f"; last mini-epoch's mean loss {mean_loss:.4f}" if mean_loss is not None else ""
     speed = f", {steady_speed:,.0f} tokens/s after the first optimizer step" if steady_speed else ""
     print(f"\n{how}: trained {tokens:,} tokens in {_duration(seconds)}{speed}{loss}.\n"
-          f"Saved in {cfg.proj_dir}/: {', '.join(saved) or 'nothing'} (log: train_log.txt, train_steps.tsv)",
+          f"Saved in {proj_dir}/: {', '.join(saved) or 'nothing'} (log: train_log.txt, train_steps.tsv)",
           flush=True)
 
 

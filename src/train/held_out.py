@@ -24,7 +24,7 @@ from src.data.dataset import check_data_path
 from src.errors import UserInputError
 from src.loss import IGNORE_INDEX
 from src.eval.windows import EvalWindows, load_windows
-from src.io.outputs import run_epochs
+from src.io.outputs import RunFiles, run_epochs
 
 
 def held_out_windows(cfg: TrainConfig, training_chars, vocab_size: int) -> EvalWindows:
@@ -77,7 +77,7 @@ def evaluates_after(epoch: int, cfg: TrainConfig) -> bool:
     --valid_every-th mini-epoch of the whole training (rwkv-<N>.pth numbering, so a continued run keeps the
     rhythm) and after the last one this run trains."""
     real_epoch = cfg.epoch_begin + epoch
-    return (real_epoch + 1) % cfg.valid_every == 0 or epoch == run_epochs(cfg) - 1
+    return (real_epoch + 1) % cfg.valid_every == 0 or epoch == run_epochs(RunFiles.from_flags(cfg)) - 1
 
 
 class Validation(pl.Callback):

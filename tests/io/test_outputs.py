@@ -11,19 +11,23 @@ from helpers import folder_snapshot, refused_in_one_line
 from src.io import atomic
 from src.io.checkpoint import load_weights
 from src.config import parse_args
-from src.io.outputs import files_written
+from src.io.outputs import RunFiles, files_written
 
 STOP_FILES = ["rwkv-last.pth", "rwkv-resume.ckpt"]
 
 
+def run_files(argv: list) -> RunFiles:
+    return RunFiles.from_flags(parse_args(argv))
+
+
 def test_files_written_follow_the_saving_rules():
-    fresh = parse_args(["--data_type", "dummy", "--epoch_count", "7", "--epoch_save", "3"])
+    fresh = run_files(["--data_type", "dummy", "--epoch_count", "7", "--epoch_save", "3"])
     assert files_written(fresh) == ["rwkv-init.pth", "rwkv-0.pth", "rwkv-3.pth", "rwkv-6.pth", "rwkv-final.pth",
                                     *STOP_FILES]
-    continued = parse_args(["--data_type", "dummy", "--load_model", "out/rwkv-3.pth", "--epoch_begin", "4",
-                            "--epoch_count", "10", "--max_epochs", "2", "--epoch_save", "1"])
+    continued = run_files(["--data_type", "dummy", "--load_model", "out/rwkv-3.pth", "--epoch_begin", "4",
+                           "--epoch_count", "10", "--max_epochs", "2", "--epoch_save", "1"])
     assert files_written(continued) == ["rwkv-4.pth", "rwkv-5.pth", *STOP_FILES]  # capped: no rwkv-final.pth
-    capped = parse_args(["--data_type", "dummy", "--epoch_count", "10", "--max_epochs", "3", "--epoch_save", "0"])
+    capped = run_files(["--data_type", "dummy", "--epoch_count", "10", "--max_epochs", "3", "--epoch_save", "0"])
     assert files_written(capped) == ["rwkv-init.pth", "rwkv-2.pth", *STOP_FILES]  # the run's last mini-epoch
 
 
@@ -32,8 +36,8 @@ def test_a_run_capped_by_max_epochs_saves_its_last_mini_epoch(tmp_path):
     assert train.main([*TINY_RUN, "--epoch_count", "5", "--max_epochs", "2", "--epoch_save", "0",
                        "--proj_dir", str(proj_dir)]) == 0
     assert sorted(p.name for p in proj_dir.glob("*.pth")) == ["rwkv-1.pth", "rwkv-init.pth"]
-    resumed = parse_args(["--data_type", "dummy", "--resume", "out/rwkv-resume.ckpt", "--epoch_count", "4",
-                          "--epoch_save", "1"])
+    resumed = run_files(["--data_type", "dummy", "--resume", "out/rwkv-resume.ckpt", "--epoch_count", "4",
+                         "--epoch_save", "1"])
     assert files_written(resumed, first_epoch=2) == ["rwkv-2.pth", "rwkv-3.pth", "rwkv-final.pth", *STOP_FILES]
 
 

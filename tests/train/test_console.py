@@ -54,11 +54,12 @@ def test_off_a_terminal_each_mini_epoch_is_one_line_and_the_run_ends_with_a_summ
 
 def test_the_progress_bar_is_for_terminals_only(tmp_path, monkeypatch):
     cfg = parse_args(["--data_type", "dummy"])
+    disabled = parse_args(["--data_type", "dummy", "--enable_progress_bar", "0"])
     leader, follower = os.openpty()
     with open(follower, "w") as terminal, open(tmp_path / "log.txt", "w") as log_file:
         monkeypatch.setattr(sys, "stdout", terminal)
-        assert shows_progress_bar(cfg)
-        assert not shows_progress_bar(parse_args(["--data_type", "dummy", "--enable_progress_bar", "0"]))
+        assert shows_progress_bar(cfg.enable_progress_bar)
+        assert not shows_progress_bar(disabled.enable_progress_bar)
         monkeypatch.setattr(sys, "stdout", log_file)
-        assert not shows_progress_bar(cfg)
+        assert not shows_progress_bar(cfg.enable_progress_bar)
     os.close(leader)

@@ -12,7 +12,7 @@ from helpers import folder_snapshot, refused_in_one_line
 from src.eval import valid_tsv
 from src.io.checkpoint import load_weights
 from src.config import parse_args
-from src.io.outputs import run_epochs
+from src.io.outputs import RunFiles, run_epochs
 from src.train.resuming import shaping_flags
 from src.train.held_out import evaluates_after
 
@@ -81,7 +81,7 @@ def test_a_lora_runs_last_row_equals_evaluate_on_its_base_and_lora(finished_run,
 def test_evaluates_after_every_nth_mini_epoch_and_the_last():
     def evaluated(*flags):
         cfg = parse_args(["--data_type", "dummy", "--valid_data_file", "held_out.txt", *flags])
-        return [epoch for epoch in range(run_epochs(cfg)) if evaluates_after(epoch, cfg)]
+        return [epoch for epoch in range(run_epochs(RunFiles.from_flags(cfg))) if evaluates_after(epoch, cfg)]
 
     assert evaluated("--epoch_count", "10", "--valid_every", "3") == [2, 5, 8, 9]
     assert evaluated("--epoch_count", "10") == list(range(10))
