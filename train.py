@@ -66,7 +66,8 @@ def run_training(cfg: TrainConfig, stop, extra_callbacks: list, held_until_the_e
     pile_changes, pile_resume = pile_mode.pile_continuation(cfg) if cfg.my_pile_stage >= 2 else ({}, "")
     cfg = dataclasses.replace(cfg, **pile_changes)  # the flags of a Pile-stage continuation, as if given
     cfg = with_family_of_load_model(cfg)
-    bundle = resuming.open_bundle(cfg) if cfg.resume else None
+    run_flags = resuming.shaping_flags(cfg)  # what a resumed run must share with its bundle
+    bundle = resuming.open_bundle(cfg.resume, run_flags) if cfg.resume else None
     seed = cfg.random_seed if cfg.random_seed >= 0 else secrets.randbits(31)
     pl.seed_everything(seed, verbose=False)
     strategy.set_float_precision(cfg)
@@ -100,14 +101,15 @@ def run_training(cfg: TrainConfig, stop, extra_callbacks: list, held_until_the_e
     saver.char_vocab = data.chars
     memory_check.check_run(cfg, data.vocab_size, lightning_trainer)
     model = build_model(cfg, data.vocab_size, save_dtype)
-    lora_summary = adapters.prepare_lora_training(model, cfg) if cfg.lora else ""  # wraps the base, freezes the rest
+    # wraps the base, freezes the rest
+    lora_summary = adapters.prepare_lora_training(model, cfg.lora_settings, cfg.lora_load) if cfg.lora else ""
     if bundle:
-        resuming.check_bundle_fits(bundle, model, cfg)
+        resuming.check_bundle_fits(bundle, model, cfg.resume)
     del bundle
 
     samples = dataset.TrainingSamples(data, cfg, seed=seed, rank=lightning_trainer.global_rank,
                                       world_size=lightning_trainer.world_size)
-    lightning_trainer.callbacks.append(resuming.ResumeGuard(cfg, samples))
+    lightning_trainer.callbacks.append(resuming.ResumeGuard(run_flags, cfg.resume, samples))
     if held_out_windows is not None:  # after TrainingLog: its line and W&B step come first
         lightning_trainer.callbacks.append(held_out.Validation(cfg, held_out_windows, log))
     if rank_zero:

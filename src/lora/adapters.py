@@ -24,7 +24,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from src.io.checkpoint import LORA_SETTINGS_KEY, compare_weights, load_weights
-from src.config import TrainConfig
 from src.errors import UserInputError
 from src.layer_spec import format_layers
 from src.lora.settings import LoraSettings
@@ -151,18 +150,17 @@ def lora_state_dict(model: nn.Module, settings: LoraSettings, state_dict: Option
 # ---------------------------------------------------------------- training
 
 
-def prepare_lora_training(model: nn.Module, cfg: TrainConfig) -> str:
+def prepare_lora_training(model: nn.Module, settings: LoraSettings, lora_load: str) -> str:
     """Turn a model holding its base weights into a LoRA model: wrap the chosen Linears, restore
-    --lora_load, freeze all but the LoRA/time/ln parameters. Returns a one-line summary."""
-    settings = cfg.lora_settings
+    --lora_load (`lora_load`; empty: none), freeze all but the LoRA/time/ln parameters. Returns a one-line summary."""
     modules = apply_lora(model, settings)
     names = trainable_names(model, settings)
     if not names:
         raise UserInputError(f"--lora_parts {','.join(settings.parts)} selects nothing in layers "
                              f"{format_layers(settings.layers)} (with --pre_ffn, block 0 has no att).")
     restored = ""
-    if cfg.lora_load:
-        restored = "; " + load_lora_checkpoint(model, settings, names, cfg.lora_load)
+    if lora_load:
+        restored = "; " + load_lora_checkpoint(model, settings, names, lora_load)
     mark_trainable(model, names)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

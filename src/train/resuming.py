@@ -14,7 +14,6 @@ import torch
 
 from src.io.atomic import remove_path
 from src.io.checkpoint import is_resume_bundle, read_pytorch_file, strip_wrapper_prefix, weight_mismatches
-from src.config import TrainConfig
 from src.errors import UserInputError
 from src.io.outputs import BUNDLE_NAME
 
@@ -29,10 +28,12 @@ RESUME_FREE_FLAGS = {"resume", "load_model", "lora_load", "proj_dir", "wandb", "
 
 
 class ResumeGuard(pl.Callback):
-    """Stores what a resumed run must share with the original: the flags, the data seed and the RNG states."""
+    """Stores what a resumed run must share with the original: the flags, the data seed and the RNG states.
+    `flags`: the run's shaping_flags; `resume`: --resume (the bundle a resumed run continues, for messages)."""
 
-    def __init__(self, cfg: TrainConfig, samples):
-        self.cfg = cfg
+    def __init__(self, flags: dict, resume: str, samples):
+        self.flags = flags
+        self.resume = resume
         self.samples = samples  # the dataset; its seed is replaced by the bundle's
 
     def state_dict(self) -> dict:
@@ -42,10 +43,10 @@ class ResumeGuard(pl.Callback):
                                                           cached), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        return {"flags": shaping_flags(self.cfg), "seed": self.samples.seed, "rng": rng}
+        return {"flags": self.flags, "seed": self.samples.seed, "rng": rng}
 
     def load_state_dict(self, state: dict) -> None:
-        check_same_flags(state["flags"], self.cfg)
+        check_same_flags(state["flags"], self.flags, self.resume)
         self.samples.seed = state["seed"]
         torch.set_rng_state(state["rng"]["torch"])
         name, keys, position, has_gauss, cached = state["rng"]["numpy"]
@@ -55,15 +56,18 @@ class ResumeGuard(pl.Callback):
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
 
-def shaping_flags(cfg: TrainConfig) -> dict:
+def shaping_flags(cfg) -> dict:
+    """The flags a resumed run must share with its bundle: every flag of train.py's `cfg` (src/config.py) but
+    RESUME_FREE_FLAGS, so this one function reads the whole config."""
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_FREE_FLAGS}
 
 
-def check_same_flags(bundle_flags: dict, cfg: TrainConfig) -> None:
+def check_same_flags(bundle_flags: dict, flags: dict, resume: str) -> None:
+    """`flags`: this run's shaping_flags; `resume`: its --resume."""
     differences = [f"--{name} {bundle_flags.get(name)!r} (bundle) vs {value!r} (now)"
-                   for name, value in shaping_flags(cfg).items() if bundle_flags.get(name) != value]
+                   for name, value in flags.items() if bundle_flags.get(name) != value]
     if differences:
-        raise UserInputError(f"--resume {cfg.resume}: the bundle was made with other flags: "
+        raise UserInputError(f"--resume {resume}: the bundle was made with other flags: "
                              f"{'; '.join(differences)}. Resume with the original command plus --resume.")
 
 
@@ -74,10 +78,11 @@ class Bundle:
     weights: Optional[dict]  # {key: tensor}, memory-mapped; None for a DeepSpeed folder (ResumeGuard checks it)
 
 
-def open_bundle(cfg: TrainConfig) -> Bundle:
+def open_bundle(resume: str, flags: dict) -> Bundle:
     """The --resume bundle, refused in one line when it is missing, damaged, not a bundle, or made with other
-    flags. DeepSpeed writes a folder of sharded states: there only the layout is checked here."""
-    path = Path(cfg.resume)
+    flags than `flags` (this run's shaping_flags). DeepSpeed writes a folder of sharded states: there only the layout
+    is checked here."""
+    path = Path(resume)
     if path.is_dir():
         if not (path / "checkpoint").is_dir():
             raise UserInputError(f"--resume {path} is a folder but not a DeepSpeed resume bundle (it has no "
@@ -95,18 +100,18 @@ def open_bundle(cfg: TrainConfig) -> Bundle:
     if guard is None:
         raise UserInputError(f"--resume {path} is a Lightning checkpoint, but not one a stopped run of this toolkit "
                              f"wrote (it has no ResumeGuard state)")
-    check_same_flags(guard["flags"], cfg)
+    check_same_flags(guard["flags"], flags, resume)
     return Bundle(epoch=contents["epoch"], weights=strip_wrapper_prefix(contents["state_dict"]))
 
 
-def check_bundle_fits(bundle: Bundle, model: torch.nn.Module, cfg: TrainConfig) -> None:
+def check_bundle_fits(bundle: Bundle, model: torch.nn.Module, resume: str) -> None:
     """Same flags can still give another model when the data changed (a text file's characters set the
     vocabulary): refuse before Lightning's load raises on the first shape mismatch."""
     if bundle.weights is None:
         return
     problems = weight_mismatches(model.state_dict(), bundle.weights)
     if problems:
-        raise UserInputError(f"--resume {cfg.resume} does not fit the model built from these flags and data: "
+        raise UserInputError(f"--resume {resume} does not fit the model built from these flags and data: "
                              f"{'; '.join(problems)}. Resume with the stopped run's data.")
 
 

@@ -263,8 +263,10 @@ def test_lora_load_missing_file_is_an_error(tmp_path, base_file, capsys):
     assert "--lora_load: file not found" in err and "rwkv-5" in err and err.count("\n") == 1
 
 
-def lora_cfg(base_file, *flags):
-    return parse_args([*TINY, "--lora", "--load_model", str(base_file), "--lora_r", "4", *flags])
+def lora_flags(base_file, *flags) -> tuple:
+    """(settings, lora_load) of a LoRA run's flags, as prepare_lora_training takes them."""
+    cfg = parse_args([*TINY, "--lora", "--load_model", str(base_file), "--lora_r", "4", *flags])
+    return cfg.lora_settings, cfg.lora_load
 
 
 def test_lora_load_accepts_original_files_without_settings(tmp_path, base_file):
@@ -277,7 +279,7 @@ def test_lora_load_accepts_original_files_without_settings(tmp_path, base_file):
     original = {k: v for k, v in lora_state_dict(source, s).items() if k != SETTINGS_KEY}
     save_weights(original, tmp_path / "original.pth")
     model = tiny_model(vocab_size=DUMMY_VOCAB, n_layer=2)
-    summary = prepare_lora_training(model, lora_cfg(base_file, "--lora_load", str(tmp_path / "original.pth")))
+    summary = prepare_lora_training(model, *lora_flags(base_file, "--lora_load", str(tmp_path / "original.pth")))
     assert f"restored {len(original)} tensors" in summary
     state = model.state_dict()
     for key, value in original.items():
@@ -297,4 +299,4 @@ def test_lora_load_that_does_not_fit_the_flags(tmp_path, base_file, flags, messa
     save_weights(lora_state_dict(source, s), tmp_path / "lora.pth")
     with pytest.raises(UserInputError, match=message):
         prepare_lora_training(tiny_model(vocab_size=DUMMY_VOCAB, n_layer=2),
-                              lora_cfg(base_file, "--lora_load", str(tmp_path / "lora.pth"), *flags))
+                              *lora_flags(base_file, "--lora_load", str(tmp_path / "lora.pth"), *flags))

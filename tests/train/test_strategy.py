@@ -68,7 +68,7 @@ def test_the_strategys_config_gets_the_buckets_the_memory_check_counts(deepspeed
     family = cfg.family
     model = family.build(family.shape_from_flags(cfg, VOCAB))
     if lora:
-        prepare_lora_training(model, cfg)
+        prepare_lora_training(model, cfg.lora_settings, cfg.lora_load)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     strategy = build_deepspeed_strategy(cfg)
     module = RWKVModule(model, cfg)
