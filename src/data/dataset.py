@@ -8,6 +8,9 @@ Each sample is a window of L+1 tokens: x = window[:-1], y = window[1:], L = ctx_
 length of the context warm-up). Targets that must not be trained are -100. With --instruct_data_file, a
 sample is built from chats instead with probability --instruct_data_ratio (src/data/instruct.py), drawn
 from the sample's own generator like everything else.
+
+Reading, checking and sampling take train.py's whole config (src/config.py): the data flags of every --data_type,
+Pile mode, masks, the context warm-up and instruct mixing, about twenty of them.
 """
 import json
 from dataclasses import dataclass

@@ -18,6 +18,9 @@ when the documents are read (src/data/dataset.py load_token_data reads every typ
 
 Character-level data is numbered by the model's own characters (a vocab.json, or the training text's): ids
 given by the evaluated text's own characters would mean other characters to the model.
+
+load_windows takes train.py's config (src/config.py; evaluate.py builds one from its own flags): it reads the file
+through src/data/dataset.py load_token_data, which takes it.
 """
 import dataclasses
 from dataclasses import dataclass

@@ -1,4 +1,8 @@
-"""Everything that happens around the training steps: LR schedule, logs, progress bar, saving."""
+"""Everything that happens around the training steps: LR schedule, logs, progress bar, saving.
+
+The schedule and the logs take train.py's whole config (src/config.py): they read the LR, accumulation, epoch, log and
+W&B flags. WeightSaver takes what it uses: the run's files (src/io/outputs.py RunFiles) and the LoRA settings.
+"""
 import contextlib
 import datetime
 import math

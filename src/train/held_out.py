@@ -10,6 +10,9 @@ the rounding of the weights the file keeps).
 Training is not changed by it: the model runs in eval mode (no dropout, so no random number is drawn) under
 torch.no_grad, and goes back to train mode. Results go to valid.tsv (src/eval/valid_tsv.py), a console line, and
 W&B (valid/loss, valid/perplexity, and valid/loss_by_position as a line plot).
+
+It takes train.py's whole config (src/config.py): the held-out file is read as --data_file is, through
+src/eval/windows.py (which takes the config), with the training's masks, context, segments and epochs.
 """
 import dataclasses
 import re

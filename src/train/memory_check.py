@@ -30,6 +30,9 @@ model's estimate for the samples, --grad_cp and --state_cp), DeepSpeed's buffers
 with offload a 16-bit and an fp64 copy of the largest gradient, the latter for its norm) and the CUDA libraries'
 memory outside PyTorch's allocator; on the host each process's own memory (Python, torch, the CUDA runtime).
 BENCHMARKS.md puts these estimates beside measured peaks.
+
+The check takes train.py's whole config (src/config.py): it reads the model's shape, the context and segments, the
+precision, the strategy and LoRA flags, about twenty of them.
 """
 import dataclasses
 from dataclasses import dataclass

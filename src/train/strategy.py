@@ -1,5 +1,9 @@
 """How a run uses its hardware: --precision and --strategy as Lightning objects, the device, and the weights
 gathered from wherever the strategy keeps them (all of them on one rank under ZeRO-3).
+
+Its functions take train.py's whole config (src/config.py): they read the hardware flags together (--accelerator,
+--devices, --num_nodes, --strategy, --precision, --compile, --wkv_backend and what config.py derives from them), and
+their callers (train.py, evaluate.py, the trainer) hold it.
 """
 import importlib.util
 

@@ -1,5 +1,8 @@
 """Lightning glue: the training step (src/loss.py through src/train/state_cp/engine.py), the optimizer and its parameter
 groups, and the Trainer itself. The model (src/models/rwkv4/model.py) knows nothing of this module.
+
+It takes train.py's whole config (src/config.py): the step, Adam and the Trainer read most of the optimizer, schedule,
+precision and hardware flags.
 """
 import lightning.pytorch as pl
 import torch
