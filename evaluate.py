@@ -89,6 +89,7 @@ def evaluate(args: argparse.Namespace):
     import torch  # after the command line is known to be valid
 
     from src.eval import engine, model_loader
+    from src.data.dataset import DataFile
     from src.eval.windows import load_windows
 
     from src.train import strategy
@@ -116,7 +117,7 @@ def evaluate(args: argparse.Namespace):
                              f"{len(chars)} characters and {args.load_model} a vocabulary of {model.cfg.vocab_size}: "
                              f"it is not the vocab.json of the run that trained the model; pass that one with "
                              f"--vocab_file")
-    windows = load_windows(cfg, args.max_tokens, chars)
+    windows = load_windows(DataFile.from_flags(cfg), args.max_tokens, chars)
     if not windows.has_a_target():
         raise UserInputError(f"{windows.source}: the masks ({masks_of(args)}) leave no target in any of its "
                              f"{len(windows):,} windows of --ctx_len {args.ctx_len}, so there is no loss to "

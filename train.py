@@ -93,7 +93,7 @@ def run_training(cfg: TrainConfig, stop, extra_callbacks: list, held_until_the_e
         outputs.check_no_folder_in_the_way(files, first_epoch)
         outputs.check_appended_logs(cfg.proj_dir, more_logs)  # train_log.txt, train_steps.tsv and those
 
-    data = dataset.load_token_data(cfg)
+    data = dataset.load_token_data(dataset.DataFile.from_flags(cfg))
     dataset.check_against_model(data, cfg, data.vocab_size)
     held_out_windows = held_out.held_out_windows(cfg, data.chars, data.vocab_size) if cfg.valid_data_file else None
     if rank_zero and data.chars is not None:

@@ -50,6 +50,7 @@ def run_one_length(args) -> int:
     from src.eval import engine, model_loader
     from src.eval.windows import load_windows
     from src.config import TrainConfig
+    from src.data.dataset import DataFile
 
     filler = cap_gpu_memory(args.gpu_gib)
     measured = MEASURED_WINDOWS.get(args.ctx_len, 1)
@@ -59,7 +60,7 @@ def run_one_length(args) -> int:
                       **window_flags(args.ctx_len)).finalize()
     model = model_loader.load_model(args.weights, device="cuda", dtype=torch.bfloat16,
                                     flags=cfg)
-    windows = load_windows(cfg)
+    windows = load_windows(DataFile.from_flags(cfg))
     with torch.autocast("cuda", dtype=torch.bfloat16):
         x, y = windows[0]  # warm-up: one segment's worth of the first window (kernel build, cuBLAS)
         engine.evaluate(model, [(x[:SEGMENT], y[:SEGMENT])], cfg.ctx_len, 1, cfg.segment_len, device="cuda")

@@ -9,11 +9,12 @@ length of the context warm-up). Targets that must not be trained are -100. With 
 sample is built from chats instead with probability --instruct_data_ratio (src/data/instruct.py), drawn
 from the sample's own generator like everything else.
 
-Reading, checking and sampling take train.py's whole config (src/config.py): the data flags of every --data_type,
-Pile mode, masks, the context warm-up and instruct mixing, about twenty of them.
+Reading --data_file takes the flags it reads (DataFile). The checks against the model and sampling take train.py's
+whole config (src/config.py): the data flags of every --data_type, Pile mode, masks, the context warm-up, instruct
+mixing and the run's epochs, about twenty of them.
 """
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -50,6 +51,29 @@ class TokenData:
     chats: Optional[instruct.Chats] = None  # --instruct_data_file
     chars: Optional[list] = None  # char-level data (utf-8, utf-16le, dummy): the character of each token id
     note: str = ""  # a line for the user about the data (jsonl documents left out)
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """The flags that say how --data_file is read (load_token_data; src/eval/windows.py cuts it into windows)."""
+    data_file: str
+    data_type: str
+    vocab_size: int
+    vocab_file: str
+    ctx_len: int
+    my_sample_len: int
+    train_split_ratio: Optional[float]
+    train_data_sort: Optional[str]
+    select_name: Optional[str]
+    my_script_mask: Optional[str]
+    initial_ctx_len: Optional[int]
+    instruct_data_file: str
+    names_data_file: Optional[str]
+
+    @classmethod
+    def from_flags(cls, cfg) -> "DataFile":
+        """cfg: train.py's flags (src/config.py)."""
+        return cls(**{field.name: getattr(cfg, field.name) for field in fields(cls)})
 
 
 def dummy_text() -> str:
@@ -116,19 +140,19 @@ def read_char_vocab(path) -> list:
     return chars
 
 
-def load_token_data(cfg: TrainConfig) -> TokenData:
+def load_token_data(flags: DataFile) -> TokenData:
     """Open --data_file per --data_type (char-level types compute the vocabulary), and the chats to mix in."""
-    data = _read_data_file(cfg)
-    if cfg.instruct_data_file:
-        data.chats = instruct.load_chats(cfg)
+    data = _read_data_file(flags)
+    if flags.instruct_data_file:
+        data.chats = instruct.load_chats(flags)
     return data
 
 
-def _read_data_file(cfg: TrainConfig) -> TokenData:
-    kind, path = cfg.data_type, cfg.data_file
+def _read_data_file(flags: DataFile) -> TokenData:
+    kind, path = flags.data_type, flags.data_file
     if kind == "dummy":
         tokens, chars = char_tokens(dummy_text())
-        _check_vocab_size_flag(cfg, len(chars), "the built-in dummy data")
+        _check_vocab_size_flag(flags, len(chars), "the built-in dummy data")
         return TokenData(tokens, "built-in dummy data", len(chars), chars=chars)
     check_data_path("--data_file", path, kind)
     if kind in ("utf-8", "utf-16le"):
@@ -137,39 +161,40 @@ def _read_data_file(cfg: TrainConfig) -> TokenData:
         except UnicodeDecodeError as e:
             raise UserInputError(f"--data_file {path} is not valid {kind} text ({e}); pass the right --data_type")
         tokens, chars = char_tokens(text)
-        _check_vocab_size_flag(cfg, len(chars), path)
+        _check_vocab_size_flag(flags, len(chars), path)
         return TokenData(tokens, path, len(chars), chars=chars)
-    if cfg.vocab_size <= 0:
+    if flags.vocab_size <= 0:
         raise UserInputError(f"--data_type {kind} needs --vocab_size (50277 for the GPT-NeoX 20B tokenizer, "
                              f"65536 for World)")
     if kind == "jsonl":
-        documents = jsonl.load_documents(cfg)
-        return TokenData(documents.tokens, path, cfg.vocab_size, documents=documents, note=documents.note)
+        documents = jsonl.load_documents(flags)
+        return TokenData(documents.tokens, path, flags.vocab_size, documents=documents, note=documents.note)
     if kind == "binidx":
         data = MMapIndexedDataset(path)  # refuses indexes of non-integer tokens
-        return TokenData(data.tokens, str(data.bin_path), cfg.vocab_size, binidx=data)
+        return TokenData(data.tokens, str(data.bin_path), flags.vocab_size, binidx=data)
     if kind == "numpy":
-        return TokenData(read_npy_tokens(path), path, cfg.vocab_size)
+        return TokenData(read_npy_tokens(path), path, flags.vocab_size)
     if kind == "uint16":
         size = Path(path).stat().st_size
         if size % 2:
             raise UserInputError(f"--data_file {path} is {size} bytes, not a whole number of uint16 tokens (2 bytes "
                                  f"each): it is truncated or not uint16 data")
-        rows = size // 2 // cfg.my_sample_len
+        rows = size // 2 // flags.my_sample_len
         if rows < 1:
             raise UserInputError(f"--data_file {path} holds {size // 2} tokens, less than one row of "
-                                 f"--my_sample_len {cfg.my_sample_len}")
+                                 f"--my_sample_len {flags.my_sample_len}")
         flat = np.memmap(path, mode="r", dtype=np.uint16)
-        return TokenData(flat[:rows * cfg.my_sample_len].reshape(rows, cfg.my_sample_len), path, cfg.vocab_size)
+        return TokenData(flat[:rows * flags.my_sample_len].reshape(rows, flags.my_sample_len), path,
+                         flags.vocab_size)
     raise UserInputError(f"--data_type {kind} is not supported yet")
 
 
-def _check_vocab_size_flag(cfg: TrainConfig, n_chars: int, source: str) -> None:
+def _check_vocab_size_flag(flags: DataFile, n_chars: int, source: str) -> None:
     """Character-level data sets the vocabulary itself (one id per character): a --vocab_size that disagrees would
     be ignored."""
-    if cfg.vocab_size and cfg.vocab_size != n_chars:
-        raise UserInputError(f"--vocab_size {cfg.vocab_size}: the characters of {source} set the vocabulary of "
-                             f"--data_type {cfg.data_type} ({n_chars} of them); leave --vocab_size out (or 0)")
+    if flags.vocab_size and flags.vocab_size != n_chars:
+        raise UserInputError(f"--vocab_size {flags.vocab_size}: the characters of {source} set the vocabulary of "
+                             f"--data_type {flags.data_type} ({n_chars} of them); leave --vocab_size out (or 0)")
 
 
 # what a path of each --data_type names, for the message when it names a folder

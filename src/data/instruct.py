@@ -134,7 +134,7 @@ def check_instruct_flags(cfg) -> None:
 
 def load_chats(cfg) -> Chats:
     """The chats of --instruct_data_file, the tokenizer of --vocab_file and the names of --names_data_file (cfg:
-    train.py's flags; reads only those three)."""
+    src/data/dataset.py DataFile; reads only those three)."""
     path = Path(cfg.instruct_data_file)
     check_input_file("--instruct_data_file", path, "a .jsonl file of chats")
     texts = [text.strip() for text in read_texts(path, "--instruct_data_file") if text.strip()]

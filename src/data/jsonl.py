@@ -156,7 +156,7 @@ def tokenize_documents(texts, tokenizer: Tokenizer, select_name: Optional[str], 
 
 
 def load_documents(cfg) -> Documents:
-    """The documents of --data_file (cfg: train.py's flags; reads only --data_file, --vocab_file,
+    """The documents of --data_file (cfg: src/data/dataset.py DataFile; reads only --data_file, --vocab_file,
     --train_split_ratio, --initial_ctx_len, --ctx_len, --select_name and --train_data_sort)."""
     path = Path(cfg.data_file)
     tokenizer = tokenizer_for_file(cfg.vocab_file)

@@ -18,9 +18,6 @@ when the documents are read (src/data/dataset.py load_token_data reads every typ
 
 Character-level data is numbered by the model's own characters (a vocab.json, or the training text's): ids
 given by the evaluated text's own characters would mean other characters to the model.
-
-load_windows takes train.py's config (src/config.py; evaluate.py builds one from its own flags): it reads the file
-through src/data/dataset.py load_token_data, which takes it.
 """
 import dataclasses
 from dataclasses import dataclass
@@ -30,7 +27,6 @@ import numpy as np
 
 from src.data import dataset
 from src.data.binidx import MMapIndexedDataset
-from src.config import TrainConfig
 from src.data.types import CHARACTER_DATA_TYPES
 from src.errors import UserInputError
 from src.loss import IGNORE_INDEX
@@ -85,14 +81,14 @@ def document_bounds(starts: np.ndarray, ctx_len: int, n_tokens: int) -> np.ndarr
     return np.concatenate(bounds) if bounds else np.zeros((0, 2), dtype=np.int64)
 
 
-def load_windows(cfg: TrainConfig, max_tokens: int = 0, chars: Optional[list] = None) -> EvalWindows:
-    """The held-out evaluation windows of cfg.data_file read as cfg.data_type, cfg.ctx_len inputs long, within the first
-    `max_tokens` tokens (0: all), masked per cfg's mask flags. `chars`: the model's characters, for
-    character-level data. cfg.vocab_size is the model's: ids outside it are refused."""
+def load_windows(flags: dataset.DataFile, max_tokens: int = 0, chars: Optional[list] = None) -> EvalWindows:
+    """The held-out evaluation windows of flags.data_file read as flags.data_type, flags.ctx_len inputs long, within the
+    first `max_tokens` tokens (0: all), masked per the mask flags. `chars`: the model's characters, for
+    character-level data. flags.vocab_size is the model's: ids outside it are refused."""
     # character-level data: the file's own characters are read (renumbered to the model's below)
-    data_cfg = dataclasses.replace(cfg, instruct_data_file="", train_split_ratio=None, train_data_sort=None,
-                                   vocab_size=0 if cfg.data_type in CHARACTER_DATA_TYPES else cfg.vocab_size)
-    data = dataset.load_token_data(data_cfg)
+    data_flags = dataclasses.replace(flags, instruct_data_file="", train_split_ratio=None, train_data_sort=None,
+                                     vocab_size=0 if flags.data_type in CHARACTER_DATA_TYPES else flags.vocab_size)
+    data = dataset.load_token_data(data_flags)
     if data.chars is not None:
         if chars is None:
             raise ValueError("character-level data needs the model's characters")
@@ -102,19 +98,19 @@ def load_windows(cfg: TrainConfig, max_tokens: int = 0, chars: Optional[list] = 
     n_tokens = len(tokens) if not max_tokens else min(len(tokens), max_tokens)
     trained = None
     if data.documents is not None:
-        bounds = document_bounds(data.documents.starts, cfg.ctx_len, n_tokens)
+        bounds = document_bounds(data.documents.starts, flags.ctx_len, n_tokens)
         trained = data.documents.trained
-    elif cfg.data_type == "uint16":
-        bounds = document_bounds(np.arange(0, len(tokens) + 1, cfg.my_sample_len), cfg.ctx_len, n_tokens)
+    elif flags.data_type == "uint16":
+        bounds = document_bounds(np.arange(0, len(tokens) + 1, flags.my_sample_len), flags.ctx_len, n_tokens)
     else:
-        bounds = stream_bounds(n_tokens, cfg.ctx_len)
+        bounds = stream_bounds(n_tokens, flags.ctx_len)
     if len(bounds) == 0:
         capped = f" (the first --max_tokens {max_tokens})" if n_tokens < len(tokens) else ""
-        raise UserInputError(f"{data.source}: {n_tokens} tokens{capped} give no window of --ctx_len {cfg.ctx_len} "
-                             f"(a window needs ctx_len + 1 = {cfg.ctx_len + 1} tokens); lower --ctx_len or give more "
+        raise UserInputError(f"{data.source}: {n_tokens} tokens{capped} give no window of --ctx_len {flags.ctx_len} "
+                             f"(a window needs ctx_len + 1 = {flags.ctx_len + 1} tokens); lower --ctx_len or give more "
                              f"data")
-    dataset.check_token_ids(tokens[:n_tokens], data.source, cfg.vocab_size)
-    script_mask = parse_script_mask(cfg.my_script_mask) if cfg.my_script_mask else None
+    dataset.check_token_ids(tokens[:n_tokens], data.source, flags.vocab_size)
+    script_mask = parse_script_mask(flags.my_script_mask) if flags.my_script_mask else None
     return EvalWindows(tokens, bounds, data.source, trained, script_mask, data.binidx)
 
 

@@ -11,8 +11,8 @@ Training is not changed by it: the model runs in eval mode (no dropout, so no ra
 torch.no_grad, and goes back to train mode. Results go to valid.tsv (src/eval/valid_tsv.py), a console line, and
 W&B (valid/loss, valid/perplexity, and valid/loss_by_position as a line plot).
 
-It takes train.py's whole config (src/config.py): the held-out file is read as --data_file is, through
-src/eval/windows.py (which takes the config), with the training's masks, context, segments and epochs.
+It takes train.py's whole config (src/config.py): the held-out file is read with the training's data flags
+(src/data/dataset.py DataFile) and masks, and evaluated on its context, segments and epochs.
 """
 import dataclasses
 import re
@@ -23,7 +23,7 @@ import lightning.pytorch as pl
 from src.eval import engine, valid_tsv
 from src.train.callbacks import TrainingLog, interrupted, real_step
 from src.config import TrainConfig
-from src.data.dataset import check_data_path
+from src.data.dataset import DataFile, check_data_path
 from src.errors import UserInputError
 from src.loss import IGNORE_INDEX
 from src.eval.windows import EvalWindows, load_windows
@@ -41,7 +41,8 @@ def held_out_windows(cfg: TrainConfig, training_chars, vocab_size: int) -> EvalW
         raise UserInputError(f"--valid_tokens {cfg.valid_tokens} holds no window of --ctx_len {cfg.ctx_len} (a window "
                              f"needs ctx_len + 1 = {cfg.ctx_len + 1} tokens); give at least {cfg.ctx_len + 1}, or 0 "
                              f"for all of --valid_data_file")
-    held_out = dataclasses.replace(cfg, data_file=path, data_type=cfg.valid_data_type, vocab_size=vocab_size)
+    held_out = dataclasses.replace(DataFile.from_flags(cfg), data_file=path, data_type=cfg.valid_data_type,
+                                   vocab_size=vocab_size)
     try:
         windows = load_windows(held_out, cfg.valid_tokens, training_chars)
     except UserInputError as e:  # the reader speaks of the flags of the file it reads: here, the held-out ones

@@ -12,6 +12,7 @@ from conftest import ROOT
 from src.accumulation import optimizer_steps_in_epoch
 from src.config import parse_args
 from src.data.dataset import (
+    DataFile,
     EpochSampler,
     TokenData,
     TrainingSamples,
@@ -108,7 +109,7 @@ def test_float_token_files_are_refused(tmp_path):
     np.save(tmp_path / "f.npy", np.zeros(100, dtype=np.float32))
     cfg = parse_args(["--data_type", "numpy", "--data_file", str(tmp_path / "f.npy"), "--vocab_size", "5"])
     with pytest.raises(UserInputError, match="must be integers"):
-        load_token_data(cfg)
+        load_token_data(DataFile.from_flags(cfg))
 
 
 def test_training_starts_no_helper_process(tmp_path):

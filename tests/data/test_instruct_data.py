@@ -11,7 +11,7 @@ import torch
 import train
 from helpers import TOKENIZER_20B_PARTS, WORLD_VOCAB_PARTS, package_file, refused_in_one_line
 from src.config import parse_args
-from src.data.dataset import TrainingSamples, load_token_data
+from src.data.dataset import DataFile, TrainingSamples, load_token_data
 from src.data.instruct import DEFAULT_SYSTEM_LINES, fill_system_line, load_names, rename_speakers
 from src.data.jsonl import speaker_spans
 from src.data.tokenizer import RWKVTokenizer
@@ -38,7 +38,7 @@ def mixed(tmp_path, *extra, vocab_file=TOKENIZER_20B):
     cfg = parse_args(["--data_type", "numpy", "--data_file", str(tmp_path / "t.npy"), "--vocab_size", "65536",
                       "--vocab_file", vocab_file, "--instruct_data_file", write_chats(tmp_path / "chats.jsonl"),
                       "--micro_bsz", "2", "--epoch_steps", "50", *extra])
-    return cfg, load_token_data(cfg)
+    return cfg, load_token_data(DataFile.from_flags(cfg))
 
 
 def is_window(x, y):
@@ -89,7 +89,7 @@ def test_chat_samples_in_which_the_bot_says_nothing_are_drawn_again(tmp_path, ca
     late = [json.dumps({"text": f"Bob: {'hello? ' * 20}{i}\n\nAlice: too late"}) for i in range(20)]
     chats = (tmp_path / "chats.jsonl").read_text()
     (tmp_path / "chats.jsonl").write_text("\n".join(late) + "\n" + chats)
-    samples = TrainingSamples(load_token_data(cfg), cfg, seed=3, rank=0)
+    samples = TrainingSamples(load_token_data(DataFile.from_flags(cfg)), cfg, seed=3, rank=0)
     assert all((samples[i][1] != -100).any() for i in range(60))
     (tmp_path / "chats.jsonl").write_text("\n".join(late) + "\n")
     argv = ["--data_type", "numpy", "--data_file", str(tmp_path / "t.npy"), "--vocab_size", "65536", "--vocab_file",

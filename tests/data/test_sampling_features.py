@@ -11,7 +11,7 @@ from helpers import TOKENIZER_20B_PARTS, WORLD_VOCAB_PARTS, package_file
 from src.data import pile_mode, script_mask
 from src.data.binidx import MMapIndexedDataset, MMapIndexedDatasetBuilder
 from src.config import parse_args
-from src.data.dataset import IGNORE_INDEX, TrainingSamples, load_token_data, pad_batch
+from src.data.dataset import IGNORE_INDEX, DataFile, TrainingSamples, load_token_data, pad_batch
 from src.errors import UserInputError
 from src.data.jsonl import Documents, speaker_mask, speaker_spans
 from src.data.tokenizer import HFTokenizer, RWKVTokenizer
@@ -60,7 +60,7 @@ def test_only_the_speakers_tokens_are_trained(kind):
 def test_jsonl_samples_mask_everything_but_the_speaker(tmp_path):
     cfg = parse_args(["--data_type", "jsonl", "--data_file", str(write_chats(tmp_path / "c.jsonl")), "--vocab_file",
                       TOKENIZER_20B, "--vocab_size", "50277", "--select_name", "Alice", "--ctx_len", "64"])
-    data = load_token_data(cfg)
+    data = load_token_data(DataFile.from_flags(cfg))
     samples = TrainingSamples(data, cfg, seed=0, rank=0)
     tokenizer = HFTokenizer.from_file(TOKENIZER_20B)
     for index in range(3):
@@ -78,7 +78,7 @@ def test_long_documents_are_cut_to_ctx_len_and_batches_padded(tmp_path):
     path.write_text(json.dumps({"text": "word " * 100}) + "\n" + json.dumps({"text": "short one"}) + "\n")
     cfg = parse_args(["--data_type", "jsonl", "--data_file", str(path), "--vocab_file", TOKENIZER_20B,
                       "--vocab_size", "50277", "--ctx_len", "16"])
-    samples = TrainingSamples(load_token_data(cfg), cfg, seed=0, rank=0)
+    samples = TrainingSamples(load_token_data(DataFile.from_flags(cfg)), cfg, seed=0, rank=0)
     (x0, y0), (x1, y1) = samples[0], samples[1]
     assert len(x0) == 16 and torch.equal(y0[:-1], x0[1:]) and len(x1) == 1
     x, y = pad_batch([samples[0], samples[1]])
@@ -109,7 +109,7 @@ def test_ranks_share_out_the_documents(tmp_path):
     # all ranks is index * world_size + rank, so two ranks read disjoint documents in each pass
     cfg = parse_args(["--data_type", "jsonl", "--data_file", str(write_chats(tmp_path / "c.jsonl", 8)),
                       "--vocab_file", TOKENIZER_20B, "--vocab_size", "50277", "--ctx_len", "64"])
-    data = load_token_data(cfg)
+    data = load_token_data(DataFile.from_flags(cfg))
     firsts = {rank: [tuple(TrainingSamples(data, cfg, 0, rank, world_size=2)[i][0][:4].tolist()) for i in range(4)]
               for rank in (0, 1)}
     assert len(set(firsts[0]) | set(firsts[1])) == 8
@@ -126,13 +126,13 @@ def test_bad_jsonl_data(tmp_path, content, extra, message):
     cfg = parse_args(["--data_type", "jsonl", "--data_file", str(tmp_path / "c.jsonl"), "--vocab_file",
                       TOKENIZER_20B, "--vocab_size", "50277", *extra])
     with pytest.raises(UserInputError, match=message):
-        load_token_data(cfg)
+        load_token_data(DataFile.from_flags(cfg))
 
 
 def test_train_split_keeps_the_first_fraction(tmp_path):
     cfg = parse_args(["--data_type", "jsonl", "--data_file", str(write_chats(tmp_path / "c.jsonl", 10)),
                       "--vocab_file", WORLD_VOCAB, "--vocab_size", "65536", "--train_split_ratio", "0.3"])
-    assert len(load_token_data(cfg).documents) == 3
+    assert len(load_token_data(DataFile.from_flags(cfg)).documents) == 3
 
 
 def test_damaged_compressed_jsonl(tmp_path):
@@ -140,7 +140,7 @@ def test_damaged_compressed_jsonl(tmp_path):
     cfg = parse_args(["--data_type", "jsonl", "--data_file", str(tmp_path / "c.jsonl.gz"), "--vocab_file",
                       TOKENIZER_20B, "--vocab_size", "50277"])
     with pytest.raises(UserInputError, match="c.jsonl.gz cannot be read"):
-        load_token_data(cfg)
+        load_token_data(DataFile.from_flags(cfg))
 
 
 # ---- --my_script_mask on binidx windows
@@ -160,7 +160,7 @@ def test_script_masked_samples(tmp_path):
     write_binidx(tmp_path / "d", np.split(np.arange(sum(sizes)), np.cumsum(sizes)[:-1]))
     cfg = parse_args(["--data_type", "binidx", "--data_file", str(tmp_path / "d"), "--vocab_size", "200",
                       "--ctx_len", "16", "--my_script_mask", "1_3"])
-    samples = TrainingSamples(load_token_data(cfg), cfg, seed=0, rank=0)
+    samples = TrainingSamples(load_token_data(DataFile.from_flags(cfg)), cfg, seed=0, rank=0)
     ends = np.cumsum(sizes)
     for index in range(40):
         x, y = samples[index]
@@ -197,7 +197,7 @@ def test_magic_prime_samples_through_epochs_and_ranks(tmp_path):
             "--my_pile_stage", "3", "--magic_prime", "11", "--micro_bsz", "4"]
     one = parse_args([*base, "--devices", "1"])
     assert (one.epoch_steps, one.my_pile_shift) == (10080, 0)
-    data = load_token_data(one)
+    data = load_token_data(DataFile.from_flags(one))
     samples = TrainingSamples(data, one, seed=0, rank=0)
     starts = [int(samples[i][0][0]) for i in range(11)]
     assert sorted(starts) == list(range(0, 44, 4))
@@ -276,7 +276,7 @@ def test_documents_the_speaker_says_nothing_in_are_left_out_with_a_note(tmp_path
         f.write(json.dumps({"text": "Bob: " + "wait " * 40 + "\n\nAlice: too late"}) + "\n")
     argv = ["--data_type", "jsonl", "--data_file", str(path), "--vocab_file", TOKENIZER_20B, "--vocab_size", "50277",
             "--select_name", "Alice"]
-    data = load_token_data(parse_args([*TINY, *argv]))
+    data = load_token_data(DataFile.from_flags(parse_args([*TINY, *argv])))
     assert len(data.documents) == 4
     capsys.readouterr()
     assert run(tmp_path, *argv) == 0

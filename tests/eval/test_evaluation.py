@@ -14,7 +14,7 @@ from src.eval.windows import load_windows
 from src.data.binidx import MMapIndexedDatasetBuilder
 from src.io.checkpoint import save_weights
 from src.config import TrainConfig
-from src.data.dataset import write_char_vocab
+from src.data.dataset import DataFile, write_char_vocab
 from src.lora.adapters import SETTINGS_KEY, apply_lora, lora_state_dict
 from src.lora.settings import LoraSettings
 from src.loss import IGNORE_INDEX
@@ -102,7 +102,7 @@ def test_position_buckets_double_up_to_ctx_len():
 def test_shares_of_the_windows_add_up_to_the_whole(files, model):
     """What every GPU's share sums to (the all-reduce of train.py --valid_data_file) is the one-process result."""
     cfg = TrainConfig(data_type="numpy", data_file=str(files / "tokens.npy"), vocab_size=VOCAB, ctx_len=100)
-    windows = load_windows(cfg)
+    windows = load_windows(DataFile.from_flags(cfg))
     whole = engine.evaluate(model, windows, 100, micro_bsz=2)
     shares = [engine.evaluate(model, windows, 100, micro_bsz=2, rank=r, world_size=3) for r in range(3)]
     assert sum(s.windows for s in shares) == whole.windows == 9 and [s.windows for s in shares] == [3, 3, 3]
@@ -113,7 +113,7 @@ def test_shares_of_the_windows_add_up_to_the_whole(files, model):
 def test_evaluation_leaves_the_model_in_its_mode(files, model):
     cfg = TrainConfig(data_type="numpy", data_file=str(files / "tokens.npy"), vocab_size=VOCAB, ctx_len=100)
     model.train()
-    engine.evaluate(model, load_windows(cfg, max_tokens=201), 100, micro_bsz=1)
+    engine.evaluate(model, load_windows(DataFile.from_flags(cfg), max_tokens=201), 100, micro_bsz=1)
     assert model.training
     model.eval()
 
@@ -137,7 +137,7 @@ def test_binidx_documents_are_one_stream_in_file_order(tmp_path):
         builder.end_document()
     builder.finalize()
     cfg = TrainConfig(data_type="binidx", data_file=str(tmp_path / "data"), vocab_size=VOCAB, ctx_len=6)
-    windows = load_windows(cfg)
+    windows = load_windows(DataFile.from_flags(cfg))
     stream = np.concatenate(documents)
     assert len(windows) == 20 // 6 == 3
     for i in range(3):
@@ -150,7 +150,7 @@ def test_text_is_numbered_by_the_models_characters(tmp_path):
     model_chars = list(".0123456789+=")
     (tmp_path / "valid.txt").write_text("1+1=2.3+4=7.", encoding="utf-8")
     cfg = TrainConfig(data_type="utf-8", data_file=str(tmp_path / "valid.txt"), vocab_size=13, ctx_len=5)
-    windows = load_windows(cfg, chars=model_chars)
+    windows = load_windows(DataFile.from_flags(cfg), chars=model_chars)
     x, y = windows[0]
     assert len(windows) == 11 // 5 and x.tolist() == [model_chars.index(c) for c in "1+1=2"]
     assert y.tolist() == [model_chars.index(c) for c in "+1=2."]
@@ -161,7 +161,7 @@ def test_uint16_rows_are_documents_cut_into_windows(tmp_path):
     rows.tofile(tmp_path / "rows.bin")
     cfg = TrainConfig(data_type="uint16", data_file=str(tmp_path / "rows.bin"), vocab_size=VOCAB, my_sample_len=10,
                       ctx_len=4)
-    windows = load_windows(cfg)
+    windows = load_windows(DataFile.from_flags(cfg))
     # each row of 10 tokens: 9 targets in windows of 4, 4 and 1; no window crosses a row
     assert windows.bounds.tolist() == [[s, min(s + 5, r + 10)] for r in (0, 10, 20) for s in (r, r + 4, r + 8)]
     assert windows[2][0].tolist() == [8] and windows[2][1].tolist() == [9]
@@ -359,7 +359,7 @@ def test_the_gpu_benchmarks_windows_on_the_cpu(tmp_path):
     assert evaluate_speed.window_flags(131072) == {"ctx_len": 131072, "ctx_parts": 32, "state_cp": 1}
     cfg = TrainConfig(data_type="numpy", data_file=str(evaluate_speed.random_tokens(100, 3, tmp_path)),
                       vocab_size=50277, **evaluate_speed.window_flags(100)).finalize()
-    windows = load_windows(cfg)
+    windows = load_windows(DataFile.from_flags(cfg))
     assert len(windows) == 3 and cfg.segment_len is None
 
 
