@@ -79,6 +79,11 @@ class Footprint:
     host_parts: str = ""
 
 
+def _element_bytes(cfg: TrainConfig) -> int:
+    """Bytes of a 16-bit run's weights, gradients and activations (bf16, fp16), else of fp32 ones."""
+    return 2 if cfg.precision in ("bf16", "fp16") else 4
+
+
 def footprint(cfg: TrainConfig, params: int, trainable: int, world_size: int, processes_per_host: int,
               on_gpu: bool) -> Footprint:
     """The weights, gradients and optimizer state of the run (see the module docstring)."""
@@ -90,7 +95,7 @@ def footprint(cfg: TrainConfig, params: int, trainable: int, world_size: int, pr
         else:  # fp32 weights (fp16 mixed precision keeps them too), gradients, Adam
             state = 4 * params + 12 * trainable
         return Footprint(gpu=state, host=0) if on_gpu else Footprint(gpu=0, host=state * processes_per_host)
-    weight = 2 if cfg.precision in ("bf16", "fp16") else 4
+    weight = _element_bytes(cfg)
     stage, offload = cfg.deepspeed
     if stage == 3:
         if offload:
@@ -108,15 +113,10 @@ def deepspeed_bucket_elements(cfg: TrainConfig, trainable: int, world_size: int)
     of gradients in the run's dtype. Under --lora the gradients are few, and a bucket of 200 MB held mostly nothing
     (DeepSpeed allocates its buckets whole): on one GPU, which reduces with nobody, one bucket of the trainable count
     holds every gradient (one flush per step); on several, no more than the trainable count either."""
-    flag = cfg.ds_bucket_mb * 1000 * 1000 // _gradient_bytes(cfg)
+    flag = cfg.ds_bucket_mb * 1000 * 1000 // _element_bytes(cfg)
     if not cfg.lora:
         return flag
     return trainable if world_size == 1 else min(trainable, flag)
-
-
-def _gradient_bytes(cfg: TrainConfig) -> int:
-    """Bytes of a gradient element under DeepSpeed: the model's dtype (16-bit with bf16 and fp16)."""
-    return 2 if cfg.precision in ("bf16", "fp16") else 4
 
 
 def deepspeed_gpu_buffers(cfg: TrainConfig, largest_trainable: int, trainable: int, world_size: int) -> int:
@@ -129,7 +129,7 @@ def deepspeed_gpu_buffers(cfg: TrainConfig, largest_trainable: int, trainable: i
         return 2 * 2 * largest_trainable
     if cfg.deepspeed is None or cfg.deepspeed[0] == 3:
         return 0
-    buckets = 2 * deepspeed_bucket_elements(cfg, trainable, world_size) * _gradient_bytes(cfg)
+    buckets = 2 * deepspeed_bucket_elements(cfg, trainable, world_size) * _element_bytes(cfg)
     return buckets + ((2 + 8) * largest_trainable if cfg.deepspeed[1] else 0)
 
 
@@ -222,7 +222,7 @@ def run_need(cfg: TrainConfig, vocab_size: int, world_size: int, processes_per_h
     shape = family.shape_from_flags(cfg, vocab_size)
     state = footprint(cfg, counts.params, counts.trainable, world_size, processes_per_host, on_gpu)
     tokens = cfg.segment_len or cfg.ctx_len
-    dtype_bytes = 2 if cfg.precision in ("bf16", "fp16") else 4
+    dtype_bytes = _element_bytes(cfg)
     activations = (family.activation_bytes(shape, cfg.micro_bsz, tokens, dtype_bytes,
                                            checkpointed=bool(cfg.grad_cp or cfg.state_cp),
                                            inputs_on_device=not cfg.state_cp,

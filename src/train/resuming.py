@@ -22,7 +22,7 @@ RESUME_FREE_FLAGS = {"resume", "load_model", "lora_load", "proj_dir", "wandb", "
                      "max_steps", "random_seed", "debug", "timestamp", "wkv_backend", "compile", "log_add_step",
                      "overwrite_proj_dir",
                      "lora_settings",  # derived from --lora_* flags, which are compared
-                     "rule_filled",  # derived: which shape flags a rule or --load_model's file filled (compared)
+                     "rule_filled",  # derived: which shape flags the rule filled (the values themselves are compared)
                      "valid_data_file", "valid_data_type", "valid_every", "valid_tokens"}  # held-out loss: reads only
 
 
