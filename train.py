@@ -27,13 +27,35 @@ def main(argv=None) -> int:
 
 def estimate_memory(cfg: TrainConfig) -> int:
     """--estimate_memory 1: print the memory the run needs (the memory check's figures; JSON last) and exit 0.
-    Before anything touches --proj_dir, a GPU or the data: the model is built on the meta device only."""
+    Before anything touches --proj_dir, a GPU or the data: the model is built on the meta device only. A --load_model
+    file that is there decides the family and the widths left to the rule, as in training, and is refused where
+    training would refuse it (its keys and shapes only are read, memory-mapped); one not downloaded yet is not
+    needed: the flags decide."""
     from src.train import console, memory_check  # console: torch's import-time chatter stays off the output
 
     with console.library_chatter_silenced():
-        lines = memory_check.estimate(cfg)
+        read_load_model = bool(cfg.load_model) and Path(cfg.load_model).is_file()
+        if read_load_model:
+            cfg = with_family_of_load_model(cfg)
+            check_load_model_fits(cfg)
+        lines = memory_check.estimate(cfg, read_load_model)
     print("\n".join(lines), flush=True)
     return 0
+
+
+def check_load_model_fits(cfg: TrainConfig) -> None:
+    """Refuse a --load_model whose keys and shapes are not those of the model the flags describe (building it on
+    the meta device: nothing allocated), in the words training refuses it with."""
+    import torch
+
+    from src.io import checkpoint
+
+    family = cfg.family
+    with torch.device("meta"):
+        model = family.build(family.shape_from_flags(cfg, cfg.vocab_size), family.forward_options(cfg))
+    weights = family.canonical_weights(checkpoint.load_weights(cfg.load_model))
+    checkpoint.check_compatible(model.state_dict(), weights, cfg.load_model, family.shape_flags,
+                                allow_missing=bool(cfg.load_partial))
 
 
 def train(cfg: TrainConfig, extra_callbacks=(), write_weights: bool = True) -> int:

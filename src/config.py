@@ -165,8 +165,9 @@ class TrainConfig(*flag_groups()):  # the shape flags of each model family (src/
     estimate_memory: int = flag(0, "run", "1 = print the GPU and host memory this command's flags need under its "
                                 "--strategy (what the memory check at the start of training computes, for one "
                                 "process per --devices, one device when auto) and exit: nothing is allocated or "
-                                "written; the data file and --load_model are not read (the shape flags and "
-                                "--vocab_size describe the model). The last line is JSON: strategy, gpu_gib, "
+                                "written; the data file is not read, and of a --load_model already there only its "
+                                "keys and shapes (its family; the shape flags and --vocab_size describe the model). "
+                                "The last line is JSON: strategy, gpu_gib, "
                                 "host_gib, params.", choices=(0, 1))
 
     # ---- long context

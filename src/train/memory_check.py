@@ -38,6 +38,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+from src import models
 from src.config import TrainConfig
 from src.errors import UserInputError
 
@@ -262,6 +263,18 @@ def count_parameters(cfg: TrainConfig, vocab_size: int) -> ParameterCounts:
                            head_trains=any(family.piece_of(n) == HEAD for n in names))
 
 
+def _load_model_read(cfg: TrainConfig, read: bool) -> str:
+    """What --estimate_memory read of --load_model, in words: a file not there yet leaves the family to the flags."""
+    if read:
+        return f"the keys and shapes of --load_model {cfg.load_model} were read"
+    if not cfg.load_model:
+        return "no --load_model was read"
+    others = ", ".join(f"{f'--my_testing {f.my_testing}' if f.my_testing else 'no --my_testing'} for {f.title}"
+                       for f in models.FAMILIES.values() if f is not cfg.family)
+    return (f"--load_model {cfg.load_model} is not there, so the flags decide the family: {cfg.family.title}"
+            + (f" ({others})" if others else ""))
+
+
 def estimate_processes(cfg: TrainConfig) -> tuple:
     """(world_size, processes_per_host, on_gpu, what was assumed, in words) for --estimate_memory, which sees no
     hardware: one process per device of --devices (one when auto) on each of --num_nodes machines, on GPUs unless
@@ -276,10 +289,11 @@ def estimate_processes(cfg: TrainConfig) -> tuple:
     return per_host * cfg.num_nodes, per_host, on_gpu, ", ".join(assumed)
 
 
-def estimate(cfg: TrainConfig) -> list:
+def estimate(cfg: TrainConfig, read_load_model: bool = False) -> list:
     """--estimate_memory: the lines that tell what this command's run needs, the JSON line
     {"strategy", "gpu_gib", "host_gib", "params"} last (GiB rounded to 0.01). Builds the model on the meta device
-    only: allocates nothing, reads and writes no file."""
+    only: allocates nothing, reads and writes no file. `read_load_model`: train.py read --load_model's keys and
+    shapes for the flags (the lines say so)."""
     import json
 
     vocab_size = cfg.vocab_size
@@ -296,7 +310,7 @@ def estimate(cfg: TrainConfig) -> list:
         f"GPU: {need.gpu / GIB:.1f} GiB per GPU ({need.gpu_parts})" if on_gpu else "GPU: none (--accelerator cpu)",
         f"host: {need.host / GIB:.1f} GiB per machine ({need.host_parts})",
         f"parameters: {counts.params:,} ({short}), {trained}",
-        "nothing was allocated or written; no data file and no --load_model were read",
+        "nothing was allocated or written; no data file was read; " + _load_model_read(cfg, read_load_model),
         json.dumps({"strategy": cfg.strategy, "gpu_gib": round(need.gpu / GIB, 2),
                     "host_gib": round(need.host / GIB, 2), "params": counts.params}),
     ]

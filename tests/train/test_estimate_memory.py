@@ -85,3 +85,33 @@ def test_without_vocab_size_it_is_refused_in_one_line(untouched, capsys):
     refused_in_one_line(["--estimate_memory", "1", "--n_layer", "32", "--n_embd", "4096"], capsys,
                         "--estimate_memory 1 needs --vocab_size")
     assert not any(untouched.iterdir())
+
+
+def test_a_load_model_file_that_is_there_decides_the_family_and_widths(untouched, tmp_path_factory, capsys):
+    """A released RWKV-7 file with its own low-rank widths, passed without --my_testing or width flags: the estimate
+    is of the model training builds from it (the flags alone describe an RWKV-4). A file the flags do not describe
+    is refused as training refuses it. A file not there yet leaves the family to the flags, and the lines say so."""
+    from src.io.checkpoint import save_weights
+    from src.models.rwkv7.config import RWKV7Config
+    from src.models.rwkv7.family import RWKV7
+    from src.models.rwkv7.model import generate_init_weights
+
+    widths = dict(d_decay_lora=64, d_aaa_lora=48, d_mv_lora=40, d_gate_lora=96)  # the rule gives 32 at C = 32
+    model = RWKV7.build(RWKV7Config(vocab_size=256, n_layer=2, n_embd=32, head_size=8, dim_ffn=96, **widths))
+    release = tmp_path_factory.mktemp("downloads") / "release.pth"  # the folder the estimate runs in stays empty
+    save_weights(generate_init_weights(model), release)
+    flags = ["--n_layer", "2", "--n_embd", "32", "--vocab_size", "256", "--accelerator", "cpu"]
+
+    lines, result = estimate([*flags, "--head_size", "8", "--load_model", str(release)], capsys)
+    assert result["params"] == sum(p.numel() for p in model.parameters())
+    assert "RWKV-7 L2 D32 vocab 256" in lines[0]
+    assert lines[-2].endswith(f"the keys and shapes of --load_model {release} were read")
+
+    refused_in_one_line(["--estimate_memory", "1", *flags, "--head_size", "16", "--load_model", str(release)], capsys,
+                        f"--load_model {release} does not fit the model built from the flags", "--head_size")
+
+    lines, _ = estimate([*flags, "--load_model", str(release.with_name("not_yet.pth"))], capsys)
+    assert "RWKV-4 L2 D32" in lines[0]
+    assert lines[-2].endswith(f"--load_model {release.with_name('not_yet.pth')} is not there, so the flags decide "
+                              f"the family: RWKV-4 (--my_testing x070 for RWKV-7)")
+    assert not any(untouched.iterdir())
