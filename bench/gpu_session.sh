@@ -8,7 +8,7 @@
 #            the end, so that the logs come back whole
 # Stages:
 #   suite          every `pytest -m gpu` test: tests/train/test_gpu_memory.py alone (it leaves the card nearly full),
-#                  the others in four parallel streams (separate pytest temp folders)
+#                  the others in five parallel streams (separate pytest temp folders)
 #   long_context BEFORE_DIR
 #                  bench.long_context --lengths 4096 131072 on the tree at BEFORE_DIR (e.g. `git archive REV | tar -x
 #                  -C BEFORE_DIR`), then on this one, one after the other on the same random base, then the first
@@ -71,20 +71,20 @@ gpu_test_files() {
 }
 
 suite() {
+    # the longest files (measured 2026-12-08: the operations file 482 s, the state_cp and models folders most of two
+    # other streams' 445 s and 333 s) get streams of their own; every other file with GPU tests the last stream
     local ops=tests/test_gpu_operations.py memory=tests/train/test_gpu_memory.py
-    local -a rest=() first=() second=()
-    mapfile -t rest < <(gpu_test_files | grep -v -e "^$ops$" -e "^$memory$")
-    for i in "${!rest[@]}"; do  # two streams of about as many files each
-        if (( i % 2 )); then second+=("${rest[$i]}"); else first+=("${rest[$i]}"); fi
-    done
+    local -a rest=()
+    mapfile -t rest < <(gpu_test_files | grep -v -e "^$ops$" -e "^$memory$" -e "^tests/train/state_cp/" -e "^tests/models/")
     local pytest=(python -m pytest -m gpu -rs -p no:cacheprovider)
     run suite_ops_strategies 560 "${pytest[@]}" --basetemp=/tmp/pt1 "$ops" -k each_strategy &
     run suite_ops_rest 560 "${pytest[@]}" --basetemp=/tmp/pt2 "$ops" -k "not each_strategy" &
-    run suite_files_a 560 "${pytest[@]}" --basetemp=/tmp/pt3 "${first[@]}" &
-    run suite_files_b 560 "${pytest[@]}" --basetemp=/tmp/pt4 "${second[@]}" &
+    run suite_state_cp 560 "${pytest[@]}" --basetemp=/tmp/pt3 tests/train/state_cp &
+    run suite_models 560 "${pytest[@]}" --basetemp=/tmp/pt4 tests/models &
+    run suite_other_files 560 "${pytest[@]}" --basetemp=/tmp/pt5 "${rest[@]}" &
     wait
     gpu_idle
-    run suite_memory_alone 120 "${pytest[@]}" --basetemp=/tmp/pt5 "$memory"
+    run suite_memory_alone 150 "${pytest[@]}" --basetemp=/tmp/pt6 "$memory"
 }
 
 long_context() {
