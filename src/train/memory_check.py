@@ -153,13 +153,22 @@ def run_footprint(cfg: TrainConfig, state: Footprint, trained: tuple, activation
                                     f"{activations / GIB:.1f} GiB of activations, {processes}")
     runtime = PROCESS_GPU_RUNTIME_BYTES
     scratch = 4 * largest_trainable if cfg.offload else 0  # HostOffloadAdam's fp32 gradient of one parameter
+    rounding = pinned_rounding_bytes(trained) if cfg.offload else 0
     return Footprint(
-        gpu=state.gpu + activations + buffers + runtime, host=state.host + scratch + process,
+        gpu=state.gpu + activations + buffers + runtime, host=state.host + scratch + rounding + process,
         gpu_parts=f"{state.gpu / GIB:.1f} GiB of weights, gradients and optimizer state, {activations / GIB:.1f} GiB "
                   f"of activations" + (f", {buffers / GIB:.1f} GiB of {BUFFERS_OF[cfg.offload]}" if buffers else "")
                   + f", {runtime / GIB:.0f} GiB for the CUDA libraries",
         host_parts=(f"{state.host / GIB:.1f} GiB of offloaded optimizer state, " if state.host else "")
-        + (f"{scratch / GIB:.1f} GiB for one fp32 gradient, " if scratch else "") + processes)
+        + (f"{scratch / GIB:.1f} GiB for one fp32 gradient, " if scratch else "")
+        + (f"{rounding / GIB:.1f} GiB of pinned-memory rounding, " if rounding else "") + processes)
+
+
+def pinned_rounding_bytes(trained: tuple) -> int:
+    """What torch's pinned-memory allocator adds to --strategy offload's bf16 staging buffers, one per trained
+    parameter of `trained` elements: it rounds every allocation up to a power of two (c10's CachingHostAllocator, by
+    default at any size), so a 3584 x 3584 buffer (24.5 MiB) takes 32 MiB; 4096-wide matrices lose nothing."""
+    return sum((1 << (2 * n - 1).bit_length()) - 2 * n for n in trained if n)
 
 
 def check_fits(cfg: TrainConfig, need: Footprint, gpu_free: Optional[int], host_available: Optional[int],

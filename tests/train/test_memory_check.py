@@ -3,7 +3,7 @@ import pytest
 
 from src.config import parse_args
 from src.errors import UserInputError
-from src.train.memory_check import GIB, Footprint, check_fits, footprint
+from src.train.memory_check import GIB, Footprint, check_fits, footprint, pinned_rounding_bytes, run_need
 
 SEVEN_B = 7_400_000_000  # the 7B shape: emb and head included
 LORA_7B = 40_000_000
@@ -38,6 +38,17 @@ def test_zero_partitions_are_shared_by_the_gpus():
     offload = footprint(flags("deepspeed_stage_2_offload"), SEVEN_B, SEVEN_B, world_size=4, processes_per_host=2,
                         on_gpu=True)
     assert offload.host == 20 * SEVEN_B * 2 // 4  # this machine's two of the four partitions
+
+
+def test_offload_counts_the_pinned_allocators_rounding_of_each_staging_buffer():
+    """torch rounds each pinned allocation up to a power of two: a 4096 x 4096 bf16 buffer (32 MiB) loses nothing, a
+    3584 x 3584 one (24.5 MiB) takes 32 MiB, and the estimate of a D3584 run under --strategy offload counts it."""
+    assert pinned_rounding_bytes((4096 * 4096, 4096, 1)) == 0
+    assert pinned_rounding_bytes((3584 * 3584, 3)) == 32 * 2 ** 20 - 2 * 3584 * 3584 + 8 - 6
+    shape = ["--n_layer", "2", "--n_embd", "3584", "--vocab_size", "50277", "--precision", "bf16"]
+    offload, deepspeed = (run_need(parse_args(["--data_type", "dummy", *shape, "--strategy", strategy]), 50277, 1, 1,
+                                   True) for strategy in ("offload", "deepspeed_stage_2_offload"))
+    assert "GiB of pinned-memory rounding" in offload.host_parts and "rounding" not in deepspeed.host_parts
 
 
 def test_lora_needs_little_beyond_the_weights():
