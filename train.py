@@ -151,8 +151,11 @@ def run_training(cfg: TrainConfig, stop, extra_callbacks: list, held_until_the_e
         if cfg.resume and not stopped:
             resuming.retire_bundle(cfg.resume)
         saved = saver.saved + ([outputs.BUNDLE_NAME] if stopped else [])
-        console.print_summary(cfg.proj_dir, saved, log.tokens_trained, log.seconds, log.last_mean_loss, stopped,
-                              log.steady_speed())
+        # valid.tsv only once an evaluation has written it: a run stopped before its first one has none
+        logs = [outputs.LOG_NAME, outputs.STEP_LOG_NAME] + [
+            name for name, _ in more_logs if (Path(cfg.proj_dir) / name).exists()]
+        console.print_summary(cfg.proj_dir, saved, logs, log.tokens_trained, log.seconds, log.last_mean_loss,
+                              stopped, log.steady_speed())
     return stopper.exit_code
 
 

@@ -59,14 +59,15 @@ def _state_cp_note(cfg: TrainConfig) -> str:
     return f" in {segments} segment{'s' if segments > 1 else ''} of {cfg.segment_len} tokens (--state_cp)"
 
 
-def print_summary(proj_dir: str, saved: list, tokens: int, seconds: float, mean_loss, stopped: bool,
+def print_summary(proj_dir: str, saved: list, logs: list, tokens: int, seconds: float, mean_loss, stopped: bool,
                   steady_speed=None) -> None:
-    """The run's last lines: how it ended, what it trained (and how fast after the first step), what it saved where."""
+    """The run's last lines: how it ended, what it trained (and how fast after the first step), what it saved where
+    and the logs it appended to."""
     how = "Stopped" if stopped else "Finished"
     loss = f"; last mini-epoch's mean loss {mean_loss:.4f}" if mean_loss is not None else ""
     speed = f", {steady_speed:,.0f} tokens/s after the first optimizer step" if steady_speed else ""
     print(f"\n{how}: trained {tokens:,} tokens in {_duration(seconds)}{speed}{loss}.\n"
-          f"Saved in {proj_dir}/: {', '.join(saved) or 'nothing'} (log: train_log.txt, train_steps.tsv)",
+          f"Saved in {proj_dir}/: {', '.join(saved) or 'nothing'} (log: {', '.join(logs)})",
           flush=True)
 
 

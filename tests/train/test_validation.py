@@ -48,6 +48,11 @@ def test_a_row_per_mini_epoch_in_valid_tsv(validated_run):
     assert f"mini-epoch 1: valid loss {rows[-1]['loss']:.4f}, perplexity" in printed
 
 
+def test_the_summary_names_valid_tsv_among_the_logs(validated_run):
+    printed = validated_run[2]
+    assert printed.splitlines()[-1].endswith("(log: train_log.txt, train_steps.tsv, valid.tsv)"), printed
+
+
 def test_the_last_row_equals_evaluate_on_the_final_file(validated_run, capsys):
     proj_dir, held_out, _ = validated_run
     result = evaluate_json(capsys, ["--load_model", str(proj_dir / "rwkv-final.pth"), "--data_file", str(held_out),
