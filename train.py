@@ -90,6 +90,8 @@ def run_training(cfg: TrainConfig, stop, extra_callbacks: list, held_until_the_e
     cfg = with_family_of_load_model(cfg)
     run_flags = resuming.shaping_flags(cfg)  # what a resumed run must share with its bundle
     bundle = resuming.open_bundle(cfg.resume, run_flags) if cfg.resume else None
+    if bundle:
+        resuming.check_steps_left(bundle, cfg.max_steps, cfg.resume)
     seed = cfg.random_seed if cfg.random_seed >= 0 else secrets.randbits(31)
     pl.seed_everything(seed, verbose=False)
     strategy.set_float_precision(cfg)
@@ -146,9 +148,9 @@ def run_training(cfg: TrainConfig, stop, extra_callbacks: list, held_until_the_e
     lightning_trainer.fit(trainer.RWKVModule(model, cfg), dataset.build_loader(samples, cfg),
                           ckpt_path=cfg.resume or None)
 
-    stopped = stopper.exit_code != 0
+    stopped = stopper.stopped
     if rank_zero:
-        if cfg.resume and not stopped:
+        if cfg.resume and not stopped and log.tokens_trained:  # a run that trained nothing keeps what it resumed
             resuming.retire_bundle(cfg.resume)
         saved = saver.saved + ([outputs.BUNDLE_NAME] if stopped else [])
         # valid.tsv only once an evaluation has written it: a run stopped before its first one has none

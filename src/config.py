@@ -217,7 +217,10 @@ class TrainConfig(*flag_groups()):  # the shape flags of each model family (src/
     accumulate_grad_batches: int = flag(1, "lightning", "Micro-batches per optimizer step.", valid=COUNT)
     max_epochs: Optional[int] = flag(None, "lightning", "Cap on mini-epochs in this run (default: until "
                                      "--epoch_count).", valid=COUNT)
-    max_steps: int = flag(-1, "lightning", "Cap on optimizer steps in this run (-1 = none).",
+    max_steps: int = flag(-1, "lightning", "Cap on optimizer steps in this run (-1 = none). A run it ends before "
+                          "--epoch_count is reached saves rwkv-last.pth and a resume bundle, as a Ctrl+C stop does "
+                          "(continue with --resume and a larger --max_steps); at a mini-epoch's last step, "
+                          "rwkv-last.pth.",
                           valid=Range(1, COUNT.high, sentinels=(-1,)))
     gradient_clip_val: float = flag(1.0, "lightning", "Gradient norm clip (0 = none).", valid=AT_LEAST_0)
     enable_progress_bar: int = flag(1, "lightning", "1 = show the progress bar when the output is a terminal; "

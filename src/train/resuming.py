@@ -76,6 +76,7 @@ class Bundle:
     """What a run checks in a resume bundle before it starts."""
     epoch: int  # the mini-epoch it continues in, counted from 0 in the stopped run (0 for a DeepSpeed folder)
     weights: Optional[dict]  # {key: tensor}, memory-mapped; None for a DeepSpeed folder (ResumeGuard checks it)
+    steps: Optional[int] = None  # the optimizer steps the stopped run had taken; None for a DeepSpeed folder
 
 
 def open_bundle(resume: str, flags: dict) -> Bundle:
@@ -101,7 +102,15 @@ def open_bundle(resume: str, flags: dict) -> Bundle:
         raise UserInputError(f"--resume {path} is a Lightning checkpoint, but not one a stopped run of this toolkit "
                              f"wrote (it has no ResumeGuard state)")
     check_same_flags(guard["flags"], flags, resume)
-    return Bundle(epoch=contents["epoch"], weights=strip_wrapper_prefix(contents["state_dict"]))
+    return Bundle(epoch=contents["epoch"], weights=strip_wrapper_prefix(contents["state_dict"]),
+                  steps=contents.get("global_step"))
+
+
+def check_steps_left(bundle: Bundle, max_steps: int, resume: str) -> None:
+    """Refuse a --max_steps the stopped run has already reached: the resumed run would train nothing."""
+    if bundle.steps is not None and 0 <= max_steps <= bundle.steps:
+        raise UserInputError(f"--resume {resume}: the stopped run took {bundle.steps} optimizer steps, and --max_steps "
+                             f"{max_steps} leaves none to train; pass a larger --max_steps, or -1 for none")
 
 
 def check_bundle_fits(bundle: Bundle, model: torch.nn.Module, resume: str) -> None:

@@ -1,5 +1,8 @@
 """Ctrl+C and SIGTERM: finish the optimizer step, save rwkv-last.pth and a resume bundle, exit 130 / 143. A run its
-data stops (StopsTraining) saves rwkv-last.pth too, then exits 2 with one line.
+data stops (StopsTraining) saves rwkv-last.pth too, then exits 2 with one line. A run that --max_steps ends before
+its schedule does (--epoch_count mini-epochs) saves as a Ctrl+C stop does and exits 0, so that it continues with
+--resume and a larger --max_steps; ended at a mini-epoch's last step, where a bundle cannot be taken, it saves
+rwkv-last.pth.
 
 Before training starts (loading, checks, set-up) a signal ends the run at once: nothing has been written into
 --proj_dir yet, so there is nothing to save. From the start of training the first signal only sets a flag. At an
@@ -142,8 +145,13 @@ class StartOfTraining(pl.Callback):
         self.stop.training = True
 
 
+def reached_max_steps(trainer: pl.Trainer) -> bool:
+    """--max_steps (Lightning's) is set and this optimizer step reached it: the run ends here."""
+    return 0 <= trainer.max_steps <= trainer.global_step
+
+
 class StopOnSignal(pl.Callback):
-    """Checks for a stop request at each optimizer-step boundary; saves and stops when there is one."""
+    """Checks for a stop request, or --max_steps, at each optimizer-step boundary; saves and stops there."""
 
     def __init__(self, stop: StopSignal, saver, bundle_path: Path):
         self.stop = stop
@@ -151,23 +159,39 @@ class StopOnSignal(pl.Callback):
         self.bundle_path = Path(bundle_path)
         self.agreement = StopAgreement()
         self.exit_code = 0
+        self.stopped = False  # a signal or --max_steps stopped the run and a resume bundle was written
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if not completes_optimizer_step(trainer, batch_idx) or batch_idx + 1 == trainer.num_training_batches:
             return  # mid-accumulation, or the epoch's end (whose saves run next): stop at the next step
         signum = self.agreement.signal(trainer, self.stop.signum)
-        if not signum:
+        # every rank counts the same steps: no agreement needed on --max_steps
+        if not (signum or reached_max_steps(trainer)):
             return
         self.saver.save(trainer, pl_module, LAST_NAME)
         trainer.train_dataloader.position = (batch_idx + 1) * trainer.train_dataloader.batch_size
         save_resume_bundle(trainer, self.bundle_path)
         trainer.should_stop = True
-        self.exit_code = 128 + signum
+        self.stopped = True
+        self.exit_code = 128 + signum if signum else 0
         if trainer.is_global_zero:
-            print(f"\nStopped after optimizer step {trainer.global_step}. Saved "
-                  f"{self.bundle_path.parent}/rwkv-last.pth and {self.bundle_path}; continue with the same command "
-                  f"plus --resume {self.bundle_path}",
+            why = "Stopped" if signum else f"Reached --max_steps {trainer.max_steps} before the end of the schedule"
+            more = "" if signum else " and a larger --max_steps (or -1)"
+            print(f"\n{why} after optimizer step {trainer.global_step}. Saved {self.bundle_path.parent}/{LAST_NAME} "
+                  f"and {self.bundle_path}; continue with the same command plus --resume {self.bundle_path}{more}",
                   file=sys.stderr, flush=True)
+
+    def on_train_end(self, trainer, pl_module):
+        """--max_steps reached at the last step of a mini-epoch before the run's last: the mini-epoch's own saves
+        follow --epoch_save, so rwkv-last.pth keeps the weights (a bundle taken at an epoch's end would not resume)."""
+        if self.stopped or self.saver.finished or not reached_max_steps(trainer):
+            return
+        self.saver.save(trainer, pl_module, LAST_NAME)
+        if trainer.is_global_zero:
+            following = self.saver.files.epoch_begin + trainer.current_epoch  # the epochs done so far count it
+            print(f"\nReached --max_steps {trainer.max_steps} at the end of mini-epoch {following - 1}, before the "
+                  f"end of the schedule. Saved {self.bundle_path.parent}/{LAST_NAME}; continue with --load_model "
+                  f"{self.bundle_path.parent}/{LAST_NAME} --epoch_begin {following}", file=sys.stderr, flush=True)
 
     def on_exception(self, trainer, pl_module, exception):
         """A run that its data stops once training runs (StopsTraining: a sample its masks leave no target in) keeps

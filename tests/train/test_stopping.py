@@ -95,6 +95,40 @@ def test_stop_save_and_resume_is_exact(straight_run, tmp_path, signum, code):
                            if line[:1].isdigit()]
 
 
+def test_max_steps_before_the_schedule_ends_saves_as_a_stop_and_resumes_exactly(straight_run, tmp_path, capsys):
+    """--max_steps 17 ends the run inside mini-epoch 1: rwkv-last.pth and the resume bundle, exit 0, no
+    rwkv-final.pth (the original saved nothing of it). Resumed without the cap, it ends where the straight run ends;
+    resumed with a cap it has already reached, it is refused."""
+    proj_dir = tmp_path / "out"
+    command = [*RUN, "--proj_dir", str(proj_dir)]
+    assert train.main([*command, "--max_steps", "17"]) == 0
+    assert (f"Reached --max_steps 17 before the end of the schedule after optimizer step 17. Saved {proj_dir}/"
+            f"rwkv-last.pth and {proj_dir / BUNDLE_NAME}") in capsys.readouterr().err
+    assert len(step_rows(proj_dir)) == 17 and not (proj_dir / "rwkv-final.pth").exists()
+    assert (proj_dir / "rwkv-last.pth").is_file() and (proj_dir / BUNDLE_NAME).is_file()
+    bundle = str(proj_dir / BUNDLE_NAME)
+    refused_in_one_line([*command, "--resume", bundle, "--max_steps", "17"], capsys,
+                        f"--resume {bundle}: the stopped run took 17 optimizer steps, and --max_steps 17 leaves none")
+    assert train.main([*command, "--resume", bundle]) == 0
+    assert not (proj_dir / BUNDLE_NAME).exists() and losses(proj_dir) == losses(straight_run)
+    resumed, straight = load_weights(proj_dir / "rwkv-final.pth"), load_weights(straight_run / "rwkv-final.pth")
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+
+def test_max_steps_at_the_end_of_a_mini_epoch_keeps_its_weights_in_rwkv_last(tmp_path, capsys):
+    """--max_steps 4 is mini-epoch 1's last step (of 0..2, 2 optimizer steps each, saved every second one: not this
+    one): rwkv-last.pth holds its weights, and the line says how to continue."""
+    proj_dir = tmp_path / "out"
+    short = {"--epoch_steps": "4", "--epoch_save": "2"}
+    every_second = [short.get(RUN[i - 1], arg) if i else arg for i, arg in enumerate(RUN)]
+    assert train.main([*every_second, "--proj_dir", str(proj_dir), "--max_steps", "4"]) == 0
+    assert (f"Reached --max_steps 4 at the end of mini-epoch 1, before the end of the schedule. Saved {proj_dir}/"
+            f"rwkv-last.pth; continue with --load_model {proj_dir}/rwkv-last.pth --epoch_begin 2"
+            in capsys.readouterr().err)
+    assert sorted(p.name for p in proj_dir.glob("*.pth")) == ["rwkv-0.pth", "rwkv-init.pth", "rwkv-last.pth"]
+    assert not (proj_dir / BUNDLE_NAME).exists() and len(step_rows(proj_dir)) == 4
+
+
 def test_state_cp_run_stops_and_resumes_exactly(tmp_path):
     """--state_cp 1 in segments of 8 tokens: the stopped and resumed run repeats the straight one bit for bit."""
     state_cp = ["--state_cp", "1", "--ctx_parts", "4", "--epoch_count", "2"]
