@@ -13,6 +13,7 @@ from src.data.binidx import MMapIndexedDataset, MMapIndexedDatasetBuilder
 from src.config import parse_args
 from src.data.dataset import IGNORE_INDEX, DataFile, TrainingSamples, load_token_data, pad_batch
 from src.errors import UserInputError
+from src.io.outputs import BUNDLE_NAME
 from src.data.jsonl import Documents, speaker_mask, speaker_spans
 from src.data.tokenizer import HFTokenizer, RWKVTokenizer
 
@@ -304,16 +305,19 @@ def test_train_on_binidx_with_script_mask(tmp_path):
 
 
 def test_train_magic_prime_stage_1_then_stage_3_continues(tmp_path, capsys):
+    """A Pile mini-epoch is 5040 steps here: each stage trains one (--max_steps 1, which saves rwkv-last.pth and a
+    resume bundle), and stage 1's weights stand in for its finished mini-epoch 0 for stage 3 to continue from."""
     np.save(tmp_path / "t.npy", np.random.default_rng(0).integers(0, 50, 17 * 16 + 5))  # 17 slots of 16 tokens
     pile = ["--data_type", "numpy", "--data_file", str(tmp_path / "t.npy"), "--vocab_size", "50", "--devices", "1",
             "--magic_prime", "17", "--micro_bsz", "8", "--epoch_count", "3", "--max_steps", "1"]
+    out = tmp_path / "out"
     assert run(tmp_path, *pile, "--my_pile_stage", "1") == 0
-    assert (tmp_path / "out" / "rwkv-0.pth").is_file()
+    (out / "rwkv-last.pth").rename(out / "rwkv-0.pth")
+    (out / BUNDLE_NAME).unlink()
     capsys.readouterr()
     assert run(tmp_path, *pile, "--my_pile_stage", "3") == 0
-    assert f"continuing from {tmp_path / 'out' / 'rwkv-0.pth'} at mini-epoch 1, LR warm-up 30 steps" in \
-        capsys.readouterr().out
-    assert (tmp_path / "out" / "rwkv-1.pth").is_file()
+    assert f"continuing from {out / 'rwkv-0.pth'} at mini-epoch 1, LR warm-up 30 steps" in capsys.readouterr().out
+    assert (out / "rwkv-last.pth").is_file() and (out / BUNDLE_NAME).is_file()
 
 
 def test_train_refuses_a_magic_prime_that_does_not_fit(tmp_path, capsys):
