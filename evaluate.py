@@ -1,4 +1,4 @@
-"""The loss of an RWKV-4 model on held-out data: in total, by position in the window, as a table and as JSON.
+"""The loss of an RWKV model (RWKV-4 or RWKV-7) on held-out data: in total, by position in the window, as a table and as JSON.
 
     python evaluate.py --load_model out/rwkv-final.pth --data_type binidx --data_file data/valid_text_document \\
         --ctx_len 4096 --precision bf16
@@ -36,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("model")
     # train.py's --load_model, --lora_load and --lora_alpha start a training; here they give the model evaluated
     group.add_argument("--load_model", required=True,
-                       help="The .pth to evaluate: a file train.py wrote, or a released RWKV-4 (Pile, Raven, World); "
-                            "its shape is read from its weights.")
+                       help="The .pth to evaluate: a file train.py wrote, or a released RWKV-4 (Pile, Raven, "
+                            "World) or RWKV-7 (World, G1); its family and shape are read from its weights.")
     group.add_argument("--lora_load", default="", help="A LoRA checkpoint to apply on top of --load_model (its base).")
     group.add_argument("--lora_alpha", type=float, default=None,
                        help="The alpha of a --lora_load file of the original toolkit (files of this toolkit store it).")

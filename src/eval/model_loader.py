@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from src.io.checkpoint import compare_weights, is_lora_checkpoint, load_weights
+from src.io.checkpoint import is_lora_checkpoint, load_weights, weight_mismatches
 from src.data.dataset import read_char_vocab
 from src.data.jsonl_lines import check_input_file
 from src.errors import UserInputError
@@ -40,11 +40,11 @@ def load_model(path, lora_path: str = "", lora_alpha: Optional[float] = None, de
         raise UserInputError("--lora_alpha is the alpha of a --lora_load file; pass the file too, or leave it out")
     with torch.device("meta"):  # no memory or initialisation for values about to be replaced
         model = family.build(cfg, None if flags is None else family.forward_options(flags))
-    differences = compare_weights(model.state_dict(), weights)
-    if differences:
-        raise UserInputError(f"--load_model {path} is not an {family.title} model this toolkit knows (unknown keys: "
-                             f"{differences.unexpected[:4]}, missing: {differences.missing[:4]}, other shapes: "
-                             f"{differences.mismatched[:4]})")
+    problems = weight_mismatches(model.state_dict(), weights)
+    if problems:
+        raise UserInputError(f"--load_model {path} does not have the layout of an {family.title} model: "
+                             f"{'; '.join(problems)}; it is damaged or was edited: pass the file as its run or "
+                             f"release wrote it")
     model.load_state_dict({k: v.to(device, dtype, copy=True) for k, v in weights.items()}, assign=True)
     if lora is not None:
         with torch.no_grad():

@@ -57,7 +57,7 @@ def load_weights(path, what: str = "--load_model") -> dict:
     if not path.is_file():  # a reader would wait on a named pipe for ever
         raise UserInputError(f"{what} {path} is not a regular file (a named pipe or a device); {what} takes a .pth "
                              f"file of weights")
-    expected = "expected a .pth of {name: tensor} as torch.save writes it (an RWKV-4 checkpoint)"
+    expected = "expected a .pth of {name: tensor} as torch.save writes it (an RWKV checkpoint)"
     weights = read_pytorch_file(path, what, expected)
     if is_resume_bundle(weights):
         raise UserInputError(f"{what}: {path} is a resume bundle, not weights; continue its run with --resume {path}")

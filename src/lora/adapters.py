@@ -27,7 +27,7 @@ from src.io.checkpoint import LORA_SETTINGS_KEY, compare_weights, load_weights
 from src.errors import UserInputError
 from src.layer_spec import format_layers
 from src.lora.settings import LoraSettings
-from src.models import family_of_model
+from src.models import ModelFamily, default_family, family_named, family_of_model
 
 SETTINGS_KEY = LORA_SETTINGS_KEY
 SETTINGS_FORMAT = "rwkv-infctx LoRA"
@@ -40,6 +40,12 @@ SETTINGS_VERSION = 1
 def identity_differences(stored: dict, actual: dict) -> str:
     """"vocab_size 65536 vs 50277, ..." for the entries where a LoRA's recorded base differs from a model."""
     return ", ".join(f"{k} {stored.get(k)} vs {v}" for k, v in actual.items() if stored.get(k) != v)
+
+
+def family_of_base(base: Optional[dict]) -> ModelFamily:
+    """The family of the base a LoRA recorded (its identity), the default one (RWKV-4) where it names none: files of
+    RWKV-4 runs record no family, and the original toolkit's files no base at all."""
+    return family_named(base["family"]) if base and "family" in base else default_family()
 
 
 def encode_settings(settings: LoraSettings, base: dict) -> torch.Tensor:
@@ -179,9 +185,13 @@ def load_lora_checkpoint(model: nn.Module, settings: LoraSettings, names: list, 
         if saved.alpha != settings.alpha:
             raise UserInputError(f"--lora_load {path} was trained with lora_alpha {saved.alpha:g}, but "
                                  f"--lora_alpha is {settings.alpha:g}; pass --lora_alpha {saved.alpha:g}.")
-        if identity != family_of_model(model).identity(model.cfg):
+        family, trained_on = family_of_model(model), family_of_base(identity)
+        if trained_on is not family:  # the identities of two families share no field worth listing
+            raise UserInputError(f"--lora_load {path} was trained on an {trained_on.title} model, but --load_model is "
+                                 f"an {family.title} model; pass the base it was trained on to --load_model.")
+        if identity != family.identity(model.cfg):
             raise UserInputError(f"--lora_load {path} was trained on another base model than this one (file vs "
-                                 f"model: {identity_differences(identity, family_of_model(model).identity(model.cfg))}).")
+                                 f"model: {identity_differences(identity, family.identity(model.cfg))}).")
     state = model.state_dict()
     differences = compare_weights({name: state[name] for name in names}, weights)
     unexpected = differences.unexpected

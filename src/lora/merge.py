@@ -17,9 +17,9 @@ import torch
 
 from src.io.checkpoint import compare_weights, is_lora_checkpoint
 from src.errors import UserInputError
-from src.lora.adapters import SETTINGS_KEY, attach_lora, decode_settings, identity_differences
+from src.lora.adapters import SETTINGS_KEY, attach_lora, decode_settings, family_of_base, identity_differences
 from src.lora.settings import LoraSettings
-from src.models import ModelFamily, default_family, family_named, read_model_weights
+from src.models import ModelFamily, read_model_weights
 
 # The merge check: logits of the merged model (fp32, before the cast to the base dtype) against the
 # base + LoRA model, on CHECK_TOKENS tokens, must agree within CHECK_RTOL * max(1, max |logit|).
@@ -52,7 +52,7 @@ class LoraCheckpoint:
         settings = base = None
         if SETTINGS_KEY in weights:
             settings, base = decode_settings(weights.pop(SETTINGS_KEY), path)
-        family = family_named(base["family"]) if base and "family" in base else default_family()
+        family = family_of_base(base)
         halves = {}
         replaced = {}
         foreign = []

@@ -98,15 +98,14 @@ class ModelFamily:
         needs no kernel build). Strict: the keys and shapes must be exactly those of `shape`'s model."""
         import torch
 
-        from src.io.checkpoint import compare_weights
+        from src.io.checkpoint import weight_mismatches
 
         with torch.device("meta"):  # no allocation or init for weights about to be replaced
             model = self.build(shape, self.reference_options())
-        differences = compare_weights(model.state_dict(), weights)
-        if differences:
-            raise UserInputError(f"{path} does not have the layout of an {self.title} model this toolkit knows "
-                                 f"(unknown keys: {differences.unexpected[:4]}, missing: {differences.missing[:4]}, "
-                                 f"other shapes: {differences.mismatched[:4]}).")
+        problems = weight_mismatches(model.state_dict(), weights)
+        if problems:
+            raise UserInputError(f"{path} does not have the layout of an {self.title} model: {'; '.join(problems)}; "
+                                 f"it is damaged or was edited: pass the file as its run or release wrote it.")
         model.load_state_dict({k: v.to(device, torch.float32) for k, v in weights.items()}, assign=True)
         return model.eval()
 

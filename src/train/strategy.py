@@ -44,6 +44,11 @@ def check_device_flags(cfg: TrainConfig) -> None:
     if cfg.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise UserInputError(f"--accelerator {cfg.accelerator}: torch sees no CUDA GPU here; use --accelerator cpu "
                              f"(or auto)")
+    several = (cfg.devices.isdigit() and int(cfg.devices) > 1) or cfg.num_nodes > 1
+    if cfg.strategy == "single_device" and several:  # Lightning would train on one of them without a word
+        raise UserInputError(f"--strategy single_device trains on one device, and --devices {cfg.devices} "
+                             f"--num_nodes {cfg.num_nodes} asks for more; use --strategy auto (or ddp) for several, "
+                             f"or --devices 1")
     if cfg.offload:
         check_offload_devices(cfg)
     if training_device(cfg) != "cpu":
@@ -60,8 +65,11 @@ def check_device_flags(cfg: TrainConfig) -> None:
 def check_offload_devices(cfg: TrainConfig) -> None:
     """--strategy offload trains on exactly one GPU."""
     if training_device(cfg) == "cpu":
-        raise UserInputError("--strategy offload keeps Adam's state in host memory for the weights on one GPU, and "
-                             "this run has no CUDA GPU to train on; use --strategy auto")
+        # a resumed run shares its bundle's --strategy (src/train/resuming.py), so only a GPU continues it
+        fix = (f"resume {cfg.resume} on a machine with a CUDA GPU: its run trained with --strategy offload, which "
+               f"only --strategy offload continues" if cfg.resume else "use --strategy auto")
+        raise UserInputError(f"--strategy offload keeps Adam's state in host memory for the weights on one GPU, and "
+                             f"this run has no CUDA GPU to train on; {fix}")
     gpus = int(cfg.devices) if cfg.devices.isdigit() else torch.cuda.device_count()
     if gpus * cfg.num_nodes > 1:
         raise UserInputError(f"--strategy offload trains on one GPU, and this run has {gpus * cfg.num_nodes}; use "

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from helpers import tiny_model
+from helpers import refused_in_one_line, tiny_model
 from src.optim.host_offload import HostOffloadAdam
 from src.optim.master_adam import master_adam_host, master_adam_torch
 from src.optim.master_weights import MasterWeightAdam
@@ -120,4 +120,40 @@ def test_the_command_line_refuses_what_offload_cannot_train(extra, message, caps
     argv = ["--data_type", "dummy", "--strategy", "offload", "--proj_dir", str(tmp_path / "out"), *extra]
     assert train.main(argv) == 2
     assert capsys.readouterr().err == f"train.py: error: {message}\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_stopped_offload_run_is_sent_to_a_gpu_not_to_another_strategy(capsys, tmp_path):
+    """Its bundle continues under --strategy offload only (a resumed run shares its bundle's flags), so "use
+    --strategy auto" would be refused next: the line names the bundle and the machine it needs instead. The bundle
+    is as a stopped offload run writes it, less the state the refusal never reads."""
+    import train
+    from src.config import parse_args
+    from src.train.resuming import ResumeGuard, shaping_flags
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is there to train on")
+    argv = ["--data_type", "dummy", "--strategy", "offload", "--precision", "bf16", "--proj_dir", str(tmp_path / "out")]
+    bundle = tmp_path / "out" / "rwkv-resume.ckpt"
+    bundle.parent.mkdir()
+    torch.save({"state_dict": {}, "loops": {}, "epoch": 0,
+                "callbacks": {ResumeGuard.__qualname__: {"flags": shaping_flags(parse_args(argv))}}}, bundle)
+    saved = bundle.read_bytes()
+    assert train.main([*argv, "--resume", str(bundle)]) == 2
+    assert capsys.readouterr().err == (
+        f"train.py: error: --strategy offload keeps Adam's state in host memory for the weights on one GPU, and this "
+        f"run has no CUDA GPU to train on; resume {bundle} on a machine with a CUDA GPU: its run trained with "
+        f"--strategy offload, which only --strategy offload continues\n")
+    assert bundle.read_bytes() == saved
+
+
+@pytest.mark.parametrize("extra", [["--devices", "2"], ["--num_nodes", "2"]])
+def test_single_device_refuses_several_devices(extra, capsys, tmp_path):
+    """The strategy offload builds on (Lightning's SingleDeviceStrategy) trained on one CPU or GPU of --devices 2 and
+    said nothing."""
+    small = ["--n_layer", "1", "--n_embd", "32", "--ctx_len", "16", "--epoch_steps", "1", "--epoch_count", "1"]
+    refused_in_one_line(["--data_type", "dummy", *small, "--strategy", "single_device", "--accelerator", "cpu", *extra,
+                         "--proj_dir", str(tmp_path / "out")], capsys,
+                        "--strategy single_device trains on one device", "use --strategy auto (or ddp) for several, "
+                        "or --devices 1")
     assert not (tmp_path / "out").exists()

@@ -36,8 +36,9 @@ _BLOCK_NORM = re.compile(r"^blocks\.\d+\.(?:ln[012]|att\.ln_x)\.(?:weight|bias)$
 
 
 def is_rwkv7(weights: dict) -> bool:
-    """An x070 state dict: an embedding, and block 0 with RWKV-7's time-mix (its decay base w0 and bonus r_k)."""
-    return "emb.weight" in weights and "blocks.0.att.w0" in weights and "blocks.0.att.r_k" in weights
+    """An x070 state dict: an embedding, and block 0 with RWKV-7's time-mix (its decay base w0 or bonus r_k). Either
+    one is enough, so that a file lacking the other is refused as the RWKV-7 model it is, naming the missing key."""
+    return "emb.weight" in weights and any(key in weights for key in ("blocks.0.att.w0", "blocks.0.att.r_k"))
 
 
 # BlinkDL's RWKV-v7/train_temp builds the value residual's v0/v1/v2 in every block, so his trainer's checkpoints hold
@@ -108,16 +109,26 @@ def config_of_weights(weights: dict, path="base") -> RWKV7Config:
     layers = sorted({layer for layer in map(layer_of, weights) if layer is not None})
     if not layers or layers != list(range(len(layers))):
         raise UserInputError(f"{path}: the blocks.N keys are not numbered 0..n-1 (found {format_layers(layers)}).")
-    vocab_size, n_embd = weights["emb.weight"].shape
+
+    def matrix(key: str) -> tuple:
+        """The shape of `key`, a 2-D tensor: a damaged file's tensor of another rank is refused, not met as an
+        IndexError."""
+        shape = tuple(weights[key].shape)
+        if len(shape) != 2:
+            raise UserInputError(f"{path} is not an RWKV-7 model this toolkit can read: its {key} has shape {shape}, "
+                                 f"where an RWKV-7 model has a matrix; the file is damaged or of another model.")
+        return shape
+
     try:
+        vocab_size, n_embd = matrix("emb.weight")
         return RWKV7Config(
             vocab_size=vocab_size, n_layer=len(layers), n_embd=n_embd,
-            head_size=weights["blocks.0.att.r_k"].shape[1],
-            dim_ffn=weights["blocks.0.ffn.key.weight"].shape[0],
-            d_decay_lora=weights["blocks.0.att.w1"].shape[1],
-            d_aaa_lora=weights["blocks.0.att.a1"].shape[1],
-            d_mv_lora=weights["blocks.1.att.v1"].shape[1] if len(layers) > 1 else 0,
-            d_gate_lora=weights["blocks.0.att.g1"].shape[1])
+            head_size=matrix("blocks.0.att.r_k")[1],
+            dim_ffn=matrix("blocks.0.ffn.key.weight")[0],
+            d_decay_lora=matrix("blocks.0.att.w1")[1],
+            d_aaa_lora=matrix("blocks.0.att.a1")[1],
+            d_mv_lora=matrix("blocks.1.att.v1")[1] if len(layers) > 1 else 0,
+            d_gate_lora=matrix("blocks.0.att.g1")[1])
     except KeyError as e:
         raise UserInputError(f"{path} is not a full RWKV-7 model (it has no {e.args[0]}).")
     except ValueError as e:
