@@ -45,17 +45,25 @@ def estimate_memory(cfg: TrainConfig) -> int:
 
 def check_load_model_fits(cfg: TrainConfig) -> None:
     """Refuse a --load_model whose keys and shapes are not those of the model the flags describe (building it on
-    the meta device: nothing allocated), in the words training refuses it with."""
+    the meta device: nothing allocated), as training refuses it."""
     import torch
-
-    from src.io import checkpoint
 
     family = cfg.family
     with torch.device("meta"):
         model = family.build(family.shape_from_flags(cfg, cfg.vocab_size), family.forward_options(cfg))
+    load_model_weights(cfg, model)
+
+
+def load_model_weights(cfg: TrainConfig, model) -> dict:
+    """--load_model's weights (memory-mapped) in the family's layout, refused in one line unless their keys and
+    shapes are those of `model` (built from the flags; --load_partial allows missing keys)."""
+    from src.io import checkpoint
+
+    family = cfg.family
     weights = family.canonical_weights(checkpoint.load_weights(cfg.load_model))
     checkpoint.check_compatible(model.state_dict(), weights, cfg.load_model, family.shape_flags,
                                 allow_missing=bool(cfg.load_partial))
+    return weights
 
 
 def train(cfg: TrainConfig, extra_callbacks=(), write_weights: bool = True) -> int:
@@ -195,7 +203,6 @@ def build_model(cfg: TrainConfig, vocab_size: int, save_dtype):
     """
     import torch
 
-    from src.io import checkpoint
     from src.train import strategy
 
     family = cfg.family
@@ -206,9 +213,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, save_dtype):
     if cfg.resume:
         return model
     if cfg.load_model:
-        weights = family.canonical_weights(checkpoint.load_weights(cfg.load_model))
-        checkpoint.check_compatible(model.state_dict(), weights, cfg.load_model, family.shape_flags,
-                                    allow_missing=bool(cfg.load_partial))
+        weights = load_model_weights(cfg, model)
         if replaced_whole:
             # parameters in the dtype they train in (src/train/strategy.py parameter_dtype): a file in that dtype is
             # not copied at all (its memory-mapped tensors become the parameters until the strategy moves them to the
